@@ -1,0 +1,54 @@
+# toolmesh — the two commands a new user needs are `make demo` and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Never let the checkout's top-level `operator/` shadow the standard library.
+export PYTHONSAFEPATH := 1
+export TOOLMESH_CACHE ?= $(HOME)/.cache/toolmesh
+PYTEST_ARGS ?=
+
+.PHONY: help install demo test test-fast lint crds node-deps conformance-deps cluster-bins system-deps bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/' | expand -t 20
+
+$(BIN)/toolmesh: pyproject.toml constraints.txt
+	@echo "==> creating $(VENV) and installing toolmesh (editable) with pinned dependencies"
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	@touch $@
+
+install: $(BIN)/toolmesh  ## create .venv and install toolmesh with its pinned dependencies
+
+demo: install  ## install, run toolmesh on the examples, make a real tool call through it
+	@bash scripts/demo.sh
+
+system-deps:  ## Debian packages the tests and benchmarks use
+	@bash scripts/system-deps.sh
+
+node-deps:  ## npm packages: reference MCP servers, Node 22 and the conformance suite
+	@bash scripts/node-deps.sh
+
+cluster-bins:  ## build (once, cached by go.mod hash) etcd, kube-*, kubectl, kwok, helm
+	@bash tests/cluster/build.sh
+
+lint: install  ## import-direction contracts
+	$(BIN)/python scripts/lint_imports.py
+
+crds: install  ## regenerate crds/ from the api models
+	rm -f crds/*.yaml && $(BIN)/toolmesh crds --out crds
+
+test: install system-deps node-deps cluster-bins lint  ## install everything the tests need, run the whole suite
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-fast: install lint  ## unit tests only
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+bench: install system-deps node-deps  ## run the benchmark harness, write bench/results/
+	@bash bench/run.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

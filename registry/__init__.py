@@ -1,0 +1,1 @@
+"""The cluster-wide registry: catalogue, heartbeats, OTLP receiver, gateway MCP endpoint, delegation."""

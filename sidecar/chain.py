@@ -1,0 +1,187 @@
+"""The policy chain's frame: the call context, the outcome, and the one place the stage order is written.
+
+Every JSON-RPC request the sidecar acts on runs through the chain:
+
+    observe → authenticate → authorize → rate limit → cache → budget
+            → timeout/progress → retry → circuit breaker → upstream
+
+A stage is any object with `async def __call__(ctx, call_next) -> Outcome`.
+The context is frozen; a stage that learns something (the caller's identity,
+say) passes `dataclasses.replace(ctx, ...)` to `call_next`. Stages never see
+HTTP: they raise the typed errors of `toolmesh.sidecar.errors`, and the one
+error boundary (`run_chain`) turns those into JSON-RPC errors and HTTP statuses.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from toolmesh.sidecar.errors import ProxyError, internal_error
+
+JsonRpcId = str | int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is calling, as verified by the authenticate stage."""
+
+    subject: str
+    """The token's `sub`, or "anonymous" when the policy has no auth."""
+    scopes: frozenset[str] = frozenset()
+    """Scopes from the token's `scope` (space-separated) or `scp` (list)."""
+    issuer: str | None = None
+    """The token's `iss`."""
+    expires_at: float | None = None
+    """The token's `exp` as a Unix time; caches keyed by caller expire with it."""
+
+
+@dataclass(frozen=True, slots=True)
+class SseEvent:
+    """One Server-Sent Event as the upstream sent it; relayed unchanged unless a stage rewrites `data`."""
+
+    data: bytes
+    """The event's data field (a JSON-RPC message), joined over its data lines."""
+    id: str | None = None
+    """The event id, kept so clients can resume with Last-Event-ID."""
+    event: str | None = None
+    """The event type, None for the default "message"."""
+    retry: int | None = None
+    """The reconnection delay in milliseconds the server asked for, if any."""
+
+
+Emit = Callable[[SseEvent], Awaitable[None]]
+"""Sends one event to the client now (notifications and server requests that arrive before the result)."""
+
+
+async def _no_emit(event: SseEvent) -> None:
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class CallContext:
+    """One JSON-RPC request on its way through the chain. Frozen: stages derive new ones with `replace`."""
+
+    method: str
+    """The JSON-RPC method, e.g. "tools/call"."""
+    request_id: JsonRpcId
+    """The client's JSON-RPC id; a response always carries this one back."""
+    params: Mapping[str, Any]
+    """The request's params, parsed (empty mapping when absent)."""
+    raw: bytes
+    """The request exactly as received; forwarded byte for byte unless a stage changed `params`."""
+    headers: Mapping[str, str]
+    """The client's HTTP request headers (case-insensitive mapping)."""
+    session_id: str | None = None
+    """`Mcp-Session-Id`, None in the stateless era."""
+    protocol_version: str | None = None
+    """`MCP-Protocol-Version` header, or `params._meta` protocol version in the stateless era."""
+    caller: Caller | None = None
+    """Set by the authenticate stage."""
+    policy: Any = None
+    """The frozen policy snapshot in force when the call arrived (an api model, or None for pass-through)."""
+    emit: Emit = _no_emit
+    """Sends notifications/server requests to the client while the call runs."""
+    started: float = field(default_factory=time.monotonic)
+    """When the sidecar received the request (monotonic seconds)."""
+    params_changed: bool = False
+    """True when a stage rewrote `params`: the upstream stage then re-serialises instead of forwarding `raw`."""
+
+    @property
+    def tool(self) -> str | None:
+        """The tool name of a tools/call, else None."""
+        if self.method == "tools/call":
+            name = self.params.get("name")
+            return name if isinstance(name, str) else None
+        return None
+
+    @property
+    def progress_token(self) -> str | int | None:
+        """The client's `params._meta.progressToken`, if it asked for progress."""
+        meta = self.params.get("_meta")
+        if isinstance(meta, Mapping):
+            token = meta.get("progressToken")
+            if isinstance(token, (str, int)):
+                return token
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the chain answers for one request: a JSON-RPC response, already parsed or still raw."""
+
+    message: Mapping[str, Any] | None = None
+    """The parsed JSON-RPC response ({"jsonrpc", "id", "result"|"error"}), when some stage needed it parsed."""
+    raw: bytes | None = None
+    """The upstream's response bytes, relayed as-is when no stage parsed or changed them."""
+    status: int = 200
+    """HTTP status for the client (200 unless an error maps to another)."""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    """Upstream response headers to relay (Mcp-Session-Id, ...)."""
+    event_id: str | None = None
+    """SSE id of the event that carried the response, when the upstream streamed it."""
+    streamed: bool = False
+    """True when the upstream answered with an SSE stream; the client then gets one too."""
+
+    @property
+    def is_error(self) -> bool:
+        """True for a JSON-RPC error or a tool result with `isError: true`."""
+        msg = self.message
+        if msg is None:
+            return False
+        if "error" in msg:
+            return True
+        result = msg.get("result")
+        return isinstance(result, Mapping) and result.get("isError") is True
+
+
+Handler = Callable[[CallContext], Awaitable[Outcome]]
+
+
+class Stage(Protocol):
+    """One policy concern. Reads the frozen context and policy; calls `call_next` or answers itself."""
+
+    async def __call__(self, ctx: CallContext, call_next: Handler) -> Outcome: ...
+
+
+def compose(stages: Sequence[Stage], terminal: Handler) -> Handler:
+    """Chain `stages` (outermost first) in front of `terminal` (the upstream call)."""
+    handler = terminal
+    for stage in reversed(stages):
+        handler = _bind(stage, handler)
+    return handler
+
+
+def _bind(stage: Stage, call_next: Handler) -> Handler:
+    async def handler(ctx: CallContext) -> Outcome:
+        return await stage(ctx, call_next)
+
+    return handler
+
+
+# The order of the chain, written once. Stage factories live one per file in
+# sidecar/stages/; `toolmesh.sidecar.pipeline` builds the chain in this order
+# from a policy snapshot, leaving out stages the policy does not configure.
+STAGE_ORDER: tuple[str, ...] = (
+    "observe",
+    "authenticate",
+    "authorize",
+    "rate_limit",
+    "cache",
+    "budget",
+    "timeout",
+    "retry",
+    "circuit_breaker",
+)
+
+
+async def run_chain(handler: Handler, ctx: CallContext) -> Outcome:
+    """The one error boundary: typed errors become JSON-RPC errors with the caller's id and an HTTP status."""
+    try:
+        return await handler(ctx)
+    except ProxyError as exc:
+        return exc.to_outcome(ctx.request_id)
+    except Exception as exc:  # noqa: BLE001 - the boundary: nothing escapes to the HTTP layer
+        return internal_error(ctx.request_id, exc)

@@ -1,0 +1,123 @@
+"""Errors the chain raises, typed by what the caller should do next, and their JSON-RPC/HTTP form."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+if TYPE_CHECKING:
+    from toolmesh.sidecar.chain import JsonRpcId, Outcome
+
+log = logging.getLogger("toolmesh.sidecar")
+
+# JSON-RPC 2.0 codes.
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+# Implementation-defined server errors (-32000 .. -32099) used by toolmesh.
+UPSTREAM_UNAVAILABLE = -32001
+UPSTREAM_TIMEOUT = -32002
+UNAUTHORIZED = -32003
+FORBIDDEN = -32004
+RATE_LIMITED = -32005
+CIRCUIT_OPEN = -32006
+BUDGET_EXHAUSTED = -32007
+
+
+def error_message(request_id: JsonRpcId, code: int, message: str, data: Any = None) -> dict[str, Any]:
+    """A JSON-RPC error response for `request_id`."""
+    error: dict[str, Any] = {"code": code, "message": message}
+    if data is not None:
+        error["data"] = data
+    return {"jsonrpc": "2.0", "id": request_id, "error": error}
+
+
+class ProxyError(Exception):
+    """Base: the call ends here with a JSON-RPC error and an HTTP status."""
+
+    status = 500
+    code = INTERNAL_ERROR
+
+    def __init__(self, message: str, *, data: Any = None, headers: Mapping[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.data = data
+        self.headers = dict(headers or {})
+
+    def to_outcome(self, request_id: JsonRpcId) -> Outcome:
+        from toolmesh.sidecar.chain import Outcome
+
+        return Outcome(
+            message=error_message(request_id, self.code, self.message, self.data),
+            status=self.status,
+            headers=self.headers,
+        )
+
+
+class Refused(ProxyError):
+    """Give up: the request is not allowed as sent (bad input, no permission). Retrying the same request is pointless."""
+
+    status = 400
+    code = INVALID_REQUEST
+
+
+class Unauthenticated(Refused):
+    """Give up until the caller brings a valid token (HTTP 401)."""
+
+    status = 401
+    code = UNAUTHORIZED
+
+
+class Forbidden(Refused):
+    """Give up: the caller's token lacks a scope this call needs (HTTP 403)."""
+
+    status = 403
+    code = FORBIDDEN
+
+
+class RetryLater(ProxyError):
+    """Retry after `retry_after` seconds: rate limited, breaker open, upstream overloaded."""
+
+    status = 429
+    code = RATE_LIMITED
+
+    def __init__(self, message: str, *, retry_after: float, data: Any = None, headers: Mapping[str, str] | None = None):
+        merged = {"Retry-After": str(max(1, int(retry_after + 0.999)))}
+        merged.update(headers or {})
+        payload = {"retryAfterSeconds": round(retry_after, 3)}
+        if isinstance(data, Mapping):
+            payload.update(data)
+        super().__init__(message, data=payload, headers=merged)
+        self.retry_after = retry_after
+
+
+class UpstreamUnavailable(ProxyError):
+    """Retryable transport failure: the upstream could not be reached or broke the connection (HTTP 502)."""
+
+    status = 502
+    code = UPSTREAM_UNAVAILABLE
+
+
+class UpstreamTimeout(ProxyError):
+    """Retryable: the upstream did not answer in time (HTTP 504)."""
+
+    status = 504
+    code = UPSTREAM_TIMEOUT
+
+
+def internal_error(request_id: JsonRpcId, exc: BaseException) -> Outcome:
+    """Report a bug as a JSON-RPC internal error; logged with its traceback, never shown to the client."""
+    from toolmesh.sidecar.chain import Outcome
+
+    log.exception("internal error while handling request %r", request_id, exc_info=exc)
+    return Outcome(message=error_message(request_id, INTERNAL_ERROR, "internal proxy error"), status=500)
+
+
+def dumps(message: Any) -> bytes:
+    """Serialise a JSON-RPC message (compact, UTF-8)."""
+    return orjson.dumps(message)
