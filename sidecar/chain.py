@@ -161,9 +161,9 @@ def _bind(stage: Stage, call_next: Handler) -> Handler:
     return handler
 
 
-# The order of the chain, written once. Stage factories live one per file in
-# sidecar/stages/; `toolmesh.sidecar.pipeline` builds the chain in this order
-# from a policy snapshot, leaving out stages the policy does not configure.
+# The order of the chain, written once. Each name is a module in sidecar/stages/
+# exposing `build(policy, shared) -> Stage | None` (see state.py); the pipeline
+# assembles the chain in this order and leaves out the stages that return None.
 STAGE_ORDER: tuple[str, ...] = (
     "observe",
     "authenticate",

@@ -1,0 +1,109 @@
+"""Long-lived sidecar state that outlives policy reloads: the upstream's tool metadata and each stage's own state.
+
+Stage modules follow one convention so the chain is assembled without a
+hand-kept list: `toolmesh.sidecar.stages.<name>` (one per name in
+`chain.STAGE_ORDER`) exposes
+
+    def build(policy, shared: SharedState) -> Stage | None
+
+called on start-up and on every policy reload with the new frozen policy
+(None when the sidecar runs without `--policy`). It returns None when the
+policy does not ask for that stage. Anything that must survive a reload
+(rate buckets, cached results, breaker states, budgets) is kept in
+`shared.stage_state[<name>]`, created on first build.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class ToolInfo:
+    """What the upstream's `tools/list` says about one tool. Defaults follow the MCP spec for unannotated tools."""
+
+    name: str
+    """The tool's name as the upstream lists it."""
+    read_only: bool = False
+    """`annotations.readOnlyHint` (spec default false)."""
+    destructive: bool = True
+    """`annotations.destructiveHint` (spec default true)."""
+    idempotent: bool = False
+    """`annotations.idempotentHint` (spec default false)."""
+    open_world: bool = True
+    """`annotations.openWorldHint` (spec default true)."""
+    definition: Mapping[str, Any] = field(default_factory=dict)
+    """The tool object exactly as listed (name, description, inputSchema, annotations, ...)."""
+
+    @classmethod
+    def from_definition(cls, tool: Mapping[str, Any]) -> ToolInfo:
+        ann = tool.get("annotations") or {}
+        if not isinstance(ann, Mapping):
+            ann = {}
+
+        def flag(key: str, default: bool) -> bool:
+            value = ann.get(key)
+            return value if isinstance(value, bool) else default
+
+        return cls(
+            name=str(tool.get("name", "")),
+            read_only=flag("readOnlyHint", False),
+            destructive=flag("destructiveHint", True),
+            idempotent=flag("idempotentHint", False),
+            open_world=flag("openWorldHint", True),
+            definition=tool,
+        )
+
+
+class ToolCatalog:
+    """The upstream's tools as last listed; refreshed from every `tools/list` the sidecar sees and on `list_changed`."""
+
+    def __init__(self) -> None:
+        self._tools: dict[str, ToolInfo] = {}
+        self.version = 0
+        """Bumped whenever the set of tools or their metadata changes."""
+        self.stale = True
+        """True until the first listing, and again after `notifications/tools/list_changed`."""
+
+    def get(self, name: str) -> ToolInfo:
+        """The tool's metadata; an unknown tool gets the spec's defaults (not read-only, destructive)."""
+        return self._tools.get(name) or ToolInfo(name=name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tools
+
+    def __iter__(self):
+        return iter(self._tools.values())
+
+    def __len__(self) -> int:
+        return len(self._tools)
+
+    def update(self, tools: Iterable[Mapping[str, Any]], *, complete: bool = True) -> None:
+        """Record listed tools. `complete` is False for a page of a paginated list (earlier pages are kept)."""
+        fresh = {info.name: info for info in map(ToolInfo.from_definition, tools) if info.name}
+        merged = fresh if complete else {**self._tools, **fresh}
+        if merged != self._tools:
+            self._tools = merged
+            self.version += 1
+        self.stale = False
+
+    def mark_stale(self) -> None:
+        self.stale = True
+
+
+@dataclass(slots=True)
+class SharedState:
+    """Objects every stage may use; one per sidecar process."""
+
+    server_name: str
+    """The MCPServer's name (`--server-name`), used in cache keys, metrics and heartbeats."""
+    tools: ToolCatalog = field(default_factory=ToolCatalog)
+    """Tool metadata from the upstream's listings."""
+    stage_state: dict[str, Any] = field(default_factory=dict)
+    """Per-stage long-lived state, keyed by stage name; survives policy reloads."""
+    telemetry: Any = None
+    """The telemetry object (tracer, meters, per-tool stats for heartbeats)."""
+    upstream: Any = None
+    """The `Upstream` in use (for stages that must call it themselves, e.g. to refresh tools/list)."""
