@@ -1,0 +1,61 @@
+"""The budget's tokenizer loads o200k_base from the bundled vocabulary with the network blocked."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+from toolmesh.sidecar.tokenizer import Tokenizer
+
+# Runs in a fresh interpreter so nothing is already loaded; any socket use raises.
+_OFFLINE_PROBE = r"""
+import json, socket, sys
+def refuse(*args, **kwargs):
+    raise OSError("network blocked by the test")
+socket.socket.connect = refuse
+socket.socket.connect_ex = refuse
+socket.create_connection = refuse
+socket.getaddrinfo = refuse
+from toolmesh.sidecar.tokenizer import Tokenizer, cache_dir
+t = Tokenizer()
+text = "The quick brown fox jumps over the lazy dog. Ünïcödé — 東京"
+print(json.dumps({"count": t.count(text), "tokens": t.encode("hello world"), "dir": str(cache_dir())}))
+"""
+
+URL = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"
+
+
+def _probe(tmp_path, cache):
+    env = {"PYTHONSAFEPATH": "1", "TIKTOKEN_CACHE_DIR": str(cache), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-c", _OFFLINE_PROBE], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_loads_offline_into_an_empty_cache(tmp_path):
+    cache = tmp_path / "cache"
+    out = _probe(tmp_path, cache)
+    # o200k_base's ids for "hello world" are well known.
+    assert out["tokens"] == [24912, 2375]
+    assert 10 < out["count"] < 40
+    assert (cache / hashlib.sha1(URL.encode()).hexdigest()).exists()
+
+
+def test_a_tampered_cached_vocabulary_is_replaced_not_downloaded(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / hashlib.sha1(URL.encode()).hexdigest()).write_bytes(b"aGVsbG8= 0\n")
+    out = _probe(tmp_path, cache)
+    assert out["tokens"] == [24912, 2375]
+
+
+def test_counts_cuts_and_decodes():
+    t = Tokenizer()
+    text = "word" + " word" * 99
+    assert t.count(text) == 100
+    head = t.head(text, 10)
+    assert t.count(head) == 10
+    assert text.startswith(head)
+    assert t.head(text, 0) == ""
