@@ -2,7 +2,7 @@
 
 Every JSON-RPC request the sidecar acts on runs through the chain:
 
-    observe → authenticate → authorize → rate limit → cache → budget
+    observe → authenticate → authorize → rate limit → budget → cache
             → timeout/progress → retry → circuit breaker → upstream
 
 A stage is any object with `async def __call__(ctx, call_next) -> Outcome`.
@@ -169,8 +169,11 @@ STAGE_ORDER: tuple[str, ...] = (
     "authenticate",
     "authorize",
     "rate_limit",
-    "cache",
+    # Budget before cache: a cached answer still enters the caller's context, so it is
+    # counted and truncated per session, and the cache only ever holds upstream results
+    # (never one caller's truncation link or remaining-budget figure).
     "budget",
+    "cache",
     "timeout",
     "retry",
     "circuit_breaker",
