@@ -34,8 +34,27 @@ class EnvVar(SpecModel):
     """Variable value."""
 
 
+# Rules that cross fields, checked by the apiserver (CEL) before the operator sees the resource.
+SERVER_RULES = [
+    {
+        "rule": "has(self.image) || size(self.command) > 0",
+        "message": "spec.image is required unless spec.command is given (then the toolmesh image runs the command)",
+        "fieldPath": ".image",
+        "reason": "FieldValueRequired",
+    },
+    {
+        "rule": "self.transport != 'stdio' || size(self.command) > 0",
+        "message": "spec.command is required for transport stdio: the operator wraps it to run on FIFOs the sidecar bridges",
+        "fieldPath": ".command",
+        "reason": "FieldValueRequired",
+    },
+]
+
+
 class MCPServerSpec(SpecModel):
     """What to run and how clients reach it."""
+
+    model_config = ConfigDict(**SpecModel.model_config, json_schema_extra={"x-kubernetes-validations": SERVER_RULES})
 
     image: str | None = None
     """Container image of the MCP server (Kubernetes). Local mode (`toolmesh up`) ignores it and runs `command`."""
