@@ -1,0 +1,256 @@
+"""Result cache for read-only tools: LRU + TTL bounded by entries and bytes, per-subject keys, coalesced misses.
+
+A result is stored once, serialised, without its JSON-RPC envelope; a hit wraps
+those bytes in an envelope carrying the caller's own request id, so the hit path
+does no JSON work beyond the canonical key of the arguments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from toolmesh.api.policy import CachePolicy, match_tool_rule
+from toolmesh.sidecar.chain import CallContext, Handler, Outcome
+from toolmesh.sidecar.state import SharedState, ToolCatalog
+from toolmesh.sidecar.tool_traits import tool_traits
+
+NAME = "cache"
+
+CacheKey = tuple[str, str, bytes, str | None]
+"""(server, tool, canonical arguments, subject); subject None for results shared between callers."""
+
+
+@dataclass(slots=True)
+class _Entry:
+    body: bytes
+    expires_at: float
+
+
+class ResultStore:
+    """LRU of serialised results with a time to live, bounded by entry count and by bytes."""
+
+    def __init__(self, max_entries: int, max_bytes: int, clock: Callable[[], float] = time.monotonic):
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.clock = clock
+        self._entries: OrderedDict[CacheKey, _Entry] = OrderedDict()
+        self.bytes = 0
+        """Bytes of results held now."""
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+        """Entries dropped to stay within the bounds (not counting expiries)."""
+        self.expirations = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, *keys: CacheKey) -> bytes | None:
+        """The first fresh entry among `keys` (most specific first); one hit or one miss is counted."""
+        now = self.clock()
+        for key in keys:
+            entry = self._entries.get(key)
+            if entry is None:
+                continue
+            if entry.expires_at <= now:
+                self._drop(key)
+                self.expirations += 1
+                continue
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry.body
+        self.misses += 1
+        return None
+
+    def put(self, key: CacheKey, body: bytes, ttl: float) -> bool:
+        """Store `body` for `ttl` seconds; False when it is larger than the whole byte bound."""
+        size = len(body)
+        if ttl <= 0 or size > self.max_bytes:
+            return False
+        if key in self._entries:
+            self._drop(key)
+        self._entries[key] = _Entry(body, self.clock() + ttl)
+        self.bytes += size
+        self._shrink()
+        return True
+
+    def resize(self, max_entries: int, max_bytes: int) -> None:
+        """Apply new bounds (a policy reload), evicting what no longer fits."""
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self._shrink()
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.bytes = 0
+
+    def _drop(self, key: CacheKey) -> None:
+        entry = self._entries.pop(key)
+        self.bytes -= len(entry.body)
+
+    def _shrink(self) -> None:
+        while self._entries and (len(self._entries) > self.max_entries or self.bytes > self.max_bytes):
+            _, entry = self._entries.popitem(last=False)
+            self.bytes -= len(entry.body)
+            self.evictions += 1
+
+
+@dataclass(frozen=True, slots=True)
+class _Decision:
+    ttl: float
+    shared: bool
+
+
+class CacheState:
+    """What survives policy reloads: the stored results and the calls in flight."""
+
+    def __init__(self, policy: CachePolicy, clock: Callable[[], float] = time.monotonic):
+        self.store = ResultStore(policy.maxEntries, policy.maxBytes, clock)
+        self.in_flight: dict[CacheKey, asyncio.Future[bytes | None]] = {}
+        self.coalesced = 0
+        """Calls answered by another identical call's upstream round trip."""
+
+    def stats(self) -> dict[str, int]:
+        """Counters for /metrics and heartbeats."""
+        s = self.store
+        return {"hits": s.hits, "misses": s.misses, "evictions": s.evictions, "expirations": s.expirations,
+                "coalesced": self.coalesced, "entries": len(s), "bytes": s.bytes}
+
+
+_ENVELOPE_HEAD = b'{"jsonrpc":"2.0","id":'
+_MEMO_LIMIT = 4096
+
+
+def hit_outcome(request_id: Any, body: bytes) -> Outcome:
+    """A stored result as the answer to the caller's own request id."""
+    return Outcome(raw=b"".join((_ENVELOPE_HEAD, orjson.dumps(request_id), b',"result":', body, b"}")))
+
+
+def storable_result(outcome: Outcome) -> tuple[bytes, Mapping[str, Any]] | None:
+    """The serialised `result` of a successful answer and the result itself, or None for errors of any kind."""
+    if outcome.status != 200:
+        return None
+    message = outcome.message
+    if message is None:
+        if not outcome.raw:
+            return None
+        try:
+            message = orjson.loads(outcome.raw)
+        except orjson.JSONDecodeError:
+            return None
+    if not isinstance(message, Mapping):
+        return None
+    result = message.get("result")
+    if not isinstance(result, Mapping):
+        return None
+    return orjson.dumps(result), result
+
+
+class CacheStage:
+    """Answers repeated calls of read-only tools from the store; coalesces identical calls in flight."""
+
+    def __init__(self, policy: CachePolicy, state: CacheState, catalog: ToolCatalog, *,
+                 server: str = "", spec: Any = None):
+        self.policy = policy
+        self.state = state
+        self.catalog = catalog
+        self.server = server
+        self.spec = spec
+        self._memo: dict[str, _Decision | None] = {}
+        self._memo_version = -1
+
+    def decision(self, tool: str) -> _Decision | None:
+        """How `tool` is cached (ttl, shared), or None when it must not be."""
+        if self._memo_version != self.catalog.version or len(self._memo) > _MEMO_LIMIT:
+            self._memo.clear()
+            self._memo_version = self.catalog.version
+        try:
+            return self._memo[tool]
+        except KeyError:
+            pass
+        rule = match_tool_rule(self.policy.tools, tool)
+        ttl = rule.ttlSeconds if rule is not None and rule.ttlSeconds is not None else self.policy.ttlSeconds
+        traits = tool_traits(self.catalog, self.spec, tool)
+        read_only = rule.readOnly if rule is not None and rule.readOnly is not None else traits.read_only
+        cacheable = self.policy.enabled and ttl > 0 and read_only and not traits.explicitly_destructive
+        decision = _Decision(ttl=ttl, shared=bool(rule and rule.shared)) if cacheable else None
+        self._memo[tool] = decision
+        return decision
+
+    async def __call__(self, ctx: CallContext, call_next: Handler) -> Outcome:
+        tool = ctx.tool
+        if tool is None:
+            return await call_next(ctx)
+        decision = self.decision(tool)
+        if decision is None:
+            return await call_next(ctx)
+        arguments = ctx.params.get("arguments") or {}
+        try:
+            canonical = orjson.dumps(arguments, option=orjson.OPT_SORT_KEYS)
+        except TypeError:
+            return await call_next(ctx)
+        caller = ctx.caller
+        # The issuer is part of who a subject is: "alice" of two issuers are two people.
+        subject = f"{caller.issuer or ''}\x00{caller.subject}" if caller is not None else ""
+        private: CacheKey = (self.server, tool, canonical, subject)
+        shared: CacheKey = (self.server, tool, canonical, None)
+        state = self.state
+        body = state.store.lookup(shared) if decision.shared else state.store.lookup(private, shared)
+        if body is not None:
+            return hit_outcome(ctx.request_id, body)
+
+        flight_key = shared if decision.shared else private
+        leader = state.in_flight.get(flight_key)
+        if leader is not None:
+            body = await asyncio.shield(leader)
+            if body is not None:
+                state.coalesced += 1
+                return hit_outcome(ctx.request_id, body)
+            return await call_next(ctx)
+
+        future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        state.in_flight[flight_key] = future
+        body = None
+        try:
+            outcome = await call_next(ctx)
+            stored = storable_result(outcome)
+            if stored is not None:
+                body, result = stored
+                self._store(decision, private, shared, body, result)
+            return outcome
+        finally:
+            state.in_flight.pop(flight_key, None)
+            # Followers get the answer, tool errors included; after a failure they call upstream themselves.
+            future.set_result(body)
+
+    def _store(self, decision: _Decision, private: CacheKey, shared: CacheKey, body: bytes,
+               result: Mapping[str, Any]) -> None:
+        if result.get("isError") is True:
+            return
+        ttl = decision.ttl
+        ttl_ms = result.get("ttlMs")
+        if isinstance(ttl_ms, (int, float)) and not isinstance(ttl_ms, bool):
+            # The server's freshness hint can shorten the policy's time to live, never lengthen it.
+            ttl = min(ttl, max(0.0, ttl_ms / 1000))
+        scope = result.get("cacheScope")
+        is_shared = scope == "public" or (decision.shared and scope != "private")
+        self.state.store.put(shared if is_shared else private, body, ttl)
+
+
+def build(policy: Any, shared: SharedState) -> CacheStage | None:
+    """The cache stage when the policy has an enabled `cache` section."""
+    section = getattr(policy, "cache", None) if policy is not None else None
+    if section is None or not section.enabled:
+        return None
+    state = shared.stage_state.get(NAME)
+    if state is None:
+        state = shared.stage_state[NAME] = CacheState(section)
+    else:
+        state.store.resize(section.maxEntries, section.maxBytes)
+    return CacheStage(section, state, shared.tools, server=shared.server_name, spec=policy)
