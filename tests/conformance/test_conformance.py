@@ -1,0 +1,58 @@
+"""The official MCP conformance suite against the fixture server: directly, and through `toolmesh sidecar` with nothing lost."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import ROOT, free_port, port_open, running, wait_until
+from helpers.conformance import SuiteRun, run_suite, summary, suite_installed
+
+pytestmark = [pytest.mark.conformance, pytest.mark.timeout(900)]
+
+FIXTURE = Path(__file__).with_name("fixture_server.py")
+RESULTS = ROOT / "bench" / "results" / "conformance.json"
+# The tasks extension is optional and the SDK does not implement it; everything else the fixture serves.
+EXTENSION_PREFIX = "tasks-"
+
+
+@pytest.fixture(scope="module")
+def fixture_url(tmp_path_factory):
+    assert suite_installed(), "the conformance suite is missing: run `make node-deps`"
+    port = free_port()
+    log = tmp_path_factory.mktemp("fixture") / "fixture.log"
+    with running([sys.executable, str(FIXTURE), "--port", str(port)], log_path=log) as proc:
+        wait_until(lambda: port_open(port) or proc.poll() is not None, timeout=30, what="the fixture server to listen")
+        assert proc.poll() is None, log.read_text()
+        yield f"http://127.0.0.1:{port}/mcp"
+
+
+@pytest.fixture(scope="module")
+def direct(fixture_url) -> SuiteRun:
+    run = run_suite(fixture_url)
+    assert run.checks, f"the suite reported no checks:\n{run.output[-3000:]}"
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(summary(run), indent=2) + "\n")
+    return run
+
+
+def core(run: SuiteRun) -> dict[str, str]:
+    return {key: status for key, status in run.checks.items() if not key.startswith(EXTENSION_PREFIX)}
+
+
+def test_fixture_passes_the_suite_directly(direct):
+    checks = core(direct)
+    passed = sum(status == "SUCCESS" for status in checks.values())
+    failing = {key: direct.messages[key] for key, status in sorted(checks.items()) if status == "FAILURE"}
+    assert passed >= 0.95 * len(checks), f"{passed}/{len(checks)} checks pass directly; failing:\n" + "\n".join(
+        f"  {key}: {why}" for key, why in failing.items())
+    # The scenarios every MCP client relies on must pass whole.
+    for scenario in ("server-initialize", "tools-list", "tools-call-simple-text", "tools-call-with-progress",
+                     "tools-call-sampling", "tools-call-elicitation", "resources-read-text", "prompts-get-with-args",
+                     "server-sse-polling", "server-stateless", "caching", "json-schema-2020-12",
+                     "http-custom-header-server-validation", "input-required-result-multi-round"):
+        counts = direct.scenarios().get(scenario)
+        assert counts and counts.get("SUCCESS", 0) and not counts.get("FAILURE"), f"{scenario}: {counts}"
