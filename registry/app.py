@@ -1,0 +1,135 @@
+"""The registry's aiohttp application: heartbeats in, catalogue out, the gateway at /mcp, workflows and traces."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import orjson
+from aiohttp import web
+
+from toolmesh.registry.auth import HeartbeatAuth, shared_secret
+from toolmesh.registry.backend import BackendPool
+from toolmesh.registry.catalogue import Catalogue
+from toolmesh.registry.gateway import Gateway
+
+log = logging.getLogger("toolmesh.registry")
+
+
+@dataclass(slots=True)
+class RegistrySettings:
+    """How the registry runs; every field has a flag in `toolmesh registry`."""
+
+    heartbeat_interval: float = 5.0
+    """Seconds between a sidecar's heartbeats (the sidecar is told this in every reply)."""
+    missed_heartbeats: int = 3
+    """Heartbeats an instance may miss before its tools leave the catalogue."""
+    page_size: int = 1000
+    """Tools per `tools/list` page at the gateway."""
+    auth: HeartbeatAuth = field(default_factory=lambda: shared_secret(None))
+    """Checks each heartbeat's Authorization header."""
+
+
+CATALOGUE = web.AppKey("catalogue", Catalogue)
+GATEWAY = web.AppKey("gateway", Gateway)
+SETTINGS = web.AppKey("settings", RegistrySettings)
+
+
+def create_app(settings: RegistrySettings | None = None, catalogue: Catalogue | None = None) -> web.Application:
+    settings = settings or RegistrySettings()
+    app = web.Application(client_max_size=16 * 1024 * 1024)
+    app[SETTINGS] = settings
+    app[CATALOGUE] = catalogue or Catalogue(interval=settings.heartbeat_interval,
+                                            missed_limit=settings.missed_heartbeats)
+    app[GATEWAY] = Gateway(app[CATALOGUE], BackendPool(), page_size=settings.page_size)
+    app.add_routes(app[GATEWAY].routes("/mcp"))
+    app.cleanup_ctx.append(_lifetime)
+    app.router.add_post("/v1/heartbeats", post_heartbeat)
+    app.router.add_get("/v1/servers", get_servers)
+    app.router.add_get("/v1/tools", get_tools)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+async def _lifetime(app: web.Application) -> AsyncIterator[None]:
+    gateway = app[GATEWAY]
+    await gateway.backends.start()
+    expiry = asyncio.create_task(_expire_loop(app[CATALOGUE]))
+    yield
+    expiry.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await expiry
+    gateway.close()
+    await gateway.backends.close()
+
+
+async def _expire_loop(catalogue: Catalogue) -> None:
+    # Check a few times per interval so an instance leaves within a fraction of an interval of its deadline.
+    period = max(0.05, catalogue.interval / 4)
+    while True:
+        await asyncio.sleep(period)
+        catalogue.expire()
+
+
+async def post_heartbeat(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    verdict = await settings.auth(request.headers.get("Authorization"))
+    if not verdict.allowed:
+        return web.json_response({"error": verdict.reason}, status=401,
+                                 headers={"WWW-Authenticate": 'Bearer realm="toolmesh-registry"'})
+    try:
+        beat = orjson.loads(await request.read())
+        if not isinstance(beat, dict):
+            raise ValueError("a heartbeat is a JSON object")
+        if beat.get("leaving"):
+            request.app[CATALOGUE].forget(str(beat.get("server")), str(beat.get("instance") or beat.get("endpoint")))
+            return web.json_response({"ok": True})
+        request.app[CATALOGUE].heartbeat(beat)
+    except (orjson.JSONDecodeError, ValueError, TypeError) as exc:
+        return web.json_response({"error": str(exc)}, status=400)
+    return web.json_response({"ok": True, "interval": settings.heartbeat_interval})
+
+
+async def get_servers(request: web.Request) -> web.Response:
+    catalogue = request.app[CATALOGUE]
+    servers = []
+    for name in catalogue.servers():
+        traits = catalogue.traits(name)
+        instances = catalogue.instances(name)
+        servers.append({
+            "name": name,
+            "healthy": any(i.healthy for i in instances),
+            "priority": traits.priority,
+            "capabilities": list(traits.capabilities),
+            "maxConcurrent": traits.max_concurrent,
+            "tools": [t["name"] for t in catalogue.server_tools(name)],
+            "instances": [{
+                "instance": i.instance, "endpoint": i.endpoint, "healthy": i.healthy, "health": i.health,
+                "lastHeartbeat": i.last_seen_wall, "inFlight": i.in_flight, "breakers": i.breakers, "stats": i.stats,
+            } for i in instances],
+        })
+    return _json({"servers": servers})
+
+
+async def get_tools(request: web.Request) -> web.Response:
+    catalogue = request.app[CATALOGUE]
+    view = catalogue.view()
+    tools = []
+    for listed in view.tools:
+        route = view.routes[listed["name"]]
+        stats = {}
+        for inst in catalogue.healthy_instances(route.server):
+            stats = inst.stats.get(route.tool) or stats
+        tools.append({**listed, "server": route.server, "tool": route.tool, "stats": stats})
+    return _json({"tools": tools, "version": view.version})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+def _json(body: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")

@@ -1,0 +1,215 @@
+"""The gateway's MCP client side: sessions to sidecars, one per endpoint and caller, and calls that stream notifications back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+
+log = logging.getLogger("toolmesh.registry")
+
+PROTOCOL_VERSION = "2025-11-25"
+"""The session-era revision the gateway speaks to sidecars (every upstream the sidecar fronts understands it)."""
+
+Notify = Callable[[Mapping[str, Any]], Awaitable[None]]
+
+
+class BackendUnavailable(Exception):
+    """The sidecar could not be reached or broke the connection: try another instance, mark this one failed."""
+
+
+class BackendRefused(Exception):
+    """The sidecar answered the handshake with an error (e.g. 401/403 from its policy): relay it to the caller."""
+
+    def __init__(self, status: int, message: Mapping[str, Any] | None, headers: Mapping[str, str]):
+        error = (message or {}).get("error") or {}
+        super().__init__(f"HTTP {status}: {error.get('message', 'refused')}")
+        self.status = status
+        self.message = message
+        self.headers = dict(headers)
+
+
+@dataclass(slots=True)
+class _Session:
+    endpoint: str
+    headers: dict[str, str]
+    session_id: str | None = None
+    ready: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+async def iter_sse(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """The data of each Server-Sent Event, as it arrives."""
+    data: list[bytes] = []
+    async for raw in content:
+        line = raw.rstrip(b"\r\n")
+        if not line:
+            if data:
+                yield b"\n".join(data)
+                data = []
+        elif line.startswith(b"data:"):
+            data.append(line[5:].lstrip(b" ") if line[5:6] == b" " else line[5:])
+    if data:
+        yield b"\n".join(data)
+
+
+class BackendPool:
+    """Session-era MCP sessions to sidecars, keyed by endpoint, caller token and budget key.
+
+    The caller's bearer token goes with every request so the sidecar's policy
+    judges the caller, never the gateway; keying sessions by token keeps one
+    caller's session state (budgets, cached results) apart from another's.
+    """
+
+    def __init__(self, *, client_name: str = "toolmesh-gateway") -> None:
+        self._http: aiohttp.ClientSession = None  # type: ignore[assignment]  # opened by start(), inside the loop
+        self._sessions: dict[tuple[str, str | None, str | None], _Session] = {}
+        self._ids = itertools.count(1)
+        self._client_name = client_name
+
+    async def start(self) -> None:
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=3),
+                                           connector=aiohttp.TCPConnector(limit=0))
+
+    async def close(self) -> None:
+        sessions, self._sessions = self._sessions, {}
+        for s in sessions.values():
+            if s.session_id:
+                with contextlib.suppress(Exception):
+                    async with self._http.delete(s.endpoint, headers={**s.headers, "Mcp-Session-Id": s.session_id},
+                                                 timeout=aiohttp.ClientTimeout(total=1)):
+                        pass
+        if self._http is not None:
+            await self._http.close()
+
+    def forget_endpoint(self, endpoint: str) -> None:
+        for key in [k for k in self._sessions if k[0] == endpoint]:
+            del self._sessions[key]
+
+    async def request(self, endpoint: str, method: str, params: Mapping[str, Any] | None, *,
+                      authorization: str | None = None, budget_key: str | None = None,
+                      notify: Notify | None = None) -> dict[str, Any]:
+        """Send one request through a session and return the JSON-RPC response (result or error).
+
+        Notifications the sidecar streams before the response (progress, log
+        messages) go to `notify`. Cancelling the awaiting task tells the
+        sidecar with `notifications/cancelled` and drops the stream.
+        """
+        key = (endpoint, authorization, budget_key)
+        session = self._sessions.get(key)
+        if session is None:
+            headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+            if authorization:
+                headers["Authorization"] = authorization
+            if budget_key:
+                headers["Mcp-Budget-Key"] = budget_key
+            session = self._sessions[key] = _Session(endpoint, headers)
+        for attempt in range(2):
+            await self._ensure_ready(session)
+            request_id = next(self._ids)
+            message = {"jsonrpc": "2.0", "id": request_id, "method": method}
+            if params is not None:
+                message["params"] = params
+            try:
+                return await self._send(session, message, notify)
+            except _SessionExpired:
+                # The sidecar (or its upstream) restarted and forgot the session: start a new one once.
+                session.session_id = None
+                if attempt:
+                    raise BackendUnavailable("session lost twice") from None
+            except asyncio.CancelledError:
+                asyncio.get_running_loop().create_task(self._cancel(session, request_id))
+                raise
+        raise AssertionError("unreachable")
+
+    async def _ensure_ready(self, session: _Session) -> None:
+        if session.session_id is not None:
+            return
+        async with session.ready:
+            if session.session_id is not None:
+                return
+            init = {"jsonrpc": "2.0", "id": next(self._ids), "method": "initialize", "params": {
+                "protocolVersion": PROTOCOL_VERSION, "capabilities": {},
+                "clientInfo": {"name": self._client_name, "version": "1"}}}
+            try:
+                async with self._http.post(session.endpoint, data=orjson.dumps(init), headers=session.headers) as resp:
+                    body = await _read_response(resp, init["id"], None)
+                    if resp.status >= 400 or body is None or "error" in body:
+                        raise BackendRefused(resp.status, body, resp.headers)
+                    session.session_id = resp.headers.get("Mcp-Session-Id", "")
+                    version = (body.get("result") or {}).get("protocolVersion", PROTOCOL_VERSION)
+                    session.headers["MCP-Protocol-Version"] = version
+                headers = dict(session.headers)
+                if session.session_id:
+                    headers["Mcp-Session-Id"] = session.session_id
+                note = orjson.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"})
+                async with self._http.post(session.endpoint, data=note, headers=headers) as resp:
+                    await resp.read()
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                session.session_id = None
+                raise BackendUnavailable(str(exc) or type(exc).__name__) from exc
+
+    async def _send(self, session: _Session, message: dict[str, Any], notify: Notify | None) -> dict[str, Any]:
+        headers = session.headers
+        if session.session_id:
+            headers = {**headers, "Mcp-Session-Id": session.session_id}
+        try:
+            async with self._http.post(session.endpoint, data=orjson.dumps(message), headers=headers) as resp:
+                if resp.status == 404 and session.session_id:
+                    raise _SessionExpired
+                body = await _read_response(resp, message["id"], notify)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise BackendUnavailable(str(exc) or type(exc).__name__) from exc
+        if body is None:
+            raise BackendUnavailable(f"HTTP {resp.status} without a JSON-RPC response")
+        return body
+
+    async def _cancel(self, session: _Session, request_id: int) -> None:
+        note = {"jsonrpc": "2.0", "method": "notifications/cancelled",
+                "params": {"requestId": request_id, "reason": "cancelled by the gateway's caller"}}
+        headers = dict(session.headers)
+        if session.session_id:
+            headers["Mcp-Session-Id"] = session.session_id
+        with contextlib.suppress(Exception):
+            async with self._http.post(session.endpoint, data=orjson.dumps(note), headers=headers,
+                                       timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                await resp.read()
+
+
+class _SessionExpired(Exception):
+    pass
+
+
+async def _read_response(resp: aiohttp.ClientResponse, request_id: Any, notify: Notify | None) -> dict[str, Any] | None:
+    """The JSON-RPC response to `request_id` from a JSON body or an SSE stream; notifications go to `notify`."""
+    ctype = resp.headers.get("Content-Type", "")
+    if ctype.startswith("text/event-stream"):
+        async for data in iter_sse(resp.content):
+            if not data:
+                continue
+            try:
+                msg = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(msg, dict):
+                continue
+            if "method" in msg and "id" not in msg:
+                if notify is not None:
+                    await notify(msg)
+            elif msg.get("id") == request_id and ("result" in msg or "error" in msg):
+                return msg
+        return None
+    raw = await resp.read()
+    if not raw:
+        return None
+    try:
+        msg = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return msg if isinstance(msg, dict) else None

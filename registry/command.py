@@ -1,0 +1,89 @@
+"""`toolmesh registry`: run the tool registry and the gateway MCP endpoint."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--listen", default="127.0.0.1:7401", metavar="HOST:PORT",
+                        help="where to serve the registry API and the gateway (default 127.0.0.1:7401)")
+    parser.add_argument("--registry-secret-file", type=Path, metavar="FILE",
+                        help="shared secret sidecars present in heartbeats (default: $TOOLMESH_REGISTRY_SECRET)")
+    parser.add_argument("--heartbeat-interval", type=float, default=5.0, metavar="SECONDS",
+                        help="expected seconds between heartbeats (default 5)")
+    parser.add_argument("--missed-heartbeats", type=int, default=3, metavar="N",
+                        help="heartbeats an instance may miss before its tools leave (default 3)")
+    parser.add_argument("--page-size", type=int, default=1000, metavar="N", help="tools per tools/list page")
+    parser.add_argument("--manifests", nargs="*", type=Path, default=[], metavar="PATH",
+                        help="MCPServer manifests whose priority, capabilities and maxConcurrent the registry uses")
+    parser.add_argument("--kube", action="store_true",
+                        help="cluster mode: TokenReview heartbeat auth, MCPServer specs and status through the API")
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    from toolmesh.cli import UsageError
+
+    host, _, port = value.rpartition(":")
+    try:
+        return host or "127.0.0.1", int(port)
+    except ValueError:
+        raise UsageError(f"--listen must be HOST:PORT, got {value!r}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from toolmesh.cli import UsageError
+    from toolmesh.registry.app import RegistrySettings, create_app
+    from toolmesh.registry.auth import shared_secret
+    from toolmesh.registry.manifests import declare_from_files
+
+    host, port = parse_listen(args.listen)
+    if args.heartbeat_interval <= 0 or args.missed_heartbeats < 1 or args.page_size < 1:
+        raise UsageError("--heartbeat-interval, --missed-heartbeats and --page-size must be positive")
+    secret = os.environ.get("TOOLMESH_REGISTRY_SECRET")
+    if args.registry_secret_file:
+        try:
+            secret = args.registry_secret_file.read_text().strip()
+        except OSError as exc:
+            raise UsageError(f"cannot read --registry-secret-file: {exc}") from None
+    settings = RegistrySettings(heartbeat_interval=args.heartbeat_interval, missed_heartbeats=args.missed_heartbeats,
+                                page_size=args.page_size, auth=shared_secret(secret))
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.kube:
+        from toolmesh.registry.kube import attach_kube
+
+        app = create_app(settings)
+        attach_kube(app)
+    else:
+        app = create_app(settings)
+    try:
+        declare_from_files(app, args.manifests)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if not secret and not args.kube:
+        logging.getLogger("toolmesh.registry").warning("no shared secret: accepting heartbeats from anyone who can connect")
+    asyncio.run(serve(app, host, port))
+    return 0
+
+
+async def serve(app: web.Application, host: str, port: int) -> None:
+    """Serve until SIGTERM/SIGINT, then close every stream and session."""
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=2)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    print(f"toolmesh registry listening on http://{host}:{port} (gateway at /mcp)", file=sys.stderr, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()

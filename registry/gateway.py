@@ -1,0 +1,354 @@
+"""The gateway: one MCP Streamable HTTP endpoint composing every healthy server's tools, both protocol eras.
+
+Session era (2025-06-18, 2025-11-25): `initialize` opens a gateway session
+(`Mcp-Session-Id`); `notifications/tools/list_changed` goes out on the
+session's GET stream. Stateless era (2026-07-28): `server/discover`, then
+self-contained POSTs; `subscriptions/listen` is the notification stream.
+Calls go to a healthy sidecar with the caller's own bearer token, so the
+sidecar's policy still decides: the gateway is never a bypass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from toolmesh.registry.backend import BackendPool, BackendRefused, BackendUnavailable
+from toolmesh.registry.catalogue import Catalogue, Instance
+
+log = logging.getLogger("toolmesh.registry")
+
+SESSION_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26")
+MODERN_VERSIONS = ("2026-07-28",)
+SUBSCRIPTION_ID_KEY = "io.modelcontextprotocol/subscriptionId"
+PROTOCOL_VERSION_KEY = "io.modelcontextprotocol/protocolVersion"
+
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INVALID_REQUEST = -32600
+PARSE_ERROR = -32700
+INTERNAL_ERROR = -32603
+UNAVAILABLE = -32001
+
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is calling through the gateway: their credentials travel unchanged to every sidecar."""
+
+    authorization: str | None
+    """The caller's `Authorization` header, forwarded as is."""
+    budget_key: str | None
+    """`Mcp-Budget-Key`, or the gateway session id, so the sidecar keeps one budget per caller session."""
+
+
+Notify = Callable[[Mapping[str, Any]], Awaitable[None]]
+LocalTool = Callable[[Mapping[str, Any], Caller, Notify], Awaitable[dict[str, Any]]]
+"""A tool the registry itself serves (e.g. `toolmesh__run_workflow`): (arguments, caller, notify) → CallToolResult."""
+
+
+class ToolCallFailed(Exception):
+    """A routed call could not be completed; carries the JSON-RPC error for the caller."""
+
+    def __init__(self, code: int, message: str, data: Any = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = data
+
+
+@dataclass(slots=True)
+class GatewaySession:
+    """One session-era client of the gateway."""
+
+    id: str
+    protocol_version: str
+    outbox: asyncio.Queue[bytes] = field(default_factory=lambda: asyncio.Queue(maxsize=64))
+    """Server-initiated messages waiting for (or flowing to) the GET stream."""
+    in_flight: dict[Any, asyncio.Task] = field(default_factory=dict)
+    """Running requests by the client's JSON-RPC id, so `notifications/cancelled` can stop them."""
+
+
+class Gateway:
+    """Routes MCP requests from agents to the sidecars behind the catalogue."""
+
+    def __init__(self, catalogue: Catalogue, backends: BackendPool, *, page_size: int = 1000,
+                 server_name: str = "toolmesh-gateway", version: str = "0") -> None:
+        self.catalogue = catalogue
+        self.backends = backends
+        self.page_size = page_size
+        self.server_info = {"name": server_name, "version": version}
+        self.sessions: dict[str, GatewaySession] = {}
+        self.listeners: set[asyncio.Queue[bytes]] = set()
+        self.local_tools: dict[str, tuple[dict[str, Any], LocalTool]] = {}
+        self._list_changed = orjson.dumps({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
+        catalogue.on_change(self._announce_change)
+
+    def close(self) -> None:
+        """End every session and listen stream (the registry is stopping)."""
+        for session in self.sessions.values():
+            for task in session.in_flight.values():
+                task.cancel()
+            _offer(session.outbox, b"")
+        self.sessions.clear()
+        for queue in self.listeners:
+            _offer(queue, b"")
+        self.listeners.clear()
+
+    def add_local_tool(self, definition: dict[str, Any], handler: LocalTool) -> None:
+        self.local_tools[definition["name"]] = (definition, handler)
+
+    # -- HTTP ----------------------------------------------------------------------
+
+    def routes(self, path: str = "/mcp") -> list[web.RouteDef]:
+        return [web.post(path, self.handle_post), web.get(path, self.handle_get), web.delete(path, self.handle_delete)]
+
+    async def handle_post(self, request: web.Request) -> web.StreamResponse:
+        try:
+            message = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            return _json(_error(None, PARSE_ERROR, "parse error"), 400)
+        if not isinstance(message, dict):
+            return _json(_error(None, INVALID_REQUEST, "one JSON-RPC message per POST"), 400)
+        method = message.get("method")
+        if not isinstance(method, str):
+            return web.Response(status=202)  # a response to something we never asked: nothing to do
+        session_id = request.headers.get("Mcp-Session-Id")
+        session = None
+        if method == "initialize":
+            return self._initialize(message)
+        if session_id:
+            session = self.sessions.get(session_id)
+            if session is None:
+                return _json(_error(message.get("id"), INVALID_REQUEST, "unknown or ended session"), 404)
+        if "id" not in message:
+            if method == "notifications/cancelled" and session is not None:
+                task = session.in_flight.get((message.get("params") or {}).get("requestId"))
+                if task is not None:
+                    task.cancel()
+            return web.Response(status=202)
+        request_id = message["id"]
+        params = message.get("params") or {}
+        caller = Caller(request.headers.get("Authorization"),
+                        request.headers.get("Mcp-Budget-Key") or (session.id if session else None))
+        if method == "ping":
+            return _json({"jsonrpc": "2.0", "id": request_id, "result": {}})
+        if method == "server/discover":
+            return _json({"jsonrpc": "2.0", "id": request_id, "result": self._discover()})
+        if method == "tools/list":
+            return self._tools_list(request_id, params, modern=session is None)
+        if method == "subscriptions/listen":
+            return await self._listen(request, request_id, params)
+        if method == "tools/call":
+            return await self._tools_call(request, session, request_id, params, caller)
+        return _json(_error(request_id, METHOD_NOT_FOUND, f"method not found: {method}"))
+
+    async def handle_get(self, request: web.Request) -> web.StreamResponse:
+        session = self.sessions.get(request.headers.get("Mcp-Session-Id", ""))
+        if session is None:
+            return web.Response(status=405 if "Mcp-Session-Id" not in request.headers else 404)
+        response = web.StreamResponse(headers={**SSE_HEADERS, "Mcp-Session-Id": session.id})
+        await response.prepare(request)
+        try:
+            while True:
+                data = await session.outbox.get()
+                if session.id not in self.sessions:
+                    break
+                await response.write(b"event: message\ndata: " + data + b"\n\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        return response
+
+    async def handle_delete(self, request: web.Request) -> web.Response:
+        session = self.sessions.pop(request.headers.get("Mcp-Session-Id", ""), None)
+        if session is None:
+            return web.Response(status=404)
+        for task in session.in_flight.values():
+            task.cancel()
+        return web.Response(status=200)
+
+    # -- methods -------------------------------------------------------------------
+
+    def _initialize(self, message: Mapping[str, Any]) -> web.Response:
+        asked = (message.get("params") or {}).get("protocolVersion")
+        version = asked if asked in SESSION_VERSIONS else SESSION_VERSIONS[0]
+        session = GatewaySession(id=uuid.uuid4().hex, protocol_version=version)
+        self.sessions[session.id] = session
+        result = {"protocolVersion": version, "capabilities": {"tools": {"listChanged": True}},
+                  "serverInfo": self.server_info,
+                  "instructions": "Tools of every healthy server behind toolmesh, named server__tool."}
+        return _json({"jsonrpc": "2.0", "id": message.get("id"), "result": result},
+                     headers={"Mcp-Session-Id": session.id})
+
+    def _discover(self) -> dict[str, Any]:
+        return {"supportedVersions": [*MODERN_VERSIONS, *SESSION_VERSIONS],
+                "capabilities": {"tools": {"listChanged": True}},
+                "serverInfo": self.server_info,
+                "resultType": "complete", "ttlMs": 0, "cacheScope": "public"}
+
+    def listed_tools(self) -> tuple[list[dict[str, Any]], int]:
+        view = self.catalogue.view()
+        return [*(d for d, _ in self.local_tools.values()), *view.tools], view.version
+
+    def _tools_list(self, request_id: Any, params: Mapping[str, Any], *, modern: bool) -> web.Response:
+        view = self.catalogue.view()
+        try:
+            tools, cursor = view.page(params.get("cursor"), self.page_size)
+        except ValueError as exc:
+            return _json(_error(request_id, INVALID_PARAMS, str(exc)))
+        if not params.get("cursor"):
+            tools = [*(d for d, _ in self.local_tools.values()), *tools]
+        result: dict[str, Any] = {"tools": tools}
+        if cursor:
+            result["nextCursor"] = cursor
+        if modern:
+            # Stateless-era clients cache by these hints; the catalogue changes at any heartbeat.
+            result.update(resultType="complete", ttlMs=0, cacheScope="private")
+        return _json({"jsonrpc": "2.0", "id": request_id, "result": result})
+
+    async def _tools_call(self, request: web.Request, session: GatewaySession | None, request_id: Any,
+                          params: Mapping[str, Any], caller: Caller) -> web.StreamResponse:
+        name = params.get("name")
+        if not isinstance(name, str):
+            return _json(_error(request_id, INVALID_PARAMS, "tools/call needs a tool name"))
+        stream: web.StreamResponse | None = None
+
+        async def notify(note: Mapping[str, Any]) -> None:
+            # The first notification commits the answer to an SSE stream; a quick result stays plain JSON.
+            nonlocal stream
+            if stream is None:
+                stream = web.StreamResponse(headers=SSE_HEADERS)
+                await stream.prepare(request)
+            await stream.write(b"event: message\ndata: " + orjson.dumps(note) + b"\n\n")
+
+        task = asyncio.current_task()
+        if session is not None and task is not None:
+            session.in_flight[request_id] = task
+        try:
+            result = await self.call_tool(name, params, caller, notify)
+            if session is None and "resultType" not in result:
+                result = {**result, "resultType": "complete"}
+            answer = {"jsonrpc": "2.0", "id": request_id, "result": result}
+        except ToolCallFailed as exc:
+            answer = _error(request_id, exc.code, exc.message, exc.data)
+        except asyncio.CancelledError:
+            if session is not None and session.id in self.sessions and request_id in session.in_flight:
+                # Cancelled by notifications/cancelled: the spec says send nothing back.
+                session.in_flight.pop(request_id, None)
+                if stream is not None:
+                    return stream
+                return web.Response(status=202)
+            raise
+        finally:
+            if session is not None:
+                session.in_flight.pop(request_id, None)
+        if stream is None:
+            return _json(answer)
+        await stream.write(b"event: message\ndata: " + orjson.dumps(answer) + b"\n\n")
+        await stream.write_eof()
+        return stream
+
+    async def call_tool(self, name: str, params: Mapping[str, Any], caller: Caller, notify: Notify) -> dict[str, Any]:
+        """Route one `tools/call` by gateway name; returns the CallToolResult or raises ToolCallFailed."""
+        local = self.local_tools.get(name)
+        if local is not None:
+            return await local[1](params.get("arguments") or {}, caller, notify)
+        route = self.catalogue.view().routes.get(name)
+        if route is None:
+            raise ToolCallFailed(INVALID_PARAMS, f"unknown tool: {name}")
+        forwarded = dict(params)
+        forwarded["name"] = route.tool
+        return await self.call_server(route.server, forwarded, caller, notify)
+
+    async def call_server(self, server: str, params: Mapping[str, Any], caller: Caller, notify: Notify,
+                          instance: Instance | None = None) -> dict[str, Any]:
+        """Send `tools/call` to a healthy instance of `server` (a given one, or the least busy), failing over once."""
+        tried: set[str] = set()
+        while True:
+            inst = instance or self.catalogue.pick(server)
+            if inst is None or inst.instance in tried:
+                raise ToolCallFailed(UNAVAILABLE, f"no healthy instance of {server}")
+            tried.add(inst.instance)
+            inst.in_flight += 1
+            try:
+                response = await self.backends.request(inst.endpoint, "tools/call", params,
+                                                       authorization=caller.authorization,
+                                                       budget_key=caller.budget_key, notify=notify)
+            except BackendUnavailable as exc:
+                log.warning("instance %s of %s unreachable: %s", inst.instance, server, exc)
+                self.catalogue.mark_failed(inst, str(exc))
+                self.backends.forget_endpoint(inst.endpoint)
+                if instance is not None:
+                    raise ToolCallFailed(UNAVAILABLE, f"{server} unreachable: {exc}") from exc
+                continue
+            except BackendRefused as exc:
+                error = (exc.message or {}).get("error") or {}
+                raise ToolCallFailed(error.get("code", INTERNAL_ERROR), error.get("message", str(exc)),
+                                     error.get("data")) from exc
+            finally:
+                inst.in_flight -= 1
+            if "error" in response:
+                error = response["error"]
+                raise ToolCallFailed(error.get("code", INTERNAL_ERROR), error.get("message", ""), error.get("data"))
+            return response.get("result") or {}
+
+    async def _listen(self, request: web.Request, request_id: Any, params: Mapping[str, Any]) -> web.StreamResponse:
+        wanted = (params.get("notifications") or {})
+        honoured = {"toolsListChanged": True} if wanted.get("toolsListChanged") else {}
+        meta = {SUBSCRIPTION_ID_KEY: request_id}
+        queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=64)
+        stream = web.StreamResponse(headers=SSE_HEADERS)
+        await stream.prepare(request)
+        ack = {"jsonrpc": "2.0", "method": "notifications/subscriptions/acknowledged",
+               "params": {"notifications": honoured, "_meta": meta}}
+        await stream.write(b"event: message\ndata: " + orjson.dumps(ack) + b"\n\n")
+        if not honoured:
+            return stream
+        changed = orjson.dumps({"jsonrpc": "2.0", "method": "notifications/tools/list_changed",
+                                "params": {"_meta": meta}})
+        self.listeners.add(queue)
+        try:
+            while True:
+                await queue.get()
+                if queue not in self.listeners:
+                    break
+                await stream.write(b"event: message\ndata: " + changed + b"\n\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            self.listeners.discard(queue)
+        return stream
+
+    def _announce_change(self) -> None:
+        for session in self.sessions.values():
+            _offer(session.outbox, self._list_changed)
+        for queue in self.listeners:
+            _offer(queue, b"")
+
+
+def _offer(queue: asyncio.Queue[bytes], item: bytes) -> None:
+    # list_changed is a level trigger: one pending copy is as good as many.
+    if queue.empty():
+        with contextlib.suppress(asyncio.QueueFull):
+            queue.put_nowait(item)
+
+
+def _error(request_id: Any, code: int, message: str, data: Any = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if data is not None:
+        error["data"] = data
+    return {"jsonrpc": "2.0", "id": request_id, "error": error}
+
+
+def _json(message: Mapping[str, Any], status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(message), status=status, content_type="application/json",
+                        headers=headers)
