@@ -1,0 +1,90 @@
+"""Running a real registry and small SDK servers as processes, and feeding heartbeats the way sidecars do."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from helpers import ROOT, TOOLMESH, free_port, port_open, running, wait_until
+
+TOY_SERVER = ROOT / "tests" / "helpers" / "toy_mcp_server.py"
+
+
+@contextmanager
+def registry_process(tmp_path: Path, *, interval: float = 0.2, missed: int = 3, secret: str | None = None,
+                     extra: Sequence[str] = ()) -> Iterator[str]:
+    """`toolmesh registry` on a free port with fast heartbeats; yields its base URL."""
+    port = free_port()
+    env = {"TOOLMESH_REGISTRY_SECRET": secret} if secret else {}
+    log = tmp_path / f"registry-{port}.log"
+    cmd = [TOOLMESH, "registry", "--listen", f"127.0.0.1:{port}", "--heartbeat-interval", str(interval),
+           "--missed-heartbeats", str(missed), *extra]
+    with running(cmd, env=env, log_path=log) as proc:
+        wait_until(lambda: port_open(port) or proc.poll() is not None, timeout=20, what="registry to listen")
+        assert proc.poll() is None, log.read_text()
+        yield f"http://127.0.0.1:{port}"
+
+
+@contextmanager
+def toy_server(tmp_path: Path, name: str, tools: str = "echo") -> Iterator[tuple[Any, str]]:
+    """The toy SDK server as a process; yields (process, MCP URL)."""
+    port = free_port()
+    log = tmp_path / f"toy-{name}-{port}.log"
+    with running([sys.executable, str(TOY_SERVER), "--name", name, "--port", str(port), "--tools", tools],
+                 log_path=log) as proc:
+        wait_until(lambda: port_open(port) or proc.poll() is not None, timeout=20, what=f"toy server {name}")
+        assert proc.poll() is None, log.read_text()
+        yield proc, f"http://127.0.0.1:{port}/mcp"
+
+
+async def list_tools_of(url: str) -> list[dict[str, Any]]:
+    """A server's tool definitions as its own tools/list gives them (what a sidecar's heartbeat carries)."""
+    from mcp.client import Client
+
+    async with Client(url, mode="legacy") as client:
+        listed = await client.list_tools()
+    return [t.model_dump(by_alias=True, exclude_none=True, mode="json") for t in listed.tools]
+
+
+async def post_heartbeat(registry: str, beat: dict[str, Any], secret: str | None = None) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {secret}"} if secret else {}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{registry}/v1/heartbeats", data=orjson.dumps(beat), headers=headers) as resp:
+            return resp.status, await resp.json(content_type=None)
+
+
+@contextlib.asynccontextmanager
+async def beating(registry: str, beat: dict[str, Any], *, interval: float = 0.1,
+                  secret: str | None = None) -> AsyncIterator[None]:
+    """Send `beat` every `interval` seconds for the duration of the block, like a live sidecar."""
+    status, body = await post_heartbeat(registry, beat, secret)
+    assert status == 200, body
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(aiohttp.ClientError):
+                await post_heartbeat(registry, beat, secret)
+
+    task = asyncio.create_task(loop())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def get_json(url: str) -> Any:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url) as resp:
+            assert resp.status == 200, await resp.text()
+            return await resp.json(content_type=None)
