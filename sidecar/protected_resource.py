@@ -1,0 +1,80 @@
+"""OAuth protected-resource facts (RFC 9728 metadata, RFC 6750 `WWW-Authenticate` challenges) derived from the auth policy."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+METADATA_PATH = "/.well-known/oauth-protected-resource"
+MCP_PATH = "/mcp"
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    value = headers.get(name)
+    if value is None:
+        value = headers.get(name.lower())
+    return value
+
+
+def base_url(auth: Any, headers: Mapping[str, str]) -> str:
+    """scheme://host[:port] clients reach this server at: from `auth.resource` when set, else from the request."""
+    resource = getattr(auth, "resource", None)
+    if resource:
+        parts = urlsplit(resource)
+        return f"{parts.scheme}://{parts.netloc}"
+    proto = (_header(headers, "X-Forwarded-Proto") or "http").split(",")[0].strip() or "http"
+    host = (_header(headers, "X-Forwarded-Host") or _header(headers, "Host") or "localhost").split(",")[0].strip()
+    if proto not in ("http", "https"):
+        proto = "http"
+    return f"{proto}://{host}"
+
+
+def resource_url(auth: Any, headers: Mapping[str, str]) -> str:
+    """The protected resource's identifier: `auth.resource`, or this server's MCP endpoint URL."""
+    return getattr(auth, "resource", None) or base_url(auth, headers) + MCP_PATH
+
+
+def metadata_url(auth: Any, headers: Mapping[str, str]) -> str:
+    """Where the RFC 9728 document is served."""
+    return base_url(auth, headers) + METADATA_PATH
+
+
+def _quoted(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def challenge(
+    auth: Any,
+    headers: Mapping[str, str],
+    *,
+    error: str | None = None,
+    description: str | None = None,
+    scope: str | None = None,
+) -> str:
+    """A `WWW-Authenticate: Bearer …` value pointing at the metadata document, with an RFC 6750 error when one applies."""
+    params = [f"resource_metadata={_quoted(metadata_url(auth, headers))}"]
+    if error:
+        params.append(f"error={_quoted(error)}")
+    if description:
+        params.append(f"error_description={_quoted(description)}")
+    if scope:
+        params.append(f"scope={_quoted(scope)}")
+    return "Bearer " + ", ".join(params)
+
+
+def metadata_document(policy: Any, headers: Mapping[str, str]) -> dict[str, Any] | None:
+    """The RFC 9728 protected-resource metadata, or None when the policy has no auth."""
+    auth = getattr(policy, "auth", None) if policy is not None else None
+    if auth is None:
+        return None
+    scopes = list(auth.scopesSupported)
+    authorization = getattr(policy, "authorization", None)
+    if not scopes and authorization is not None:
+        scopes = authorization.all_scopes()
+    return {
+        "resource": resource_url(auth, headers),
+        "authorization_servers": [issuer.issuer for issuer in auth.issuers],
+        "scopes_supported": scopes,
+        "bearer_methods_supported": ["header"],
+    }

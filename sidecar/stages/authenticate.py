@@ -1,0 +1,103 @@
+"""Authenticate stage: turns the bearer token into a verified `Caller`, or answers 401 with a `WWW-Authenticate` challenge."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from toolmesh.api.policy import AuthPolicy, Issuer
+from toolmesh.sidecar.audit import AuditLog, audit_log_for
+from toolmesh.sidecar.chain import Caller, CallContext, Handler, Outcome
+from toolmesh.sidecar.errors import Unauthenticated
+from toolmesh.sidecar.jwks import JwksKeys
+from toolmesh.sidecar.jwt_verify import InvalidToken, TokenVerifier
+from toolmesh.sidecar.protected_resource import challenge
+from toolmesh.sidecar.state import SharedState
+
+NAME = "authenticate"
+
+ANONYMOUS = Caller(subject="anonymous")
+"""The caller of a request without a token when the policy does not require one."""
+
+
+def bearer_token(headers: Any) -> str | None:
+    """The raw `Authorization` header value, or None when absent."""
+    value = headers.get("Authorization")
+    if value is None:
+        value = headers.get("authorization")
+    return value
+
+
+class AuthenticateStage:
+    """Verifies the bearer token of every request and puts the caller into the context."""
+
+    def __init__(self, auth: AuthPolicy, verifier: TokenVerifier, audit: AuditLog | None, server_name: str | None = None):
+        self.auth = auth
+        self.verifier = verifier
+        self.audit = audit
+        self.server_name = server_name
+
+    async def __call__(self, ctx: CallContext, call_next: Handler) -> Outcome:
+        header = bearer_token(ctx.headers)
+        if header is None:
+            if not self.auth.required:
+                return await call_next(replace(ctx, caller=ANONYMOUS))
+            self._refuse(ctx, "no bearer token")
+            raise Unauthenticated(
+                "authentication required: send a bearer token",
+                headers={"WWW-Authenticate": challenge(self.auth, ctx.headers)},
+            )
+        scheme, _, token = header.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            self._refuse(ctx, "malformed Authorization header")
+            raise Unauthenticated(
+                "malformed Authorization header: expected 'Bearer <token>'",
+                headers={"WWW-Authenticate": challenge(self.auth, ctx.headers, error="invalid_request")},
+            )
+        try:
+            caller = await self.verifier.verify(token)
+        except InvalidToken as exc:
+            self._refuse(ctx, exc.reason)
+            raise Unauthenticated(
+                f"invalid bearer token: {exc.reason}",
+                headers={
+                    "WWW-Authenticate": challenge(
+                        self.auth, ctx.headers, error="invalid_token", description=exc.reason
+                    )
+                },
+            ) from None
+        return await call_next(replace(ctx, caller=caller))
+
+    def _refuse(self, ctx: CallContext, reason: str) -> None:
+        if self.audit is not None:
+            self.audit.record(
+                request_id=ctx.request_id,
+                subject=None,
+                method=ctx.method,
+                tool=ctx.tool,
+                allowed=False,
+                reason=f"unauthenticated: {reason}",
+                session_id=ctx.session_id,
+                server=self.server_name,
+            )
+
+
+def build(policy: Any, shared: SharedState) -> AuthenticateStage | None:
+    """The stage for `policy.auth`, or None without one. JWKS caches outlive reloads; verified tokens do not."""
+    auth = getattr(policy, "auth", None) if policy is not None else None
+    if auth is None:
+        return None
+    state = shared.stage_state.setdefault(NAME, {"jwks": {}})
+    jwks_cache: dict[str, JwksKeys] = state["jwks"]
+
+    def jwks_for(issuer: Issuer) -> JwksKeys:
+        keys = jwks_cache.get(issuer.jwksUrl)
+        if keys is None:
+            keys = jwks_cache[issuer.jwksUrl] = JwksKeys(issuer.jwksUrl)
+        keys.cache_seconds = issuer.jwksCacheSeconds
+        keys.min_refresh_seconds = issuer.jwksMinRefreshSeconds
+        return keys
+
+    verifier = TokenVerifier(auth, jwks_for)
+    return AuthenticateStage(auth, verifier, audit_log_for(policy, shared), shared.server_name)

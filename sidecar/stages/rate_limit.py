@@ -1,0 +1,91 @@
+"""Rate-limit stage: a token bucket per subject (and per tool where the policy says), bounded in memory, 429 with Retry-After."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from toolmesh.api.policy import RateLimitPolicy, match_tool_rule
+from toolmesh.sidecar.chain import REQUEST, CallContext, Handler, Outcome
+from toolmesh.sidecar.errors import RetryLater
+from toolmesh.sidecar.state import SharedState
+
+NAME = "rate_limit"
+
+
+class Buckets:
+    """Token buckets by key, least recently used dropped beyond `max_keys`. A dropped bucket comes back full."""
+
+    def __init__(self, max_keys: int, clock: Callable[[], float] = time.monotonic):
+        self.max_keys = max_keys
+        self._clock = clock
+        # key → [tokens, last refill time]; a list so the hot path mutates in place.
+        self._buckets: OrderedDict[Any, list[float]] = OrderedDict()
+        self.evictions = 0
+        """Buckets dropped to stay under `max_keys`."""
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def take(self, key: Any, rate: float, burst: int) -> float:
+        """Take one token; 0.0 when granted, else the seconds until one is available."""
+        now = self._clock()
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = [float(burst), now]
+            while len(self._buckets) > self.max_keys:
+                self._buckets.popitem(last=False)
+                self.evictions += 1
+        else:
+            self._buckets.move_to_end(key)
+            bucket[0] = min(float(burst), bucket[0] + (now - bucket[1]) * rate)
+            bucket[1] = now
+        if bucket[0] >= 1.0:
+            bucket[0] -= 1.0
+            return 0.0
+        return (1.0 - bucket[0]) / rate
+
+
+class RateLimitStage:
+    """Charges each request to its subject's bucket; tools with a rule (or every tool, with `perTool`) get their own."""
+
+    def __init__(self, policy: RateLimitPolicy, buckets: Buckets):
+        self.policy = policy
+        self.buckets = buckets
+
+    async def __call__(self, ctx: CallContext, call_next: Handler) -> Outcome:
+        if ctx.kind != REQUEST:
+            return await call_next(ctx)
+        policy = self.policy
+        caller = ctx.caller
+        # Without auth every caller is "anonymous": the limit is then one shared bucket for all.
+        subject = (caller.issuer, caller.subject) if caller is not None else (None, "anonymous")
+        rate, burst, scope = policy.requestsPerSecond, policy.burst, ""
+        tool = ctx.tool
+        if tool is not None:
+            rule = match_tool_rule(policy.tools, tool)
+            if rule is not None:
+                rate = rule.requestsPerSecond
+                burst = rule.burst if rule.burst is not None else policy.burst
+                scope = tool
+            elif policy.perTool:
+                scope = tool
+        wait = self.buckets.take((subject, scope), rate, burst)
+        if wait > 0.0:
+            what = f"tool {tool!r}" if scope else "this server"
+            raise RetryLater(f"rate limit exceeded for {what}: retry in {wait:.3f}s", retry_after=wait)
+        return await call_next(ctx)
+
+
+def build(policy: Any, shared: SharedState) -> RateLimitStage | None:
+    """The stage for `policy.rateLimit`, or None without one. Buckets outlive reloads; the bound follows the policy."""
+    section = getattr(policy, "rateLimit", None) if policy is not None else None
+    if section is None:
+        return None
+    buckets = shared.stage_state.get(NAME)
+    if buckets is None:
+        buckets = shared.stage_state[NAME] = Buckets(section.maxSubjects)
+    buckets.max_keys = section.maxSubjects
+    return RateLimitStage(section, buckets)
