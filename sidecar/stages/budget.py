@@ -1,0 +1,276 @@
+"""Context-window budgets: every tool result is counted in real tokens against its session's budget and cut to fit.
+
+The budget belongs to an MCP session, or where the stateless era has none to the
+subject plus the client's `Mcp-Budget-Key` header. A result larger than
+`resultFraction` of what is left is truncated with the notice
+`[TRUNCATED: N tokens → M tokens. …]` and a `resource_link` to its full text
+at `toolmesh://results/<id>`, which this stage serves itself, page by page, to
+the same subject only. Below `minAvailable` calls are answered with
+`[BUDGET EXHAUSTED: …]` and never reach the upstream.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import orjson
+
+from toolmesh.api.policy import BudgetPolicy
+from toolmesh.sidecar.chain import CallContext, Handler, Outcome
+from toolmesh.sidecar.errors import INVALID_PARAMS, Refused
+from toolmesh.sidecar.results_store import DEFAULT_PAGE_TOKENS, PREFIX, ResultNotFound, ResultsStore
+from toolmesh.sidecar.state import SharedState
+from toolmesh.sidecar.tokenizer import Tokenizer
+
+NAME = "budget"
+META_KEY = "io.toolmesh/budget"
+"""Where a result's `_meta` reports the session's budget after the call."""
+BUDGET_KEY_HEADER = "mcp-budget-key"
+
+EXHAUSTED = "[BUDGET EXHAUSTED: {available} tokens left, below the {minimum} needed for another tool call. Respond with the context you have.]"
+TRUNCATED = ("\n\n[TRUNCATED: {total} tokens → {kept} tokens. The full result is at {uri} "
+             "({pages} pages): read it with resources/read, or request specific sections.]")
+NON_TEXT_TOKENS = 85
+"""What an image, audio clip or binary resource costs in the budget: a model sees it as a small fixed token count."""
+
+
+class UnknownResult(Refused):
+    """The `toolmesh://results/` link does not exist for this caller (unknown, expired, or another subject's)."""
+
+    status = 200
+    code = INVALID_PARAMS
+
+
+@dataclass(slots=True)
+class Budget:
+    """One session's spending."""
+
+    used: int = 0
+    last_used: float = 0.0
+
+
+class BudgetState:
+    """What survives policy reloads: the budgets by session and the stored full results."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self.budgets: OrderedDict[str, Budget] = OrderedDict()
+        self.results = ResultsStore(clock=clock)
+        self.truncations = 0
+        self.exhausted = 0
+
+    def budget(self, key: str, *, ttl: float, limit: int) -> Budget:
+        """The budget for `key`, a fresh one when it was never seen or lay unused longer than `ttl`."""
+        now = self.clock()
+        self._expire(now, ttl)
+        budget = self.budgets.get(key)
+        if budget is None:
+            budget = self.budgets[key] = Budget()
+            while len(self.budgets) > limit:
+                self.budgets.popitem(last=False)
+        else:
+            self.budgets.move_to_end(key)
+        budget.last_used = now
+        return budget
+
+    def forget_session(self, session_id: str) -> None:
+        self.budgets.pop(_session_key(session_id), None)
+
+    def _expire(self, now: float, ttl: float) -> None:
+        while self.budgets:
+            key, oldest = next(iter(self.budgets.items()))
+            if now - oldest.last_used <= ttl:
+                break
+            del self.budgets[key]
+
+
+def _session_key(session_id: str) -> str:
+    return f"session\x00{session_id}"
+
+
+def owner_of(ctx: CallContext) -> str:
+    """Who owns what this call stores: the verified subject (with its issuer), or "anonymous"."""
+    caller = ctx.caller
+    if caller is None:
+        return "\x00anonymous"
+    return f"{caller.issuer or ''}\x00{caller.subject}"
+
+
+def budget_key(ctx: CallContext) -> str:
+    """The session's budget, or in the stateless era the subject's budget named by `Mcp-Budget-Key`."""
+    if ctx.session_id:
+        return _session_key(ctx.session_id)
+    key = _header(ctx.headers, BUDGET_KEY_HEADER) or ""
+    return f"subject\x00{owner_of(ctx)}\x00{key}"
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    value = headers.get(name)
+    if value is None:
+        # The HTTP layer hands a case-insensitive mapping; a plain dict (tests, stdio) may not be.
+        for key, item in headers.items():
+            if key.lower() == name:
+                return item
+    return value
+
+
+class BudgetStage:
+    """Counts, truncates and refuses tool results by the session's remaining context window."""
+
+    def __init__(self, policy: BudgetPolicy, state: BudgetState, tokenizer: Tokenizer | None = None,
+                 page_tokens: int = DEFAULT_PAGE_TOKENS):
+        self.policy = policy
+        self.state = state
+        self.tokenizer = tokenizer or Tokenizer()
+        self.page_tokens = page_tokens
+        self.capacity = policy.totalTokens - policy.reservedForResponse - policy.reservedForSystem
+        """Tokens a session may fill with tool results."""
+
+    async def __call__(self, ctx: CallContext, call_next: Handler) -> Outcome:
+        method = ctx.method
+        if method == "tools/call":
+            return await self._tool_call(ctx, call_next)
+        if method == "resources/read":
+            uri = ctx.params.get("uri")
+            if isinstance(uri, str) and uri.startswith(PREFIX):
+                return self._read_stored(ctx, uri)
+        elif getattr(ctx, "kind", None) == "session-end" and ctx.session_id:
+            self.state.forget_session(ctx.session_id)
+        return await call_next(ctx)
+
+    def _budget(self, ctx: CallContext) -> Budget:
+        return self.state.budget(budget_key(ctx), ttl=self.policy.sessionTtlSeconds, limit=self.policy.maxSessions)
+
+    def _meta(self, budget: Budget, **extra: Any) -> dict[str, Any]:
+        return {"available": self.capacity - budget.used, "used": budget.used,
+                "total": self.policy.totalTokens, **extra}
+
+    async def _tool_call(self, ctx: CallContext, call_next: Handler) -> Outcome:
+        budget = self._budget(ctx)
+        available = self.capacity - budget.used
+        if available < self.policy.minAvailable:
+            self.state.exhausted += 1
+            text = EXHAUSTED.format(available=max(available, 0), minimum=self.policy.minAvailable)
+            result = {"content": [{"type": "text", "text": text}], "isError": True,
+                      "_meta": {META_KEY: self._meta(budget, exhausted=True)}}
+            return Outcome(message={"jsonrpc": "2.0", "id": ctx.request_id, "result": result})
+
+        outcome = await call_next(ctx)
+        message = outcome.message
+        if message is None:
+            if not outcome.raw:
+                return outcome
+            try:
+                message = orjson.loads(outcome.raw)
+            except orjson.JSONDecodeError:
+                return outcome
+        result = message.get("result") if isinstance(message, Mapping) else None
+        if not isinstance(result, Mapping):
+            return outcome  # errors cost nothing: the agent sees a short error either way
+
+        available = self.capacity - budget.used
+        limit = int(max(available, 0) * self.policy.resultFraction)
+        content = result.get("content")
+        items = content if isinstance(content, list) else []
+        tokens = self._count(items)
+        new_result = dict(result)
+        if tokens <= limit:
+            budget.used += tokens
+            meta_extra: dict[str, Any] = {"resultTokens": tokens, "truncated": False}
+        else:
+            new_result["content"] = self._truncate(ctx, items, tokens, limit)
+            # Structured output repeats the content in full; keeping it would defeat the truncation.
+            new_result.pop("structuredContent", None)
+            budget.used += limit
+            self.state.truncations += 1
+            meta_extra = {"resultTokens": tokens, "truncated": True, "keptTokens": limit}
+        meta = dict(new_result.get("_meta") or {})
+        meta[META_KEY] = self._meta(budget, **meta_extra)
+        new_result["_meta"] = meta
+        return replace(outcome, message={**message, "result": new_result}, raw=None)
+
+    def _count(self, items: list[Any]) -> int:
+        total = 0
+        for item in items:
+            text = _text_of(item)
+            total += self.tokenizer.count(text) if text is not None else NON_TEXT_TOKENS
+        return total
+
+    def _truncate(self, ctx: CallContext, items: list[Any], tokens: int, limit: int) -> list[dict[str, Any]]:
+        full = "\n\n".join(text for text in map(_text_of, items) if text)
+        pages = self.tokenizer.pages(full, self.page_tokens)
+        uri = self.state.results.put(owner_of(ctx), pages, tokens)
+        notice = TRUNCATED.format(total=tokens, kept=limit, uri=uri, pages=len(pages))
+        room = max(limit - self.tokenizer.count(notice), 0)
+        kept: list[dict[str, Any]] = []
+        for item in items:
+            if room <= 0:
+                break
+            text = _text_of(item)
+            if text is None:
+                continue  # binary content does not survive a cut: it is in nobody's stored text either
+            cost = self.tokenizer.count(text)
+            if cost <= room and isinstance(item, Mapping) and item.get("type") == "text":
+                kept.append(dict(item))
+                room -= cost
+            else:
+                kept.append({"type": "text", "text": self.tokenizer.head(text, room)})
+                room = 0
+        if kept:
+            kept[-1] = {**kept[-1], "text": kept[-1]["text"] + notice}
+        else:
+            kept.append({"type": "text", "text": notice.lstrip()})
+        kept.append({"type": "resource_link", "uri": uri, "name": "full-result",
+                     "description": f"The full result: {tokens} tokens in {len(pages)} pages", "mimeType": "text/plain"})
+        return kept
+
+    def _read_stored(self, ctx: CallContext, uri: str) -> Outcome:
+        try:
+            page = self.state.results.read(uri, owner_of(ctx))
+        except ResultNotFound:
+            raise UnknownResult(f"Resource not found: {uri}", data={"uri": uri}) from None
+        budget = self._budget(ctx)
+        cost = self.tokenizer.count(page.text)
+        budget.used += cost
+        page_meta: dict[str, Any] = {"page": page.number, "pages": page.count, "tokens": page.tokens}
+        if page.next_uri:
+            page_meta["next"] = page.next_uri
+        contents = [{"uri": page.uri, "mimeType": "text/plain", "text": page.text,
+                     "_meta": {"io.toolmesh/page": page_meta}}]
+        result = {"contents": contents, "_meta": {META_KEY: self._meta(budget, resultTokens=cost, truncated=False)}}
+        return Outcome(message={"jsonrpc": "2.0", "id": ctx.request_id, "result": result})
+
+
+def _text_of(item: Any) -> str | None:
+    """The text a model reads from one content item, None for binary content."""
+    if not isinstance(item, Mapping):
+        return None
+    kind = item.get("type")
+    if kind == "text":
+        text = item.get("text")
+        return text if isinstance(text, str) else ""
+    if kind == "resource":
+        resource = item.get("resource")
+        if isinstance(resource, Mapping) and isinstance(resource.get("text"), str):
+            return resource["text"]
+        return None
+    if kind == "resource_link":
+        return f"{item.get('name', '')} {item.get('uri', '')}"
+    return None
+
+
+def build(policy: Any, shared: SharedState) -> BudgetStage | None:
+    """The budget stage when the policy has a `budget` section."""
+    section = getattr(policy, "budget", None) if policy is not None else None
+    if section is None:
+        return None
+    state = shared.stage_state.get(NAME)
+    if state is None:
+        state = shared.stage_state[NAME] = BudgetState()
+    tokenizer = Tokenizer(section.encoding)
+    tokenizer.load()
+    return BudgetStage(section, state, tokenizer)
