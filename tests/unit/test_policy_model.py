@@ -190,3 +190,102 @@ def test_model_is_frozen():
 def test_examples_load(path):
     spec = PolicyFile.load(path)
     assert spec != MCPToolPolicySpec(), f"{path.name} sets nothing"
+
+
+# --- loading from files and watching them -----------------------------------------------------
+
+from toolmesh.sidecar.policy_source import PolicyWatcher, load_policy  # noqa: E402
+
+
+def configmap_dir(root, version: str, text: str):
+    """Lay out a directory as the kubelet mounts a ConfigMap: policy.yaml → ..data/policy.yaml, ..data → ..<version>."""
+    import os
+
+    data = root / f"..{version}"
+    data.mkdir()
+    (data / "policy.yaml").write_text(text)
+    tmp_link = root / "..data_tmp"
+    os.symlink(data.name, tmp_link)
+    os.replace(tmp_link, root / "..data")  # the atomic swap the kubelet does
+    if not (root / "policy.yaml").is_symlink():
+        os.symlink("..data/policy.yaml", root / "policy.yaml")
+
+
+def test_load_policy_from_a_file_or_a_configmap_directory(tmp_path):
+    (tmp_path / "p.yaml").write_text("rateLimit: {burst: 3}\n")
+    assert load_policy(tmp_path / "p.yaml").rateLimit.burst == 3
+    mount = tmp_path / "mount"
+    mount.mkdir()
+    configmap_dir(mount, "v1", "rateLimit: {burst: 4}\n")
+    assert load_policy(mount).rateLimit.burst == 4
+    with pytest.raises(PolicyError) as err:
+        load_policy(tmp_path / "missing.yaml")
+    assert "missing.yaml" in str(err.value)
+
+
+async def test_watcher_swaps_valid_policies_and_ignores_invalid_ones(tmp_path, caplog):
+    path = tmp_path / "policy.yaml"
+    path.write_text("rateLimit: {burst: 1}\n")
+    installed = []
+    watcher = PolicyWatcher(path, installed.append, interval=0.01)
+    assert watcher.current.rateLimit.burst == 1
+    assert not await watcher.check()
+
+    path.write_text("rateLimit: {burst: 2}\n")
+    assert await watcher.check()
+    assert watcher.current.rateLimit.burst == 2 and installed[-1].rateLimit.burst == 2
+
+    path.write_text("rateLimit: {burst: 0}\n")
+    assert not await watcher.check()
+    assert watcher.current.rateLimit.burst == 2 and watcher.rejected == 1
+    assert "rateLimit.burst" in watcher.last_error and "policy.yaml" in watcher.last_error
+    assert "ignoring the new policy" in caplog.text
+
+    path.unlink()  # a file briefly missing keeps the policy too
+    assert not await watcher.check()
+    path.write_text("rateLimit: {burst: 5}\n")
+    assert await watcher.check() and watcher.current.rateLimit.burst == 5
+
+
+async def test_watcher_follows_a_configmap_symlink_swap(tmp_path):
+    configmap_dir(tmp_path, "v1", "rateLimit: {burst: 1}\n")
+    watcher = PolicyWatcher(tmp_path, interval=0.01)
+    configmap_dir(tmp_path, "v2", "rateLimit: {burst: 9}\n")
+    assert await watcher.check()
+    assert watcher.current.rateLimit.burst == 9
+
+
+async def test_a_policy_the_installer_refuses_is_not_swapped_in(tmp_path):
+    path = tmp_path / "policy.yaml"
+    path.write_text("rateLimit: {burst: 1}\n")
+
+    def install(policy):
+        if policy.rateLimit.burst == 7:
+            raise PolicyError("secret missing")
+
+    watcher = PolicyWatcher(path, install)
+    path.write_text("rateLimit: {burst: 7}\n")
+    assert not await watcher.check()
+    assert watcher.current.rateLimit.burst == 1 and watcher.last_error == "secret missing"
+
+
+async def test_background_polling_notices_a_change(tmp_path):
+    import asyncio
+
+    from helpers import async_wait_until
+
+    path = tmp_path / "policy.yaml"
+    path.write_text("rateLimit: {burst: 1}\n")
+    watcher = PolicyWatcher(path, interval=0.01)
+    watcher.start()
+    try:
+        path.write_text("rateLimit: {burst: 3}\n")
+
+        async def swapped():
+            return watcher.current.rateLimit.burst == 3
+
+        await async_wait_until(swapped, timeout=5, what="the watcher to swap the policy")
+    finally:
+        await watcher.stop()
+    assert watcher._task is None
+    await asyncio.sleep(0)
