@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from toolmesh.sidecar.errors import ProxyError, internal_error
+from toolmesh.sidecar.errors import ClientGone, ProxyError, dumps, internal_error
 
 JsonRpcId = str | int | None
 
@@ -60,6 +60,28 @@ async def _no_emit(event: SseEvent) -> None:
     return None
 
 
+StartStream = Callable[[Mapping[str, str]], Awaitable[None]]
+"""Starts the client's SSE response now, with the upstream's response headers (Mcp-Session-Id, ...); idempotent."""
+
+
+async def _no_start_stream(headers: Mapping[str, str]) -> None:
+    return None
+
+
+# What an HTTP request to /mcp carries; every kind runs through the chain, so a stage that
+# must see everything (authenticate) does, and the others skip what they do not govern.
+REQUEST = "request"
+"""A JSON-RPC request (method and id): the client waits for its response."""
+NOTIFICATION = "notification"
+"""A JSON-RPC notification (method, no id); the upstream answers 202."""
+RESPONSE = "response"
+"""The client's JSON-RPC response to a server request (sampling, elicitation); `method` is ""."""
+STREAM = "stream"
+"""A GET opening the server's SSE stream; `method` is "" and events flow through `emit`."""
+SESSION_END = "session-end"
+"""A DELETE ending the session; `method` is ""."""
+
+
 @dataclass(frozen=True, slots=True)
 class CallContext:
     """One JSON-RPC request on its way through the chain. Frozen: stages derive new ones with `replace`."""
@@ -88,6 +110,10 @@ class CallContext:
     """When the sidecar received the request (monotonic seconds)."""
     params_changed: bool = False
     """True when a stage rewrote `params`: the upstream stage then re-serialises instead of forwarding `raw`."""
+    kind: str = REQUEST
+    """REQUEST, NOTIFICATION, RESPONSE, STREAM or SESSION_END (see above)."""
+    start_stream: StartStream = _no_start_stream
+    """Opens the client's SSE response with the upstream's headers before the first `emit`."""
 
     @property
     def tool(self) -> str | None:
@@ -124,6 +150,18 @@ class Outcome:
     """SSE id of the event that carried the response, when the upstream streamed it."""
     streamed: bool = False
     """True when the upstream answered with an SSE stream; the client then gets one too."""
+
+    def body(self) -> bytes | None:
+        """The bytes the client gets: `raw` when set, else `message` serialised.
+
+        A stage that changes `message` must set `raw=None` (`dataclasses.replace(outcome,
+        message=new, raw=None)`), or the client would still get the upstream's bytes.
+        """
+        if self.raw is not None:
+            return self.raw
+        if self.message is not None:
+            return dumps(self.message)
+        return None
 
     @property
     def is_error(self) -> bool:
@@ -184,6 +222,8 @@ async def run_chain(handler: Handler, ctx: CallContext) -> Outcome:
     """The one error boundary: typed errors become JSON-RPC errors with the caller's id and an HTTP status."""
     try:
         return await handler(ctx)
+    except ClientGone:
+        raise
     except ProxyError as exc:
         return exc.to_outcome(ctx.request_id)
     except Exception as exc:  # noqa: BLE001 - the boundary: nothing escapes to the HTTP layer

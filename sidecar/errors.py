@@ -110,6 +110,10 @@ class UpstreamTimeout(ProxyError):
     code = UPSTREAM_TIMEOUT
 
 
+class ClientGone(Exception):
+    """The client closed its connection mid-answer: stop the call and free the upstream; nobody is left to answer."""
+
+
 def internal_error(request_id: JsonRpcId, exc: BaseException) -> Outcome:
     """Report a bug as a JSON-RPC internal error; logged with its traceback, never shown to the client."""
     from toolmesh.sidecar.chain import Outcome

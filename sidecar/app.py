@@ -1,0 +1,138 @@
+"""The sidecar's aiohttp application: `/mcp`, health and readiness, metrics, and the lifetimes behind them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from aiohttp import web
+
+from toolmesh.sidecar.pipeline import Pipeline, UpstreamCall
+from toolmesh.sidecar.proxy import McpEndpoint, add_routes
+from toolmesh.sidecar.settings import SidecarSettings
+from toolmesh.sidecar.state import SharedState
+from toolmesh.sidecar.telemetry import Telemetry
+from toolmesh.sidecar.upstream import Upstream
+
+log = logging.getLogger("toolmesh.sidecar")
+
+# Retry a failing upstream this often, so the sidecar turns ready soon after the server does.
+_RETRY_WHILE_DOWN = 0.25
+
+
+class Readiness:
+    """Whether the upstream answered a real MCP probe recently; probed in the background."""
+
+    def __init__(self, upstream: Upstream, telemetry: Telemetry, interval: float, window: float):
+        self.upstream = upstream
+        self.telemetry = telemetry
+        self.interval = interval
+        self.window = window
+        self.last_ok: float | None = None
+        """Monotonic time of the last successful probe; None after a failed one."""
+        self.last_error: str = "not probed yet"
+        self.changed = asyncio.Event()
+
+    @property
+    def ready(self) -> bool:
+        return self.last_ok is not None and time.monotonic() - self.last_ok <= self.window
+
+    async def probe_once(self) -> bool:
+        was = self.ready
+        try:
+            ok = await self.upstream.probe()
+            error = "" if ok else "upstream gave no MCP answer"
+        except Exception as exc:  # noqa: BLE001 - any failure means not ready
+            ok, error = False, f"{exc.__class__.__name__}: {exc}"
+        self.last_ok = time.monotonic() if ok else None
+        self.last_error = error
+        self.telemetry.upstream_up.set(1 if ok else 0)
+        if ok != was:
+            log.info("upstream %s", "ready" if ok else "not ready",
+                     extra={"event": "readiness", "ready": ok, "reason": error or None})
+            self.changed.set()
+            self.changed = asyncio.Event()
+        return ok
+
+    async def run(self) -> None:
+        while True:
+            ok = await self.probe_once()
+            await asyncio.sleep(self.interval if ok else min(self.interval, _RETRY_WHILE_DOWN))
+
+
+PIPELINE = web.AppKey("pipeline", Pipeline)
+SHARED = web.AppKey("shared", SharedState)
+TELEMETRY = web.AppKey("telemetry", Telemetry)
+READINESS = web.AppKey("readiness", Readiness)
+SETTINGS = web.AppKey("settings", SidecarSettings)
+
+
+def create_app(settings: SidecarSettings, upstream: Upstream, *, policy: Any = None,
+               telemetry: Telemetry | None = None,
+               lifetimes: tuple[Callable[[web.Application], AsyncIterator[None]], ...] = ()) -> web.Application:
+    """The sidecar application for one upstream. `lifetimes` are extra `cleanup_ctx` entries (policy watching, heartbeats)."""
+    # The body limit is enforced by the /mcp handler (to answer with a JSON-RPC error); this is a backstop.
+    app = web.Application(client_max_size=settings.max_body_bytes, handler_args={"max_field_size": 16384})
+    telemetry = telemetry or Telemetry(settings.server_name)
+    shared = SharedState(server_name=settings.server_name, telemetry=telemetry, upstream=upstream)
+    pipeline = Pipeline(UpstreamCall(upstream, shared), shared, policy)
+    readiness = Readiness(upstream, telemetry, settings.probe_interval, settings.ready_window)
+    app[SETTINGS] = settings
+    app[SHARED] = shared
+    app[TELEMETRY] = telemetry
+    app[PIPELINE] = pipeline
+    app[READINESS] = readiness
+
+    app.cleanup_ctx.append(_upstream_lifetime)
+    app.cleanup_ctx.append(_readiness_lifetime)
+    app.cleanup_ctx.extend(lifetimes)
+
+    add_routes(app, McpEndpoint(pipeline, settings))
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+    return app
+
+
+async def _upstream_lifetime(app: web.Application) -> AsyncIterator[None]:
+    upstream = app[SHARED].upstream
+    await upstream.start()
+    try:
+        yield
+    finally:
+        await upstream.close()
+        app[TELEMETRY].shutdown()
+
+
+async def _readiness_lifetime(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(app[READINESS].run(), name="toolmesh-readiness-probe")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    readiness = request.app[READINESS]
+    pipeline = request.app[PIPELINE]
+    body = {"ready": readiness.ready, "policyGeneration": pipeline.generation,
+            "tools": len(request.app[SHARED].tools)}
+    if not readiness.ready:
+        body["reason"] = readiness.last_error or "no successful probe within the readiness window"
+        return web.json_response(body, status=503)
+    return web.json_response(body)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    return web.Response(text=request.app[TELEMETRY].render_metrics(), content_type="text/plain",
+                        headers={"X-Content-Type-Options": "nosniff"}, charset="utf-8")

@@ -1,0 +1,172 @@
+"""`toolmesh sidecar`: parse the flags, pick the upstream transport, load the policy, serve on uvloop."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import os
+import shlex
+import signal
+import sys
+from typing import Any
+
+from toolmesh.sidecar.settings import DEFAULT_MAX_BODY_BYTES, SidecarSettings
+
+log = logging.getLogger("toolmesh.sidecar")
+
+
+class ConfigError(Exception):
+    """Bad flags or configuration: the sidecar does not start (exit code 2)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--upstream", metavar="URL", help="the MCP server's URL (Streamable HTTP, or legacy SSE)")
+    target.add_argument("--upstream-command", metavar='"CMD ARGS"', help="spawn this stdio MCP server and bridge it")
+    target.add_argument("--upstream-fifo-dir", metavar="DIR",
+                        help="attach to a stdio MCP server through in.fifo/out.fifo in DIR (Kubernetes)")
+    parser.add_argument("--upstream-transport", choices=("streamable-http", "sse"), default="streamable-http",
+                        help="how to speak to --upstream (default streamable-http)")
+    parser.add_argument("--listen", default="127.0.0.1:7400", metavar="HOST:PORT", help="where to serve /mcp")
+    parser.add_argument("--policy", metavar="FILE", help="MCPToolPolicy YAML (or its spec); re-read on change")
+    parser.add_argument("--server-name", default=os.environ.get("TOOLMESH_SERVER_NAME", "mcp-server"),
+                        help="the MCPServer this sidecar fronts")
+    parser.add_argument("--registry", metavar="URL", default=os.environ.get("TOOLMESH_REGISTRY"),
+                        help="send heartbeats to this registry")
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                        help="largest request body accepted (413 beyond; default 4 MiB)")
+    parser.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
+                        help="browser Origin allowed to call (repeatable; default: localhost origins only; * = any)")
+    parser.add_argument("--upstream-timeout", type=float, default=300.0, metavar="SECONDS",
+                        help="how long the upstream may stay silent on a request before 504 (default 300)")
+    parser.add_argument("--probe-interval", type=float, default=5.0, metavar="SECONDS",
+                        help="seconds between readiness probes of the upstream (default 5)")
+    parser.add_argument("--log-level", default=os.environ.get("TOOLMESH_LOG_LEVEL", "INFO"),
+                        help="log level of the JSON logs on stderr (default INFO)")
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"--listen must be HOST:PORT, got {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _optional_module(name: str, what: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name == name:
+            raise ConfigError(f"{what} is not available in this build ({name} is missing)") from None
+        raise
+
+
+def make_upstream(args: argparse.Namespace) -> Any:
+    """The `Upstream` the flags ask for."""
+    if args.upstream_command:
+        command = shlex.split(args.upstream_command)
+        if not command:
+            raise ConfigError("--upstream-command is empty")
+        stdio = _optional_module("toolmesh.sidecar.stdio", "the stdio bridge")
+        return stdio.StdioUpstream(command)
+    if args.upstream_fifo_dir:
+        stdio = _optional_module("toolmesh.sidecar.stdio", "the stdio bridge")
+        return stdio.StdioUpstream.attach(args.upstream_fifo_dir)
+    url = args.upstream
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"--upstream must be an http(s) URL, got {url!r}")
+    if args.upstream_transport == "sse":
+        legacy = _optional_module("toolmesh.sidecar.legacy_sse", "the legacy HTTP+SSE upstream")
+        return legacy.LegacySseUpstream(url, timeout=args.upstream_timeout)
+    from toolmesh.sidecar.http_upstream import HttpUpstream
+
+    return HttpUpstream(url, timeout=args.upstream_timeout)
+
+
+def load_policy(path: str | None) -> tuple[Any, Any]:
+    """(initial policy, policy source module) for `--policy`; (None, None) without it."""
+    if not path:
+        return None, None
+    source = _optional_module("toolmesh.sidecar.policy_source", "policy files")
+    try:
+        return source.load_policy(path), source
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any reason the file is unusable is a config error at start-up
+        raise ConfigError(f"cannot load policy {path}: {exc}") from None
+
+
+def build_app(args: argparse.Namespace):
+    from toolmesh.sidecar.app import READINESS, SHARED, create_app
+
+    host, port = parse_listen(args.listen)
+    if args.max_body_bytes <= 0:
+        raise ConfigError("--max-body-bytes must be positive")
+    if args.upstream_timeout <= 0 or args.probe_interval <= 0:
+        raise ConfigError("--upstream-timeout and --probe-interval must be positive")
+    transport = "stdio" if (args.upstream_command or args.upstream_fifo_dir) else args.upstream_transport
+    settings = SidecarSettings(
+        server_name=args.server_name, max_body_bytes=args.max_body_bytes,
+        allowed_origins=tuple(args.allowed_origin), upstream_timeout=args.upstream_timeout,
+        probe_interval=args.probe_interval, ready_window=max(3 * args.probe_interval, args.probe_interval + 5.0),
+        transport=transport,
+    )
+    upstream = make_upstream(args)
+    policy, source = load_policy(args.policy)
+    app = create_app(settings, upstream, policy=policy)
+    if source is not None and hasattr(source, "attach"):
+        from toolmesh.sidecar.app import PIPELINE
+
+        source.attach(app, args.policy, app[PIPELINE])
+    if args.registry:
+        heartbeat = _optional_module("toolmesh.sidecar.heartbeat", "heartbeats")
+        endpoint = f"http://{host}:{port}/mcp"
+        hb_settings = heartbeat.HeartbeatSettings.from_env(args.registry, args.server_name, endpoint)
+        readiness = app[READINESS]
+        heartbeat.attach(app, hb_settings, app[SHARED], ready=lambda: readiness.ready)
+    return app, host, port
+
+
+def run(args: argparse.Namespace) -> int:
+    from toolmesh.cli import UsageError
+    from toolmesh.sidecar.telemetry import setup_logging
+
+    setup_logging(args.log_level)
+    try:
+        app, host, port = build_app(args)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - non-Linux development machines
+        uvloop = None
+    runner = uvloop.run if uvloop is not None else asyncio.run
+    return runner(_serve(app, host, port))
+
+
+async def _serve(app: Any, host: str, port: int) -> int:
+    from aiohttp import web
+
+    # handler_cancellation: a client that hangs up cancels its handler, which releases the upstream request.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        print(f"toolmesh sidecar: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
+        return 2
+    log.info("serving MCP on http://%s:%d/mcp", host, port, extra={"event": "listening", "host": host, "port": port})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("stopping", extra={"event": "stopping"})
+        await runner.cleanup()
+    return 0

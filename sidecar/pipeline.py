@@ -1,0 +1,205 @@
+"""Assembles the policy chain from a policy snapshot, swaps it atomically on reload, and ends it at the upstream.
+
+The stages come from the convention in `state.py`: for each name in
+`chain.STAGE_ORDER`, `toolmesh.sidecar.stages.<name>.build(policy, shared)`
+returns a stage or None. The terminal handler (`UpstreamCall`) forwards the
+client's bytes untouched unless a stage changed the params, relays SSE events
+through `ctx.emit` as they arrive, and records the upstream's tool listings.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import orjson
+
+from toolmesh.sidecar.chain import (
+    NOTIFICATION,
+    REQUEST,
+    RESPONSE,
+    SESSION_END,
+    STAGE_ORDER,
+    STREAM,
+    CallContext,
+    Handler,
+    Outcome,
+    Stage,
+    compose,
+)
+from toolmesh.sidecar.jsonrpc import serialise_request
+from toolmesh.sidecar.state import SharedState
+from toolmesh.sidecar.upstream import Upstream, UpstreamResponse
+
+log = logging.getLogger("toolmesh.sidecar.pipeline")
+
+# Request headers that describe one hop or that the sidecar sets itself.
+_NOT_FORWARDED = frozenset({
+    "host", "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
+    "trailer", "trailers", "transfer-encoding", "upgrade", "content-length", "accept-encoding", "expect",
+})
+
+# Methods whose answers the sidecar parses on the way back (stages read them; tools/list feeds the catalogue).
+_PARSED_RESULTS = frozenset({"tools/list", "tools/call", "initialize"})
+
+_LIST_CHANGED = b"notifications/tools/list_changed"
+
+
+def forward_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The client's headers as the upstream gets them: everything end-to-end, Mcp-* included."""
+    return {k: v for k, v in headers.items() if k.lower() not in _NOT_FORWARDED}
+
+
+class UpstreamCall:
+    """The chain's terminal handler: one call to the `Upstream`."""
+
+    def __init__(self, upstream: Upstream, shared: SharedState):
+        self.upstream = upstream
+        self.shared = shared
+
+    async def __call__(self, ctx: CallContext) -> Outcome:
+        kind = ctx.kind
+        headers = forward_headers(ctx.headers)
+        if kind == REQUEST:
+            body = ctx.raw if not ctx.params_changed else serialise_request(ctx.method, ctx.request_id, ctx.params)
+            return await self._request(ctx, await self.upstream.post(body, headers))
+        if kind == NOTIFICATION or kind == RESPONSE:
+            body = ctx.raw
+            if ctx.params_changed and kind == NOTIFICATION:
+                body = serialise_request(ctx.method, None, ctx.params, notification=True)
+            return await self._whole(await self.upstream.post(body, headers))
+        if kind == STREAM:
+            return await self._stream(ctx, await self.upstream.get(headers))
+        if kind == SESSION_END:
+            return await self._whole(await self.upstream.delete(headers))
+        raise ValueError(f"unknown call kind {kind!r}")
+
+    async def _request(self, ctx: CallContext, resp: UpstreamResponse) -> Outcome:
+        if resp.events is None:
+            try:
+                return self._answer(ctx, resp.body, resp)
+            finally:
+                await resp.release()
+        request_id = ctx.request_id
+        try:
+            await ctx.start_stream(resp.headers)
+            async for event in resp.events:
+                data = event.data
+                # Cheap test first: only a message without "method" can be our response.
+                if data and b'"method"' not in data:
+                    try:
+                        message = orjson.loads(data)
+                    except orjson.JSONDecodeError:
+                        message = None
+                    if type(message) is dict and message.get("id") == request_id and (
+                            "result" in message or "error" in message):
+                        outcome = self._answer(ctx, data, resp, message)
+                        return Outcome(message=outcome.message, raw=data, status=resp.status, headers=resp.headers,
+                                       event_id=event.id, streamed=True)
+                elif data and _LIST_CHANGED in data:
+                    self.shared.tools.mark_stale()
+                await ctx.emit(event)
+            # The upstream ended the stream before answering (SSE polling): the client resumes with GET.
+            return Outcome(status=resp.status, headers=resp.headers, streamed=True)
+        finally:
+            await resp.release()
+
+    def _answer(self, ctx: CallContext, body: bytes | None, resp: UpstreamResponse,
+                message: Any = None) -> Outcome:
+        if ctx.method in _PARSED_RESULTS and body and resp.status == 200:
+            if message is None:
+                try:
+                    message = orjson.loads(body)
+                except orjson.JSONDecodeError:
+                    message = None
+            if type(message) is dict:
+                if ctx.method == "tools/list":
+                    self._record_tools(ctx, message)
+                return Outcome(message=message, raw=body, status=resp.status, headers=resp.headers)
+        return Outcome(raw=body, status=resp.status, headers=resp.headers)
+
+    def _record_tools(self, ctx: CallContext, message: Mapping[str, Any]) -> None:
+        result = message.get("result")
+        if not isinstance(result, Mapping):
+            return
+        tools = result.get("tools")
+        if isinstance(tools, list):
+            first_page = not ctx.params.get("cursor")
+            complete = first_page and not result.get("nextCursor")
+            self.shared.tools.update([t for t in tools if isinstance(t, Mapping)], complete=complete)
+
+    async def _whole(self, resp: UpstreamResponse) -> Outcome:
+        if resp.events is not None:
+            # An upstream answering a notification with a stream: relay nothing, free the connection.
+            await resp.release()
+            return Outcome(status=202 if resp.status == 200 else resp.status, headers=resp.headers)
+        await resp.release()
+        return Outcome(raw=resp.body or None, status=resp.status, headers=resp.headers)
+
+    async def _stream(self, ctx: CallContext, resp: UpstreamResponse) -> Outcome:
+        if resp.events is None:
+            await resp.release()
+            return Outcome(raw=resp.body or None, status=resp.status, headers=resp.headers)
+        try:
+            await ctx.start_stream(resp.headers)
+            async for event in resp.events:
+                if _LIST_CHANGED in event.data:
+                    self.shared.tools.mark_stale()
+                await ctx.emit(event)
+            return Outcome(status=resp.status, headers=resp.headers, streamed=True)
+        finally:
+            await resp.release()
+
+
+def build_stages(policy: Any, shared: SharedState) -> list[Stage]:
+    """The stages this policy asks for, in chain order; a stage module not written yet is left out."""
+    stages: list[Stage] = []
+    for name in STAGE_ORDER:
+        module_name = f"toolmesh.sidecar.stages.{name}"
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                continue
+            raise
+        stage = module.build(policy, shared)
+        if stage is not None:
+            stages.append(stage)
+    return stages
+
+
+class Pipeline:
+    """The chain in force. `swap(policy)` rebuilds it and replaces it in one assignment; calls in flight finish on the old one."""
+
+    def __init__(self, terminal: Handler, shared: SharedState, policy: Any = None):
+        self.terminal = terminal
+        self.shared = shared
+        self.policy: Any = None
+        self.stages: list[Stage] = []
+        self.handler: Handler = terminal
+        self.generation = 0
+        """Bumped on every successful swap."""
+        self._listeners: list[Callable[[Any], None]] = []
+        self.swap(policy)
+
+    def swap(self, policy: Any) -> None:
+        """Build the chain for `policy` and put it in force. If a stage refuses the policy, the old chain stays and the error propagates."""
+        stages = build_stages(policy, self.shared)
+        handler = compose(stages, self.terminal)
+        # One tuple of assignments with no await between: a request sees the old chain or the new one.
+        self.policy, self.stages, self.handler = policy, stages, handler
+        self.generation += 1
+        log.info("policy in force", extra={"event": "policy_swapped", "generation": self.generation,
+                                            "stages": [type(s).__name__ for s in stages]})
+        for listener in list(self._listeners):
+            try:
+                listener(policy)
+            except Exception:  # noqa: BLE001 - a listener's bug must not undo a good swap
+                log.exception("policy listener failed")
+
+    def on_swap(self, listener: Callable[[Any], None]) -> None:
+        """Call `listener(policy)` after every successful swap (heartbeats, metrics)."""
+        self._listeners.append(listener)
+

@@ -1,0 +1,27 @@
+"""The sidecar's process settings (from the command line), separate from the policy that can change while it runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarSettings:
+    """How one sidecar process listens, hardens its endpoint and watches its upstream."""
+
+    server_name: str = "mcp-server"
+    """The MCPServer this sidecar fronts (`--server-name`); in metrics, spans and heartbeats."""
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    """Largest request body accepted; bigger ones get 413."""
+    allowed_origins: tuple[str, ...] = ()
+    """Browser origins allowed to call (`--allowed-origin`); empty means localhost origins only. "*" allows any."""
+    upstream_timeout: float = 300.0
+    """Seconds the upstream may stay silent on a request before the client gets 504."""
+    probe_interval: float = 5.0
+    """Seconds between readiness probes (a real MCP initialize) while the upstream answers."""
+    ready_window: float = 15.0
+    """/readyz says ready while the last successful probe is at most this old (and the last probe succeeded)."""
+    transport: str = "streamable-http"
+    """How the sidecar reaches the upstream, for `network.transport` and heartbeats."""

@@ -1,0 +1,172 @@
+"""The sidecar as a transparent proxy: official SDK clients of both protocol eras through it to SDK servers."""
+
+from __future__ import annotations
+
+import httpx2
+import orjson
+import pytest
+from mcp import Client
+from mcp.types import CreateMessageResult, ElicitResult, TextContent
+
+from helpers.mcp_servers import sdk_http_server
+from helpers.sidecar import sidecar
+
+MODERN = "2026-07-28"
+ACCEPT = "application/json, text/event-stream"
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory):
+    with sdk_http_server(resumable=True, log_path=tmp_path_factory.mktemp("up") / "server.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def proxied(upstream, tmp_path_factory):
+    with sidecar(["--upstream", upstream], tmp_path_factory.mktemp("sc")) as sc:
+        yield sc
+
+
+@pytest.fixture(scope="module")
+def stateless_upstream(tmp_path_factory):
+    with sdk_http_server(stateless=True, json_response=True,
+                         log_path=tmp_path_factory.mktemp("up") / "server.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def proxied_stateless(stateless_upstream, tmp_path_factory):
+    with sidecar(["--upstream", stateless_upstream], tmp_path_factory.mktemp("sc")) as sc:
+        yield sc
+
+
+def text_of(result) -> str:
+    return "".join(c.text for c in result.content if isinstance(c, TextContent))
+
+
+async def answer_sampling(ctx, params):
+    return CreateMessageResult(role="assistant", model="test-model",
+                               content=TextContent(type="text", text="sampled " + params.messages[0].content.text))
+
+
+async def answer_elicitation(ctx, params):
+    return ElicitResult(action="accept", content={"colour": "teal"})
+
+
+@pytest.mark.parametrize("mode", ["legacy", MODERN])
+async def test_tools_list_and_call_through_the_sidecar(proxied, mode):
+    async with Client(proxied.url, mode=mode) as client:
+        names = {t.name for t in (await client.list_tools()).tools}
+        assert {"echo", "add", "count", "fail"} <= names
+        assert text_of(await client.call_tool("echo", {"text": "über ✓"})) == "über ✓"
+        assert text_of(await client.call_tool("add", {"a": 2, "b": 40})) == "42"
+        failed = await client.call_tool("fail", {"reason": "nope"})
+        assert failed.is_error
+
+
+@pytest.mark.parametrize("mode", ["legacy", MODERN])
+async def test_progress_notifications_arrive_in_order(proxied, mode):
+    seen = []
+
+    async def on_progress(progress, total, message):
+        seen.append((progress, total, message))
+
+    async with Client(proxied.url, mode=mode) as client:
+        result = await client.call_tool("count", {"steps": 4}, progress_callback=on_progress)
+    assert text_of(result) == "counted 4"
+    assert seen == [(float(i), 4.0, f"step {i}") for i in range(1, 5)]
+
+
+async def test_sampling_and_elicitation_round_trips_in_a_session(proxied):
+    async with Client(proxied.url, mode="legacy", sampling_callback=answer_sampling,
+                      elicitation_callback=answer_elicitation) as client:
+        assert text_of(await client.call_tool("ask_sampling", {"prompt": "hello"})) == "sampled hello"
+        assert text_of(await client.call_tool("ask_elicitation", {})) == "colour=teal"
+
+
+@pytest.mark.parametrize("mode", ["legacy", MODERN])
+async def test_stateless_json_upstream(proxied_stateless, mode):
+    async with Client(proxied_stateless.url, mode=mode) as client:
+        assert text_of(await client.call_tool("echo", {"text": "plain json"})) == "plain json"
+        assert "echo" in {t.name for t in (await client.list_tools()).tools}
+
+
+async def raw_post(url: str, message, headers: dict | None = None) -> httpx2.Response:
+    async with httpx2.AsyncClient(timeout=10) as http:
+        return await http.post(url, content=orjson.dumps(message),
+                               headers={"Content-Type": "application/json", "Accept": ACCEPT, **(headers or {})})
+
+
+def initialize_message(request_id=1):
+    return {"jsonrpc": "2.0", "id": request_id, "method": "initialize",
+            "params": {"protocolVersion": "2025-11-25", "capabilities": {},
+                       "clientInfo": {"name": "raw", "version": "1"}}}
+
+
+def sse_messages(body: bytes) -> list[dict]:
+    out = []
+    for block in body.replace(b"\r\n", b"\n").split(b"\n\n"):
+        data = [line[5:].lstrip() for line in block.split(b"\n") if line.startswith(b"data:")]
+        if data and b"".join(data).strip():
+            out.append(orjson.loads(b"\n".join(data)))
+    return out
+
+
+async def test_session_headers_notifications_202_and_delete(proxied):
+    init = await raw_post(proxied.url, initialize_message())
+    assert init.status_code == 200
+    session = init.headers["mcp-session-id"]
+    assert sse_messages(init.content)[0]["result"]["protocolVersion"] == "2025-11-25"
+    common = {"Mcp-Session-Id": session, "MCP-Protocol-Version": "2025-11-25"}
+    note = await raw_post(proxied.url, {"jsonrpc": "2.0", "method": "notifications/initialized"}, common)
+    assert note.status_code == 202
+    assert note.content == b""
+    unknown = await raw_post(proxied.url, {"jsonrpc": "2.0", "id": 7, "method": "no/such/method"}, common)
+    answers = sse_messages(unknown.content) if unknown.headers["content-type"].startswith("text/event-stream") \
+        else [unknown.json()]
+    assert answers[-1]["id"] == 7 and answers[-1]["error"]["code"] == -32601
+    async with httpx2.AsyncClient(timeout=10) as http:
+        gone = await http.delete(proxied.url, headers=common)
+        assert gone.status_code in (200, 204)
+        after = await http.post(proxied.url, content=orjson.dumps({"jsonrpc": "2.0", "id": 8, "method": "ping"}),
+                                headers={"Content-Type": "application/json", "Accept": ACCEPT, **common})
+        assert after.status_code == 404
+
+
+async def test_batch_is_split_through_the_chain_and_reassembled(proxied_stateless):
+    meta = {"io.modelcontextprotocol/protocolVersion": MODERN,
+            "io.modelcontextprotocol/clientCapabilities": {},
+            "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "1"}}
+    batch = [
+        {"jsonrpc": "2.0", "id": "a", "method": "tools/call",
+         "params": {"name": "echo", "arguments": {"text": "one"}, "_meta": meta}},
+        {"jsonrpc": "2.0", "id": "b", "method": "tools/call",
+         "params": {"name": "add", "arguments": {"a": 1, "b": 1}, "_meta": meta}},
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        {"not": "json-rpc"},
+    ]
+    resp = await raw_post(proxied_stateless.url, batch, {"MCP-Protocol-Version": MODERN})
+    assert resp.status_code == 200, resp.content
+    answers = {a["id"]: a for a in resp.json()}
+    assert answers["a"]["result"]["content"][0]["text"] == "one"
+    assert answers["b"]["result"]["content"][0]["text"] == "2"
+    assert answers[None]["error"]["code"] == -32600
+    assert len(answers) == 3
+
+
+async def test_unknown_mcp_headers_reach_the_upstream_and_hop_headers_do_not(proxied):
+    async with Client(proxied.url, mode="legacy") as client:
+        pass
+    init = await raw_post(proxied.url, initialize_message())
+    common = {"Mcp-Session-Id": init.headers["mcp-session-id"], "MCP-Protocol-Version": "2025-11-25"}
+    await raw_post(proxied.url, {"jsonrpc": "2.0", "method": "notifications/initialized"}, common)
+    call = {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "show_headers", "arguments": {}}}
+    resp = await raw_post(proxied.url, call, {**common, "Mcp-Param-Region": "eu", "Mcp-Future-Thing": "x",
+                                              "Mcp-Name": "show_headers", "Mcp-Method": "tools/call",
+                                              "Proxy-Authorization": "secret"})
+    seen = orjson.loads(sse_messages(resp.content)[-1]["result"]["content"][0]["text"])
+    assert seen["mcp-param-region"] == "eu"
+    assert seen["mcp-future-thing"] == "x"
+    assert seen["mcp-session-id"] == common["Mcp-Session-Id"]
+    assert "proxy-authorization" not in seen
+    assert seen["host"].startswith("127.0.0.1:")
