@@ -130,14 +130,15 @@ def build_app(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from toolmesh.cli import UsageError
     from toolmesh.sidecar.telemetry import setup_logging
 
     setup_logging(args.log_level)
     try:
         app, host, port = build_app(args)
     except ConfigError as exc:
-        raise UsageError(str(exc)) from None
+        # Components never import the CLI: report the bad configuration here, with the CLI's exit code.
+        print(f"toolmesh sidecar: {exc}", file=sys.stderr)
+        return 2
     try:
         import uvloop
     except ImportError:  # pragma: no cover - non-Linux development machines
