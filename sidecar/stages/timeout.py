@@ -1,0 +1,90 @@
+"""Call timeouts that progress extends: each `notifications/progress` buys more time, up to a hard maximum.
+
+Progress notifications reach the client as they arrive (through `ctx.emit`);
+this stage only watches them go by. When a call runs out of time the work in
+flight is cancelled (which closes the upstream stream), the upstream is told
+with `notifications/cancelled` where the protocol has sessions, and the client
+gets `UpstreamTimeout` (504).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import replace
+from typing import Any
+
+from toolmesh.api.policy import TimeoutPolicy
+from toolmesh.sidecar.chain import NOTIFICATION, REQUEST, CallContext, Handler, Outcome, SseEvent
+from toolmesh.sidecar.errors import UpstreamTimeout, dumps
+from toolmesh.sidecar.state import SharedState
+
+NAME = "timeout"
+log = logging.getLogger("toolmesh.sidecar.timeout")
+
+_PROGRESS = b"notifications/progress"
+# From this revision on cancellation is closing the response stream; no notification exists.
+_STATELESS_ERA = "2026-07-28"
+
+
+class TimeoutStage:
+    """Bounds every request's time; progress from the upstream (or from retry waits) extends the bound."""
+
+    def __init__(self, policy: TimeoutPolicy):
+        self.call_seconds = policy.callSeconds
+        self.extension = policy.progressExtensionSeconds
+        self.max_seconds = policy.maxSeconds
+        self.timeouts = 0
+        """Calls ended by this stage (for stats)."""
+
+    async def __call__(self, ctx: CallContext, call_next: Handler) -> Outcome:
+        if ctx.kind != REQUEST or ctx.request_id is None:
+            return await call_next(ctx)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        hard_deadline = start + self.max_seconds
+        extension = self.extension
+        client_emit = ctx.emit
+        scope: asyncio.Timeout | None = None
+
+        async def emit(event: SseEvent) -> None:
+            if scope is not None and extension > 0 and _PROGRESS in event.data:
+                when = scope.when()
+                extended = min(hard_deadline, loop.time() + extension)
+                if when is not None and extended > when and not scope.expired():
+                    scope.reschedule(extended)
+            await client_emit(event)
+
+        try:
+            async with asyncio.timeout(min(self.call_seconds, self.max_seconds)) as scope:
+                return await call_next(replace(ctx, emit=emit))
+        except TimeoutError:
+            if scope is None or not scope.expired():
+                raise  # a timeout inside the call, not ours: already typed by the layer below
+            self.timeouts += 1
+            elapsed = loop.time() - start
+            await self._cancel_upstream(ctx, call_next)
+            raise UpstreamTimeout(f"upstream did not answer within {elapsed:.1f}s",
+                                  data={"elapsedSeconds": round(elapsed, 3), "maxSeconds": self.max_seconds}) from None
+
+    async def _cancel_upstream(self, ctx: CallContext, call_next: Handler) -> None:
+        """Tell the upstream to stop working on the request (session era); best effort, never raises."""
+        if ctx.protocol_version is not None and ctx.protocol_version >= _STATELESS_ERA:
+            return
+        params = {"requestId": ctx.request_id, "reason": "timed out at the toolmesh sidecar"}
+        raw = dumps({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": params})
+        cancel = replace(ctx, kind=NOTIFICATION, method="notifications/cancelled", request_id=None,
+                         params=params, raw=raw, params_changed=False)
+        try:
+            async with asyncio.timeout(5):
+                await call_next(cancel)
+        except Exception as exc:  # noqa: BLE001 - the client's answer (504) must not depend on this
+            log.info("could not forward cancellation upstream: %r", exc)
+
+
+def build(policy: Any, shared: SharedState) -> TimeoutStage | None:
+    """The timeout stage when the policy has a `timeouts` section."""
+    section = getattr(policy, "timeouts", None) if policy is not None else None
+    if section is None:
+        return None
+    return TimeoutStage(section)
