@@ -43,8 +43,8 @@ def scopes_of(claims: Mapping[str, Any]) -> frozenset[str]:
         if isinstance(value, str):
             scopes.update(value.split())
         elif isinstance(value, list):
-            scopes.update(item for item in value if isinstance(item, str) and item)
-    return frozenset(scopes)
+            scopes.update(item for item in value if isinstance(item, str) and item and not any(c.isspace() for c in item))
+    return frozenset(scope for scope in scopes if scope.isprintable())
 
 
 class _IssuerKeys:
@@ -165,6 +165,9 @@ class TokenVerifier:
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject:
             raise InvalidToken("token lacks the sub claim")
+        if not subject.isprintable():
+            # It travels upstream in a header and into audit lines.
+            raise InvalidToken("token subject has control characters")
         exp = float(claims["exp"])  # pyjwt has checked it is a number
         caller = Caller(subject=subject, scopes=scopes_of(claims), issuer=issuer.issuer, expires_at=exp)
         return caller, exp + issuer.leewaySeconds

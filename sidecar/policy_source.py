@@ -14,8 +14,9 @@ import asyncio
 import inspect
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from toolmesh.api.policy import MCPToolPolicySpec, PolicyError, PolicyFile
 
@@ -47,8 +48,29 @@ def policy_file(path: str | os.PathLike[str]) -> Path:
 
 
 def load_policy(path: str | os.PathLike[str]) -> MCPToolPolicySpec:
-    """The policy in `path` (file or directory); PolicyError naming the file and every bad field."""
-    return PolicyFile.load(policy_file(path))
+    """The policy in `path` (file or directory); PolicyError naming the file and every bad field or unusable key."""
+    target = policy_file(path)
+    policy = PolicyFile.load(target)
+    check_keys(policy, source=str(target))
+    return policy
+
+
+def check_keys(policy: MCPToolPolicySpec, *, source: str | None = None) -> None:
+    """Fail now, not on the first call, when a PEM key does not load or an HMAC secret cannot be read."""
+    if policy.auth is None:
+        return
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    for index, issuer in enumerate(policy.auth.issuers):
+        where = f"auth.issuers[{index}]"
+        try:
+            if issuer.publicKey:
+                load_pem_public_key(issuer.publicKey.encode())
+            elif issuer.is_hmac and not issuer.resolve_secret():
+                raise PolicyError("the HMAC secret is empty")
+        except (ValueError, TypeError) as exc:
+            detail = str(exc) if isinstance(exc, PolicyError) else f"publicKey does not load: {exc}"
+            raise PolicyError(f"{where}: {detail}", source=source, fields=[where]) from None
 
 
 def read_policy_bytes(path: str | os.PathLike[str]) -> tuple[Path, bytes] | None:
@@ -94,6 +116,7 @@ class PolicyWatcher:
         self._content = content
         try:
             policy = PolicyFile.loads(content, source=str(target))
+            check_keys(policy, source=str(target))
             if policy == self.current:
                 return False
             if self.on_change is not None:
@@ -135,3 +158,36 @@ class PolicyWatcher:
                 await task
             except asyncio.CancelledError:
                 pass
+
+
+POLL_SECONDS_ENV = "TOOLMESH_POLICY_POLL_SECONDS"
+"""Overrides how often the policy file is re-read (default 1 s)."""
+
+
+def attach(app: Any, path: str | os.PathLike[str], pipeline: Any) -> None:
+    """Watch `path` for the lifetime of the sidecar `app`, swapping `pipeline`'s chain; serve the RFC 9728 metadata of the policy in force."""
+    from aiohttp import web
+
+    from toolmesh.sidecar.protected_resource import METADATA_PATH, metadata_document
+
+    interval = float(os.environ.get(POLL_SECONDS_ENV, "1"))
+
+    async def watch(app: web.Application) -> AsyncIterator[None]:
+        watcher = PolicyWatcher(path, pipeline.swap, interval=interval)
+        watcher.current = pipeline.policy or watcher.current
+        watcher.start()
+        try:
+            yield
+        finally:
+            await watcher.stop()
+
+    async def protected_resource(request: web.Request) -> web.Response:
+        document = metadata_document(pipeline.policy, request.headers)
+        if document is None:
+            raise web.HTTPNotFound(text="this server does not require authentication\n")
+        return web.json_response(document, headers={"Cache-Control": "max-age=60"})
+
+    app.cleanup_ctx.append(watch)
+    # RFC 9728 §3.1: the metadata of resource https://host/mcp is also found at the path-suffixed URL.
+    app.router.add_get(METADATA_PATH, protected_resource)
+    app.router.add_get(METADATA_PATH + "/{resource_path:.*}", protected_resource)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from multidict import CIMultiDict
+
 from toolmesh.api.policy import AuthPolicy, Issuer
 from toolmesh.sidecar.audit import AuditLog, audit_log_for
 from toolmesh.sidecar.chain import Caller, CallContext, Handler, Outcome
@@ -18,6 +20,24 @@ NAME = "authenticate"
 
 ANONYMOUS = Caller(subject="anonymous")
 """The caller of a request without a token when the policy does not require one."""
+
+
+SUBJECT_HEADER = "X-Toolmesh-Subject"
+SCOPES_HEADER = "X-Toolmesh-Scopes"
+_IDENTITY_PREFIX = "x-toolmesh-"
+
+
+def upstream_headers(headers: Any, caller: Caller) -> CIMultiDict[str]:
+    """The request headers as the upstream may see them: no client credentials, no client-made identity, the verified one instead."""
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower == "authorization" or lower.startswith(_IDENTITY_PREFIX):
+            continue
+        out.add(name, value)
+    out[SUBJECT_HEADER] = caller.subject
+    out[SCOPES_HEADER] = " ".join(sorted(caller.scopes))
+    return out
 
 
 def bearer_token(headers: Any) -> str | None:
@@ -41,7 +61,7 @@ class AuthenticateStage:
         header = bearer_token(ctx.headers)
         if header is None:
             if not self.auth.required:
-                return await call_next(replace(ctx, caller=ANONYMOUS))
+                return await call_next(replace(ctx, caller=ANONYMOUS, headers=upstream_headers(ctx.headers, ANONYMOUS)))
             self._refuse(ctx, "no bearer token")
             raise Unauthenticated(
                 "authentication required: send a bearer token",
@@ -67,7 +87,7 @@ class AuthenticateStage:
                     )
                 },
             ) from None
-        return await call_next(replace(ctx, caller=caller))
+        return await call_next(replace(ctx, caller=caller, headers=upstream_headers(ctx.headers, caller)))
 
     def _refuse(self, ctx: CallContext, reason: str) -> None:
         if self.audit is not None:

@@ -346,3 +346,22 @@ def test_protected_resource_metadata(issuer):
     policy = policy_for(issuer, key={"secret": issuer.secret}, auth={"resource": "https://tools.example/mcp"})
     assert metadata_document(policy, {})["resource"] == "https://tools.example/mcp"
     assert metadata_document(PolicyFile.parse({}), {}) is None
+
+
+async def test_upstream_sees_the_verified_identity_only(issuer):
+    stage = authenticate.build(policy_for(issuer, key={"secret": issuer.secret}), SharedState("s"))
+    token = issuer.token("alice", "b a", alg="HS256")
+    spoofed = {"X-Toolmesh-Subject": "root", "x-toolmesh-scopes": "mcp:admin", "X-Toolmesh-Extra": "1"}
+    outcome, terminal = await through(stage, context(token, **spoofed))
+    assert outcome.status == 200
+    headers = terminal.seen[0].headers
+    assert "Authorization" not in headers and "X-Toolmesh-Extra" not in headers
+    assert headers.getall("X-Toolmesh-Subject") == ["alice"]
+    assert headers.getall("X-Toolmesh-Scopes") == ["a b"]
+    assert headers["Host"] == "127.0.0.1:7400"
+
+
+async def test_subject_with_control_characters_is_refused(issuer):
+    stage = authenticate.build(policy_for(issuer, key={"secret": issuer.secret}), SharedState("s"))
+    outcome, _ = await through(stage, context(issuer.token("alice\r\nX-Evil: 1", alg="HS256")))
+    assert outcome.status == 401
