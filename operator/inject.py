@@ -67,7 +67,7 @@ def sidecar_args(options: SidecarOptions) -> list[str]:
     """The `toolmesh sidecar` arguments: the CLI contract of DESIGN.md, listening on every pod address."""
     args = ["sidecar", "--listen", f"0.0.0.0:{SIDECAR_PORT}", "--server-name", options.server_name]
     if options.transport == "stdio":
-        args += ["--upstream-fifo", STDIO_DIR]
+        args += ["--upstream-fifo-dir", STDIO_DIR]
     else:
         args += ["--upstream", options.upstream_url]
         if options.transport == "sse":

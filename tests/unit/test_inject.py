@@ -64,6 +64,6 @@ def test_bad_annotations_are_refused_naming_the_annotation(annotations, field):
 def test_stdio_sidecar_attaches_to_the_fifo_directory():
     options = SidecarOptions(image="img", server_name="t", transport="stdio")
     args = sidecar_args(options)
-    assert "--upstream-fifo" in args and "--upstream" not in args
+    assert "--upstream-fifo-dir" in args and "--upstream" not in args
     out = inject_pod(pod(), options)
     assert any(v["name"] == "toolmesh-stdio" and "emptyDir" in v for v in out["spec"]["volumes"])

@@ -1,0 +1,71 @@
+"""kopf handlers, each a few lines: read the object, call the reconciler or the webhook's pure decision."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+
+from toolmesh.api.server import GROUP, VERSION
+from toolmesh.operator.inject import InjectionError
+from toolmesh.operator.webhook import HANDLER_ID, injection_for, mutate
+
+SERVERS = (GROUP, VERSION, "mcpservers")
+POLICIES = (GROUP, VERSION, "mcptoolpolicies")
+MANAGED = {"app.kubernetes.io/managed-by": "toolmesh"}
+
+
+@kopf.on.resume(*SERVERS, backoff=2)
+@kopf.on.create(*SERVERS, backoff=2)
+@kopf.on.update(*SERVERS, backoff=2)
+def server_changed(body: kopf.Body, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    memo.reconciler.reconcile_server(dict(body))
+    memo.reconciler.refresh_policy_statuses(namespace)
+
+
+@kopf.on.event(*SERVERS)
+def server_event(type: str | None, name: str, namespace: str, memo: kopf.Memo, logger: kopf.Logger,
+                 **_: Any) -> None:
+    if type != "DELETED":
+        return
+    # Owner references make the garbage collector delete the children; here only bookkeeping follows.
+    memo.reconciler.forget(namespace, name)
+    try:
+        memo.reconciler.refresh_policy_statuses(namespace)
+    except Exception as exc:  # noqa: BLE001 - the next policy event converges
+        logger.warning(f"refreshing policy statuses in {namespace} failed: {exc}")
+
+
+@kopf.on.event(*POLICIES)
+def policy_event(type: str | None, body: kopf.Body, namespace: str, memo: kopf.Memo, logger: kopf.Logger,
+                 **_: Any) -> None:
+    status = body.get("status") or {}
+    if type == "MODIFIED" and status.get("observedGeneration") == body.metadata.get("generation"):
+        return  # only our own status write
+    try:
+        memo.reconciler.reconcile_namespace(namespace)
+    except Exception as exc:  # noqa: BLE001 - event handlers are not retried; the next event or resume converges
+        logger.error(f"re-rendering namespace {namespace} after a policy change failed: {exc}")
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
+def deployment_event(type: str | None, body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    if type == "DELETED":
+        return
+    try:
+        memo.reconciler.deployment_changed(dict(body))
+    except Exception as exc:  # noqa: BLE001 - the next Deployment event retries
+        logger.warning(f"updating Ready from Deployment {body.metadata.name} failed: {exc}")
+
+
+@kopf.on.mutate("pods", id=HANDLER_ID, operations=["CREATE"])
+def inject_sidecar(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    # The apiserver fills the request's namespace into the object before admission.
+    namespace = body.metadata.get("namespace")
+    try:
+        options = injection_for(dict(body), namespace, image=memo.config.sidecar_image,
+                                registry_url=memo.config.registry_url, skipped=memo.skipped_namespaces)
+    except InjectionError as exc:
+        raise kopf.AdmissionError(str(exc), code=400) from None
+    if options is not None:
+        patch.fns.append(lambda pod: mutate(pod, options))

@@ -1,0 +1,136 @@
+"""Makes the cluster match the renderers: applies what changed, and writes status on MCPServers and policies."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from toolmesh.operator.kube import Kube
+from toolmesh.operator.merge import PolicySource
+from toolmesh.operator.render import (
+    OperatorConfig, digest, policy_status, ready_condition, render_server, server_status, set_condition,
+)
+
+log = logging.getLogger("toolmesh.operator")
+
+# Status fields the operator owns; the registry owns toolCount, tools, lastHeartbeat, healthyInstances, Healthy.
+OWNED_STATUS = ("observedGeneration", "endpoint", "appliedPolicies", "policyHash")
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _key(manifest: Mapping[str, Any]) -> tuple[str, str, str]:
+    meta = manifest["metadata"]
+    return manifest["kind"], meta.get("namespace", ""), meta["name"]
+
+
+@dataclass
+class Reconciler:
+    """The operator's state across events: the API, the settings and what it last applied."""
+
+    kube: Kube
+    config: OperatorConfig
+    applied: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    """(kind, namespace, name) -> digest of the manifest last applied; an equal digest is not applied again."""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # --- MCPServer ---------------------------------------------------------------------------------------------
+
+    def policies(self, namespace: str) -> list[PolicySource]:
+        return [PolicySource.from_body(p) for p in self.kube.list("MCPToolPolicy", namespace)]
+
+    def reconcile_server(self, server: Mapping[str, Any], policies: Iterable[PolicySource] | None = None) -> None:
+        """Render one MCPServer, apply the manifests whose rendering changed, write its status."""
+        meta = server["metadata"]
+        if policies is None:
+            policies = self.policies(meta["namespace"])
+        try:
+            rendered = render_server(server, policies, self.config)
+        except ValueError as exc:
+            # The schema normally stops a bad spec at the apiserver; one that slips through is reported, not retried.
+            self.write_server_status(server, server_status(server, None, None, now(), error=str(exc)))
+            return
+        deployment = None
+        for manifest in rendered.manifests:
+            result = self.apply_if_changed(manifest)
+            if manifest["kind"] == "Deployment":
+                deployment = result or self.kube.get("Deployment", meta["name"], meta["namespace"])
+        self.write_server_status(server, server_status(server, rendered, deployment, now()))
+
+    def apply_if_changed(self, manifest: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Server-side apply unless this exact manifest was the last one applied; returns the live object if applied."""
+        key, value = _key(manifest), digest(manifest)
+        with self.lock:
+            if self.applied.get(key) == value:
+                return None
+        live = self.kube.apply(manifest)
+        with self.lock:
+            self.applied[key] = value
+        return live
+
+    def forget(self, namespace: str, name: str) -> None:
+        """Drop what was applied for a deleted server, so a new one of the same name is applied afresh."""
+        with self.lock:
+            for key in [k for k in self.applied if k[1] == namespace and k[2] in (name, f"{name}-policy")]:
+                del self.applied[key]
+
+    def write_server_status(self, server: Mapping[str, Any], status: dict[str, Any]) -> None:
+        current = server.get("status") or {}
+        for name in OWNED_STATUS:
+            status.setdefault(name, None)  # a merge patch removes what is no longer true
+        if all(current.get(k) == v for k, v in status.items()):
+            return
+        meta = server["metadata"]
+        self.kube.patch_status("MCPServer", meta["name"], meta["namespace"], status)
+
+    def deployment_changed(self, deployment: Mapping[str, Any]) -> None:
+        """A Deployment the operator owns changed: refresh its MCPServer's Ready condition."""
+        meta = deployment["metadata"]
+        owner = next((o for o in meta.get("ownerReferences") or [] if o.get("kind") == "MCPServer"), None)
+        if owner is None:
+            return
+        server = self.kube.get("MCPServer", owner["name"], meta["namespace"])
+        if server is None or server["metadata"]["uid"] != owner.get("uid"):
+            return
+        current = (server.get("status") or {}).get("conditions") or []
+        generation = (server.get("status") or {}).get("observedGeneration")
+        ready = ready_condition(deployment, generation)
+        updated = set_condition(current, ready, now())
+        if updated != current:
+            self.kube.patch_status("MCPServer", owner["name"], meta["namespace"], {"conditions": updated})
+
+    # --- MCPToolPolicy -------------------------------------------------------------------------------------------
+
+    def reconcile_namespace(self, namespace: str) -> None:
+        """After a policy changed: re-render every server of the namespace, then each policy's status."""
+        bodies = self.kube.list("MCPToolPolicy", namespace)
+        policies = [PolicySource.from_body(b) for b in bodies]
+        servers = self.kube.list("MCPServer", namespace)
+        for server in servers:
+            self.reconcile_server(server, policies)
+        self.write_policy_statuses(namespace, bodies, policies, servers)
+
+    def refresh_policy_statuses(self, namespace: str) -> None:
+        """After a server came or went: the policies' lists of servers."""
+        bodies = self.kube.list("MCPToolPolicy", namespace)
+        if bodies:
+            servers = self.kube.list("MCPServer", namespace)
+            self.write_policy_statuses(namespace, bodies, [PolicySource.from_body(b) for b in bodies], servers)
+
+    def write_policy_statuses(self, namespace: str, bodies: list[dict[str, Any]], policies: list[PolicySource],
+                              servers: list[dict[str, Any]]) -> None:
+        for body, policy in zip(bodies, policies):
+            labels_of = [(s["metadata"]["name"], s["metadata"].get("labels") or {}) for s in servers]
+            selected = [name for name, labels in labels_of if policy.selects(labels)]
+            if not policy.valid:
+                log.warning("MCPToolPolicy %s/%s is invalid: %s", namespace, policy.name, policy.error)
+            status = policy_status(policy, body, selected, now())
+            current = body.get("status") or {}
+            if any(current.get(k) != v for k, v in status.items()):
+                self.kube.patch_status("MCPToolPolicy", policy.name, namespace, status)
