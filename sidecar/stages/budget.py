@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from toolmesh.api.policy import BudgetPolicy
+from toolmesh.sidecar import stage_metrics
 from toolmesh.sidecar.chain import CallContext, Handler, Outcome
 from toolmesh.sidecar.errors import INVALID_PARAMS, Refused
 from toolmesh.sidecar.results_store import DEFAULT_PAGE_TOKENS, PREFIX, ResultNotFound, ResultsStore
@@ -56,12 +57,19 @@ class Budget:
 class BudgetState:
     """What survives policy reloads: the budgets by session and the stored full results."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, clock: Callable[[], float] = time.monotonic, shared: Any = None):
         self.clock = clock
         self.budgets: OrderedDict[str, Budget] = OrderedDict()
         self.results = ResultsStore(clock=clock)
         self.truncations = 0
         self.exhausted = 0
+        self.tokens_total = stage_metrics.counter(
+            shared, "toolmesh_budget_tokens_total", "Tokens of tool results charged to budgets, by tool.", ("tool",))
+        self.truncations_total = stage_metrics.counter(
+            shared, "toolmesh_budget_truncations_total", "Tool results truncated to fit a budget.", ("tool",))
+        self.exhausted_total = stage_metrics.counter(
+            shared, "toolmesh_budget_exhausted_total", "Tool calls refused because the budget ran out.", ("tool",))
+        self.sessions = stage_metrics.gauge(shared, "toolmesh_budget_sessions", "Budgets held in memory now.")
 
     def budget(self, key: str, *, ttl: float, limit: int) -> Budget:
         """The budget for `key`, a fresh one when it was never seen or lay unused longer than `ttl`."""
@@ -72,6 +80,7 @@ class BudgetState:
             budget = self.budgets[key] = Budget()
             while len(self.budgets) > limit:
                 self.budgets.popitem(last=False)
+            self.sessions.set(len(self.budgets))
         else:
             self.budgets.move_to_end(key)
         budget.last_used = now
@@ -154,6 +163,7 @@ class BudgetStage:
         available = self.capacity - budget.used
         if available < self.policy.minAvailable:
             self.state.exhausted += 1
+            self.state.exhausted_total.inc(ctx.tool or "")
             text = EXHAUSTED.format(available=max(available, 0), minimum=self.policy.minAvailable)
             result = {"content": [{"type": "text", "text": text}], "isError": True,
                       "_meta": {META_KEY: self._meta(budget, exhausted=True)}}
@@ -180,6 +190,7 @@ class BudgetStage:
         new_result = dict(result)
         if tokens <= limit:
             budget.used += tokens
+            self.state.tokens_total.inc(ctx.tool or "", amount=tokens)
             meta_extra: dict[str, Any] = {"resultTokens": tokens, "truncated": False}
         else:
             new_result["content"] = self._truncate(ctx, items, tokens, limit)
@@ -187,6 +198,8 @@ class BudgetStage:
             new_result.pop("structuredContent", None)
             budget.used += limit
             self.state.truncations += 1
+            self.state.tokens_total.inc(ctx.tool or "", amount=limit)
+            self.state.truncations_total.inc(ctx.tool or "")
             meta_extra = {"resultTokens": tokens, "truncated": True, "keptTokens": limit}
         meta = dict(new_result.get("_meta") or {})
         meta[META_KEY] = self._meta(budget, **meta_extra)
@@ -270,7 +283,7 @@ def build(policy: Any, shared: SharedState) -> BudgetStage | None:
         return None
     state = shared.stage_state.get(NAME)
     if state is None:
-        state = shared.stage_state[NAME] = BudgetState()
+        state = shared.stage_state[NAME] = BudgetState(shared=shared)
     tokenizer = Tokenizer(section.encoding)
     tokenizer.load()
     return BudgetStage(section, state, tokenizer)

@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from toolmesh.api.policy import CachePolicy, match_tool_rule
+from toolmesh.sidecar import stage_metrics
 from toolmesh.sidecar.chain import CallContext, Handler, Outcome
 from toolmesh.sidecar.state import SharedState, ToolCatalog
 from toolmesh.sidecar.tool_traits import tool_traits
@@ -152,16 +153,30 @@ def storable_result(outcome: Outcome) -> tuple[bytes, Mapping[str, Any]] | None:
     return orjson.dumps(result), result
 
 
+class CacheMetrics:
+    """The cache's series in /metrics."""
+
+    def __init__(self, shared: Any = None):
+        self.lookups = stage_metrics.counter(
+            shared, "toolmesh_cache_lookups_total",
+            "Cache lookups of cacheable tool calls by result (hit, miss, coalesced).", ("tool", "result"))
+        self.evictions = stage_metrics.counter(
+            shared, "toolmesh_cache_evictions_total", "Cached results dropped to stay within maxEntries/maxBytes.")
+        self.entries = stage_metrics.gauge(shared, "toolmesh_cache_entries", "Results in the cache now.")
+        self.bytes = stage_metrics.gauge(shared, "toolmesh_cache_bytes", "Bytes of results in the cache now.")
+
+
 class CacheStage:
     """Answers repeated calls of read-only tools from the store; coalesces identical calls in flight."""
 
     def __init__(self, policy: CachePolicy, state: CacheState, catalog: ToolCatalog, *,
-                 server: str = "", spec: Any = None):
+                 server: str = "", spec: Any = None, metrics: CacheMetrics | None = None):
         self.policy = policy
         self.state = state
         self.catalog = catalog
         self.server = server
         self.spec = spec
+        self.metrics = metrics or CacheMetrics()
         self._memo: dict[str, _Decision | None] = {}
         self._memo_version = -1
 
@@ -203,6 +218,7 @@ class CacheStage:
         state = self.state
         body = state.store.lookup(shared) if decision.shared else state.store.lookup(private, shared)
         if body is not None:
+            self.metrics.lookups.inc(tool, "hit")
             return hit_outcome(ctx.request_id, body)
 
         flight_key = shared if decision.shared else private
@@ -211,8 +227,11 @@ class CacheStage:
             body = await asyncio.shield(leader)
             if body is not None:
                 state.coalesced += 1
+                self.metrics.lookups.inc(tool, "coalesced")
                 return hit_outcome(ctx.request_id, body)
             return await call_next(ctx)
+
+        self.metrics.lookups.inc(tool, "miss")
 
         future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
         state.in_flight[flight_key] = future
@@ -240,7 +259,13 @@ class CacheStage:
             ttl = min(ttl, max(0.0, ttl_ms / 1000))
         scope = result.get("cacheScope")
         is_shared = scope == "public" or (decision.shared and scope != "private")
-        self.state.store.put(shared if is_shared else private, body, ttl)
+        store = self.state.store
+        evictions = store.evictions
+        if store.put(shared if is_shared else private, body, ttl):
+            if store.evictions != evictions:
+                self.metrics.evictions.inc(amount=store.evictions - evictions)
+            self.metrics.entries.set(len(store))
+            self.metrics.bytes.set(store.bytes)
 
 
 def build(policy: Any, shared: SharedState) -> CacheStage | None:
@@ -253,4 +278,5 @@ def build(policy: Any, shared: SharedState) -> CacheStage | None:
         state = shared.stage_state[NAME] = CacheState(section)
     else:
         state.store.resize(section.maxEntries, section.maxBytes)
-    return CacheStage(section, state, shared.tools, server=shared.server_name, spec=policy)
+    return CacheStage(section, state, shared.tools, server=shared.server_name, spec=policy,
+                      metrics=CacheMetrics(shared))

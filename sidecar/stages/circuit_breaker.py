@@ -9,6 +9,7 @@ open again on a failure. Tool errors (`isError`) are answers, not failures.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -16,13 +17,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from toolmesh.api.policy import CircuitBreakerPolicy
+from toolmesh.sidecar import stage_metrics
 from toolmesh.sidecar.chain import CallContext, Handler, Outcome, SseEvent
 from toolmesh.sidecar.errors import CIRCUIT_OPEN, ProxyError, RetryLater, dumps
 from toolmesh.sidecar.failures import is_transient_error, is_transient_outcome
 from toolmesh.sidecar.state import SharedState
 
 NAME = "circuit_breaker"
+log = logging.getLogger("toolmesh.sidecar.circuit_breaker")
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+_STATE_VALUE = {CLOSED: 0, OPEN: 1, HALF_OPEN: 2}
 MAX_TRACKED = 10_000
 """Most tools with a breaker in memory; a client calling made-up tool names cannot grow it beyond this."""
 
@@ -53,11 +57,21 @@ class Breaker:
 class BreakerBoard:
     """Every tool's breaker; survives policy reloads. Its `states()` feed /metrics and heartbeats."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, clock: Callable[[], float] = time.monotonic, shared: Any = None):
         self.clock = clock
         self.breakers: OrderedDict[str, Breaker] = OrderedDict()
         self.rejected = 0
         """Calls refused by an open breaker."""
+        self.state_gauge = stage_metrics.gauge(
+            shared, "toolmesh_circuit_breaker_state", "Per tool: 0 closed, 1 open, 2 half-open.", ("tool",))
+        self.opened_total = stage_metrics.counter(
+            shared, "toolmesh_circuit_breaker_opened_total", "Times a tool's breaker opened.", ("tool",))
+        self.rejected_total = stage_metrics.counter(
+            shared, "toolmesh_circuit_breaker_rejected_total", "Calls refused at once by an open breaker.", ("tool",))
+
+    def changed(self, tool: str, breaker: Breaker) -> None:
+        """Export a state change."""
+        self.state_gauge.set(_STATE_VALUE[breaker.state], tool)
 
     def get(self, tool: str) -> Breaker:
         breaker = self.breakers.get(tool)
@@ -126,11 +140,13 @@ class CircuitBreakerStage:
                 remaining = breaker.opened_at + self.open_seconds - now
                 if remaining > 0:
                     self.board.rejected += 1
+                    self.board.rejected_total.inc(tool)
                     raise CircuitOpen(f"circuit breaker open for tool {tool!r}: the upstream failed repeatedly",
                                       retry_after=remaining, data={"tool": tool, "state": OPEN})
                 breaker.state = HALF_OPEN
                 breaker.trials = 0
                 breaker.verdict = asyncio.Event()
+                self.board.changed(tool, breaker)
             if breaker.trials < self.half_open_calls:
                 breaker.trials += 1
                 return True
@@ -143,12 +159,12 @@ class CircuitBreakerStage:
     def _failed(self, tool: str, trial: bool) -> None:
         breaker = self.board.get(tool)
         if trial or breaker.state == HALF_OPEN:
-            self._open(breaker)
+            self._open(tool, breaker)
             return
         if breaker.state == CLOSED:
             breaker.failures += 1
             if breaker.failures >= self.threshold:
-                self._open(breaker)
+                self._open(tool, breaker)
 
     def _ended(self, tool: str, trial: bool, *, success: bool | None) -> None:
         breaker = self.board.breakers.get(tool)
@@ -157,7 +173,7 @@ class CircuitBreakerStage:
         if trial and breaker.state == HALF_OPEN:
             breaker.trials -= 1
             if success:
-                self._close(breaker)
+                self._close(tool, breaker)
             elif breaker.trials <= 0:
                 # The trial ended without a verdict (cancelled, refused): let the next call try.
                 breaker.verdict.set()
@@ -165,19 +181,24 @@ class CircuitBreakerStage:
         elif success and breaker.state == CLOSED:
             breaker.failures = 0
 
-    def _open(self, breaker: Breaker) -> None:
+    def _open(self, tool: str, breaker: Breaker) -> None:
         breaker.state = OPEN
         breaker.opened_at = self.board.clock()
         breaker.failures = 0
         breaker.trials = 0
         breaker.opened += 1
         breaker.verdict.set()
+        self.board.opened_total.inc(tool)
+        self.board.changed(tool, breaker)
+        log.warning("circuit breaker opened for %s", tool, extra={"event": "breaker_open", "tool": tool})
 
-    def _close(self, breaker: Breaker) -> None:
+    def _close(self, tool: str, breaker: Breaker) -> None:
         breaker.state = CLOSED
         breaker.failures = 0
         breaker.trials = 0
         breaker.verdict.set()
+        self.board.changed(tool, breaker)
+        log.info("circuit breaker closed for %s", tool, extra={"event": "breaker_closed", "tool": tool})
 
 
 async def _report_wait(ctx: CallContext, tool: str) -> None:
@@ -196,5 +217,5 @@ def build(policy: Any, shared: SharedState) -> CircuitBreakerStage | None:
         return None
     board = shared.stage_state.get(NAME)
     if board is None:
-        board = shared.stage_state[NAME] = BreakerBoard()
+        board = shared.stage_state[NAME] = BreakerBoard(shared=shared)
     return CircuitBreakerStage(section, board)

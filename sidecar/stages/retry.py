@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from toolmesh.api.policy import Jitter, RetryPolicy, RetryStrategy, match_tool_rule
+from toolmesh.sidecar import stage_metrics
 from toolmesh.sidecar.chain import CallContext, Handler, Outcome, SseEvent
 from toolmesh.sidecar.errors import ProxyError, dumps
 from toolmesh.sidecar.failures import is_transient_error, is_transient_outcome, retry_after_seconds
@@ -72,7 +73,8 @@ class RetryStage:
     """Repeats a failed tools/call by its schedule while the failure is transient and the tool allows it."""
 
     def __init__(self, policy: RetryPolicy, catalog: ToolCatalog, *, spec: Any = None,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, rand: Callable[[], float] = random.random):
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, rand: Callable[[], float] = random.random,
+                 shared: Any = None):
         self.policy = policy
         self.catalog = catalog
         self.spec = spec
@@ -80,6 +82,8 @@ class RetryStage:
         self.rand = rand
         self.retries = 0
         """Retries made (for stats)."""
+        self.retries_total = stage_metrics.counter(
+            shared, "toolmesh_retries_total", "Tool calls repeated after a transient upstream failure.", ("tool",))
         self._memo: dict[str, RetrySchedule | None] = {}
         self._memo_version = -1
 
@@ -122,6 +126,7 @@ class RetryStage:
             if retry_after is not None:
                 delay = max(delay, retry_after)
             self.retries += 1
+            self.retries_total.inc(tool)
             log.info("retrying %s after %s", tool, failure,
                      extra={"event": "retry", "tool": tool, "attempt": attempt + 1, "delaySeconds": round(delay, 3)})
             await self._report(ctx, tool, attempt, schedule.max_attempts, delay, failure)
@@ -144,4 +149,4 @@ def build(policy: Any, shared: SharedState) -> RetryStage | None:
     section = getattr(policy, "retry", None) if policy is not None else None
     if section is None:
         return None
-    return RetryStage(section, shared.tools, spec=policy)
+    return RetryStage(section, shared.tools, spec=policy, shared=shared)

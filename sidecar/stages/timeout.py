@@ -15,6 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 from toolmesh.api.policy import TimeoutPolicy
+from toolmesh.sidecar import stage_metrics
 from toolmesh.sidecar.chain import NOTIFICATION, REQUEST, CallContext, Handler, Outcome, SseEvent
 from toolmesh.sidecar.errors import UpstreamTimeout, dumps
 from toolmesh.sidecar.state import SharedState
@@ -30,12 +31,14 @@ _STATELESS_ERA = "2026-07-28"
 class TimeoutStage:
     """Bounds every request's time; progress from the upstream (or from retry waits) extends the bound."""
 
-    def __init__(self, policy: TimeoutPolicy):
+    def __init__(self, policy: TimeoutPolicy, shared: Any = None):
         self.call_seconds = policy.callSeconds
         self.extension = policy.progressExtensionSeconds
         self.max_seconds = policy.maxSeconds
         self.timeouts = 0
         """Calls ended by this stage (for stats)."""
+        self.timeouts_total = stage_metrics.counter(
+            shared, "toolmesh_timeouts_total", "Requests ended by the sidecar's timeout, by tool.", ("tool",))
 
     async def __call__(self, ctx: CallContext, call_next: Handler) -> Outcome:
         if ctx.kind != REQUEST or ctx.request_id is None:
@@ -62,6 +65,7 @@ class TimeoutStage:
             if scope is None or not scope.expired():
                 raise  # a timeout inside the call, not ours: already typed by the layer below
             self.timeouts += 1
+            self.timeouts_total.inc(ctx.tool or "")
             elapsed = loop.time() - start
             await self._cancel_upstream(ctx, call_next)
             raise UpstreamTimeout(f"upstream did not answer within {elapsed:.1f}s",
@@ -87,4 +91,4 @@ def build(policy: Any, shared: SharedState) -> TimeoutStage | None:
     section = getattr(policy, "timeouts", None) if policy is not None else None
     if section is None:
         return None
-    return TimeoutStage(section)
+    return TimeoutStage(section, shared)

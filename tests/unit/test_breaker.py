@@ -164,3 +164,21 @@ async def test_tracked_breakers_are_bounded(monkeypatch):
         with pytest.raises(UpstreamUnavailable):
             await stage(call(f"made-up-{i}"), down)
     assert len(board.breakers) <= 50
+
+
+async def test_state_is_exported_to_metrics():
+    from toolmesh.sidecar.telemetry import Telemetry
+
+    shared = SharedState(server_name="srv", telemetry=Telemetry("srv", environ={}))
+    policy = MCPToolPolicySpec.model_validate({"circuitBreaker": {"failureThreshold": 2}})
+    stage = cb.build(policy, shared)
+    upstream = Upstream()
+    for _ in range(2):
+        await stage(call(), upstream)
+    with pytest.raises(cb.CircuitOpen):
+        await stage(call(), upstream)
+    text = shared.telemetry.render_metrics()
+    assert 'toolmesh_circuit_breaker_state{tool="lookup"} 1' in text
+    assert 'toolmesh_circuit_breaker_opened_total{tool="lookup"} 1' in text
+    assert 'toolmesh_circuit_breaker_rejected_total{tool="lookup"} 1' in text
+    assert shared.stage_state[cb.NAME].states() == {"lookup": "open"}

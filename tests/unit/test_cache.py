@@ -283,3 +283,20 @@ async def test_state_survives_a_policy_reload():
     reloaded = cache.build(MCPToolPolicySpec.model_validate({"cache": {"maxEntries": 10}}), shared)
     await reloaded(call("lookup"), upstream)
     assert upstream.calls == 1
+
+
+async def test_hits_misses_and_evictions_are_in_the_metrics():
+    from toolmesh.sidecar.telemetry import Telemetry
+
+    shared = SharedState(server_name="srv", telemetry=Telemetry("srv", environ={}))
+    shared.tools.update(TOOLS)
+    stage = cache.build(MCPToolPolicySpec.model_validate({"cache": {"maxEntries": 1}}), shared)
+    upstream = Upstream()
+    await stage(call("lookup", {"i": 1}), upstream)
+    await stage(call("lookup", {"i": 1}), upstream)
+    await stage(call("lookup", {"i": 2}), upstream)
+    text = shared.telemetry.render_metrics()
+    assert 'toolmesh_cache_lookups_total{tool="lookup",result="hit"} 1' in text
+    assert 'toolmesh_cache_lookups_total{tool="lookup",result="miss"} 2' in text
+    assert "toolmesh_cache_evictions_total 1" in text
+    assert "toolmesh_cache_entries 1" in text
