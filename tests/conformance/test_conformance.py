@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, free_port, port_open, running, wait_until
-from helpers.conformance import SuiteRun, run_suite, summary, suite_installed
+from helpers import ROOT, TOOLMESH, free_port, port_open, running, wait_until
+from helpers.conformance import SuiteRun, lost_checks, run_suite, summary, suite_installed
 
 pytestmark = [pytest.mark.conformance, pytest.mark.timeout(900)]
 
@@ -39,6 +40,28 @@ def direct(fixture_url) -> SuiteRun:
     return run
 
 
+@pytest.fixture(scope="module")
+def through_sidecar(fixture_url, direct, tmp_path_factory) -> SuiteRun:
+    port = free_port()
+    log = tmp_path_factory.mktemp("sidecar") / "sidecar.log"
+    cmd = [TOOLMESH, "sidecar", "--upstream", fixture_url, "--listen", f"127.0.0.1:{port}", "--log-level", "WARNING"]
+    with running(cmd, log_path=log) as proc:
+        wait_until(lambda: ready(port) or proc.poll() is not None, timeout=30, what="the sidecar's /readyz")
+        assert proc.poll() is None, log.read_text()
+        run = run_suite(f"http://127.0.0.1:{port}/mcp")
+    assert run.checks, f"the suite reported no checks through the sidecar:\n{run.output[-3000:]}"
+    RESULTS.write_text(json.dumps(summary(direct, run), indent=2) + "\n")
+    return run
+
+
+def ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
 def core(run: SuiteRun) -> dict[str, str]:
     return {key: status for key, status in run.checks.items() if not key.startswith(EXTENSION_PREFIX)}
 
@@ -56,3 +79,13 @@ def test_fixture_passes_the_suite_directly(direct):
                      "http-custom-header-server-validation", "input-required-result-multi-round"):
         counts = direct.scenarios().get(scenario)
         assert counts and counts.get("SUCCESS", 0) and not counts.get("FAILURE"), f"{scenario}: {counts}"
+
+
+def test_sidecar_keeps_every_check_that_passes_directly(direct, through_sidecar):
+    lost = lost_checks(direct, through_sidecar)
+    assert not lost, f"{len(lost)} checks pass directly but not through the sidecar:\n" + "\n".join(
+        f"  {key}: {why}" for key, why in lost.items())
+    # Both protocol eras went through: session-era and 2026-07-28 scenarios ran and passed.
+    scenarios = through_sidecar.scenarios()
+    for scenario in ("server-initialize", "server-session-lifecycle", "server-stateless", "http-header-validation"):
+        assert scenarios.get(scenario, {}).get("SUCCESS"), f"{scenario}: {scenarios.get(scenario)}"
