@@ -1,0 +1,527 @@
+"""Routes JSON-RPC between many client sessions and one upstream message channel, rewriting ids so they never collide.
+
+The stdio bridge (one child shared by every session) and the legacy HTTP+SSE
+adapter (one upstream connection per session) both move whole JSON-RPC
+messages over a single ordered channel. A `Multiplexer` sits on that channel:
+
+- every client request gets a fresh upstream id (and, when it asked for
+  progress, a fresh `progressToken`); the answer goes back with the client's
+  own id and token, so two sessions both sending id 1 never meet;
+- what the upstream sends while a request is in flight (progress, server
+  requests such as sampling or elicitation, logging) goes out on that
+  request's own response stream; `post()` answers with plain JSON when the
+  final response is the first thing to arrive and with SSE events otherwise;
+- notifications not tied to a request go to every session's GET stream;
+- a client's `notifications/cancelled` names its own id and is rewritten; a
+  client that goes away (release, or its task cancelled) cancels upstream too;
+- `fail_all` ends every in-flight request with one typed error, never a hang.
+
+A stdio channel carries no link between a server request and the client
+request it serves, so the bridge routes sampling/elicitation/roots requests to
+the session of the most recently started in-flight call (tools/call,
+prompts/get, resources/read preferred) whose client declared the capability.
+With one call in flight this is exact; with several sessions calling at once
+it is the best available guess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+import orjson
+
+from toolmesh.sidecar.chain import SseEvent
+from toolmesh.sidecar.errors import (
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    PARSE_ERROR,
+    ProxyError,
+    UpstreamTimeout,
+    dumps,
+    error_message,
+)
+from toolmesh.sidecar.upstream import UpstreamResponse
+
+log = logging.getLogger("toolmesh.sidecar.multiplex")
+
+JSON_HEADERS: Mapping[str, str] = {"Content-Type": "application/json"}
+SSE_HEADERS: Mapping[str, str] = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+
+# Requests during which a server is likely to ask its client something.
+_SERVING_METHODS = frozenset({"tools/call", "prompts/get", "resources/read", "completion/complete"})
+# The client capability a server request needs; sessions without it never receive one.
+_CAPABILITY_OF = {"sampling/createMessage": "sampling", "elicitation/create": "elicitation", "roots/list": "roots"}
+
+_STREAM_LIMIT = 1000
+"""Events kept for a GET stream whose client reads slowly; older ones are dropped."""
+_BACKLOG_LIMIT = 100
+"""Notifications kept for a session that has no GET stream open yet."""
+
+# What a pending request's queue carries.
+_EVENT, _FINAL, _FAILED, _ENDED = range(4)
+
+
+def header(headers: Mapping[str, str], name: str) -> str | None:
+    """A header's value, matching the name case-insensitively whatever mapping the HTTP layer passed."""
+    value = headers.get(name)
+    if value is not None:
+        return value
+    lowered = name.lower()
+    for key, value in headers.items():
+        if key.lower() == lowered:
+            return value
+    return None
+
+
+def json_response(status: int, message: Any, headers: Mapping[str, str] | None = None) -> UpstreamResponse:
+    return UpstreamResponse(status=status, headers={**JSON_HEADERS, **(headers or {})}, body=dumps(message))
+
+
+def parse_body(body: bytes) -> Any | UpstreamResponse:
+    """The parsed JSON-RPC message or batch, or the HTTP answer to a body that is not JSON."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        return json_response(400, error_message(None, PARSE_ERROR, "Parse error", str(exc)))
+
+
+ACCEPTED = UpstreamResponse(status=202)
+
+
+class ClientSession:
+    """One client's MCP session as the bridge presents it (its own `Mcp-Session-Id`)."""
+
+    __slots__ = ("id", "capabilities", "protocol_version", "pending", "stream", "backlog", "last_active")
+
+    def __init__(self, session_id: str, capabilities: Mapping[str, Any], protocol_version: str | None):
+        self.id = session_id
+        self.capabilities = capabilities
+        """The client's declared capabilities (sampling, elicitation, roots, ...)."""
+        self.protocol_version = protocol_version
+        self.pending: dict[Any, _Pending] = {}
+        """In-flight requests by the client's own id (for notifications/cancelled)."""
+        self.stream: asyncio.Queue[bytes | None] | None = None
+        """The open GET stream, if any; None ends it."""
+        self.backlog: deque[bytes] = deque(maxlen=_BACKLOG_LIMIT)
+        self.last_active = time.monotonic()
+
+    def push(self, data: bytes) -> None:
+        """Send a message on the session's GET stream (kept briefly when none is open)."""
+        stream = self.stream
+        if stream is None:
+            self.backlog.append(data)
+            return
+        if stream.qsize() >= _STREAM_LIMIT:
+            stream.get_nowait()
+            log.warning("session %s reads its stream too slowly; dropped its oldest event", self.id)
+        stream.put_nowait(data)
+
+
+class _Pending:
+    """A client request forwarded upstream and not yet answered."""
+
+    __slots__ = ("upstream_id", "client_id", "session", "method", "token", "queue", "started", "batch")
+
+    def __init__(self, upstream_id: int, client_id: Any, session: ClientSession | None, method: str, batch: bool):
+        self.upstream_id = upstream_id
+        self.client_id = client_id
+        self.session = session
+        self.method = method
+        self.token: Any = None
+        self.queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        self.started = time.monotonic()
+        self.batch = batch
+
+    def deliver(self, data: bytes) -> None:
+        """An event for this request's client: on its response stream, or its session's stream for batches."""
+        if self.batch:
+            if self.session is not None:
+                self.session.push(data)
+        else:
+            self.queue.put_nowait((_EVENT, data))
+
+
+class Multiplexer:
+    """JSON-RPC routing between client sessions and one upstream channel; `send` writes one message upstream."""
+
+    def __init__(self, send: Callable[[bytes], Awaitable[None]]):
+        self._send = send
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._tokens: dict[int, _Pending] = {}
+        self._server_requests: dict[Any, ClientSession] = {}
+        self._own: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._answers: set[asyncio.Task[None]] = set()
+        self.sessions: dict[str, ClientSession] = {}
+
+    # -- sessions ---------------------------------------------------------------------------------------------
+
+    def new_session(self, params: Mapping[str, Any] | None, session_id: str | None = None) -> ClientSession:
+        """Open a session for a client whose `initialize` carried `params`."""
+        params = params if isinstance(params, Mapping) else {}
+        capabilities = params.get("capabilities")
+        version = params.get("protocolVersion")
+        session = ClientSession(
+            session_id or uuid.uuid4().hex,
+            capabilities if isinstance(capabilities, Mapping) else {},
+            version if isinstance(version, str) else None,
+        )
+        self.sessions[session.id] = session
+        return session
+
+    def open_stream(self, session: ClientSession) -> UpstreamResponse:
+        """The session's server-initiated SSE stream (the client's GET); a newer GET supersedes an older one."""
+        if session.stream is not None:
+            session.stream.put_nowait(None)
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        while session.backlog:
+            queue.put_nowait(session.backlog.popleft())
+        session.stream = queue
+
+        async def events() -> AsyncIterator[SseEvent]:
+            while (data := await queue.get()) is not None:
+                yield SseEvent(data=data)
+
+        async def release() -> None:
+            if session.stream is queue:
+                session.stream = None
+
+        return UpstreamResponse(status=200, headers=SSE_HEADERS, events=events(), release=release)
+
+    async def end_session(self, session: ClientSession) -> None:
+        """Forget the session: cancel its in-flight requests upstream and end its stream."""
+        self.sessions.pop(session.id, None)
+        for pending in list(session.pending.values()):
+            await self._abandon(pending, "session ended")
+            pending.queue.put_nowait((_ENDED, None))
+        for request_id in [rid for rid, owner in self._server_requests.items() if owner is session]:
+            del self._server_requests[request_id]
+        if session.stream is not None:
+            session.stream.put_nowait(None)
+            session.stream = None
+
+    def end_streams(self) -> None:
+        """End every GET stream (the upstream is going away for good)."""
+        for session in self.sessions.values():
+            if session.stream is not None:
+                session.stream.put_nowait(None)
+                session.stream = None
+
+    # -- client → upstream ------------------------------------------------------------------------------------
+
+    async def post(self, message: Any, session: ClientSession | None, raw: bytes | None = None) -> UpstreamResponse:
+        """Forward one client POST (a parsed message or batch; `raw` is its bytes when unchanged)."""
+        if isinstance(message, list):
+            return await self._batch(message, session)
+        if not isinstance(message, dict):
+            return json_response(400, error_message(None, INVALID_REQUEST, "Invalid Request"))
+        if "method" in message:
+            if "id" in message:
+                return await self.call(message, session)
+            await self.notify(message, session, raw)
+            return ACCEPTED
+        if "id" in message and ("result" in message or "error" in message):
+            await self.respond(message, raw)
+            return ACCEPTED
+        return json_response(400, error_message(message.get("id"), INVALID_REQUEST, "Invalid Request"))
+
+    def _register(self, message: dict[str, Any], session: ClientSession | None, batch: bool = False) -> _Pending:
+        upstream_id = next(self._ids)
+        pending = _Pending(upstream_id, message.get("id"), session, str(message.get("method")), batch)
+        params = message.get("params")
+        if isinstance(params, dict):
+            meta = params.get("_meta")
+            if isinstance(meta, dict) and "progressToken" in meta:
+                # Tokens are the client's choice and collide across sessions just like ids do.
+                pending.token = meta["progressToken"]
+                meta["progressToken"] = upstream_id
+                self._tokens[upstream_id] = pending
+        message["id"] = upstream_id
+        self._pending[upstream_id] = pending
+        if session is not None:
+            session.pending[pending.client_id] = pending
+        return pending
+
+    def _forget(self, pending: _Pending) -> bool:
+        """Drop the request's routes; False when it was already answered or forgotten."""
+        if self._pending.pop(pending.upstream_id, None) is None:
+            return False
+        if pending.token is not None:
+            self._tokens.pop(pending.upstream_id, None)
+        if pending.session is not None:
+            pending.session.pending.pop(pending.client_id, None)
+        return True
+
+    async def _abandon(self, pending: _Pending, reason: str) -> None:
+        """The client no longer wants the answer: tell the upstream to stop working on it."""
+        if not self._forget(pending):
+            return
+        note = {"jsonrpc": "2.0", "method": "notifications/cancelled",
+                "params": {"requestId": pending.upstream_id, "reason": reason}}
+        try:
+            await self._send(dumps(note))
+        except ProxyError:
+            pass
+
+    async def call(self, message: dict[str, Any], session: ClientSession | None) -> UpstreamResponse:
+        """Forward one client request; JSON when the answer comes first, SSE when anything precedes it."""
+        pending = self._register(message, session)
+        try:
+            await self._send(dumps(message))
+        except BaseException:
+            self._forget(pending)
+            raise
+        try:
+            kind, payload = await pending.queue.get()
+        except asyncio.CancelledError:
+            await asyncio.shield(self._abandon(pending, "client disconnected"))
+            raise
+        if kind == _FINAL:
+            return UpstreamResponse(status=200, headers=JSON_HEADERS, body=payload)
+        if kind == _FAILED:
+            raise payload
+        if kind == _ENDED:
+            return ACCEPTED
+        return UpstreamResponse(status=200, headers=SSE_HEADERS, events=self._events(pending, payload),
+                                release=lambda: self._abandon(pending, "client disconnected"))
+
+    async def _events(self, pending: _Pending, first: bytes) -> AsyncIterator[SseEvent]:
+        yield SseEvent(data=first)
+        while True:
+            kind, payload = await pending.queue.get()
+            if kind == _EVENT:
+                yield SseEvent(data=payload)
+            elif kind == _FINAL:
+                yield SseEvent(data=payload)
+                return
+            elif kind == _FAILED:
+                yield SseEvent(data=dumps(error_message(pending.client_id, payload.code, payload.message, payload.data)))
+                return
+            else:
+                return
+
+    async def notify(self, message: dict[str, Any], session: ClientSession | None, raw: bytes | None = None) -> None:
+        """Forward a client notification; a cancellation is re-addressed to the upstream id."""
+        if message.get("method") == "notifications/cancelled":
+            params = message.get("params")
+            request_id = params.get("requestId") if isinstance(params, dict) else None
+            pending = session.pending.get(request_id) if session is not None else None
+            if pending is None or not self._forget(pending):
+                return  # nothing of this client's is in flight under that id
+            params["requestId"] = pending.upstream_id
+            await self._send(dumps(message))
+            pending.queue.put_nowait((_ENDED, None))
+            return
+        await self._send(raw if raw is not None else dumps(message))
+
+    async def respond(self, message: dict[str, Any], raw: bytes | None = None) -> None:
+        """Forward a client's answer to a server request (the upstream chose that id; it needs no rewriting)."""
+        self._server_requests.pop(message.get("id"), None)
+        await self._send(raw if raw is not None else dumps(message))
+
+    async def _batch(self, messages: list[Any], session: ClientSession | None) -> UpstreamResponse:
+        pendings: list[_Pending] = []
+        answers: list[Any] = []
+        for message in messages:
+            if not isinstance(message, dict):
+                answers.append(error_message(None, INVALID_REQUEST, "Invalid Request"))
+            elif "method" in message and "id" in message:
+                pending = self._register(message, session, batch=True)
+                try:
+                    await self._send(dumps(message))
+                except ProxyError as exc:
+                    self._forget(pending)
+                    answers.append(error_message(pending.client_id, exc.code, exc.message, exc.data))
+                    continue
+                pendings.append(pending)
+            elif "method" in message:
+                await self.notify(message, session)
+            else:
+                await self.respond(message)
+        try:
+            for pending in pendings:
+                kind, payload = await pending.queue.get()
+                if kind == _FINAL:
+                    answers.append(orjson.loads(payload))
+                elif kind == _FAILED:
+                    answers.append(error_message(pending.client_id, payload.code, payload.message, payload.data))
+        except asyncio.CancelledError:
+            for pending in pendings:
+                await asyncio.shield(self._abandon(pending, "client disconnected"))
+            raise
+        return json_response(200, answers) if answers else ACCEPTED
+
+    async def call_own(self, method: str, params: Mapping[str, Any] | None, timeout: float) -> dict[str, Any]:
+        """A request of the proxy's own (initialize, ping); the upstream's response message, or a typed error."""
+        upstream_id = next(self._ids)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._own[upstream_id] = future
+        message: dict[str, Any] = {"jsonrpc": "2.0", "id": upstream_id, "method": method}
+        if params is not None:
+            message["params"] = params
+        try:
+            await self._send(dumps(message))
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise UpstreamTimeout(f"upstream did not answer {method} within {timeout:g}s") from None
+        finally:
+            self._own.pop(upstream_id, None)
+
+    async def send(self, message: Mapping[str, Any]) -> None:
+        """Send a message of the proxy's own (e.g. notifications/initialized)."""
+        await self._send(dumps(message))
+
+    # -- upstream → clients -----------------------------------------------------------------------------------
+
+    def receive(self, raw: bytes) -> None:
+        """Route one message (or batch) from the upstream; garbage is logged and skipped."""
+        try:
+            message = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            log.warning("skipped upstream output that is not JSON-RPC: %r", raw[:200])
+            return
+        if isinstance(message, list):
+            for item in message:
+                self._route(item, None)
+        else:
+            self._route(message, raw)
+
+    def _route(self, message: Any, raw: bytes | None) -> None:
+        if not isinstance(message, dict):
+            log.warning("skipped upstream output that is not a JSON-RPC message: %r", (raw or b"")[:200])
+            return
+        method = message.get("method")
+        if method is None:
+            self._on_response(message)
+        elif "id" in message:
+            self._on_server_request(message, raw or dumps(message))
+        elif method == "notifications/progress":
+            self._on_progress(message)
+        else:
+            self._on_notification(method, message, raw or dumps(message))
+
+    def _on_response(self, message: dict[str, Any]) -> None:
+        upstream_id = message.get("id")
+        pending = self._pending.get(upstream_id) if isinstance(upstream_id, int) else None
+        if pending is None:
+            future = self._own.get(upstream_id) if isinstance(upstream_id, int) else None
+            if future is not None and not future.done():
+                future.set_result(message)
+            else:
+                log.debug("dropped an upstream response to %r: nobody waits for it", upstream_id)
+            return
+        self._forget(pending)
+        message["id"] = pending.client_id
+        pending.queue.put_nowait((_FINAL, dumps(message)))
+
+    def _on_progress(self, message: dict[str, Any]) -> None:
+        params = message.get("params")
+        token = params.get("progressToken") if isinstance(params, dict) else None
+        pending = self._tokens.get(token) if isinstance(token, int) else None
+        if pending is None:
+            log.debug("dropped progress for token %r: no request in flight holds it", token)
+            return
+        params["progressToken"] = pending.token
+        pending.deliver(dumps(message))
+
+    def _on_notification(self, method: str, message: dict[str, Any], raw: bytes) -> None:
+        if method == "notifications/cancelled":
+            # The upstream withdrawing one of its own requests to a client.
+            params = message.get("params")
+            request_id = params.get("requestId") if isinstance(params, dict) else None
+            session = self._server_requests.pop(request_id, None)
+            if session is not None:
+                self._to_session(session, raw)
+            return
+        if method == "notifications/message" and len(self._pending) == 1:
+            # Logging while exactly one request runs belongs to that request.
+            next(iter(self._pending.values())).deliver(raw)
+            return
+        for session in self.sessions.values():
+            session.push(raw)
+
+    def _to_session(self, session: ClientSession, data: bytes) -> None:
+        serving = [p for p in session.pending.values() if not p.batch]
+        if serving:
+            max(serving, key=lambda p: p.started).deliver(data)
+        else:
+            session.push(data)
+
+    def _on_server_request(self, message: dict[str, Any], raw: bytes) -> None:
+        method = message["method"]
+        if method == "ping":
+            self._answer_upstream({"jsonrpc": "2.0", "id": message["id"], "result": {}})
+            return
+        capability = _CAPABILITY_OF.get(method)
+        pending = self._pick_pending(capability)
+        session = pending.session if pending is not None else self._pick_session(capability)
+        if session is None:
+            what = f"the {capability} capability" if capability else f"{method}"
+            self._answer_upstream(error_message(message["id"], METHOD_NOT_FOUND, f"no connected client supports {what}"))
+            return
+        self._server_requests[message["id"]] = session
+        if pending is not None:
+            pending.deliver(raw)
+        else:
+            session.push(raw)
+
+    def _pick_pending(self, capability: str | None) -> _Pending | None:
+        best: _Pending | None = None
+        best_rank: tuple[bool, float] = (False, 0.0)
+        for pending in self._pending.values():
+            session = pending.session
+            if session is None or (capability is not None and capability not in session.capabilities):
+                continue
+            rank = (pending.method in _SERVING_METHODS, pending.started)
+            if best is None or rank > best_rank:
+                best, best_rank = pending, rank
+        return best
+
+    def _pick_session(self, capability: str | None) -> ClientSession | None:
+        candidates = [s for s in self.sessions.values() if capability is None or capability in s.capabilities]
+        if not candidates:
+            return None
+        return max(candidates, key=lambda s: (s.stream is not None, s.last_active))
+
+    def _answer_upstream(self, message: Mapping[str, Any]) -> None:
+        # Routing is synchronous; the answer is written from a task held here so it is not collected mid-flight.
+        task = asyncio.get_running_loop().create_task(self._send_quietly(dumps(message)))
+        self._answers.add(task)
+        task.add_done_callback(self._answers.discard)
+
+    async def _send_quietly(self, data: bytes) -> None:
+        try:
+            await self._send(data)
+        except ProxyError as exc:
+            log.debug("could not answer the upstream: %s", exc.message)
+
+    # -- failure ----------------------------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """Client requests awaiting their answer."""
+        return len(self._pending)
+
+    def fail_all(self, error: ProxyError) -> None:
+        """End every in-flight request (the client's and the proxy's own) with `error`."""
+        pendings = list(self._pending.values())
+        self._pending.clear()
+        self._tokens.clear()
+        self._server_requests.clear()
+        for pending in pendings:
+            if pending.session is not None:
+                pending.session.pending.pop(pending.client_id, None)
+            pending.queue.put_nowait((_FAILED, error))
+        own = list(self._own.values())
+        self._own.clear()
+        for future in own:
+            if not future.done():
+                future.set_exception(error)
+

@@ -1,0 +1,97 @@
+"""A stdio MCP server (official SDK) with the tools the bridge tests need: echo, progress, sampling, crash, slow, garbage."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import anyio
+import mcp_types as types
+from mcp.server import stdio as sdk_stdio
+from mcp.server.mcpserver import Context, MCPServer
+
+server = MCPServer("stdio-tools")
+
+
+@server.tool()
+async def echo(text: str) -> str:
+    """Return the text unchanged."""
+    return text
+
+
+@server.tool()
+async def whoami() -> str:
+    """The server's process id, to tell one child from the next."""
+    return str(os.getpid())
+
+
+@server.tool()
+async def count(steps: int, ctx: Context) -> str:
+    """Report `steps` progress notifications, then answer."""
+    for step in range(1, steps + 1):
+        await ctx.report_progress(step, steps, f"step {step}")
+    return f"counted {steps}"
+
+
+@server.tool()
+async def ask_model(question: str, ctx: Context) -> str:
+    """Ask the client's model (sampling) and return its answer."""
+    result = await ctx.session.create_message(
+        messages=[types.SamplingMessage(role="user", content=types.TextContent(type="text", text=question))],
+        max_tokens=50,
+    )
+    content = result.content
+    return content.text if isinstance(content, types.TextContent) else repr(content)
+
+
+@server.tool()
+async def crash(code: int = 3) -> str:
+    """Exit the process abruptly with `code`, after a last word on stderr."""
+    print(f"about to crash with code {code}", file=sys.stderr, flush=True)
+    os._exit(code)
+
+
+@server.tool()
+async def wait_forever(label: str) -> str:
+    """Never answer; report on stderr when cancelled."""
+    try:
+        await anyio.sleep_forever()
+    finally:
+        print(f"cancelled {label}", file=sys.stderr, flush=True)
+    return "unreachable"
+
+
+@server.tool()
+async def slow(seconds: float) -> str:
+    """Answer after `seconds`."""
+    await anyio.sleep(seconds)
+    return f"slept {seconds}"
+
+
+@server.tool()
+async def garbage(oversized_bytes: int) -> str:
+    """Write a line that is not JSON and an oversized line to the wire before answering."""
+    claim = sdk_stdio._claims.get(1)
+    fd = claim.private_fd if claim is not None and claim.private_fd is not None else 1
+    os.write(fd, b"this is not json\n[1, 2\n" + b"x" * oversized_bytes + b"\n\n")
+    return "still here"
+
+
+@server.tool()
+async def grow(name: str, ctx: Context) -> str:
+    """Add a tool called `name` and tell every client the list changed."""
+    server.add_tool(lambda: name, name=name, description="added at run time")
+    await ctx.session.send_tool_list_changed()
+    return f"added {name}"
+
+
+@server.tool()
+async def shout(text: str) -> str:
+    """Write `text` on stderr and answer."""
+    print(text, file=sys.stderr, flush=True)
+    return "shouted"
+
+
+if __name__ == "__main__":
+    print("stdio-tools starting", file=sys.stderr, flush=True)
+    server.run("stdio")
