@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -15,6 +16,10 @@ from toolmesh.operator.render import OperatorConfig
 DEFAULT_SIDECAR_IMAGE = OperatorConfig.sidecar_image
 DEFAULT_REGISTRY_URL = OperatorConfig.registry_url
 TLS_SECRET = "toolmesh-webhook-tls"
+
+
+class ConfigError(Exception):
+    """The operator cannot start as configured (no cluster reachable, webhook setup refused): exit code 2."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,9 +46,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except ConfigError as exc:
+        print(f"toolmesh operator: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     import kopf
 
-    from toolmesh.cli import UsageError
     from toolmesh.operator import handlers  # noqa: F401 - registers the handlers with kopf
     from toolmesh.operator.kube import Kube, KubeError, load_api_client
     from toolmesh.operator.reconcile import Reconciler
@@ -54,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         kube = Kube(load_api_client())
     except Exception as exc:  # noqa: BLE001 - no kubeconfig and not in a cluster: a configuration problem
-        raise UsageError(f"cannot reach Kubernetes: {exc}") from None
+        raise ConfigError(f"cannot reach Kubernetes: {exc}") from None
 
     settings = kopf.OperatorSettings()
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="toolmesh.io")
@@ -73,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
             try:
                 certfile, keyfile = setup_webhook(kube, args, workdir)
             except KubeError as exc:
-                raise UsageError(f"cannot set up the admission webhook: {exc}") from None
+                raise ConfigError(f"cannot set up the admission webhook: {exc}") from None
             settings.admission.server = kopf.WebhookServer(
                 addr=args.webhook_host, port=args.webhook_port, host=args.webhook_host,
                 certfile=str(certfile), pkeyfile=str(keyfile))

@@ -50,12 +50,25 @@ def policy_event(type: str | None, body: kopf.Body, namespace: str, memo: kopf.M
 
 @kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
 def deployment_event(type: str | None, body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
-    if type == "DELETED":
+    try:
+        if type == "DELETED":
+            memo.reconciler.child_deleted(dict(body))
+        else:
+            memo.reconciler.deployment_changed(dict(body))
+    except Exception as exc:  # noqa: BLE001 - the next Deployment event retries
+        logger.warning(f"following Deployment {body.metadata.name} failed: {exc}")
+
+
+@kopf.on.event("v1", "services", labels=MANAGED)
+@kopf.on.event("v1", "configmaps", labels=MANAGED)
+@kopf.on.event("v1", "serviceaccounts", labels=MANAGED)
+def child_event(type: str | None, body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    if type != "DELETED":
         return
     try:
-        memo.reconciler.deployment_changed(dict(body))
-    except Exception as exc:  # noqa: BLE001 - the next Deployment event retries
-        logger.warning(f"updating Ready from Deployment {body.metadata.name} failed: {exc}")
+        memo.reconciler.child_deleted(dict(body))
+    except Exception as exc:  # noqa: BLE001 - a resume or the next change converges
+        logger.warning(f"restoring {body.get('kind')} {body.metadata.name} failed: {exc}")
 
 
 @kopf.on.mutate("pods", id=HANDLER_ID, operations=["CREATE"])

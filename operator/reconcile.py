@@ -89,21 +89,39 @@ class Reconciler:
         meta = server["metadata"]
         self.kube.patch_status("MCPServer", meta["name"], meta["namespace"], status)
 
-    def deployment_changed(self, deployment: Mapping[str, Any]) -> None:
-        """A Deployment the operator owns changed: refresh its MCPServer's Ready condition."""
-        meta = deployment["metadata"]
+    def owner_of(self, child: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The live MCPServer that owns `child`, unless it is gone or going."""
+        meta = child["metadata"]
         owner = next((o for o in meta.get("ownerReferences") or [] if o.get("kind") == "MCPServer"), None)
         if owner is None:
-            return
+            return None
         server = self.kube.get("MCPServer", owner["name"], meta["namespace"])
         if server is None or server["metadata"]["uid"] != owner.get("uid"):
+            return None
+        if server["metadata"].get("deletionTimestamp"):
+            return None
+        return server
+
+    def child_deleted(self, child: Mapping[str, Any]) -> None:
+        """Someone deleted a child the operator manages: put it back, unless its MCPServer is going too."""
+        with self.lock:
+            self.applied.pop(_key(child), None)
+        server = self.owner_of(child)
+        if server is not None:
+            self.reconcile_server(server)
+
+    def deployment_changed(self, deployment: Mapping[str, Any]) -> None:
+        """A Deployment the operator owns changed: refresh its MCPServer's Ready condition."""
+        server = self.owner_of(deployment)
+        if server is None:
             return
+        meta = server["metadata"]
         current = (server.get("status") or {}).get("conditions") or []
         generation = (server.get("status") or {}).get("observedGeneration")
         ready = ready_condition(deployment, generation)
         updated = set_condition(current, ready, now())
         if updated != current:
-            self.kube.patch_status("MCPServer", owner["name"], meta["namespace"], {"conditions": updated})
+            self.kube.patch_status("MCPServer", meta["name"], meta["namespace"], {"conditions": updated})
 
     # --- MCPToolPolicy -------------------------------------------------------------------------------------------
 
