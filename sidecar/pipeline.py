@@ -35,9 +35,11 @@ from toolmesh.sidecar.upstream import Upstream, UpstreamResponse
 
 log = logging.getLogger("toolmesh.sidecar.pipeline")
 
-# Request headers that describe one hop or that the sidecar sets itself.
+# Request headers that describe one hop or that the sidecar sets itself. Origin is the sidecar's
+# to check (its allow-list); forwarding it would make a localhost-only upstream refuse origins the
+# sidecar was configured to allow.
 _NOT_FORWARDED = frozenset({
-    "host", "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
+    "host", "origin", "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
     "trailer", "trailers", "transfer-encoding", "upgrade", "content-length", "accept-encoding", "expect",
 })
 

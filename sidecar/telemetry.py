@@ -231,9 +231,11 @@ def metric_method(method: str) -> str:
 class Telemetry:
     """Metrics, tracer and per-tool figures of one sidecar process."""
 
-    def __init__(self, server_name: str, *, span_exporter: Any = None, metric_reader: Any = None,
-                 environ: dict[str, str] | None = None):
+    def __init__(self, server_name: str, *, network_transport: str = "tcp", span_exporter: Any = None,
+                 metric_reader: Any = None, environ: dict[str, str] | None = None):
         self.server_name = server_name
+        self.network_transport = network_transport
+        """`network.transport` of the upstream hop: "tcp" for HTTP upstreams, "pipe" for stdio."""
         self.metrics = MetricsRegistry()
         self.requests = self.metrics.counter(
             "toolmesh_requests_total", "MCP messages handled, by method, tool and outcome (ok, error, tool_error).",

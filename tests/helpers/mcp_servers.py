@@ -33,6 +33,10 @@ class Answer(BaseModel):
     colour: str
 
 
+CALLS = {"slow_started": 0, "slow_cancelled": 0}
+"""Per server process: what happened to `slow` calls (the cancellation tests read it back with `calls`)."""
+
+
 def build_server(name: str = "fixture"):
     """An MCPServer with the tools the integration tests call."""
     mcp = MCPServer(name)
@@ -54,9 +58,19 @@ def build_server(name: str = "fixture"):
 
     @mcp.tool()
     async def slow(seconds: float) -> str:
-        """Sleep, then answer; for timeouts and cancellation."""
-        await asyncio.sleep(seconds)
+        """Sleep, then answer; for timeouts and cancellation (a cancelled call is counted)."""
+        CALLS["slow_started"] += 1
+        try:
+            await asyncio.sleep(seconds)
+        except BaseException:
+            CALLS["slow_cancelled"] += 1
+            raise
         return f"slept {seconds}"
+
+    @mcp.tool()
+    def calls() -> dict[str, int]:
+        """How many `slow` calls started and how many were cancelled before finishing."""
+        return dict(CALLS)
 
     @mcp.tool()
     async def count(steps: int, ctx: Context, delay: float = 0.0) -> str:

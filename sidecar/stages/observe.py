@@ -1,0 +1,182 @@
+"""Observability, the chain's first stage: metrics and per-tool figures for every request, spans and trace propagation when tracing is on.
+
+Spans follow the OpenTelemetry MCP semantic conventions: name
+`{mcp.method.name} {gen_ai.tool.name}`, attributes `mcp.method.name`,
+`gen_ai.tool.name`, `jsonrpc.request.id`, `mcp.session.id`,
+`mcp.protocol.version`, `network.transport`, `error.type` (`tool_error` when a
+tool result has `isError: true`). The caller's trace context is read from
+`params._meta` (`traceparent`, `tracestate`) and the sidecar's span context is
+written back there for the upstream, which is the only time params are
+re-serialised. Without a tracer none of that work is done.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from typing import Any
+
+import orjson
+
+from toolmesh.sidecar.chain import NOTIFICATION, REQUEST, CallContext, Handler, Outcome
+from toolmesh.sidecar.errors import ProxyError
+from toolmesh.sidecar.state import SharedState
+
+log = logging.getLogger("toolmesh.sidecar.calls")
+
+_TRACE_KEYS = ("traceparent", "tracestate")
+
+
+def build(policy: Any, shared: SharedState) -> Observe | None:
+    """Observability is always on; it is the one stage that does not depend on the policy."""
+    if shared.telemetry is None:
+        return None
+    return Observe(shared)
+
+
+def _outcome_label(outcome: Outcome) -> tuple[str, str | None]:
+    """("ok" | "error" | "tool_error", error.type) of an answer, parsing only small unparsed error-looking bodies."""
+    message = outcome.message
+    if message is None:
+        raw = outcome.raw
+        if raw is not None and len(raw) < 2048 and b'"error"' in raw:
+            try:
+                parsed = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                parsed = None
+            if type(parsed) is dict:
+                message = parsed
+        if message is None:
+            return ("error", str(outcome.status)) if outcome.status >= 400 else ("ok", None)
+    error = message.get("error")
+    if error is not None:
+        code = error.get("code") if isinstance(error, dict) else None
+        return "error", str(code) if code is not None else "error"
+    result = message.get("result")
+    if isinstance(result, dict) and result.get("isError") is True:
+        return "tool_error", "tool_error"
+    if outcome.status >= 400:
+        return "error", str(outcome.status)
+    return "ok", None
+
+
+class Observe:
+    """Counts, times and traces each request; never changes an answer."""
+
+    def __init__(self, shared: SharedState):
+        self.telemetry = shared.telemetry
+        self.transport = getattr(self.telemetry, "network_transport", "tcp")
+        self._propagator = None
+        if self.telemetry.tracer is not None:
+            from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+            self._propagator = TraceContextTextMapPropagator()
+
+    async def __call__(self, ctx: CallContext, call_next: Handler) -> Outcome:
+        kind = ctx.kind
+        if kind != REQUEST:
+            if kind == NOTIFICATION:
+                self.telemetry.requests.inc("notification", "", "ok")
+            return await call_next(ctx)
+        if self.telemetry.tracer is not None:
+            return await self._traced(ctx, call_next)
+        telemetry = self.telemetry
+        telemetry.in_flight.inc()
+        started = time.perf_counter()
+        try:
+            outcome = await call_next(ctx)
+        except ProxyError as exc:
+            self._finish(ctx, started, "error", str(exc.code), None)
+            raise
+        except BaseException as exc:
+            self._finish(ctx, started, "error", exc.__class__.__name__, None)
+            raise
+        finally:
+            telemetry.in_flight.dec()
+        label, error_type = _outcome_label(outcome)
+        self._finish(ctx, started, label, error_type, None)
+        return outcome
+
+    def _finish(self, ctx: CallContext, started: float, label: str, error_type: str | None, trace_id: str | None) -> None:
+        seconds = time.perf_counter() - started
+        tool = ctx.tool
+        attributes = None
+        if self.telemetry.otel_duration is not None:
+            attributes = {"mcp.method.name": ctx.method, "network.transport": self.transport}
+            if tool is not None:
+                attributes["gen_ai.tool.name"] = tool
+            if error_type is not None:
+                attributes["error.type"] = error_type
+        self.telemetry.record(ctx.method, tool, label, seconds, attributes)
+        level = logging.INFO if label != "ok" else logging.DEBUG
+        if log.isEnabledFor(level):
+            if trace_id is None:
+                trace_id = _incoming_trace_id(ctx)
+            log.log(level, "%s %s", ctx.method, tool or "", extra={
+                "event": "request", "method": ctx.method, "tool": tool, "request_id": ctx.request_id,
+                "session_id": ctx.session_id, "trace_id": trace_id, "outcome": label, "error_type": error_type,
+                "duration_ms": round(seconds * 1000, 3),
+            })
+
+    async def _traced(self, ctx: CallContext, call_next: Handler) -> Outcome:
+        from opentelemetry import trace
+        from opentelemetry.trace import SpanKind, Status, StatusCode
+
+        telemetry = self.telemetry
+        params = ctx.params
+        meta = params.get("_meta")
+        meta = meta if isinstance(meta, dict) else {}
+        carrier = {k: meta[k] for k in _TRACE_KEYS if isinstance(meta.get(k), str)}
+        parent = self._propagator.extract(carrier) if carrier else None
+        tool = ctx.tool
+        attributes: dict[str, Any] = {"mcp.method.name": ctx.method, "network.transport": self.transport}
+        if tool is not None:
+            attributes["gen_ai.tool.name"] = tool
+            attributes["gen_ai.operation.name"] = "execute_tool"
+        if ctx.request_id is not None:
+            attributes["jsonrpc.request.id"] = str(ctx.request_id)
+        if ctx.session_id is not None:
+            attributes["mcp.session.id"] = ctx.session_id
+        if ctx.protocol_version is not None:
+            attributes["mcp.protocol.version"] = ctx.protocol_version
+        name = f"{ctx.method} {tool}" if tool else ctx.method
+        telemetry.in_flight.inc()
+        started = time.perf_counter()
+        span = telemetry.tracer.start_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
+        trace_id = format(span.get_span_context().trace_id, "032x")
+        try:
+            # The upstream continues this trace: its spans become children of the sidecar's.
+            outgoing: dict[str, str] = {}
+            self._propagator.inject(outgoing, context=trace.set_span_in_context(span))
+            ctx = replace(ctx, params={**params, "_meta": {**meta, **outgoing}}, params_changed=True)
+            try:
+                outcome = await call_next(ctx)
+            except ProxyError as exc:
+                span.set_attribute("error.type", str(exc.code))
+                span.set_status(Status(StatusCode.ERROR, exc.message))
+                self._finish(ctx, started, "error", str(exc.code), trace_id)
+                raise
+            except BaseException as exc:
+                span.set_attribute("error.type", exc.__class__.__name__)
+                span.set_status(Status(StatusCode.ERROR, exc.__class__.__name__))
+                self._finish(ctx, started, "error", exc.__class__.__name__, trace_id)
+                raise
+            label, error_type = _outcome_label(outcome)
+            if error_type is not None:
+                span.set_attribute("error.type", error_type)
+                span.set_status(Status(StatusCode.ERROR))
+            self._finish(ctx, started, label, error_type, trace_id)
+            return outcome
+        finally:
+            telemetry.in_flight.dec()
+            span.end()
+
+
+def _incoming_trace_id(ctx: CallContext) -> str | None:
+    meta = ctx.params.get("_meta")
+    if isinstance(meta, dict):
+        parent = meta.get("traceparent")
+        if isinstance(parent, str) and len(parent) >= 35:
+            return parent[3:35]
+    return None
