@@ -31,6 +31,7 @@ NAME = "budget"
 META_KEY = "io.toolmesh/budget"
 """Where a result's `_meta` reports the session's budget after the call."""
 BUDGET_KEY_HEADER = "mcp-budget-key"
+STATELESS_ERA = "2026-07-28"
 
 EXHAUSTED = "[BUDGET EXHAUSTED: {available} tokens left, below the {minimum} needed for another tool call. Respond with the context you have.]"
 TRUNCATED = ("\n\n[TRUNCATED: {total} tokens → {kept} tokens. The full result is at {uri} "
@@ -166,7 +167,7 @@ class BudgetStage:
             self.state.exhausted_total.inc(ctx.tool or "")
             text = EXHAUSTED.format(available=max(available, 0), minimum=self.policy.minAvailable)
             result = {"content": [{"type": "text", "text": text}], "isError": True,
-                      "_meta": {META_KEY: self._meta(budget, exhausted=True)}}
+                      "_meta": {META_KEY: self._meta(budget, exhausted=True)}, **_era_fields(ctx)}
             return Outcome(message={"jsonrpc": "2.0", "id": ctx.request_id, "result": result})
 
         outcome = await call_next(ctx)
@@ -193,9 +194,15 @@ class BudgetStage:
             self.state.tokens_total.inc(ctx.tool or "", amount=tokens)
             meta_extra: dict[str, Any] = {"resultTokens": tokens, "truncated": False}
         else:
-            new_result["content"] = self._truncate(ctx, items, tokens, limit)
-            # Structured output repeats the content in full; keeping it would defeat the truncation.
-            new_result.pop("structuredContent", None)
+            kept = self._truncate(ctx, items, tokens, limit)
+            new_result["content"] = kept
+            structured = result.get("structuredContent")
+            if isinstance(structured, Mapping) and len(structured) == 1:
+                # The SDKs wrap a plain return value as {"result": text}: it repeats the content in full,
+                # so it is cut the same way (dropping it would break clients that check the output schema).
+                (key, value), = structured.items()
+                if isinstance(value, str):
+                    new_result["structuredContent"] = {key: kept[0].get("text", "")}
             budget.used += limit
             self.state.truncations += 1
             self.state.tokens_total.inc(ctx.tool or "", amount=limit)
@@ -254,8 +261,21 @@ class BudgetStage:
             page_meta["next"] = page.next_uri
         contents = [{"uri": page.uri, "mimeType": "text/plain", "text": page.text,
                      "_meta": {"io.toolmesh/page": page_meta}}]
-        result = {"contents": contents, "_meta": {META_KEY: self._meta(budget, resultTokens=cost, truncated=False)}}
+        result = {"contents": contents, "_meta": {META_KEY: self._meta(budget, resultTokens=cost, truncated=False)},
+                  **_era_fields(ctx, cacheable=True)}
         return Outcome(message={"jsonrpc": "2.0", "id": ctx.request_id, "result": result})
+
+
+def _era_fields(ctx: CallContext, *, cacheable: bool = False) -> dict[str, Any]:
+    """Fields the 2026-07-28 revision requires on every result the sidecar writes itself."""
+    version = ctx.protocol_version
+    if version is None or version < STATELESS_ERA:
+        return {}
+    fields: dict[str, Any] = {"resultType": "complete"}
+    if cacheable:
+        # A stored result is one subject's: clients may keep it, shared caches may not.
+        fields.update(ttlMs=0, cacheScope="private")
+    return fields
 
 
 def _text_of(item: Any) -> str | None:

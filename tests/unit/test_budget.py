@@ -75,7 +75,7 @@ async def test_large_result_is_truncated_with_notice_and_link_readable_by_pages(
     assert f"[TRUNCATED: {total} tokens → {limit} tokens." in text
     assert TOKENIZER.count(text) <= limit
     assert WORDS.startswith(text.split("\n\n[TRUNCATED")[0])
-    assert "structuredContent" not in result
+    assert result["structuredContent"] == {"result": text}
     link = result["content"][-1]
     assert link["type"] == "resource_link" and link["uri"].startswith("toolmesh://results/")
     assert result["_meta"][budget.META_KEY]["used"] == limit

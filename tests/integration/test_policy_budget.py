@@ -1,0 +1,127 @@
+"""Context budgets through the real sidecar: truncation with a readable link, paging, isolation, exhaustion."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
+from mcp.shared.exceptions import MCPError
+from mcp.types import ResourceLink, TextContent
+
+from helpers.fault_upstream import fault_upstream
+from helpers.sidecar import sidecar
+from helpers.tokens import TokenIssuer
+
+MODERN = "2026-07-28"
+META = "io.toolmesh/budget"
+
+
+def words(count: int, prefix: str = "w") -> str:
+    return " ".join(f"{prefix}{i}" for i in range(count))
+
+
+@pytest.fixture(scope="module")
+def issuer():
+    return TokenIssuer("budget-tests")
+
+
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory):
+    with fault_upstream(tmp_path_factory.mktemp("faulty")) as relay:
+        yield relay
+
+
+@pytest.fixture(scope="module")
+def proxied(relay, issuer, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("budget")
+    policy = {
+        "auth": {"issuers": [{"issuer": issuer.issuer, "audiences": ["toolmesh"], "secret": issuer.secret}]},
+        "budget": {"totalTokens": 20000, "reservedForResponse": 1000, "reservedForSystem": 1000,
+                   "resultFraction": 0.3, "minAvailable": 500},
+    }
+    path = tmp / "policy.yaml"
+    path.write_text(yaml.safe_dump(policy))
+    with sidecar(["--upstream", relay.url], tmp, "--policy", str(path)) as sc:
+        yield sc
+
+
+def client(url: str, token: str, mode: str = "legacy", **headers: str) -> Client:
+    http = create_mcp_http_client(headers={"Authorization": f"Bearer {token}", **headers})
+    return Client(streamable_http_client(url, http_client=http), mode=mode)
+
+
+def text_of(result) -> str:
+    return "".join(c.text for c in result.content if isinstance(c, TextContent))
+
+
+def link_of(result) -> str:
+    links = [c for c in result.content if isinstance(c, ResourceLink)]
+    assert len(links) == 1, result.content
+    return str(links[0].uri)
+
+
+async def read_all_pages(session: Client, uri: str) -> list[str]:
+    pages: list[str] = []
+    while uri:
+        contents = (await session.read_resource(uri)).contents
+        assert len(contents) == 1
+        pages.append(contents[0].text)
+        uri = (contents[0].meta or {}).get("io.toolmesh/page", {}).get("next")
+        assert len(pages) <= 20, "paging does not end"
+    return pages
+
+
+@pytest.mark.parametrize("mode", ["legacy", MODERN])
+async def test_large_result_is_truncated_and_readable_in_full_by_pages(proxied, issuer, mode):
+    headers = {"Mcp-Budget-Key": f"truncation-{mode}"} if mode == MODERN else {}
+    async with client(proxied.url, issuer.token("alice", alg="HS256"), mode, **headers) as session:
+        small = await session.call_tool("words", {"count": 10})
+        assert text_of(small) == words(10)
+        assert small.meta[META]["used"] == 20 and small.meta[META]["truncated"] is False
+
+        result = await session.call_tool("words", {"count": 3000})
+        text = text_of(result)
+        kept = int((18000 - 20) * 0.3)
+        assert f"[TRUNCATED: 8000 tokens → {kept} tokens." in text
+        assert words(3000).startswith(text.split("\n\n[TRUNCATED")[0])
+        assert result.meta[META]["truncated"] is True
+        assert result.meta[META]["available"] == 18000 - 20 - kept
+        uri = link_of(result)
+        assert uri.startswith("toolmesh://results/")
+
+        pages = await read_all_pages(session, uri)
+        assert len(pages) == 4
+        assert "".join(pages) == words(3000)
+
+
+async def test_another_subject_cannot_read_the_full_result(proxied, issuer):
+    async with client(proxied.url, issuer.token("alice", alg="HS256")) as alice, \
+            client(proxied.url, issuer.token("mallory", alg="HS256")) as mallory:
+        uri = link_of(await alice.call_tool("words", {"count": 3000, "prefix": "secret"}))
+        with pytest.raises(MCPError, match="Resource not found"):
+            await mallory.read_resource(uri)
+        with pytest.raises(MCPError, match="Resource not found"):
+            await mallory.read_resource(uri + "?page=2")
+        assert (await alice.read_resource(uri)).contents[0].text.startswith("secret0 secret1")
+
+
+async def test_exhausted_budget_answers_without_calling_upstream(proxied, relay, issuer):
+    async with client(proxied.url, issuer.token("alice", alg="HS256")) as session:
+        for _ in range(30):
+            result = await session.call_tool("words", {"count": 3000})
+            if result.meta[META].get("exhausted"):
+                break
+        else:
+            pytest.fail("the budget never ran out")
+        assert result.is_error
+        assert text_of(result).startswith("[BUDGET EXHAUSTED:")
+        assert result.meta[META]["available"] < 500
+        before = relay.count("words")
+        again = await session.call_tool("words", {"count": 1})
+        assert text_of(again).startswith("[BUDGET EXHAUSTED:")
+        assert relay.count("words") == before
+    # A new session starts with a full budget.
+    async with client(proxied.url, issuer.token("alice", alg="HS256")) as session:
+        assert text_of(await session.call_tool("words", {"count": 5})) == words(5)
