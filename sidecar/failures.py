@@ -18,6 +18,17 @@ def is_transient_error(exc: BaseException) -> bool:
     return isinstance(exc, (UpstreamUnavailable, UpstreamTimeout))
 
 
+def raise_if_unreadable(outcome: Outcome) -> Outcome:
+    """Turn a 200 answer whose body is not JSON into the transport failure it is (502); pass anything else."""
+    if outcome.message is None and outcome.status == 200 and outcome.raw:
+        # The HTTP layer parses every tools/call answer it can; an unparsed 200 body is broken or truncated.
+        try:
+            orjson.loads(outcome.raw)
+        except orjson.JSONDecodeError:
+            raise UpstreamUnavailable("upstream answered with a body that is not JSON-RPC") from None
+    return outcome
+
+
 def is_transient_outcome(outcome: Outcome) -> bool:
     """A 502/503/504 answer, or a JSON-RPC internal error (-32603). Tool errors (`isError`) are answers, not failures."""
     if outcome.status in TRANSIENT_STATUSES:

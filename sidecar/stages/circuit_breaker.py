@@ -20,7 +20,7 @@ from toolmesh.api.policy import CircuitBreakerPolicy
 from toolmesh.sidecar import stage_metrics
 from toolmesh.sidecar.chain import CallContext, Handler, Outcome, SseEvent
 from toolmesh.sidecar.errors import CIRCUIT_OPEN, ProxyError, RetryLater, dumps
-from toolmesh.sidecar.failures import is_transient_error, is_transient_outcome
+from toolmesh.sidecar.failures import is_transient_error, is_transient_outcome, raise_if_unreadable
 from toolmesh.sidecar.state import SharedState
 
 NAME = "circuit_breaker"
@@ -113,7 +113,7 @@ class CircuitBreakerStage:
         if breaker is not None and breaker.state != CLOSED:
             trial = await self._admit(ctx, tool, breaker)
         try:
-            outcome = await call_next(ctx)
+            outcome = raise_if_unreadable(await call_next(ctx))
         except ProxyError as exc:
             if is_transient_error(exc):
                 self._failed(tool, trial)

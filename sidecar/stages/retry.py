@@ -19,7 +19,12 @@ from toolmesh.api.policy import Jitter, RetryPolicy, RetryStrategy, match_tool_r
 from toolmesh.sidecar import stage_metrics
 from toolmesh.sidecar.chain import CallContext, Handler, Outcome, SseEvent
 from toolmesh.sidecar.errors import ProxyError, dumps
-from toolmesh.sidecar.failures import is_transient_error, is_transient_outcome, retry_after_seconds
+from toolmesh.sidecar.failures import (
+    is_transient_error,
+    is_transient_outcome,
+    raise_if_unreadable,
+    retry_after_seconds,
+)
 from toolmesh.sidecar.state import SharedState, ToolCatalog
 from toolmesh.sidecar.tool_traits import tool_traits
 
@@ -111,7 +116,7 @@ class RetryStage:
         while True:
             last = attempt >= schedule.max_attempts
             try:
-                outcome = await call_next(ctx)
+                outcome = raise_if_unreadable(await call_next(ctx))
             except ProxyError as exc:
                 if last or not is_transient_error(exc):
                     raise

@@ -172,3 +172,13 @@ async def test_waits_are_reported_as_progress_when_asked():
     silent: list = []
     await stage(call(events=silent), Script(status(503)))
     assert silent == []
+
+
+async def test_an_unreadable_answer_is_a_transport_failure():
+    stage, _ = make_stage()
+    garbage = Outcome(raw=b"\x00not json{", status=200)
+    upstream = Script(garbage)
+    outcome = await stage(call(), upstream)
+    assert upstream.calls == 2 and outcome.status == 200
+    with pytest.raises(UpstreamUnavailable, match="not JSON-RPC"):
+        await stage(call(), Script(garbage, garbage, garbage))
