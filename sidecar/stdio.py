@@ -454,13 +454,13 @@ class StdioUpstream:
 
 def _ensure_fifo(path: Path) -> None:
     try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
         os.mkfifo(path, 0o600)
         # The server container may run as another user of the pod's fsGroup.
         os.chmod(path, 0o666)
         return
-    if not stat.S_ISFIFO(mode):
+    except FileExistsError:
+        pass  # the server container's wrapper made it first
+    if not stat.S_ISFIFO(path.stat().st_mode):
         raise UpstreamUnavailable(f"{path} exists and is not a FIFO")
 
 

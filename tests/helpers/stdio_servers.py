@@ -14,9 +14,14 @@ import orjson
 from helpers import ROOT, VENV_BIN
 
 SERVERS = Path(__file__).resolve().parent / "servers"
-STDIO_TOOLS = [sys.executable, str(SERVERS / "stdio_tools.py")]
+STDIO_TOOLS = [sys.executable, str(SERVERS / "tools_server.py")]
 """Official-SDK stdio server: echo, whoami, count (progress), ask_model (sampling), crash, wait_forever, slow,
 garbage, grow (list_changed), shout (stderr)."""
+
+
+def sse_tools_server(port: int) -> list[str]:
+    """The same tools served with the SDK's legacy HTTP+SSE transport at http://127.0.0.1:PORT/sse."""
+    return [*STDIO_TOOLS, "sse", str(port)]
 TIME_SERVER = [str(VENV_BIN / "mcp-server-time")]
 """The `mcp-server-time` reference server from PyPI."""
 EVERYTHING_SERVER = [str(ROOT / "tests" / "node" / "node_modules" / ".bin" / "mcp-server-everything"), "stdio"]

@@ -1,4 +1,4 @@
-"""A stdio MCP server (official SDK) with the tools the bridge tests need: echo, progress, sampling, crash, slow, garbage."""
+"""An MCP server (official SDK) with the tools the transport tests need, over stdio or, given `sse PORT`, legacy SSE."""
 
 from __future__ import annotations
 
@@ -94,4 +94,7 @@ async def shout(text: str) -> str:
 
 if __name__ == "__main__":
     print("stdio-tools starting", file=sys.stderr, flush=True)
-    server.run("stdio")
+    if sys.argv[1:2] == ["sse"]:
+        server.run("sse", host="127.0.0.1", port=int(sys.argv[2]))
+    else:
+        server.run("stdio")

@@ -1,0 +1,328 @@
+"""Fronts a server on the legacy HTTP+SSE transport (GET /sse, POST /messages) as a Streamable HTTP upstream.
+
+    LegacySseUpstream(url, session=None, *, timeout=300.0, connect_timeout=5.0,
+                      reconnect_backoff=(0.2, 5.0), reconnect_wait=10.0)
+        `url` is the server's SSE endpoint (e.g. http://host:8000/sse);
+        `session` an aiohttp client session to share (one is made otherwise);
+        `timeout` bounds each message POST; `connect_timeout` bounds opening the
+        stream and receiving its `endpoint` event.
+
+Each client session gets an upstream SSE connection of its own: the client's
+`initialize` opens it (GET `url`, whose first event, `endpoint`, names the
+POST URL `/messages?session_id=…`), is forwarded there, and its answer carries
+a fresh `Mcp-Session-Id` minted by the adapter. Every client message is then
+POSTed to that URL (the server answers 202) and every answer arrives on the
+stream, where the `Multiplexer` matches it to the waiting request by id;
+progress, server requests and logging during a request go out on that
+request's response stream, other notifications on the session's GET stream.
+
+When a stream is lost (server restart, network), requests in flight fail with
+JSON-RPC error -32001 "upstream stream lost", and the adapter reconnects with
+backoff and replays the client's `initialize` (and `notifications/initialized`)
+so the session carries on; requests arriving meanwhile wait up to
+`reconnect_wait`. Requests without `Mcp-Session-Id` (the stateless era) and
+`probe()` share one connection the adapter initializes itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+from urllib.parse import urljoin
+
+import aiohttp
+
+from toolmesh.sidecar.chain import SseEvent
+from toolmesh.sidecar.errors import INVALID_REQUEST, ProxyError, UpstreamTimeout, UpstreamUnavailable, error_message
+from toolmesh.sidecar.jsonrpc import iter_sse
+from toolmesh.sidecar.multiplex import ClientSession, Multiplexer, header, json_response, parse_body
+from toolmesh.sidecar.upstream import UpstreamResponse
+
+log = logging.getLogger("toolmesh.sidecar.legacy_sse")
+
+_OWN_INITIALIZE = {
+    "protocolVersion": "2024-11-05",
+    "capabilities": {},
+    "clientInfo": {"name": "toolmesh-sidecar", "version": "0.1.0"},
+}
+"""What the adapter's own connection (probes, session-less requests) says when it initializes."""
+_MESSAGE_HEADERS = {"Content-Type": "application/json"}
+
+
+class _Connection:
+    """One upstream SSE stream and its message endpoint, carrying one client session (or the adapter's own)."""
+
+    def __init__(self, owner: LegacySseUpstream, init_params: Mapping[str, Any] | None):
+        self._owner = owner
+        self.mux = Multiplexer(self._post_message)
+        self.init_params = init_params
+        """The `initialize` params replayed after a reconnect (None until the session is established)."""
+        self.session: ClientSession | None = None
+        self.endpoint: str | None = None
+        self.ready = asyncio.Event()
+        self._response: aiohttp.ClientResponse | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._reconnecting: asyncio.Task[None] | None = None
+        self.closed = False
+
+    async def connect(self) -> None:
+        """Open the SSE stream and learn where to POST; raises UpstreamUnavailable."""
+        owner = self._owner
+        try:
+            response = await owner.http.get(owner.url, headers={"Accept": "text/event-stream"},
+                                            timeout=owner.stream_timeout)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise UpstreamUnavailable(f"upstream unreachable: {exc.__class__.__name__}") from None
+        if response.status != 200:
+            response.close()
+            raise UpstreamUnavailable(f"upstream SSE endpoint answered HTTP {response.status}")
+        events = iter_sse(response.content.iter_any())
+        try:
+            endpoint = await asyncio.wait_for(_endpoint_event(events), owner.connect_timeout)
+        except (TimeoutError, aiohttp.ClientError, ValueError, StopAsyncIteration) as exc:
+            response.close()
+            raise UpstreamUnavailable(f"upstream sent no endpoint event: {exc.__class__.__name__}") from None
+        self.endpoint = urljoin(owner.url, endpoint)
+        self._response = response
+        self._reader = asyncio.create_task(self._read(events, response))
+
+    async def _read(self, events: AsyncIterator[SseEvent], response: aiohttp.ClientResponse) -> None:
+        try:
+            async for event in events:
+                if event.event in (None, "message"):
+                    self.mux.receive(event.data)
+        except (aiohttp.ClientError, OSError, ValueError, TimeoutError) as exc:
+            log.warning("upstream SSE stream broke: %s", exc.__class__.__name__)
+        finally:
+            # Only the current stream's end counts: an older one may finish after a reconnect replaced it.
+            if not self.closed and self._response is response:
+                self._lost()
+
+    def _lost(self) -> None:
+        self.ready.clear()
+        self.endpoint = None
+        if self._response is not None:
+            self._response.close()
+        self.mux.fail_all(UpstreamUnavailable("upstream stream lost"))
+        if self.init_params is not None and not self.closed and self._reconnecting is None:
+            log.warning("upstream SSE stream lost; reconnecting")
+            self._reconnecting = asyncio.create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        base, most = self._owner.reconnect_backoff
+        delay = base
+        try:
+            while not self.closed:
+                try:
+                    await self.connect()
+                    await self.initialize(self.init_params)
+                except ProxyError as exc:
+                    log.info("reconnecting to the upstream SSE stream failed: %s", exc.message)
+                    self._drop_stream()
+                    await asyncio.sleep(delay)  # backoff between attempts, not synchronisation
+                    delay = min(most, delay * 2)
+                    continue
+                self.ready.set()
+                log.info("upstream SSE stream re-established")
+                return
+        finally:
+            self._reconnecting = None
+
+    async def initialize(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The connection's own handshake (after a reconnect, or for the adapter's own connection)."""
+        answer = await self.mux.call_own("initialize", params, self._owner.connect_timeout)
+        if "result" not in answer:
+            raise UpstreamUnavailable("upstream refused initialize", data=answer.get("error"))
+        await self.mux.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        return answer
+
+    def _drop_stream(self) -> None:
+        """Close the current stream; its reader then reports the loss (and a reconnect starts if none runs)."""
+        if self._response is not None:
+            self._response.close()
+
+    async def _post_message(self, data: bytes) -> None:
+        endpoint = self.endpoint
+        if endpoint is None:
+            raise UpstreamUnavailable("upstream stream lost")
+        owner = self._owner
+        try:
+            async with owner.http.post(endpoint, data=data, headers=_MESSAGE_HEADERS,
+                                       timeout=owner.message_timeout) as response:
+                if response.status < 300:
+                    return
+                text = (await response.text())[:200]
+        except TimeoutError:
+            raise UpstreamTimeout("upstream did not accept the message in time") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamUnavailable(f"upstream unreachable: {exc.__class__.__name__}") from None
+        if response.status == 404 and self.endpoint == endpoint and not self.closed:
+            # The server forgot this stream's session (it restarted): start over.
+            self._drop_stream()
+        raise UpstreamUnavailable(f"upstream refused the message: HTTP {response.status}",
+                                  data={"status": response.status, "body": text})
+
+    async def close(self) -> None:
+        self.closed = True
+        self.ready.clear()
+        for task in (self._reader, self._reconnecting):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        if self._response is not None:
+            self._response.close()
+        self.mux.fail_all(UpstreamUnavailable("upstream session ended"))
+        self.mux.end_streams()
+
+
+async def _endpoint_event(events: AsyncIterator[SseEvent]) -> str:
+    async for event in events:
+        if event.event == "endpoint":
+            return event.data.decode().strip()
+    raise StopAsyncIteration
+
+
+class LegacySseUpstream:
+    """An `Upstream` for a server speaking the 2024-11-05 HTTP+SSE transport."""
+
+    def __init__(self, url: str, session: aiohttp.ClientSession | None = None, *, timeout: float = 300.0,
+                 connect_timeout: float = 5.0, reconnect_backoff: tuple[float, float] = (0.2, 5.0),
+                 reconnect_wait: float = 10.0, max_connections: int = 256):
+        self.url = url
+        self._given_session = session
+        self._http: aiohttp.ClientSession | None = session
+        self.message_timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
+        # The stream may rightly stay silent for hours.
+        self.stream_timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=None)
+        self.connect_timeout = connect_timeout
+        self.reconnect_backoff = reconnect_backoff
+        self.reconnect_wait = reconnect_wait
+        self._max_connections = max_connections
+        self._connections: dict[str, _Connection] = {}
+        self._own: _Connection | None = None
+        self._own_lock = asyncio.Lock()
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            raise UpstreamUnavailable("upstream is not started")
+        return self._http
+
+    # -- Upstream ---------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._http is None:
+            self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self._max_connections))
+
+    async def close(self) -> None:
+        connections = list(self._connections.values())
+        self._connections.clear()
+        if self._own is not None:
+            connections.append(self._own)
+            self._own = None
+        for connection in connections:
+            await connection.close()
+        if self._given_session is None and self._http is not None:
+            await self._http.close()
+        self._http = None
+
+    async def post(self, body: bytes, headers: Mapping[str, str]) -> UpstreamResponse:
+        message = parse_body(body)
+        if isinstance(message, UpstreamResponse):
+            return message
+        if isinstance(message, dict) and message.get("method") == "initialize" and "id" in message:
+            return await self._open_session(message, body)
+        session_id = header(headers, "Mcp-Session-Id")
+        if session_id is None:
+            connection = await self._own_connection()
+            session = None
+        else:
+            connection = self._connections.get(session_id)
+            if connection is None or connection.session is None:
+                return _no_session(message)
+            session = connection.session
+            session.last_active = time.monotonic()
+        await self._wait_ready(connection)
+        return await connection.mux.post(message, session, body)
+
+    async def get(self, headers: Mapping[str, str]) -> UpstreamResponse:
+        session_id = header(headers, "Mcp-Session-Id")
+        if session_id is None:
+            return json_response(400, error_message(None, INVALID_REQUEST, "Bad Request: Mcp-Session-Id required"))
+        connection = self._connections.get(session_id)
+        if connection is None or connection.session is None:
+            return _no_session(None)
+        return connection.mux.open_stream(connection.session)
+
+    async def delete(self, headers: Mapping[str, str]) -> UpstreamResponse:
+        session_id = header(headers, "Mcp-Session-Id")
+        connection = self._connections.pop(session_id, None) if session_id is not None else None
+        if connection is None:
+            return _no_session(None)
+        if connection.session is not None:
+            await connection.mux.end_session(connection.session)
+        await connection.close()  # closing the stream ends the session upstream
+        return UpstreamResponse(status=200)
+
+    async def probe(self) -> bool:
+        try:
+            connection = await self._own_connection()
+            await self._wait_ready(connection)
+            answer = await connection.mux.call_own("ping", None, self.connect_timeout)
+        except ProxyError:
+            return False
+        return "result" in answer
+
+    # -- connections ------------------------------------------------------------------------------------------
+
+    async def _open_session(self, message: dict[str, Any], body: bytes) -> UpstreamResponse:
+        connection = _Connection(self, None)
+        await connection.connect()
+        session = connection.mux.new_session(message.get("params"))
+        connection.session = session
+        connection.ready.set()
+        try:
+            answer = await connection.mux.post(message, session, body)
+        except BaseException:
+            await connection.close()
+            raise
+        if answer.status != 200 or answer.body is None or b'"result"' not in answer.body:
+            await connection.close()
+            return answer
+        params = message.get("params")
+        connection.init_params = params if isinstance(params, Mapping) else {}
+        self._connections[session.id] = connection
+        answer.headers = {**answer.headers, "Mcp-Session-Id": session.id}
+        return answer
+
+    async def _own_connection(self) -> _Connection:
+        async with self._own_lock:
+            if self._own is None or self._own.closed:
+                connection = _Connection(self, _OWN_INITIALIZE)
+                await connection.connect()
+                try:
+                    await connection.initialize(_OWN_INITIALIZE)
+                except BaseException:
+                    await connection.close()
+                    raise
+                connection.ready.set()
+                self._own = connection
+            return self._own
+
+    async def _wait_ready(self, connection: _Connection) -> None:
+        if connection.ready.is_set():
+            return
+        try:
+            await asyncio.wait_for(connection.ready.wait(), self.reconnect_wait)
+        except TimeoutError:
+            raise UpstreamUnavailable("upstream stream lost") from None
+
+
+def _no_session(message: Any) -> UpstreamResponse:
+    request_id = message.get("id") if isinstance(message, dict) else None
+    return json_response(404, error_message(request_id, INVALID_REQUEST, "Session not found"))
