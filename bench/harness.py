@@ -1,0 +1,439 @@
+"""The sidecar benchmark: tools/call latency, throughput, CPU per call, memory and start-up through each proxy, against the same upstream.
+
+Run by bench/run.sh (which prepares wrk and the comparison proxies' venvs):
+
+    bench/run.sh [--quick] [TARGET ...]      # targets: see TARGETS; default all
+
+Load comes from wrk (C, outside any Python event loop) with bench/mcp_call.lua;
+latency at concurrency 1 (`-t1 -c1`), throughput at 16 and 64 connections.
+CPU per call is the proxy's own processes' CPU time (from /proc) over a
+throughput run divided by the calls it served. Results are merged into
+bench/results/sidecar.json target by target, so a partial run keeps the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+RESULTS = BENCH / "results"
+LUA = BENCH / "mcp_call.lua"
+MAIN_PY = ROOT / ".venv" / "bin" / "python"
+TOOLMESH = ROOT / ".venv" / "bin" / "toolmesh"
+FASTMCP_PY = BENCH / ".venv" / "bin" / "python"
+MCP_PROXY = BENCH / ".venv-mcp-proxy" / "bin" / "mcp-proxy"
+PROTOCOL = "2025-11-25"
+ECHO_TEXT = "hello from wrk"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and every descendant, from /proc (a proxy may run its upstream client as a child)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / CLOCK_TICKS
+
+
+def rss_mb(pids: list[int]) -> float:
+    total_pages = 0
+    for pid in pids:
+        try:
+            total_pages += int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+        except OSError:
+            continue
+    return total_pages * PAGE_KB / 1024
+
+
+class Managed:
+    """A benchmarked process in its own process group, stopped with its children."""
+
+    def __init__(self, cmd: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.log = log
+        self._out = open(log, "wb")
+        full_env = dict(os.environ, PYTHONSAFEPATH="1", PYTHONUNBUFFERED="1", **(env or {}))
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=full_env, cwd=ROOT, start_new_session=True)
+
+    def pids(self) -> list[int]:
+        return process_tree(self.proc.pid)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self._out.close()
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-2000:]
+
+
+# --- MCP over HTTP, just enough to open a session --------------------------------------------------
+
+def post(url: str, message: dict, headers: dict[str, str], timeout: float = 10) -> tuple[int, dict[str, str], dict | None]:
+    request = urllib.request.Request(url, data=json.dumps(message).encode(), method="POST", headers={
+        "Content-Type": "application/json", "Accept": "application/json, text/event-stream", **headers})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, head, body = response.status, {k.lower(): v for k, v in response.headers.items()}, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        status, head, body = exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read().decode(errors="replace")
+    if not body.strip():
+        return status, head, None
+    if "text/event-stream" in head.get("content-type", ""):
+        # The answer is the last `data:` line that carries this request's id.
+        payloads = [json.loads(line[5:]) for line in body.splitlines() if line.startswith("data:") and line[5:].strip()]
+        replies = [p for p in payloads if isinstance(p, dict) and p.get("id") == message.get("id")]
+        return status, head, replies[-1] if replies else None
+    return status, head, json.loads(body)
+
+
+@dataclass
+class Session:
+    session_id: str
+    version: str
+
+
+def open_session(url: str, token: str = "") -> Session:
+    """initialize + notifications/initialized, then one echo call that must come back intact."""
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
+    status, head, reply = post(url, {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": PROTOCOL, "capabilities": {}, "clientInfo": {"name": "toolmesh-bench", "version": "1"}}}, auth)
+    if status != 200 or not reply or "result" not in reply:
+        raise RuntimeError(f"initialize failed: HTTP {status} {reply}")
+    session_id = head.get("mcp-session-id", "")
+    version = reply["result"].get("protocolVersion", PROTOCOL)
+    headers = {**auth, "MCP-Protocol-Version": version, **({"Mcp-Session-Id": session_id} if session_id else {})}
+    post(url, {"jsonrpc": "2.0", "method": "notifications/initialized"}, headers)
+    status, _, reply = post(url, {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                                  "params": {"name": "echo", "arguments": {"text": ECHO_TEXT}}}, headers)
+    if status != 200 or ECHO_TEXT not in json.dumps(reply):
+        raise RuntimeError(f"echo through the proxy failed: HTTP {status} {reply}")
+    return Session(session_id, version)
+
+
+def wait_ready(check: Callable[[], bool], proc: Managed, timeout: float = 60) -> float:
+    """Seconds from spawn until `check` holds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"process exited with {proc.proc.returncode}:\n{proc.tail()}")
+        try:
+            if check():
+                return time.monotonic() - proc.started
+        except (OSError, RuntimeError, ValueError):
+            pass
+        time.sleep(0.005)
+    raise RuntimeError(f"not ready after {timeout}s:\n{proc.tail()}")
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return response.status == 200
+    except urllib.error.HTTPError:
+        return False
+
+
+# --- load --------------------------------------------------------------------------------------
+
+def wrk(url: str, session: Session, connections: int, seconds: float, token: str = "") -> dict:
+    threads = 1 if connections == 1 else 2
+    env = dict(os.environ, MCP_SESSION=session.session_id, MCP_VERSION=session.version, MCP_TOKEN=token,
+               MCP_EXPECT=ECHO_TEXT)
+    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
+           "-s", str(LUA), url]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds + 60)
+    line = next((l for l in out.stdout.splitlines() if l.startswith("WRK_RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk gave no result: {out.stdout[-1000:]} {out.stderr[-1000:]}")
+    result = json.loads(line[len("WRK_RESULT "):])
+    result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
+    return result
+
+
+class RssSampler(threading.Thread):
+    """Peak RSS of a process tree while load runs."""
+
+    def __init__(self, proc: Managed) -> None:
+        super().__init__(daemon=True)
+        self.proc, self.peak, self._done = proc, 0.0, threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(0.2):
+            self.peak = max(self.peak, rss_mb(self.proc.pids()))
+
+    def finish(self) -> float:
+        self._done.set()
+        self.join()
+        return self.peak
+
+
+# --- targets -----------------------------------------------------------------------------------
+
+@dataclass
+class Target:
+    """How to start one proxy in front of the upstream."""
+
+    description: str
+    command: Callable[[str, int], list[str]] | None
+    """(upstream URL, port) -> argv; None measures the upstream itself."""
+    ready_path: str | None = None
+    """GET path that answers 200 once ready; None: ready when a session opens."""
+    needs: list[Path] = field(default_factory=list)
+    token: Callable[[], str] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def sidecar(*extra: str) -> Callable[[str, int], list[str]]:
+    return lambda upstream, port: [str(TOOLMESH), "sidecar", "--upstream", upstream,
+                                   "--listen", f"127.0.0.1:{port}", *extra]
+
+
+TARGETS: dict[str, Target] = {
+    "direct": Target("the upstream itself", None),
+    "sidecar": Target("toolmesh sidecar, pass-through with observability", sidecar(), "/readyz", [TOOLMESH]),
+    "sidecar-quiet": Target("toolmesh sidecar, pass-through, per-call log lines off (--log-level WARNING)",
+                            sidecar("--log-level", "WARNING"), "/readyz", [TOOLMESH]),
+    "fastmcp": Target("FastMCP 4.2.3 create_proxy(url)",
+                      lambda u, p: [str(FASTMCP_PY), str(BENCH / "fastmcp_proxy.py"), "--upstream", u, "--port", str(p)],
+                      None, [FASTMCP_PY]),
+    "fastmcp-connected": Target("FastMCP 4.2.3 proxy sharing one connected client",
+                                lambda u, p: [str(FASTMCP_PY), str(BENCH / "fastmcp_proxy.py"), "--upstream", u,
+                                              "--port", str(p), "--connected"], None, [FASTMCP_PY]),
+    "mcp-proxy": Target("mcp-proxy 0.13.0, HTTP -> stdio -> HTTP (two processes)",
+                        lambda u, p: [str(MCP_PROXY), "--port", str(p), "--log-level", "WARNING", "--",
+                                      str(MCP_PROXY), "--transport", "streamablehttp", "--log-level", "WARNING", u],
+                        None, [MCP_PROXY]),
+}
+# Policy-on modes register themselves here when their policy files exist (see bench/policies/).
+POLICY_DIR = BENCH / "policies"
+for policy in sorted(POLICY_DIR.glob("*.yaml")) if POLICY_DIR.exists() else []:
+    TARGETS[f"sidecar-{policy.stem}"] = Target(
+        f"toolmesh sidecar with {policy.name}", sidecar("--policy", str(policy)), "/readyz", [TOOLMESH],
+        token=(lambda p=policy: bench_token(p)))
+
+
+def bench_token(policy: Path) -> str:
+    """A bearer token for a policy-on run: bench/policies/<name>.token holds it when the policy needs one."""
+    token_file = policy.with_suffix(".token")
+    return token_file.read_text().strip() if token_file.exists() else ""
+
+
+# --- one target --------------------------------------------------------------------------------
+
+def measure(name: str, target: Target, upstream: str, upstream_proc: Managed, seconds: float, warmup: float,
+            logs: Path) -> dict:
+    token = target.token() if target.token else ""
+    if target.command is None:
+        proc, url = upstream_proc, upstream
+        ready_s = None
+    else:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}/mcp"
+        proc = Managed(target.command(upstream, port), logs / f"{name}.log", target.env)
+    try:
+        if target.command is not None:
+            if target.ready_path:
+                ready_s = wait_ready(lambda: http_ok(f"http://127.0.0.1:{port}{target.ready_path}"), proc)
+            else:
+                ready_s = wait_ready(lambda: bool(open_session(url, token)), proc)
+        session = open_session(url, token)
+        time.sleep(1.0)  # let start-up garbage settle before reading idle memory
+        result: dict = {"description": target.description, "ready_s": ready_s,
+                        "rss_idle_mb": round(rss_mb(proc.pids()), 1),
+                        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if warmup:
+            wrk(url, session, 4, warmup, token)
+        c1 = wrk(url, session, 1, seconds, token)
+        result["c1"] = {"p50_ms": c1["latency_us"]["p50"] / 1000, "p90_ms": c1["latency_us"]["p90"] / 1000,
+                        "p99_ms": c1["latency_us"]["p99"] / 1000, "rps": round(c1["rps"], 1),
+                        "failed": c1["bad_answers"] + c1["socket_errors"] + c1["timeouts"]}
+        print(f"  {name}: c=1 p50 {result['c1']['p50_ms']:.3f} ms  p99 {result['c1']['p99_ms']:.3f} ms", flush=True)
+        for connections in (16, 64):
+            sampler = RssSampler(proc)
+            sampler.start()
+            cpu_before = cpu_seconds(proc.pids())
+            run = wrk(url, session, connections, seconds, token)
+            cpu = cpu_seconds(proc.pids()) - cpu_before
+            peak = sampler.finish()
+            served = run["requests"]
+            result[f"c{connections}"] = {
+                "rps": round(run["rps"], 1), "p50_ms": run["latency_us"]["p50"] / 1000,
+                "p99_ms": run["latency_us"]["p99"] / 1000,
+                "cpu_ms_per_call": round(cpu / served * 1000, 4) if served else None,
+                "failed": run["bad_answers"] + run["socket_errors"] + run["timeouts"],
+                "bad_sample": run["bad_sample"]}
+            result["rss_load_mb"] = round(max(peak, result.get("rss_load_mb", 0)), 1)
+            print(f"  {name}: c={connections} {run['rps']:.0f} calls/s, "
+                  f"{result[f'c{connections}']['cpu_ms_per_call']} ms CPU per call, "
+                  f"{result[f'c{connections}']['failed']} failed", flush=True)
+        return result
+    finally:
+        if proc is not upstream_proc:
+            proc.stop()
+
+
+def derive(results: dict) -> dict:
+    """Added latency and relative throughput against the direct run."""
+    direct = results.get("direct")
+    if not direct:
+        return {}
+    derived = {}
+    for name, r in results.items():
+        if name == "direct" or "c1" not in r:
+            continue
+        derived[name] = {
+            "added_p50_ms": round(r["c1"]["p50_ms"] - direct["c1"]["p50_ms"], 3),
+            "added_p99_ms": round(r["c1"]["p99_ms"] - direct["c1"]["p99_ms"], 3),
+            "c16_vs_direct": round(r["c16"]["rps"] / direct["c16"]["rps"], 3),
+            "c64_vs_direct": round(r["c64"]["rps"] / direct["c64"]["rps"], 3),
+        }
+    return derived
+
+
+def machine() -> dict:
+    model = ""
+    try:
+        model = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                      if l.startswith("model name")), "")
+    except OSError:
+        pass
+    load = Path("/proc/loadavg").read_text().split()[:3]
+    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.splitlines()
+    return {"cpus": os.cpu_count(), "cpu_model": model, "kernel": platform.release(), "python": platform.python_version(),
+            "loadavg_at_start": load, "wrk": wrk_version[0] if wrk_version else ""}
+
+
+def print_table(doc: dict) -> None:
+    results, derived = doc["targets"], doc.get("derived", {})
+    print(f"\n{'target':20s} {'p50 ms':>8s} {'p99 ms':>8s} {'+p50':>7s} {'+p99':>7s} {'c16/s':>8s} {'c64/s':>8s} "
+          f"{'c64 %':>6s} {'CPU ms':>7s} {'RSS MB':>7s} {'load MB':>7s} {'ready s':>7s}")
+    for name, r in results.items():
+        if "c1" not in r:
+            continue
+        d = derived.get(name, {})
+        ready = f"{r['ready_s']:.3f}" if r.get("ready_s") is not None else "-"
+        print(f"{name:20s} {r['c1']['p50_ms']:8.3f} {r['c1']['p99_ms']:8.3f} {d.get('added_p50_ms', 0):7.3f} "
+              f"{d.get('added_p99_ms', 0):7.3f} {r['c16']['rps']:8.0f} {r['c64']['rps']:8.0f} "
+              f"{100 * d.get('c64_vs_direct', 1):6.1f} {r['c16']['cpu_ms_per_call'] or 0:7.3f} {r['rss_idle_mb']:7.1f} "
+              f"{r.get('rss_load_mb', 0):7.1f} {ready:>7s}")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("targets", nargs="*", help=f"targets to measure (default: all): {', '.join(TARGETS)}")
+    parser.add_argument("--quick", action="store_true", help="2 s runs, for checking the harness itself")
+    parser.add_argument("--seconds", type=float, help="length of each load run (default 10, quick 2)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "sidecar.json")
+    args = parser.parse_args(argv)
+    chosen = args.targets or list(TARGETS)
+    unknown = [t for t in chosen if t not in TARGETS]
+    if unknown:
+        parser.error(f"unknown targets {unknown}; known: {', '.join(TARGETS)}")
+    if "direct" not in chosen:
+        chosen.insert(0, "direct")  # every comparison is against it, measured in the same run
+    if shutil.which("wrk") is None:
+        print("wrk is missing: run `make system-deps`", file=sys.stderr)
+        return 2
+    seconds = args.seconds or (2.0 if args.quick else 10.0)
+    warmup = 0.5 if args.quick else 2.0
+    logs = BENCH / "tmp"
+    logs.mkdir(exist_ok=True)
+
+    upstream_port = free_port()
+    upstream = f"http://127.0.0.1:{upstream_port}/mcp"
+    upstream_proc = Managed([str(MAIN_PY), str(BENCH / "upstream.py"), "--port", str(upstream_port)],
+                            logs / "upstream.log")
+    doc = json.loads(args.out.read_text()) if args.out.exists() else {}
+    doc.setdefault("targets", {})
+    failures = {}
+    try:
+        wait_ready(lambda: bool(open_session(upstream)), upstream_proc, timeout=30)
+        print(f"==> upstream at {upstream}; {seconds:g} s per load run", flush=True)
+        for name in chosen:
+            target = TARGETS[name]
+            missing = [str(p) for p in target.needs if not p.exists()]
+            if missing:
+                failures[name] = f"not installed: {', '.join(missing)}"
+                print(f"==> {name}: skipped, {failures[name]}", flush=True)
+                continue
+            print(f"==> {name}: {target.description}", flush=True)
+            try:
+                doc["targets"][name] = measure(name, target, upstream, upstream_proc, seconds, warmup, logs)
+            except Exception as exc:  # one broken proxy must not lose the others' numbers
+                failures[name] = str(exc)[:2000]
+                print(f"==> {name}: FAILED {exc}", flush=True)
+    finally:
+        upstream_proc.stop()
+    doc.update({"mode": "quick" if args.quick else "full", "seconds_per_run": seconds, "machine": machine(),
+                "load": "wrk, bench/mcp_call.lua: tools/call echo; c=1 with -t1, c=16/64 with -t2; one MCP session",
+                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    doc["derived"] = derive(doc["targets"])
+    doc["failures"] = failures
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    print_table(doc)
+    print(f"\n==> wrote {args.out}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

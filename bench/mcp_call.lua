@@ -1,0 +1,67 @@
+-- wrk script: POST MCP tools/call requests and report latency percentiles and failures as one JSON line.
+--
+-- Environment: MCP_SESSION (Mcp-Session-Id to send, empty for none), MCP_VERSION (MCP-Protocol-Version),
+-- MCP_TOOL (default echo), MCP_TOKEN (bearer token, optional), MCP_EXPECT (text every good answer contains).
+-- Each request carries a distinct JSON-RPC id: proxies built on MCP SDKs route answers by id.
+
+local session = os.getenv("MCP_SESSION") or ""
+local version = os.getenv("MCP_VERSION") or "2025-11-25"
+local tool = os.getenv("MCP_TOOL") or "echo"
+local token = os.getenv("MCP_TOKEN") or ""
+local expect = os.getenv("MCP_EXPECT") or "hello from wrk"
+
+local threads = {}
+local counter = 0
+
+function setup(thread)
+  counter = counter + 1
+  thread:set("tid", counter)
+  table.insert(threads, thread)
+end
+
+function init(args)
+  next_id = tid * 100000000
+  bad = 0
+  bad_sample = ""
+  wrk.method = "POST"
+  wrk.headers["Content-Type"] = "application/json"
+  wrk.headers["Accept"] = "application/json, text/event-stream"
+  wrk.headers["MCP-Protocol-Version"] = version
+  if session ~= "" then wrk.headers["Mcp-Session-Id"] = session end
+  if token ~= "" then wrk.headers["Authorization"] = "Bearer " .. token end
+end
+
+function request()
+  next_id = next_id + 1
+  local body = '{"jsonrpc":"2.0","id":' .. next_id .. ',"method":"tools/call","params":{"name":"' .. tool ..
+    '","arguments":{"text":"hello from wrk"}}}'
+  return wrk.format(nil, nil, nil, body)
+end
+
+function response(status, headers, body)
+  -- A proxy that answers fast but wrong must not look good: count every answer without the echoed text.
+  if status ~= 200 or not string.find(body, expect, 1, true) then
+    bad = bad + 1
+    if bad_sample == "" then bad_sample = status .. " " .. string.sub(body, 1, 200) end
+  end
+end
+
+local function json_string(s)
+  return '"' .. string.gsub(s, '[%c"\\]', function(c) return string.format("\\u%04x", string.byte(c)) end) .. '"'
+end
+
+function done(summary, latency, requests)
+  local failed, sample = 0, ""
+  for _, thread in ipairs(threads) do
+    failed = failed + thread:get("bad")
+    if sample == "" then sample = thread:get("bad_sample") end
+  end
+  local errors = summary.errors
+  io.write(string.format(
+    'WRK_RESULT {"requests":%d,"duration_us":%d,"bad_answers":%d,"bad_sample":%s,' ..
+    '"socket_errors":%d,"timeouts":%d,"non_2xx":%d,' ..
+    '"latency_us":{"mean":%.1f,"p50":%d,"p90":%d,"p99":%d,"max":%d}}\n',
+    summary.requests, summary.duration, failed, json_string(sample),
+    errors.connect + errors.read + errors.write, errors.timeout, errors.status,
+    latency.mean, latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
+end
