@@ -49,9 +49,14 @@ _PARSED_RESULTS = frozenset({"tools/list", "tools/call", "initialize"})
 _LIST_CHANGED = b"notifications/tools/list_changed"
 
 
-def forward_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """The client's headers as the upstream gets them: everything end-to-end, Mcp-* included."""
-    return {k: v for k, v in headers.items() if k.lower() not in _NOT_FORWARDED}
+def forward_headers(headers: Mapping[str, str], *, verified: bool = False) -> dict[str, str]:
+    """The client's headers as the upstream gets them: everything end-to-end, Mcp-* included.
+
+    X-Toolmesh-* carry the caller's identity to the upstream: they pass only when `verified`
+    (the authenticate stage replaced the client's with its own); a client's are dropped.
+    """
+    return {k: v for k, v in headers.items()
+            if k.lower() not in _NOT_FORWARDED and (verified or not k.lower().startswith("x-toolmesh-"))}
 
 
 class UpstreamCall:
@@ -63,7 +68,7 @@ class UpstreamCall:
 
     async def __call__(self, ctx: CallContext) -> Outcome:
         kind = ctx.kind
-        headers = forward_headers(ctx.headers)
+        headers = forward_headers(ctx.headers, verified=ctx.caller is not None)
         if kind == REQUEST:
             body = ctx.raw if not ctx.params_changed else serialise_request(ctx.method, ctx.request_id, ctx.params)
             return await self._request(ctx, await self.upstream.post(body, headers))

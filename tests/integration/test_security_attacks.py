@@ -111,3 +111,18 @@ async def test_spoofed_identity_headers_never_reach_the_upstream(guarded, issuer
 async def test_spoofed_headers_without_a_token_are_still_401(guarded):
     resp = await call(guarded.url, "show_headers", None, **{"X-Toolmesh-Subject": "root", "X-Toolmesh-Scopes": "mcp:admin"})
     assert resp.status_code == 401
+
+
+async def test_without_auth_a_client_cannot_forge_an_identity_either(tmp_path):
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
+    from mcp.shared._httpx_utils import create_mcp_http_client
+
+    spoof = {"X-Toolmesh-Subject": "root", "X-Toolmesh-Scopes": "mcp:admin"}
+    with sdk_http_server(log_path=tmp_path / "server.log") as upstream, \
+            sidecar(["--upstream", upstream], tmp_path) as sc:
+        http = create_mcp_http_client(headers=spoof)
+        async with Client(streamable_http_client(sc.url, http_client=http), mode="legacy") as session:
+            result = await session.call_tool("show_headers", {})
+    seen = json.loads(result.content[0].text)
+    assert "x-toolmesh-subject" not in seen and "x-toolmesh-scopes" not in seen
