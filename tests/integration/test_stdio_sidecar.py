@@ -1,0 +1,117 @@
+"""Stdio and legacy SSE servers behind the real `toolmesh sidecar`, spoken to by the official SDK client."""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+
+import pytest
+from mcp import Client
+from mcp.shared.exceptions import MCPError
+from mcp.types import CreateMessageResult, TextContent
+
+from helpers import free_port, port_open, running, wait_until
+from helpers.sidecar import ready, sidecar
+from helpers.stdio_servers import EVERYTHING_SERVER, STDIO_TOOLS, TIME_SERVER, sse_tools_server
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def text_of(result) -> str:
+    return "".join(c.text for c in result.content if isinstance(c, TextContent))
+
+
+async def answer_sampling(ctx, params):
+    return CreateMessageResult(role="assistant", model="test-model",
+                               content=TextContent(type="text", text="sampled " + params.messages[0].content.text))
+
+
+@pytest.fixture(scope="module")
+def tools_sidecar(tmp_path_factory):
+    with sidecar(["--upstream-command", shlex.join(STDIO_TOOLS)], tmp_path_factory.mktemp("stdio")) as sc:
+        yield sc
+
+
+async def test_sdk_clients_share_one_stdio_child_through_the_sidecar(tools_sidecar):
+    async def session(index: int) -> tuple[str, str]:
+        async with Client(tools_sidecar.url, mode="legacy") as client:
+            echoed = text_of(await client.call_tool("echo", {"text": f"client {index}"}))
+            return echoed, text_of(await client.call_tool("whoami", {}))
+
+    results = await asyncio.gather(*(session(i) for i in range(6)))
+    assert [echoed for echoed, _ in results] == [f"client {i}" for i in range(6)]
+    assert len({pid for _, pid in results}) == 1
+
+
+async def test_progress_and_sampling_through_the_sidecar(tools_sidecar):
+    seen = []
+
+    async def on_progress(progress, total, message):
+        seen.append((progress, total, message))
+
+    async with Client(tools_sidecar.url, mode="legacy", sampling_callback=answer_sampling) as client:
+        counted = await client.call_tool("count", {"steps": 3}, progress_callback=on_progress)
+        assert text_of(counted) == "counted 3"
+        assert seen == [(float(i), 3.0, f"step {i}") for i in range(1, 4)]
+        assert text_of(await client.call_tool("ask_model", {"question": "hi"})) == "sampled hi"
+
+
+async def test_a_crash_reaches_the_client_as_an_error_and_the_next_call_works(tools_sidecar):
+    async with Client(tools_sidecar.url, mode="legacy") as client:
+        before = text_of(await client.call_tool("whoami", {}))
+        try:
+            crashed = await client.call_tool("crash", {"code": 5})
+        except MCPError as exc:
+            assert "upstream exited" in exc.error.message
+        else:
+            assert crashed.is_error and "upstream exited" in text_of(crashed)
+        wait_until(lambda: ready(tools_sidecar.base), timeout=20, what="readiness after the restart")
+        assert text_of(await client.call_tool("echo", {"text": "back"})) == "back"
+        assert text_of(await client.call_tool("whoami", {})) != before
+    assert "about to crash with code 5" in tools_sidecar.log()
+
+
+async def test_mcp_server_time_behind_the_sidecar(tmp_path):
+    with sidecar(["--upstream-command", shlex.join(TIME_SERVER)], tmp_path) as sc:
+        async with Client(sc.url, mode="legacy") as client:
+            assert "get_current_time" in {t.name for t in (await client.list_tools()).tools}
+            answer = await client.call_tool("get_current_time", {"timezone": "Asia/Tokyo"})
+            assert '"timezone": "Asia/Tokyo"' in text_of(answer)
+
+
+@pytest.mark.node
+async def test_server_everything_over_stdio_behind_the_sidecar(tmp_path):
+    with sidecar(["--upstream-command", shlex.join(EVERYTHING_SERVER)], tmp_path) as sc:
+        seen = []
+
+        async def on_progress(progress, total, message):
+            seen.append(progress)
+
+        async with Client(sc.url, mode="legacy") as client:
+            names = {t.name for t in (await client.list_tools()).tools}
+            assert {"echo", "get-sum"} <= names
+            assert text_of(await client.call_tool("echo", {"message": "hello"})) == "Echo: hello"
+            assert "42" in text_of(await client.call_tool("get-sum", {"a": 40, "b": 2}))
+            result = await client.call_tool("trigger-long-running-operation", {"duration": 0.3, "steps": 3},
+                                            progress_callback=on_progress)
+            assert not result.is_error
+            assert seen == [1.0, 2.0, 3.0]
+
+
+async def test_a_legacy_sse_server_behind_the_sidecar(tmp_path):
+    port = free_port()
+    with running(sse_tools_server(port), log_path=tmp_path / "sse.log"):
+        wait_until(lambda: port_open(port), timeout=20, what="the SSE server to listen")
+        upstream = ["--upstream", f"http://127.0.0.1:{port}/sse", "--upstream-transport", "sse"]
+        with sidecar(upstream, tmp_path) as sc:
+            seen = []
+
+            async def on_progress(progress, total, message):
+                seen.append(progress)
+
+            async with Client(sc.url, mode="legacy", sampling_callback=answer_sampling) as client:
+                assert "echo" in {t.name for t in (await client.list_tools()).tools}
+                assert text_of(await client.call_tool("echo", {"text": "via sse"})) == "via sse"
+                counted = await client.call_tool("count", {"steps": 2}, progress_callback=on_progress)
+                assert text_of(counted) == "counted 2" and seen == [1.0, 2.0]
+                assert text_of(await client.call_tool("ask_model", {"question": "x"})) == "sampled x"
