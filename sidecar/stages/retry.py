@@ -25,6 +25,7 @@ from toolmesh.sidecar.failures import (
     raise_if_unreadable,
     retry_after_seconds,
 )
+from toolmesh.sidecar.stages.timeout import excuse_wait
 from toolmesh.sidecar.state import SharedState, ToolCatalog
 from toolmesh.sidecar.tool_traits import tool_traits
 
@@ -136,6 +137,7 @@ class RetryStage:
                      extra={"event": "retry", "tool": tool, "attempt": attempt + 1, "delaySeconds": round(delay, 3)})
             await self._report(ctx, tool, attempt, schedule.max_attempts, delay, failure)
             if delay > 0:
+                excuse_wait(delay)
                 await self.sleep(delay)
             attempt += 1
 

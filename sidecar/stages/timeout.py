@@ -10,8 +10,9 @@ gets `UpstreamTimeout` (504).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from toolmesh.api.policy import TimeoutPolicy
@@ -26,6 +27,37 @@ log = logging.getLogger("toolmesh.sidecar.timeout")
 _PROGRESS = b"notifications/progress"
 # From this revision on cancellation is closing the response stream; no notification exists.
 _STATELESS_ERA = "2026-07-28"
+
+
+@dataclass(slots=True)
+class _Timer:
+    """The running call's deadline, reachable by inner stages of the same call."""
+
+    scope: asyncio.Timeout
+    hard_deadline: float
+    extension: float
+    loop: asyncio.AbstractEventLoop
+
+    def extend(self, seconds: float) -> None:
+        """Move the deadline to at least `seconds` from now, never past the hard maximum."""
+        when = self.scope.when()
+        target = min(self.hard_deadline, self.loop.time() + seconds)
+        if when is not None and target > when and not self.scope.expired():
+            self.scope.reschedule(target)
+
+
+_timer: contextvars.ContextVar[_Timer | None] = contextvars.ContextVar("toolmesh_call_timer", default=None)
+
+
+def excuse_wait(seconds: float) -> None:
+    """A wait the sidecar itself makes (a retry delay) does not count as upstream silence.
+
+    The deadline moves to the end of the wait plus one progress extension, within the hard
+    maximum; a no-op when the call has no timeout.
+    """
+    timer = _timer.get()
+    if timer is not None:
+        timer.extend(seconds + max(timer.extension, 0.0))
 
 
 class TimeoutStage:
@@ -49,17 +81,18 @@ class TimeoutStage:
         extension = self.extension
         client_emit = ctx.emit
         scope: asyncio.Timeout | None = None
+        timer: _Timer | None = None
 
         async def emit(event: SseEvent) -> None:
-            if scope is not None and extension > 0 and _PROGRESS in event.data:
-                when = scope.when()
-                extended = min(hard_deadline, loop.time() + extension)
-                if when is not None and extended > when and not scope.expired():
-                    scope.reschedule(extended)
+            if timer is not None and extension > 0 and _PROGRESS in event.data:
+                timer.extend(extension)
             await client_emit(event)
 
+        token = None
         try:
             async with asyncio.timeout(min(self.call_seconds, self.max_seconds)) as scope:
+                timer = _Timer(scope, hard_deadline, extension, loop)
+                token = _timer.set(timer)
                 return await call_next(replace(ctx, emit=emit))
         except TimeoutError:
             if scope is None or not scope.expired():
@@ -70,6 +103,9 @@ class TimeoutStage:
             await self._cancel_upstream(ctx, call_next)
             raise UpstreamTimeout(f"upstream did not answer within {elapsed:.1f}s",
                                   data={"elapsedSeconds": round(elapsed, 3), "maxSeconds": self.max_seconds}) from None
+        finally:
+            if token is not None:
+                _timer.reset(token)
 
     async def _cancel_upstream(self, ctx: CallContext, call_next: Handler) -> None:
         """Tell the upstream to stop working on the request (session era); best effort, never raises."""

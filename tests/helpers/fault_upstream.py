@@ -231,9 +231,12 @@ class FaultRelay:
                 await out.write(data)
                 return out
             await out.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                await out.write(chunk)
-            await out.write_eof()
+            try:
+                async for chunk in upstream.content.iter_any():
+                    await out.write(chunk)
+                await out.write_eof()
+            except ConnectionResetError:
+                pass  # the sidecar gave up on this call (a timeout): so does the relay
             return out
 
 

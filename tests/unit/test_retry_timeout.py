@@ -108,3 +108,31 @@ async def test_notifications_are_not_timed():
                        kind=NOTIFICATION)
     await stage(note, upstream)
     assert seen == ["notifications/initialized"]
+
+
+async def test_a_retry_wait_does_not_count_as_silence_but_the_hard_maximum_holds():
+    from toolmesh.sidecar.stages.retry import RetryStage
+
+    policy = MCPToolPolicySpec.model_validate({
+        "timeouts": {"callSeconds": 0.3, "progressExtensionSeconds": 0.3, "maxSeconds": 5},
+        "retry": {"maxAttempts": 2, "baseDelayMs": 500, "maxDelayMs": 500, "jitter": "none", "force": True}})
+    shared = SharedState(server_name="srv")
+    outer = timeout.build(policy, shared)
+    retrying = RetryStage(policy.retry, shared.tools, spec=policy)
+    attempts = 0
+
+    async def upstream(ctx):
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            return Outcome(raw=b"busy", status=503)
+        return Outcome(message={"jsonrpc": "2.0", "id": ctx.request_id, "result": {"content": []}})
+
+    outcome = await outer(call([]), lambda ctx: retrying(ctx, upstream))
+    assert attempts == 2 and outcome.status == 200
+
+    capped = timeout.build(MCPToolPolicySpec.model_validate({"timeouts": {"callSeconds": 0.3, "maxSeconds": 0.4}}),
+                           shared)
+    attempts = 0
+    with pytest.raises(UpstreamTimeout):
+        await capped(call([]), lambda ctx: retrying(ctx, upstream))
