@@ -162,11 +162,21 @@ def open_session(url: str, token: str = "") -> Session:
     version = reply["result"].get("protocolVersion", PROTOCOL)
     headers = {**auth, "MCP-Protocol-Version": version, **({"Mcp-Session-Id": session_id} if session_id else {})}
     post(url, {"jsonrpc": "2.0", "method": "notifications/initialized"}, headers)
+    # As a real client does before calling: it also tells a proxy the tools' annotations (read-only echo).
+    status, _, reply = post(url, {"jsonrpc": "2.0", "id": 3, "method": "tools/list"}, headers)
+    if status != 200 or "echo" not in json.dumps(reply):
+        raise RuntimeError(f"tools/list through the proxy failed: HTTP {status} {reply}")
     status, _, reply = post(url, {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
                                   "params": {"name": "echo", "arguments": {"text": ECHO_TEXT}}}, headers)
     if status != 200 or ECHO_TEXT not in json.dumps(reply):
         raise RuntimeError(f"echo through the proxy failed: HTTP {status} {reply}")
     return Session(session_id, version)
+
+
+def upstream_calls(upstream: str) -> int:
+    """tools/call requests the upstream has answered so far (bench/upstream.py's /stats)."""
+    with urllib.request.urlopen(upstream.rsplit("/mcp", 1)[0] + "/stats", timeout=5) as response:
+        return json.loads(response.read())["tools/call"]
 
 
 def wait_ready(check: Callable[[], bool], proc: Managed, timeout: float = 60) -> float:
@@ -194,10 +204,11 @@ def http_ok(url: str) -> bool:
 
 # --- load --------------------------------------------------------------------------------------
 
-def wrk(url: str, session: Session, connections: int, seconds: float, token: str = "") -> dict:
+def wrk(url: str, session: Session, connections: int, seconds: float, token: str = "",
+        load_env: dict[str, str] | None = None) -> dict:
     threads = 1 if connections == 1 else 2
     env = dict(os.environ, MCP_SESSION=session.session_id, MCP_VERSION=session.version, MCP_TOKEN=token,
-               MCP_EXPECT=ECHO_TEXT)
+               MCP_EXPECT=ECHO_TEXT, **(load_env or {}))
     cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
            "-s", str(LUA), url]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds + 60)
@@ -240,6 +251,8 @@ class Target:
     needs: list[Path] = field(default_factory=list)
     token: Callable[[], str] | None = None
     env: dict[str, str] = field(default_factory=dict)
+    load_env: dict[str, str] = field(default_factory=dict)
+    """Extra environment for bench/mcp_call.lua (e.g. MCP_VARY=1)."""
 
 
 def sidecar(*extra: str) -> Callable[[str, int], list[str]]:
@@ -263,18 +276,29 @@ TARGETS: dict[str, Target] = {
                                       str(MCP_PROXY), "--transport", "streamablehttp", "--log-level", "WARNING", u],
                         None, [MCP_PROXY]),
 }
-# Policy-on modes register themselves here when their policy files exist (see bench/policies/).
+# Policy-on modes: one target per file in bench/policies/, named sidecar-<file stem>.
 POLICY_DIR = BENCH / "policies"
-for policy in sorted(POLICY_DIR.glob("*.yaml")) if POLICY_DIR.exists() else []:
+POLICY_LOAD = {"full": {"MCP_VARY": "1"}}  # full.yaml measures cache misses: every call's arguments differ
+for policy in sorted(POLICY_DIR.glob("*.yaml")):
     TARGETS[f"sidecar-{policy.stem}"] = Target(
-        f"toolmesh sidecar with {policy.name}", sidecar("--policy", str(policy)), "/readyz", [TOOLMESH],
-        token=(lambda p=policy: bench_token(p)))
+        f"toolmesh sidecar with bench/policies/{policy.name}", sidecar("--policy", str(policy)), "/readyz",
+        [TOOLMESH], token=(lambda p=policy: bench_token(p)), load_env=POLICY_LOAD.get(policy.stem, {}))
 
 
 def bench_token(policy: Path) -> str:
-    """A bearer token for a policy-on run: bench/policies/<name>.token holds it when the policy needs one."""
-    token_file = policy.with_suffix(".token")
-    return token_file.read_text().strip() if token_file.exists() else ""
+    """A bearer token the policy's first HMAC issuer accepts, with every scope the benchmark calls need ('' without auth)."""
+    import jwt
+    import yaml
+
+    spec = yaml.safe_load(policy.read_text()).get("spec", {})
+    issuers = (spec.get("auth") or {}).get("issuers") or []
+    if not issuers:
+        return ""
+    issuer = issuers[0]
+    now = int(time.time())
+    claims = {"iss": issuer["issuer"], "aud": issuer["audiences"][0], "sub": "toolmesh-bench", "iat": now,
+              "nbf": now, "exp": now + 24 * 3600, "scope": "mcp:admin tools:echo"}
+    return jwt.encode(claims, issuer["secret"], algorithm="HS256")
 
 
 # --- one target --------------------------------------------------------------------------------
@@ -301,8 +325,8 @@ def measure(name: str, target: Target, upstream: str, upstream_proc: Managed, se
                         "rss_idle_mb": round(rss_mb(proc.pids()), 1),
                         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if warmup:
-            wrk(url, session, 4, warmup, token)
-        c1 = wrk(url, session, 1, seconds, token)
+            wrk(url, session, 4, warmup, token, target.load_env)
+        c1 = wrk(url, session, 1, seconds, token, target.load_env)
         result["c1"] = {"p50_ms": c1["latency_us"]["p50"] / 1000, "p90_ms": c1["latency_us"]["p90"] / 1000,
                         "p99_ms": c1["latency_us"]["p99"] / 1000, "rps": round(c1["rps"], 1),
                         "failed": c1["bad_answers"] + c1["socket_errors"] + c1["timeouts"]}
@@ -310,9 +334,10 @@ def measure(name: str, target: Target, upstream: str, upstream_proc: Managed, se
         for connections in (16, 64):
             sampler = RssSampler(proc)
             sampler.start()
-            cpu_before = cpu_seconds(proc.pids())
-            run = wrk(url, session, connections, seconds, token)
+            cpu_before, upstream_before = cpu_seconds(proc.pids()), upstream_calls(upstream)
+            run = wrk(url, session, connections, seconds, token, target.load_env)
             cpu = cpu_seconds(proc.pids()) - cpu_before
+            reached = upstream_calls(upstream) - upstream_before
             peak = sampler.finish()
             served = run["requests"]
             result[f"c{connections}"] = {
@@ -320,7 +345,9 @@ def measure(name: str, target: Target, upstream: str, upstream_proc: Managed, se
                 "p99_ms": run["latency_us"]["p99"] / 1000,
                 "cpu_ms_per_call": round(cpu / served * 1000, 4) if served else None,
                 "failed": run["bad_answers"] + run["socket_errors"] + run["timeouts"],
-                "bad_sample": run["bad_sample"]}
+                "bad_sample": run["bad_sample"],
+                # Below 1 when a cache answered; calls cut off when wrk stops may reach upstream unanswered.
+                "upstream_calls_per_call": round(reached / served, 3) if served else None}
             result["rss_load_mb"] = round(max(peak, result.get("rss_load_mb", 0)), 1)
             print(f"  {name}: c={connections} {run['rps']:.0f} calls/s, "
                   f"{result[f'c{connections}']['cpu_ms_per_call']} ms CPU per call, "

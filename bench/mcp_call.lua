@@ -1,7 +1,8 @@
 -- wrk script: POST MCP tools/call requests and report latency percentiles and failures as one JSON line.
 --
 -- Environment: MCP_SESSION (Mcp-Session-Id to send, empty for none), MCP_VERSION (MCP-Protocol-Version),
--- MCP_TOOL (default echo), MCP_TOKEN (bearer token, optional), MCP_EXPECT (text every good answer contains).
+-- MCP_TOOL (default echo), MCP_TOKEN (bearer token, optional), MCP_EXPECT (text every good answer contains),
+-- MCP_VARY=1 (a different argument on every call, so no call can be answered from a cache).
 -- Each request carries a distinct JSON-RPC id: proxies built on MCP SDKs route answers by id.
 
 local session = os.getenv("MCP_SESSION") or ""
@@ -9,6 +10,7 @@ local version = os.getenv("MCP_VERSION") or "2025-11-25"
 local tool = os.getenv("MCP_TOOL") or "echo"
 local token = os.getenv("MCP_TOKEN") or ""
 local expect = os.getenv("MCP_EXPECT") or "hello from wrk"
+local vary = os.getenv("MCP_VARY") == "1"
 
 local threads = {}
 local counter = 0
@@ -33,8 +35,10 @@ end
 
 function request()
   next_id = next_id + 1
+  local text = "hello from wrk"
+  if vary then text = text .. " " .. next_id end
   local body = '{"jsonrpc":"2.0","id":' .. next_id .. ',"method":"tools/call","params":{"name":"' .. tool ..
-    '","arguments":{"text":"hello from wrk"}}}'
+    '","arguments":{"text":"' .. text .. '"}}}'
   return wrk.format(nil, nil, nil, body)
 end
 

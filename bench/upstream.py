@@ -39,6 +39,7 @@ def tool_list(extra: int) -> list[dict]:
 def make_app(extra_tools: int = 0) -> web.Application:
     tools_result = {"tools": tool_list(extra_tools)}
     sessions: set[str] = set()
+    served = {"tools/call": 0}  # read by the harness: how many calls a proxy actually passed on
 
     def answer(message: dict, headers: dict[str, str]) -> dict | None:
         method = message.get("method")
@@ -47,6 +48,7 @@ def make_app(extra_tools: int = 0) -> web.Application:
         msg_id = message["id"]
         params = message.get("params") or {}
         if method == "tools/call":
+            served["tools/call"] += 1
             arguments = params.get("arguments") or {}
             if params.get("name") != "echo":
                 return {"jsonrpc": "2.0", "id": msg_id,
@@ -97,6 +99,9 @@ def make_app(extra_tools: int = 0) -> web.Application:
         sessions.discard(request.headers.get("Mcp-Session-Id", ""))
         return web.Response(status=200)
 
+    async def stats(request: web.Request) -> web.Response:
+        return web.Response(headers=JSON_HEADERS, body=orjson.dumps(served))
+
     async def no_stream(request: web.Request) -> web.Response:
         return web.Response(status=405, headers={"Allow": "POST, DELETE"})
 
@@ -104,6 +109,7 @@ def make_app(extra_tools: int = 0) -> web.Application:
     app.router.add_post("/mcp", post)
     app.router.add_delete("/mcp", delete)
     app.router.add_get("/mcp", no_stream)
+    app.router.add_get("/stats", stats)
     return app
 
 
