@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -179,8 +179,8 @@ class BudgetStage:
                 message = orjson.loads(outcome.raw)
             except orjson.JSONDecodeError:
                 return outcome
-        result = message.get("result") if isinstance(message, Mapping) else None
-        if not isinstance(result, Mapping):
+        result = message.get("result") if _is_map(message) else None
+        if not _is_map(result):
             return outcome  # errors cost nothing: the agent sees a short error either way
 
         available = self.capacity - budget.used
@@ -211,7 +211,9 @@ class BudgetStage:
         meta = dict(new_result.get("_meta") or {})
         meta[META_KEY] = self._meta(budget, **meta_extra)
         new_result["_meta"] = meta
-        return replace(outcome, message={**message, "result": new_result}, raw=None)
+        # Built directly rather than with dataclasses.replace: this runs on every tool call.
+        return Outcome(message={**message, "result": new_result}, raw=None, status=outcome.status,
+                       headers=outcome.headers, event_id=outcome.event_id, streamed=outcome.streamed)
 
     def _count(self, items: list[Any]) -> int:
         total = 0
@@ -266,6 +268,11 @@ class BudgetStage:
         return Outcome(message={"jsonrpc": "2.0", "id": ctx.request_id, "result": result})
 
 
+def _is_map(value: Any) -> bool:
+    # The exact-type test first: parsed JSON is always a dict, and the ABC check costs far more.
+    return type(value) is dict or isinstance(value, Mapping)
+
+
 def _era_fields(ctx: CallContext, *, cacheable: bool = False) -> dict[str, Any]:
     """Fields the 2026-07-28 revision requires on every result the sidecar writes itself."""
     version = ctx.protocol_version
@@ -280,7 +287,7 @@ def _era_fields(ctx: CallContext, *, cacheable: bool = False) -> dict[str, Any]:
 
 def _text_of(item: Any) -> str | None:
     """The text a model reads from one content item, None for binary content."""
-    if not isinstance(item, Mapping):
+    if not _is_map(item):
         return None
     kind = item.get("type")
     if kind == "text":

@@ -145,10 +145,10 @@ def storable_result(outcome: Outcome) -> tuple[bytes, Mapping[str, Any]] | None:
             message = orjson.loads(outcome.raw)
         except orjson.JSONDecodeError:
             return None
-    if not isinstance(message, Mapping):
+    if type(message) is not dict and not isinstance(message, Mapping):
         return None
     result = message.get("result")
-    if not isinstance(result, Mapping):
+    if type(result) is not dict and not isinstance(result, Mapping):
         return None
     return orjson.dumps(result), result
 

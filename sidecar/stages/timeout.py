@@ -93,7 +93,9 @@ class TimeoutStage:
             async with asyncio.timeout(min(self.call_seconds, self.max_seconds)) as scope:
                 timer = _Timer(scope, hard_deadline, extension, loop)
                 token = _timer.set(timer)
-                return await call_next(replace(ctx, emit=emit))
+                # Only a call with a progress token gets progress from the upstream: the others keep
+                # their context as is (deriving a new one costs more than the whole timeout).
+                return await call_next(replace(ctx, emit=emit) if ctx.progress_token is not None else ctx)
         except TimeoutError:
             if scope is None or not scope.expired():
                 raise  # a timeout inside the call, not ours: already typed by the layer below

@@ -24,7 +24,8 @@ def call(events: list, version: str | None = "2025-11-25"):
     async def emit(event: SseEvent):
         events.append(orjson.loads(event.data))
 
-    return CallContext(method="tools/call", request_id=42, params={"name": "work", "arguments": {}}, raw=b"",
+    params = {"name": "work", "arguments": {}, "_meta": {"progressToken": "p"}}
+    return CallContext(method="tools/call", request_id=42, params=params, raw=b"",
                        headers={}, session_id="s", protocol_version=version, emit=emit)
 
 
