@@ -1,0 +1,81 @@
+"""The cluster fixture is a working control plane: it runs Deployments, reports its version, reviews tokens, and helm works."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.cluster
+
+DEPLOYMENT = """
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+spec:
+  replicas: 2
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers:
+      - name: web
+        image: example.invalid/web:1
+"""
+
+
+def test_deployment_pods_run_on_the_fake_node(cluster, namespace):
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=DEPLOYMENT)
+
+    def running_pods():
+        pods = cluster.kubectl_json("get", "pods", "-n", namespace, "-l", "app=web")["items"]
+        running = [p for p in pods if p["status"].get("phase") == "Running"]
+        return running if len(running) == 2 else None
+
+    pods = cluster.wait_for(running_pods, timeout=30, what="2 Running pods of the Deployment")
+    assert {p["spec"]["nodeName"] for p in pods} == {cluster.node}
+    owners = {p["metadata"]["ownerReferences"][0]["kind"] for p in pods}
+    assert owners == {"ReplicaSet"}
+    deployment = cluster.wait_for(
+        lambda: (d := cluster.kubectl_json("get", "deployment", "web", "-n", namespace))["status"].get("readyReplicas") == 2 and d,
+        timeout=30, what="the Deployment to report 2 ready replicas")
+    assert deployment["status"]["availableReplicas"] == 2
+
+
+def test_kubectl_version_matches_client_and_server(cluster):
+    versions = json.loads(cluster.kubectl("version", "-o", "json").stdout)
+    assert versions["clientVersion"]["gitVersion"] == "v1.36.3"
+    assert versions["serverVersion"]["gitVersion"] == "v1.36.3"
+
+
+def test_service_account_token_passes_token_review(cluster, namespace):
+    token = cluster.token_for(namespace, "registry-client", "toolmesh-registry")
+    review = {
+        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+        "spec": {"token": token, "audiences": ["toolmesh-registry"]},
+    }
+    status = json.loads(cluster.kubectl("create", "-o", "json", "-f", "-", input=json.dumps(review)).stdout)["status"]
+    assert status["authenticated"] is True
+    assert status["user"]["username"] == f"system:serviceaccount:{namespace}:registry-client"
+    assert status["audiences"] == ["toolmesh-registry"]
+
+    # The same token presented for another audience is refused.
+    review["spec"]["audiences"] = ["someone-else"]
+    status = json.loads(cluster.kubectl("create", "-o", "json", "-f", "-", input=json.dumps(review)).stdout)["status"]
+    assert not status.get("authenticated")
+
+
+def test_api_client_talks_to_the_cluster(cluster, namespace):
+    from kubernetes import client
+
+    with cluster.api_client() as api:
+        names = {ns.metadata.name for ns in client.CoreV1Api(api).list_namespace().items}
+    assert namespace in names
+
+
+def test_helm_version(cluster):
+    out = cluster.helm("version", "--short").stdout.strip()
+    assert out.startswith("v3.21.4"), out
