@@ -24,7 +24,7 @@ from mcp.server.mcpserver import Context  # noqa: E402
 from mcp.types import SamplingMessage, TextContent, ToolAnnotations  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
-from helpers import VENV_BIN, free_port, port_open, running, wait_until  # noqa: E402
+from helpers import ROOT, VENV_BIN, free_port, port_open, running, wait_until  # noqa: E402
 
 
 class Answer(BaseModel):
@@ -184,6 +184,22 @@ def sdk_http_server(*, stateless: bool = False, json_response: bool = False, res
     with running(cmd, log_path=log_path) as proc:
         wait_until(lambda: proc.poll() is not None or port_open(port), timeout=20, what="SDK server to listen")
         assert proc.poll() is None, "SDK test server exited at start-up"
+        yield f"http://127.0.0.1:{port}/mcp"
+
+
+EVERYTHING = ROOT / "tests" / "node" / "node_modules" / ".bin" / "mcp-server-everything"
+"""`@modelcontextprotocol/server-everything` from npm (tests/node, installed by `make node-deps`)."""
+
+
+@contextmanager
+def everything_http_server(*, port: int | None = None, log_path: Path | None = None) -> Iterator[str]:
+    """Run the reference server-everything in its streamableHttp mode; yields its `/mcp` URL."""
+    assert EVERYTHING.exists(), f"{EVERYTHING} is missing: run `make node-deps`"
+    port = port or free_port()
+    with running([str(EVERYTHING), "streamableHttp"], env={"PORT": str(port)}, log_path=log_path) as proc:
+        wait_until(lambda: proc.poll() is not None or port_open(port), timeout=30,
+                   what="server-everything to listen")
+        assert proc.poll() is None, "server-everything exited at start-up"
         yield f"http://127.0.0.1:{port}/mcp"
 
 

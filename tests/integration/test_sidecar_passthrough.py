@@ -170,3 +170,71 @@ async def test_unknown_mcp_headers_reach_the_upstream_and_hop_headers_do_not(pro
     assert seen["mcp-session-id"] == common["Mcp-Session-Id"]
     assert "proxy-authorization" not in seen
     assert seen["host"].startswith("127.0.0.1:")
+
+
+@pytest.fixture(scope="module")
+def proxied_everything(tmp_path_factory):
+    from helpers.mcp_servers import everything_http_server
+
+    tmp = tmp_path_factory.mktemp("everything")
+    with everything_http_server(log_path=tmp / "everything.log") as url, sidecar(["--upstream", url], tmp) as sc:
+        yield sc
+
+
+async def test_reference_server_everything_through_the_sidecar(proxied_everything):
+    seen = []
+
+    async def on_progress(progress, total, message):
+        seen.append(progress)
+
+    async with Client(proxied_everything.url, mode="legacy", sampling_callback=answer_sampling) as client:
+        names = {t.name for t in (await client.list_tools()).tools}
+        assert {"echo", "get-sum", "trigger-long-running-operation"} <= names
+        assert "hello" in text_of(await client.call_tool("echo", {"message": "hello"}))
+        assert "5" in text_of(await client.call_tool("get-sum", {"a": 2, "b": 3}))
+        done = await client.call_tool("trigger-long-running-operation", {"duration": 0.3, "steps": 3},
+                                      progress_callback=on_progress)
+        assert not done.is_error
+        assert seen == [1.0, 2.0, 3.0]
+        assert "trigger-sampling-request" in names  # offered because the client can sample
+        sampled = await client.call_tool("trigger-sampling-request", {"prompt": "ping", "maxTokens": 10})
+        assert "context: ping" in text_of(sampled) and '"model": "test-model"' in text_of(sampled)
+
+
+async def test_resumption_with_last_event_id_after_a_dropped_stream(proxied):
+    init = await raw_post(proxied.url, initialize_message())
+    common = {"Mcp-Session-Id": init.headers["mcp-session-id"], "MCP-Protocol-Version": "2025-11-25"}
+    await raw_post(proxied.url, {"jsonrpc": "2.0", "method": "notifications/initialized"}, common)
+    call = {"jsonrpc": "2.0", "id": "long", "method": "tools/call",
+            "params": {"name": "count", "arguments": {"steps": 4, "delay": 0.3}, "_meta": {"progressToken": "p"}}}
+    last_id = None
+    first: list[dict] = []
+    async with httpx2.AsyncClient(timeout=10) as http:
+        async with http.stream("POST", proxied.url, content=orjson.dumps(call),
+                               headers={"Content-Type": "application/json", "Accept": ACCEPT, **common}) as resp:
+            assert resp.headers["content-type"].startswith("text/event-stream")
+            buffer = b""
+            async for chunk in resp.aiter_bytes():
+                buffer += chunk
+                while b"\n\n" in buffer:
+                    block, buffer = buffer.split(b"\n\n", 1)
+                    lines = dict(line.split(b": ", 1) for line in block.split(b"\n") if b": " in line)
+                    last_id = lines.get(b"id", last_id)
+                    if lines.get(b"data", b"").strip():
+                        first.append(orjson.loads(lines[b"data"]))
+                if first:
+                    break  # drop the stream after the first progress notification
+        assert first[0]["method"] == "notifications/progress"
+        rest: list[dict] = []
+        buffer = b""
+        async with http.stream("GET", proxied.url, headers={"Accept": "text/event-stream",
+                                                            "Last-Event-ID": last_id.decode(), **common}) as resumed:
+            async for chunk in resumed.aiter_bytes():
+                buffer += chunk
+                complete, _, buffer = buffer.rpartition(b"\n\n")
+                rest.extend(sse_messages(complete))
+                if any(m.get("id") == "long" for m in rest):
+                    break
+    progress = [m["params"]["progress"] for m in first + rest if m.get("method") == "notifications/progress"]
+    assert progress == [1, 2, 3, 4]
+    assert rest[-1]["id"] == "long" and rest[-1]["result"]["content"][0]["text"] == "counted 4"
