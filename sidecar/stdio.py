@@ -50,7 +50,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION, LATEST_MODERN_VERSION
 
 from toolmesh.sidecar.errors import INVALID_REQUEST, ProxyError, UpstreamUnavailable, error_message
 from toolmesh.sidecar.multiplex import (
@@ -71,6 +71,7 @@ _STDERR_KEPT = 20
 _STABLE_AFTER = 10.0
 """A child that ran this long (seconds) before exiting restarts after the shortest backoff again."""
 _CLIENT_INFO = {"name": "toolmesh-sidecar", "version": "0.1.0"}
+_PROTOCOL_VERSION_KEY = "io.modelcontextprotocol/protocolVersion"
 _CAPABILITIES = {"sampling": {}, "elicitation": {"form": {}, "url": {}}, "roots": {"listChanged": True}}
 
 
@@ -124,7 +125,8 @@ class StdioUpstream:
     def __init__(self, command: str | Sequence[str] = (), *, fifo_dir: str | os.PathLike[str] | None = None,
                  env: Mapping[str, str] | None = None, cwd: str | os.PathLike[str] | None = None,
                  restart_backoff: tuple[float, float] = (0.2, 5.0), start_timeout: float = 30.0,
-                 ready_timeout: float = 5.0, probe_timeout: float = 5.0, max_line_bytes: int = 32 << 20):
+                 ready_timeout: float = 5.0, probe_timeout: float = 5.0, max_line_bytes: int = 32 << 20,
+                 era: str = "handshake"):
         self.command = shlex.split(command) if isinstance(command, str) else list(command)
         if bool(self.command) == (fifo_dir is not None):
             raise ValueError("a stdio upstream needs either a command or a FIFO directory")
@@ -136,6 +138,10 @@ class StdioUpstream:
         self.ready_timeout = ready_timeout
         self.probe_timeout = probe_timeout
         self.max_line_bytes = max_line_bytes
+        self._era = era
+        self._modern: StdioUpstream | None = None
+        self._modern_lock = asyncio.Lock()
+        self._modern_unsupported = self._fifo_dir is not None or era != "handshake"
         self._mux = Multiplexer(self._write)
         self._link: _Link | None = None
         self._ready = asyncio.Event()
@@ -172,6 +178,8 @@ class StdioUpstream:
 
     async def close(self) -> None:
         self._closing = True
+        if self._modern is not None:
+            await self._modern.close()
         if self._supervisor is not None:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -187,6 +195,10 @@ class StdioUpstream:
             return await self._open_session(message)
         session: ClientSession | None = None
         session_id = header(headers, "Mcp-Session-Id")
+        if session_id is None and not self._modern_unsupported and _is_modern(message):
+            modern = await self._modern_child()
+            if modern is not None:
+                return await modern.post(body, headers)
         if session_id is not None:
             session = self._mux.sessions.get(session_id)
             if session is None:
@@ -241,6 +253,25 @@ class StdioUpstream:
     def initialize_result(self) -> Mapping[str, Any]:
         """The child's InitializeResult (capabilities, serverInfo, instructions)."""
         return self._init_result
+
+    async def _modern_child(self) -> StdioUpstream | None:
+        """A second child of the same command for 2026-07-28 requests (a stdio server serves one era per process)."""
+        async with self._modern_lock:
+            if self._modern is None and not self._modern_unsupported and not self._closing:
+                modern = StdioUpstream(self.command, env=None, cwd=self.cwd, restart_backoff=self.restart_backoff,
+                                       start_timeout=self.start_timeout, ready_timeout=self.ready_timeout,
+                                       probe_timeout=self.probe_timeout, max_line_bytes=self.max_line_bytes,
+                                       era="modern")
+                modern.env = self.env
+                try:
+                    await modern.start()
+                except UpstreamUnavailable as exc:
+                    # Not a 2026-07-28 server: its handshake child answers such requests itself.
+                    log.info("the stdio upstream does not serve the 2026-07-28 protocol: %s", exc.data)
+                    self._modern_unsupported = True
+                else:
+                    self._modern = modern
+            return self._modern
 
     # -- sessions ---------------------------------------------------------------------------------------------
 
@@ -316,7 +347,7 @@ class StdioUpstream:
         stderr_task = asyncio.create_task(self._pump_stderr(link.stderr)) if link.stderr is not None else None
         stdout_task = asyncio.create_task(
             read_lines(link.stdout, self._on_line, self.max_line_bytes, "upstream output"))
-        initialize = asyncio.ensure_future(self._initialize())
+        initialize = asyncio.ensure_future(self._initialize() if self._era == "handshake" else self._discover())
         try:
             await asyncio.wait((initialize, stdout_task), return_when=asyncio.FIRST_COMPLETED)
             failure = _failure(initialize)
@@ -365,6 +396,19 @@ class StdioUpstream:
         info = result.get("serverInfo") or {}
         log.info("stdio upstream ready: %s %s (protocol %s)", info.get("name"), info.get("version"),
                  result.get("protocolVersion"))
+
+    async def _discover(self) -> None:
+        """Open a child in the stateless era: its first message, server/discover, settles its era."""
+        answer = await self._mux.call_own("server/discover", {"_meta": {
+            _PROTOCOL_VERSION_KEY: LATEST_MODERN_VERSION,
+            "io.modelcontextprotocol/clientInfo": _CLIENT_INFO,
+            "io.modelcontextprotocol/clientCapabilities": {},
+        }}, self.start_timeout)
+        result = answer.get("result")
+        if not isinstance(result, dict) or LATEST_MODERN_VERSION not in result.get("supportedVersions", ()):
+            raise UpstreamUnavailable("upstream does not serve the 2026-07-28 protocol", data=answer.get("error"))
+        self._init_result = result
+        log.info("stdio upstream ready for the 2026-07-28 protocol")
 
     def _on_line(self, line: bytes) -> None:
         if not line.strip():
@@ -471,6 +515,17 @@ async def _finish(stderr_task: asyncio.Task[None] | None) -> None:
     with contextlib.suppress(Exception):
         await asyncio.wait_for(asyncio.shield(stderr_task), 1.0)
     stderr_task.cancel()
+
+
+def _is_modern(message: Any) -> bool:
+    """A 2026-07-28 request: server/discover, or the protocol version in `params._meta` (the spec's era marker)."""
+    if not isinstance(message, dict):
+        return False
+    if message.get("method") == "server/discover":
+        return True
+    params = message.get("params")
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    return isinstance(meta, dict) and _PROTOCOL_VERSION_KEY in meta
 
 
 def _failure(initialize: asyncio.Future[None]) -> str | None:

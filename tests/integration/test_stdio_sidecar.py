@@ -16,6 +16,8 @@ from helpers.stdio_servers import EVERYTHING_SERVER, STDIO_TOOLS, TIME_SERVER, s
 
 pytestmark = pytest.mark.timeout(90)
 
+MODERN = "2026-07-28"
+
 
 def text_of(result) -> str:
     return "".join(c.text for c in result.content if isinstance(c, TextContent))
@@ -41,6 +43,21 @@ async def test_sdk_clients_share_one_stdio_child_through_the_sidecar(tools_sidec
     results = await asyncio.gather(*(session(i) for i in range(6)))
     assert [echoed for echoed, _ in results] == [f"client {i}" for i in range(6)]
     assert len({pid for _, pid in results}) == 1
+
+
+@pytest.mark.parametrize("mode", [MODERN, "auto"])
+async def test_stateless_era_clients_reach_a_stdio_server(tools_sidecar, mode):
+    seen = []
+
+    async def on_progress(progress, total, message):
+        seen.append(progress)
+
+    async with Client(tools_sidecar.url, mode=mode) as client:
+        assert client.protocol_version == MODERN  # auto mode finds the era the server serves
+        assert "echo" in {t.name for t in (await client.list_tools()).tools}
+        assert text_of(await client.call_tool("echo", {"text": "stateless"})) == "stateless"
+        counted = await client.call_tool("count", {"steps": 2}, progress_callback=on_progress)
+        assert text_of(counted) == "counted 2" and seen == [1.0, 2.0]
 
 
 async def test_progress_and_sampling_through_the_sidecar(tools_sidecar):
@@ -87,7 +104,9 @@ async def test_server_everything_over_stdio_behind_the_sidecar(tmp_path):
         async def on_progress(progress, total, message):
             seen.append(progress)
 
-        async with Client(sc.url, mode="legacy") as client:
+        async with Client(sc.url, mode="auto") as client:
+            # A handshake-only server: auto mode falls back to initialize through the bridge.
+            assert client.protocol_version == "2025-11-25"
             names = {t.name for t in (await client.list_tools()).tools}
             assert {"echo", "get-sum"} <= names
             assert text_of(await client.call_tool("echo", {"message": "hello"})) == "Echo: hello"
