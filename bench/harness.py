@@ -359,10 +359,12 @@ def measure(name: str, target: Target, upstream: str, upstream_proc: Managed, se
 
 
 def derive(results: dict) -> dict:
-    """Added latency and relative throughput against the direct run."""
+    """Added latency and relative throughput against the direct run; conformance kept, when measured."""
     direct = results.get("direct")
     if not direct:
         return {}
+    kept_file = RESULTS / "conformance-proxies.json"
+    kept = json.loads(kept_file.read_text())["targets"] if kept_file.exists() else {}
     derived = {}
     for name, r in results.items():
         if name == "direct" or "c1" not in r:
@@ -372,6 +374,7 @@ def derive(results: dict) -> dict:
             "added_p99_ms": round(r["c1"]["p99_ms"] - direct["c1"]["p99_ms"], 3),
             "c16_vs_direct": round(r["c16"]["rps"] / direct["c16"]["rps"], 3),
             "c64_vs_direct": round(r["c64"]["rps"] / direct["c64"]["rps"], 3),
+            "conformance_kept": kept.get(name, {}).get("fraction_kept"),
         }
     return derived
 
@@ -392,16 +395,85 @@ def machine() -> dict:
 def print_table(doc: dict) -> None:
     results, derived = doc["targets"], doc.get("derived", {})
     print(f"\n{'target':20s} {'p50 ms':>8s} {'p99 ms':>8s} {'+p50':>7s} {'+p99':>7s} {'c16/s':>8s} {'c64/s':>8s} "
-          f"{'c64 %':>6s} {'CPU ms':>7s} {'RSS MB':>7s} {'load MB':>7s} {'ready s':>7s}")
+          f"{'c64 %':>6s} {'CPU ms':>7s} {'RSS MB':>7s} {'load MB':>7s} {'ready s':>7s} {'conf %':>6s}")
     for name, r in results.items():
         if "c1" not in r:
             continue
         d = derived.get(name, {})
         ready = f"{r['ready_s']:.3f}" if r.get("ready_s") is not None else "-"
+        conf = f"{100 * d['conformance_kept']:.0f}" if d.get("conformance_kept") is not None else "-"
         print(f"{name:20s} {r['c1']['p50_ms']:8.3f} {r['c1']['p99_ms']:8.3f} {d.get('added_p50_ms', 0):7.3f} "
               f"{d.get('added_p99_ms', 0):7.3f} {r['c16']['rps']:8.0f} {r['c64']['rps']:8.0f} "
               f"{100 * d.get('c64_vs_direct', 1):6.1f} {r['c16']['cpu_ms_per_call'] or 0:7.3f} {r['rss_idle_mb']:7.1f} "
-              f"{r.get('rss_load_mb', 0):7.1f} {ready:>7s}")
+              f"{r.get('rss_load_mb', 0):7.1f} {ready:>7s} {conf:>6s}")
+
+
+def conformance(chosen: list[str], logs: Path, out: Path) -> int:
+    """The official conformance suite through each proxy, against the SDK fixture server: which checks each keeps."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from helpers.conformance import lost_checks, run_suite, suite_installed
+
+    if not suite_installed():
+        print("the conformance suite is missing: run `make node-deps`", file=sys.stderr)
+        return 2
+    fixture_port = free_port()
+    fixture_url = f"http://127.0.0.1:{fixture_port}/mcp"
+    fixture = Managed([str(MAIN_PY), str(ROOT / "tests" / "conformance" / "fixture_server.py"), "--port",
+                       str(fixture_port)], logs / "fixture.log")
+    doc: dict = {"suite": "@modelcontextprotocol/conformance@0.2.0-alpha.11 --suite all", "targets": {}}
+    failures = 0
+    try:
+        wait_ready(lambda: bool(open_fixture(fixture_url)), fixture, timeout=60)
+        print(f"==> direct: the fixture server at {fixture_url}", flush=True)
+        direct = run_suite(fixture_url)
+        doc["direct"] = direct.totals()
+        for name in chosen:
+            target = TARGETS[name]
+            if target.command is None or target.token is not None:
+                continue  # policy-on sidecars refuse the suite's anonymous client, by design
+            if any(not p.exists() for p in target.needs):
+                print(f"==> {name}: skipped, not installed", flush=True)
+                continue
+            port = free_port()
+            proc = Managed(target.command(fixture_url, port), logs / f"conformance-{name}.log", target.env)
+            try:
+                wait_ready(lambda: port_open(port), proc)
+                time.sleep(0.5)  # a proxy listens before its upstream client has connected
+                print(f"==> {name}: {target.description}", flush=True)
+                run = run_suite(f"http://127.0.0.1:{port}/mcp")
+            except Exception as exc:  # one broken proxy must not lose the others' numbers
+                failures += 1
+                print(f"==> {name}: FAILED {exc}", flush=True)
+                continue
+            finally:
+                proc.stop()
+            lost = lost_checks(direct, run)
+            kept = len(direct.passed()) - len(lost)
+            doc["targets"][name] = {"description": target.description, "totals": run.totals(), "kept": kept,
+                                    "passing_direct": len(direct.passed()),
+                                    "fraction_kept": round(kept / max(1, len(direct.passed())), 4),
+                                    "lost": sorted(lost)}
+            print(f"  {name}: keeps {kept}/{len(direct.passed())} checks that pass directly", flush=True)
+    finally:
+        fixture.stop()
+    doc["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"\n==> wrote {out}")
+    return 1 if failures else 0
+
+
+def open_fixture(url: str) -> bool:
+    status, _, reply = post(url, {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": PROTOCOL, "capabilities": {}, "clientInfo": {"name": "toolmesh-bench", "version": "1"}}}, {})
+    return status == 200 and bool(reply) and "result" in reply
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
 
 
 def main(argv: list[str]) -> int:
@@ -409,7 +481,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("targets", nargs="*", help=f"targets to measure (default: all): {', '.join(TARGETS)}")
     parser.add_argument("--quick", action="store_true", help="2 s runs, for checking the harness itself")
     parser.add_argument("--seconds", type=float, help="length of each load run (default 10, quick 2)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "sidecar.json")
+    parser.add_argument("--out", type=Path, help="results file (default bench/results/sidecar.json, "
+                                                 "or conformance-proxies.json with --conformance)")
+    parser.add_argument("--conformance", action="store_true",
+                        help="instead of load, run the conformance suite through each proxy: checks kept")
     args = parser.parse_args(argv)
     chosen = args.targets or list(TARGETS)
     unknown = [t for t in chosen if t not in TARGETS]
@@ -420,10 +495,13 @@ def main(argv: list[str]) -> int:
     if shutil.which("wrk") is None:
         print("wrk is missing: run `make system-deps`", file=sys.stderr)
         return 2
-    seconds = args.seconds or (2.0 if args.quick else 10.0)
-    warmup = 0.5 if args.quick else 2.0
     logs = BENCH / "tmp"
     logs.mkdir(exist_ok=True)
+    if args.conformance:
+        return conformance(chosen, logs, args.out or RESULTS / "conformance-proxies.json")
+    args.out = args.out or RESULTS / "sidecar.json"
+    seconds = args.seconds or (2.0 if args.quick else 10.0)
+    warmup = 0.5 if args.quick else 2.0
 
     upstream_port = free_port()
     upstream = f"http://127.0.0.1:{upstream_port}/mcp"

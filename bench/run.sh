@@ -2,6 +2,7 @@
 # The benchmark harness (`make bench`): prepares wrk and the comparison proxies, measures, writes and plots bench/results/.
 #
 #   bench/run.sh [--quick] [--seconds N] [TARGET ...]     e.g. bench/run.sh --quick sidecar
+#   bench/run.sh --conformance [TARGET ...]                the conformance checks each proxy keeps
 #
 # Targets are listed by `bench/run.sh --help`; `direct` is always measured too, as the reference.
 # Run it on a quiet machine: other work on the same cores shows up as latency.
