@@ -93,6 +93,9 @@ async def read_lines(reader: asyncio.StreamReader, on_line: Callable[[bytes], No
                 pieces.append(part)
                 part = b"".join(pieces)
                 pieces, size = [], 0
+            if len(part) > max_bytes:
+                log.warning("skipped a line of %s longer than %d bytes", what, max_bytes)
+                continue
             on_line(part)
         if start < len(chunk) and not skipping:
             tail = chunk[start:]
