@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from mcp.shared.inbound import encode_header_value
 from multidict import CIMultiDict
 
 from toolmesh.sidecar.chain import (
@@ -125,11 +126,12 @@ def _routing_headers(headers: Mapping[str, str], method: str, params: Mapping[st
     out = CIMultiDict(headers)
     out.popall("Mcp-Method", None)
     out.popall("Mcp-Name", None)
-    if method:
+    # A method no HTTP field can carry cannot be routed; the upstream then refuses that one message.
+    if method and method.isascii() and method.isprintable():
         out["Mcp-Method"] = method
         name = params.get(_NAME_PARAM.get(method, ""))
         if type(name) is str:
-            out["Mcp-Name"] = name
+            out["Mcp-Name"] = encode_header_value(name)
     return out
 
 
