@@ -304,7 +304,8 @@ def bench_token(policy: Path) -> str:
 # --- one target --------------------------------------------------------------------------------
 
 def measure(name: str, target: Target, upstream: str, upstream_proc: Managed, seconds: float, warmup: float,
-            logs: Path) -> dict:
+            logs: Path, ready_runs: int = 1) -> dict:
+    """One target's figures; `ready_s` is the median over `ready_runs` fresh starts."""
     token = target.token() if target.token else ""
     if target.command is None:
         proc, url = upstream_proc, upstream
@@ -320,10 +321,15 @@ def measure(name: str, target: Target, upstream: str, upstream_proc: Managed, se
             else:
                 ready_s = wait_ready(lambda: bool(open_session(url, token)), proc)
         session = open_session(url, token)
+        if target.command is not None and target.ready_path and ready_runs > 1:
+            ready_all = [round(ready_s, 3), *ready_times(target, upstream, ready_runs - 1, logs)]
+            ready_s = sorted(ready_all)[len(ready_all) // 2]
         time.sleep(1.0)  # let start-up garbage settle before reading idle memory
         result: dict = {"description": target.description, "ready_s": ready_s,
                         "rss_idle_mb": round(rss_mb(proc.pids()), 1),
                         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if target.command is not None and target.ready_path and ready_runs > 1:
+            result["ready_runs_s"] = sorted(ready_all)
         if warmup:
             wrk(url, session, 4, warmup, token, target.load_env)
         c1 = wrk(url, session, 1, seconds, token, target.load_env)
@@ -356,6 +362,48 @@ def measure(name: str, target: Target, upstream: str, upstream_proc: Managed, se
     finally:
         if proc is not upstream_proc:
             proc.stop()
+
+
+def ready_times(target: Target, upstream: str, runs: int, logs: Path) -> list[float]:
+    """Spawn-to-ready seconds over several fresh starts (the first start of a run pays for cold caches)."""
+    times = []
+    for _ in range(runs):
+        port = free_port()
+        proc = Managed(target.command(upstream, port), logs / "ready.log", target.env)
+        try:
+            times.append(round(wait_ready(lambda: http_ok(f"http://127.0.0.1:{port}{target.ready_path}"), proc), 3))
+        finally:
+            proc.stop()
+    return times
+
+
+def soak(target: Target, upstream: str, minutes: float, logs: Path) -> dict:
+    """RSS of a sidecar under steady load (16 connections) sampled every 5 s: does memory stay flat?"""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/mcp"
+    proc = Managed(target.command(upstream, port), logs / "soak.log", target.env)
+    token = target.token() if target.token else ""
+    try:
+        wait_ready(lambda: http_ok(f"http://127.0.0.1:{port}{target.ready_path}"), proc)
+        session = open_session(url, token)
+        env = dict(os.environ, MCP_SESSION=session.session_id, MCP_VERSION=session.version, MCP_TOKEN=token,
+                   MCP_EXPECT=ECHO_TEXT, **target.load_env)
+        load = subprocess.Popen(["wrk", "-t2", "-c16", f"-d{round(minutes * 60)}s", "--timeout", "10s", "-s", str(LUA),
+                                 url], env=env, stdout=subprocess.PIPE, text=True)
+        samples, started = [], time.monotonic()
+        while load.poll() is None:
+            samples.append([round(time.monotonic() - started, 1), round(rss_mb(proc.pids()), 1)])
+            time.sleep(5)
+        out = load.stdout.read()
+        line = next((l for l in out.splitlines() if l.startswith("WRK_RESULT ")), "WRK_RESULT {}")
+        result = json.loads(line[len("WRK_RESULT "):])
+    finally:
+        proc.stop()
+    # Growth is judged after the first minute, once pools, caches and the allocator have warmed up.
+    settled = [rss for t, rss in samples if t >= 60] or [rss for _, rss in samples]
+    return {"minutes": minutes, "calls": result.get("requests"), "failed": result.get("bad_answers"),
+            "rss_mb": samples, "rss_settled_min_mb": min(settled), "rss_settled_max_mb": max(settled),
+            "rss_growth_fraction": round((settled[-1] - settled[0]) / settled[0], 4)}
 
 
 def derive(results: dict) -> dict:
@@ -483,6 +531,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seconds", type=float, help="length of each load run (default 10, quick 2)")
     parser.add_argument("--out", type=Path, help="results file (default bench/results/sidecar.json, "
                                                  "or conformance-proxies.json with --conformance)")
+    parser.add_argument("--soak", type=float, metavar="MINUTES",
+                        help="also hold the sidecar under load this long, sampling its memory (design: 10)")
     parser.add_argument("--conformance", action="store_true",
                         help="instead of load, run the conformance suite through each proxy: checks kept")
     args = parser.parse_args(argv)
@@ -513,6 +563,11 @@ def main(argv: list[str]) -> int:
     try:
         wait_ready(lambda: bool(open_session(upstream)), upstream_proc, timeout=30)
         print(f"==> upstream at {upstream}; {seconds:g} s per load run", flush=True)
+        if args.soak:
+            print(f"==> soak: toolmesh sidecar under 16 connections for {args.soak:g} min", flush=True)
+            doc["soak"] = soak(TARGETS["sidecar"], upstream, args.soak, logs)
+            print(f"  RSS {doc['soak']['rss_settled_min_mb']}..{doc['soak']['rss_settled_max_mb']} MB, growth "
+                  f"{100 * doc['soak']['rss_growth_fraction']:.1f} %", flush=True)
         for name in chosen:
             target = TARGETS[name]
             missing = [str(p) for p in target.needs if not p.exists()]
@@ -522,7 +577,8 @@ def main(argv: list[str]) -> int:
                 continue
             print(f"==> {name}: {target.description}", flush=True)
             try:
-                doc["targets"][name] = measure(name, target, upstream, upstream_proc, seconds, warmup, logs)
+                doc["targets"][name] = measure(name, target, upstream, upstream_proc, seconds, warmup, logs,
+                                               ready_runs=2 if args.quick else 5)
             except Exception as exc:  # one broken proxy must not lose the others' numbers
                 failures[name] = str(exc)[:2000]
                 print(f"==> {name}: FAILED {exc}", flush=True)
