@@ -24,8 +24,11 @@ from toolmesh.sidecar.tool_traits import tool_traits
 
 NAME = "cache"
 
-CacheKey = tuple[str, str, bytes, str | None]
-"""(server, tool, canonical arguments, subject); subject None for results shared between callers."""
+CacheKey = tuple[str, str, bytes, str | None, str | None]
+"""(server, tool, canonical arguments, subject, protocol version); subject None for results shared between callers.
+
+The protocol version is part of the key because results differ in shape between
+revisions (2026-07-28 requires `resultType`, older clients do not know it)."""
 
 
 @dataclass(slots=True)
@@ -213,8 +216,9 @@ class CacheStage:
         caller = ctx.caller
         # The issuer is part of who a subject is: "alice" of two issuers are two people.
         subject = f"{caller.issuer or ''}\x00{caller.subject}" if caller is not None else ""
-        private: CacheKey = (self.server, tool, canonical, subject)
-        shared: CacheKey = (self.server, tool, canonical, None)
+        version = ctx.protocol_version
+        private: CacheKey = (self.server, tool, canonical, subject, version)
+        shared: CacheKey = (self.server, tool, canonical, None, version)
         state = self.state
         body = state.store.lookup(shared) if decision.shared else state.store.lookup(private, shared)
         if body is not None:

@@ -131,3 +131,15 @@ async def test_result_ttl_ms_and_public_cache_scope_are_honoured(proxied, relay,
 
         await async_wait_until(refetched, timeout=10, interval=0.05, what="the entry to expire")
         assert time.monotonic() - stored_at >= 0.4
+
+
+async def test_results_are_not_shared_between_protocol_revisions(proxied, relay, issuer):
+    token = issuer.token("alice", alg="HS256")
+    async with client(proxied.url, token, "legacy") as legacy, client(proxied.url, token, MODERN) as modern:
+        await legacy.list_tools()
+        before = relay.count("lookup")
+        assert text_of(await legacy.call_tool("lookup", {"q": "eras"})) == "result for eras"
+        # The 2026-07-28 client validates fields an older revision's result lacks: it gets its own.
+        assert text_of(await modern.call_tool("lookup", {"q": "eras"})) == "result for eras"
+        assert text_of(await modern.call_tool("lookup", {"q": "eras"})) == "result for eras"
+        assert relay.count("lookup") == before + 2
