@@ -208,7 +208,8 @@ def wrk(url: str, session: Session, connections: int, seconds: float, token: str
         load_env: dict[str, str] | None = None) -> dict:
     threads = 1 if connections == 1 else 2
     env = dict(os.environ, MCP_SESSION=session.session_id, MCP_VERSION=session.version, MCP_TOKEN=token,
-               MCP_EXPECT=ECHO_TEXT, **(load_env or {}))
+               MCP_EXPECT=ECHO_TEXT)
+    env.update(load_env or {})
     cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
            "-s", str(LUA), url]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds + 60)
@@ -510,6 +511,62 @@ def conformance(chosen: list[str], logs: Path, out: Path) -> int:
     return 1 if failures else 0
 
 
+def gateway(servers: int, tools_per_server: int, seconds: float, logs: Path, out: Path) -> int:
+    """The registry's gateway answering tools/list over `servers` x `tools_per_server` tools, fed by heartbeats."""
+    upstream_port, port = free_port(), free_port()
+    upstream = Managed([str(MAIN_PY), str(BENCH / "upstream.py"), "--port", str(upstream_port),
+                        "--tools", str(tools_per_server - 1)], logs / "gateway-upstream.log")
+    # Heartbeats are sent once; a long interval keeps every instance healthy for the whole run.
+    registry = Managed([str(TOOLMESH), "registry", "--listen", f"127.0.0.1:{port}", "--heartbeat-interval", "3600",
+                        "--page-size", str(servers * tools_per_server + 100)], logs / "gateway-registry.log",
+                       {"TOOLMESH_REGISTRY_SECRET": ""})
+    try:
+        wait_ready(lambda: bool(open_session(f"http://127.0.0.1:{upstream_port}/mcp")), upstream, timeout=30)
+        wait_ready(lambda: http_ok(f"http://127.0.0.1:{port}/healthz"), registry, timeout=60)
+        _, _, listed = post(f"http://127.0.0.1:{upstream_port}/mcp", {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}, {})
+        tools = listed["result"]["tools"]
+        for i in range(servers):
+            status, _, _ = post(f"http://127.0.0.1:{port}/v1/heartbeats", {
+                "server": f"srv{i:03d}", "instance": f"srv{i:03d}-0", "health": "ok",
+                "endpoint": f"http://127.0.0.1:{upstream_port}/mcp", "tools": tools}, {})
+            if status != 200:
+                raise RuntimeError(f"heartbeat refused: HTTP {status}")
+        url = f"http://127.0.0.1:{port}/mcp"
+        last = f"srv{servers - 1:03d}__{tools[-1]['name']}"
+        status, head, reply = post(url, {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": PROTOCOL, "capabilities": {}, "clientInfo": {"name": "toolmesh-bench", "version": "1"}}}, {})
+        session = Session(head.get("mcp-session-id", ""), (reply or {}).get("result", {}).get("protocolVersion", PROTOCOL))
+        headers = {"MCP-Protocol-Version": session.version,
+                   **({"Mcp-Session-Id": session.session_id} if session.session_id else {})}
+        post(url, {"jsonrpc": "2.0", "method": "notifications/initialized"}, headers)
+        _, _, listed = post(url, {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}, headers)
+        count = len(((listed or {}).get("result") or {}).get("tools") or [])
+        print(f"==> gateway: {count} tools listed over {servers} servers x {tools_per_server}", flush=True)
+        load_env = {"MCP_METHOD": "tools/list", "MCP_EXPECT": last}
+        doc = {"servers": servers, "tools_per_server": tools_per_server, "tools_listed": count}
+        for connections in (1, 16):
+            cpu_before = cpu_seconds(registry.pids())
+            run = wrk(url, session, connections, seconds, load_env=load_env)
+            cpu = cpu_seconds(registry.pids()) - cpu_before
+            doc[f"c{connections}"] = {"p50_ms": run["latency_us"]["p50"] / 1000, "p99_ms": run["latency_us"]["p99"] / 1000,
+                                      "rps": round(run["rps"], 1),
+                                      "cpu_ms_per_list": round(cpu / run["requests"] * 1000, 3) if run["requests"] else None,
+                                      "failed": run["bad_answers"] + run["socket_errors"] + run["timeouts"],
+                                      "bad_sample": run["bad_sample"]}
+            print(f"  c={connections}: p50 {doc[f'c{connections}']['p50_ms']:.2f} ms, p99 "
+                  f"{doc[f'c{connections}']['p99_ms']:.2f} ms, {run['rps']:.0f} lists/s, "
+                  f"{doc[f'c{connections}']['failed']} failed", flush=True)
+        doc["rss_mb"] = round(rss_mb(registry.pids()), 1)
+    finally:
+        registry.stop()
+        upstream.stop()
+    doc["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    doc["machine"] = machine()
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"\n==> wrote {out}")
+    return 0 if count >= servers * tools_per_server and not doc["c1"]["failed"] else 1
+
+
 def open_fixture(url: str) -> bool:
     status, _, reply = post(url, {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
         "protocolVersion": PROTOCOL, "capabilities": {}, "clientInfo": {"name": "toolmesh-bench", "version": "1"}}}, {})
@@ -533,6 +590,8 @@ def main(argv: list[str]) -> int:
                                                  "or conformance-proxies.json with --conformance)")
     parser.add_argument("--soak", type=float, metavar="MINUTES",
                         help="also hold the sidecar under load this long, sampling its memory (design: 10)")
+    parser.add_argument("--gateway", action="store_true",
+                        help="instead of the proxies, measure the gateway's tools/list over 100 servers x 20 tools")
     parser.add_argument("--conformance", action="store_true",
                         help="instead of load, run the conformance suite through each proxy: checks kept")
     args = parser.parse_args(argv)
@@ -549,8 +608,10 @@ def main(argv: list[str]) -> int:
     logs.mkdir(exist_ok=True)
     if args.conformance:
         return conformance(chosen, logs, args.out or RESULTS / "conformance-proxies.json")
-    args.out = args.out or RESULTS / "sidecar.json"
     seconds = args.seconds or (2.0 if args.quick else 10.0)
+    if args.gateway:
+        return gateway(100, 20, seconds, logs, args.out or RESULTS / "gateway.json")
+    args.out = args.out or RESULTS / "sidecar.json"
     warmup = 0.5 if args.quick else 2.0
 
     upstream_port = free_port()

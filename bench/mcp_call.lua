@@ -2,7 +2,8 @@
 --
 -- Environment: MCP_SESSION (Mcp-Session-Id to send, empty for none), MCP_VERSION (MCP-Protocol-Version),
 -- MCP_TOOL (default echo), MCP_TOKEN (bearer token, optional), MCP_EXPECT (text every good answer contains),
--- MCP_VARY=1 (a different argument on every call, so no call can be answered from a cache).
+-- MCP_VARY=1 (a different argument on every call, so no call can be answered from a cache),
+-- MCP_METHOD=tools/list (list tools instead of calling echo).
 -- Each request carries a distinct JSON-RPC id: proxies built on MCP SDKs route answers by id.
 
 local session = os.getenv("MCP_SESSION") or ""
@@ -11,6 +12,7 @@ local tool = os.getenv("MCP_TOOL") or "echo"
 local token = os.getenv("MCP_TOKEN") or ""
 local expect = os.getenv("MCP_EXPECT") or "hello from wrk"
 local vary = os.getenv("MCP_VARY") == "1"
+local method = os.getenv("MCP_METHOD") or "tools/call"
 
 local threads = {}
 local counter = 0
@@ -37,8 +39,13 @@ function request()
   next_id = next_id + 1
   local text = "hello from wrk"
   if vary then text = text .. " " .. next_id end
-  local body = '{"jsonrpc":"2.0","id":' .. next_id .. ',"method":"tools/call","params":{"name":"' .. tool ..
-    '","arguments":{"text":"' .. text .. '"}}}'
+  local body
+  if method == "tools/call" then
+    body = '{"jsonrpc":"2.0","id":' .. next_id .. ',"method":"tools/call","params":{"name":"' .. tool ..
+      '","arguments":{"text":"' .. text .. '"}}}'
+  else
+    body = '{"jsonrpc":"2.0","id":' .. next_id .. ',"method":"' .. method .. '"}'
+  end
   return wrk.format(nil, nil, nil, body)
 end
 
