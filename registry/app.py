@@ -14,7 +14,8 @@ from aiohttp import web
 from toolmesh.registry.auth import HeartbeatAuth, shared_secret
 from toolmesh.registry.backend import BackendPool
 from toolmesh.registry.catalogue import Catalogue
-from toolmesh.registry.gateway import Gateway
+from toolmesh.registry.gateway import Caller, Gateway
+from toolmesh.registry.workflows import Delegation, install, parse_workflow
 
 log = logging.getLogger("toolmesh.registry")
 
@@ -36,6 +37,7 @@ class RegistrySettings:
 CATALOGUE = web.AppKey("catalogue", Catalogue)
 GATEWAY = web.AppKey("gateway", Gateway)
 SETTINGS = web.AppKey("settings", RegistrySettings)
+DELEGATION = web.AppKey("delegation", Delegation)
 
 
 def create_app(settings: RegistrySettings | None = None, catalogue: Catalogue | None = None) -> web.Application:
@@ -46,6 +48,10 @@ def create_app(settings: RegistrySettings | None = None, catalogue: Catalogue | 
                                             missed_limit=settings.missed_heartbeats)
     app[GATEWAY] = Gateway(app[CATALOGUE], BackendPool(), page_size=settings.page_size)
     app.add_routes(app[GATEWAY].routes("/mcp"))
+    app[DELEGATION] = Delegation(app[CATALOGUE], app[GATEWAY])
+    install(app[GATEWAY], app[DELEGATION])
+    app.router.add_post("/v1/workflows", post_workflow)
+    app.router.add_get("/v1/workflows/{id}", get_workflow)
     app.cleanup_ctx.append(_lifetime)
     app.router.add_post("/v1/heartbeats", post_heartbeat)
     app.router.add_get("/v1/servers", get_servers)
@@ -63,6 +69,7 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.CancelledError):
         await expiry
     gateway.close()
+    await app[DELEGATION].close()
     await gateway.backends.close()
 
 
@@ -125,6 +132,29 @@ async def get_tools(request: web.Request) -> web.Response:
             stats = inst.stats.get(route.tool) or stats
         tools.append({**listed, "server": route.server, "tool": route.tool, "stats": stats})
     return _json({"tools": tools, "version": view.version})
+
+
+async def post_workflow(request: web.Request) -> web.Response:
+    """Start a workflow with the caller's identity; `?wait=true` answers when it has finished."""
+    try:
+        spec = parse_workflow(orjson.loads(await request.read()))
+    except orjson.JSONDecodeError as exc:
+        return _json({"error": f"not JSON: {exc}"}, 400)
+    except ValueError as exc:
+        return _json({"error": str(exc)}, 400)
+    caller = Caller(request.headers.get("Authorization"), request.headers.get("Mcp-Budget-Key"))
+    run = request.app[DELEGATION].start(spec, caller)
+    if request.query.get("wait") in ("1", "true", "yes"):
+        await run.done.wait()
+        return _json(run.as_dict())
+    return _json(run.as_dict(), 202)
+
+
+async def get_workflow(request: web.Request) -> web.Response:
+    run = request.app[DELEGATION].runs.get(request.match_info["id"])
+    if run is None:
+        return _json({"error": "no such workflow"}, 404)
+    return _json(run.as_dict())
 
 
 async def healthz(request: web.Request) -> web.Response:

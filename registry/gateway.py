@@ -53,7 +53,7 @@ class Caller:
 
 Notify = Callable[[Mapping[str, Any]], Awaitable[None]]
 LocalTool = Callable[[Mapping[str, Any], Caller, Notify], Awaitable[dict[str, Any]]]
-"""A tool the registry itself serves (e.g. `toolmesh__run_workflow`): (arguments, caller, notify) → CallToolResult."""
+"""A tool the registry itself serves (e.g. `toolmesh__run_workflow`): (tools/call params, caller, notify) → CallToolResult."""
 
 
 class ToolCallFailed(Exception):
@@ -261,7 +261,7 @@ class Gateway:
         """Route one `tools/call` by gateway name; returns the CallToolResult or raises ToolCallFailed."""
         local = self.local_tools.get(name)
         if local is not None:
-            return await local[1](params.get("arguments") or {}, caller, notify)
+            return await local[1](params, caller, notify)
         route = self.catalogue.view().routes.get(name)
         if route is None:
             raise ToolCallFailed(INVALID_PARAMS, f"unknown tool: {name}")

@@ -9,6 +9,7 @@ import argparse
 import asyncio
 
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
 
 
 def build(name: str, tools: list[str]) -> MCPServer:
@@ -38,6 +39,33 @@ def build(name: str, tools: list[str]) -> MCPServer:
         @server.tool(description="Always fails")
         def fail(reason: str = "broken") -> str:
             raise RuntimeError(reason)
+
+    if "task" in tools:
+        running = {"now": 0, "peak": 0}
+        groups: dict[str, list[asyncio.Future]] = {}
+
+        @server.tool(description=f"Delegated work on {name}: echoes the task and its context")
+        async def execute_task(task: str, context: dict | None = None, meet: str | None = None, count: int = 2,
+                               fail: bool = False) -> dict:
+            # `meet` makes `count` concurrent calls wait for each other: proof of parallelism without timing.
+            running["now"] += 1
+            running["peak"] = max(running["peak"], running["now"])
+            try:
+                if fail:
+                    raise ToolError(f"task {task} failed on purpose")
+                if meet:
+                    waiting = groups.setdefault(meet, [])
+                    if len(waiting) + 1 >= count:
+                        for other in waiting:
+                            other.set_result(None)
+                        waiting.clear()
+                    else:
+                        arrived = asyncio.get_running_loop().create_future()
+                        waiting.append(arrived)
+                        await asyncio.wait_for(arrived, timeout=10)
+                return {"agent": name, "task": task, "context": context, "peak": running["peak"]}
+            finally:
+                running["now"] -= 1
 
     return server
 
