@@ -192,7 +192,7 @@ class LegacySseUpstream:
 
     def __init__(self, url: str, session: aiohttp.ClientSession | None = None, *, timeout: float = 300.0,
                  connect_timeout: float = 5.0, reconnect_backoff: tuple[float, float] = (0.2, 5.0),
-                 reconnect_wait: float = 10.0, max_connections: int = 256):
+                 reconnect_wait: float = 10.0, max_connections: int = 256, session_idle_timeout: float = 1800.0):
         self.url = url
         self._given_session = session
         self._http: aiohttp.ClientSession | None = session
@@ -203,6 +203,8 @@ class LegacySseUpstream:
         self.reconnect_backoff = reconnect_backoff
         self.reconnect_wait = reconnect_wait
         self._max_connections = max_connections
+        self.session_idle_timeout = session_idle_timeout
+        self._swept = time.monotonic()
         self._connections: dict[str, _Connection] = {}
         self._own: _Connection | None = None
         self._own_lock = asyncio.Lock()
@@ -281,6 +283,7 @@ class LegacySseUpstream:
     # -- connections ------------------------------------------------------------------------------------------
 
     async def _open_session(self, message: dict[str, Any], body: bytes) -> UpstreamResponse:
+        await self._forget_idle_sessions()
         connection = _Connection(self, None)
         await connection.connect()
         session = connection.mux.new_session(message.get("params"))
@@ -299,6 +302,17 @@ class LegacySseUpstream:
         self._connections[session.id] = connection
         answer.headers = {**answer.headers, "Mcp-Session-Id": session.id}
         return answer
+
+    async def _forget_idle_sessions(self) -> None:
+        """Close the upstream streams of sessions whose clients left without a DELETE."""
+        now = time.monotonic()
+        if now - self._swept < min(60.0, self.session_idle_timeout):
+            return
+        self._swept = now
+        for session_id, connection in list(self._connections.items()):
+            if connection.session is not None and connection.mux.idle_sessions(self.session_idle_timeout):
+                del self._connections[session_id]
+                await connection.close()
 
     async def _own_connection(self) -> _Connection:
         async with self._own_lock:

@@ -192,6 +192,7 @@ class Multiplexer:
         async def release() -> None:
             if session.stream is queue:
                 session.stream = None
+                session.last_active = time.monotonic()
 
         return UpstreamResponse(status=200, headers=SSE_HEADERS, events=events(), release=release)
 
@@ -206,6 +207,12 @@ class Multiplexer:
         if session.stream is not None:
             session.stream.put_nowait(None)
             session.stream = None
+
+    def idle_sessions(self, idle_seconds: float) -> list[ClientSession]:
+        """Sessions unused for `idle_seconds`, with nothing in flight and no stream open (clients that never DELETE)."""
+        now = time.monotonic()
+        return [s for s in self.sessions.values()
+                if not s.pending and s.stream is None and now - s.last_active > idle_seconds]
 
     def end_streams(self) -> None:
         """End every GET stream (the upstream is going away for good)."""

@@ -129,7 +129,7 @@ class StdioUpstream:
                  env: Mapping[str, str] | None = None, cwd: str | os.PathLike[str] | None = None,
                  restart_backoff: tuple[float, float] = (0.2, 5.0), start_timeout: float = 30.0,
                  ready_timeout: float = 5.0, probe_timeout: float = 5.0, max_line_bytes: int = 32 << 20,
-                 era: str = "handshake"):
+                 session_idle_timeout: float = 1800.0, era: str = "handshake"):
         self.command = shlex.split(command) if isinstance(command, str) else list(command)
         if bool(self.command) == (fifo_dir is not None):
             raise ValueError("a stdio upstream needs either a command or a FIFO directory")
@@ -142,6 +142,8 @@ class StdioUpstream:
         self.probe_timeout = probe_timeout
         self.max_line_bytes = max_line_bytes
         self._era = era
+        self.session_idle_timeout = session_idle_timeout
+        self._swept = time.monotonic()
         self._modern: StdioUpstream | None = None
         self._modern_lock = asyncio.Lock()
         self._modern_unsupported = self._fifo_dir is not None or era != "handshake"
@@ -280,6 +282,7 @@ class StdioUpstream:
 
     async def _open_session(self, message: dict[str, Any]) -> UpstreamResponse:
         await self._wait_ready()
+        await self._forget_idle_sessions()
         params = message.get("params")
         session = self._mux.new_session(params)
         result = dict(self._init_result)
@@ -289,6 +292,14 @@ class StdioUpstream:
             result["protocolVersion"] = asked
         return json_response(200, {"jsonrpc": "2.0", "id": message["id"], "result": result},
                              {"Mcp-Session-Id": session.id})
+
+    async def _forget_idle_sessions(self) -> None:
+        now = time.monotonic()
+        if now - self._swept < min(60.0, self.session_idle_timeout):
+            return
+        self._swept = now
+        for session in self._mux.idle_sessions(self.session_idle_timeout):
+            await self._mux.end_session(session)
 
     async def _wait_ready(self) -> None:
         if self._ready.is_set():

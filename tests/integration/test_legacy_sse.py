@@ -149,3 +149,22 @@ async def test_an_unreachable_server_fails_initialize_and_probe():
             await UpstreamClient(upstream).initialize()
     finally:
         await upstream.close()
+
+
+async def test_sessions_left_without_a_delete_close_their_upstream_stream(sse_server):
+    upstream = LegacySseUpstream(sse_server.url, session_idle_timeout=0.3)
+    await upstream.start()
+    try:
+        left = UpstreamClient(upstream)
+        await left.initialize()
+        connection = upstream._connections[left.session_id]
+
+        async def closed() -> bool:
+            await UpstreamClient(upstream).initialize()
+            return connection.closed and left.session_id not in upstream._connections
+
+        await async_wait_until(closed, timeout=10, what="the idle session's stream to close")
+        gone = await upstream.post(b'{"jsonrpc":"2.0","id":1,"method":"ping"}', left.headers)
+        assert gone.status == 404
+    finally:
+        await upstream.close()

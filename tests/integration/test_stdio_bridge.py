@@ -199,3 +199,25 @@ async def test_malformed_json_gets_a_parse_error(bridge):
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_sessions_left_without_a_delete_are_forgotten_after_their_idle_time():
+    upstream = StdioUpstream(STDIO_TOOLS, session_idle_timeout=0.3)
+    await upstream.start()
+    try:
+        left, listening = UpstreamClient(upstream), UpstreamClient(upstream)
+        await left.initialize()
+        await listening.initialize()
+        stream = await upstream.get(listening.headers)  # an open stream keeps its session alive
+
+        async def forgotten() -> bool:
+            await UpstreamClient(upstream).initialize()  # new sessions sweep the idle ones
+            return left.session_id not in upstream._mux.sessions
+
+        await async_wait_until(forgotten, timeout=10, what="the idle session to be forgotten")
+        answer = await upstream.post(b'{"jsonrpc":"2.0","id":1,"method":"ping"}', left.headers)
+        assert answer.status == 404
+        assert (await listening.request("ping"))["result"] == {}
+        await stream.release()
+    finally:
+        await upstream.close()
