@@ -28,6 +28,8 @@ CLUSTER_DIR="$CACHE_ROOT/cluster-$HASH"
 BIN="$CLUSTER_DIR/bin"
 mkdir -p "$BIN"
 
+# A non-login shell may miss the toolchain's usual home.
+command -v go >/dev/null || PATH="$PATH:/usr/local/go/bin"
 if ! command -v go >/dev/null; then
     echo "build.sh: no 'go' on PATH; Go 1.26 or newer is needed to build the cluster binaries" >&2
     exit 1
@@ -75,6 +77,7 @@ TARGETS=(
 TIMES="$CLUSTER_DIR/build-seconds.txt"
 total=${#TARGETS[@]}
 i=0
+build_start=$SECONDS
 for target in "${TARGETS[@]}"; do
     IFS='|' read -r name dir pkg ldflags <<<"$target"
     i=$((i + 1))
@@ -113,5 +116,5 @@ if [[ ! -s "$STAGES" ]]; then
     mv -f "$tmp" "$STAGES"
 fi
 
-echo "==> cluster binaries ready in $BIN"
+echo "==> cluster binaries ready in $BIN ($((SECONDS - build_start))s)"
 echo "$BIN"
