@@ -160,10 +160,17 @@ class UpstreamCall:
             await resp.release()
 
 
+# Without a policy the sidecar is a pass-through with observability only (DESIGN.md); the policy
+# stages are not even imported then, which keeps an unconfigured sidecar small and quick to start.
+UNCONDITIONAL_STAGES = frozenset({"observe"})
+
+
 def build_stages(policy: Any, shared: SharedState) -> list[Stage]:
     """The stages this policy asks for, in chain order; a stage module not written yet is left out."""
     stages: list[Stage] = []
     for name in STAGE_ORDER:
+        if policy is None and name not in UNCONDITIONAL_STAGES:
+            continue
         module_name = f"toolmesh.sidecar.stages.{name}"
         try:
             module = importlib.import_module(module_name)

@@ -15,7 +15,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
-from mcp.shared.inbound import encode_header_value
 from multidict import CIMultiDict
 
 from toolmesh.sidecar.chain import (
@@ -131,6 +130,9 @@ def _routing_headers(headers: Mapping[str, str], method: str, params: Mapping[st
         out["Mcp-Method"] = method
         name = params.get(_NAME_PARAM.get(method, ""))
         if type(name) is str:
+            # Imported here: the SDK costs a second and ~15 MB at start-up, and only batches need it.
+            from mcp.shared.inbound import encode_header_value
+
             out["Mcp-Name"] = encode_header_value(name)
     return out
 

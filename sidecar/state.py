@@ -6,9 +6,10 @@ hand-kept list: `toolmesh.sidecar.stages.<name>` (one per name in
 
     def build(policy, shared: SharedState) -> Stage | None
 
-called on start-up and on every policy reload with the new frozen policy
-(None when the sidecar runs without `--policy`). It returns None when the
-policy does not ask for that stage. Anything that must survive a reload
+called on start-up and on every policy reload with the new frozen policy.
+It returns None when the policy does not ask for that stage. Without any
+policy (no `--policy`) only `observe` is built; the policy stages are not
+imported at all. Anything that must survive a reload
 (rate buckets, cached results, breaker states, budgets) is kept in
 `shared.stage_state[<name>]`, created on first build.
 """
