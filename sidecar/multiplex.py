@@ -98,7 +98,8 @@ ACCEPTED = UpstreamResponse(status=202)
 class ClientSession:
     """One client's MCP session as the bridge presents it (its own `Mcp-Session-Id`)."""
 
-    __slots__ = ("id", "capabilities", "protocol_version", "pending", "stream", "backlog", "last_active")
+    __slots__ = ("id", "capabilities", "protocol_version", "pending", "stream", "backlog", "last_active",
+                 "subscriptions")
 
     def __init__(self, session_id: str, capabilities: Mapping[str, Any], protocol_version: str | None):
         self.id = session_id
@@ -111,6 +112,8 @@ class ClientSession:
         """The open GET stream, if any; None ends it."""
         self.backlog: deque[bytes] = deque(maxlen=_BACKLOG_LIMIT)
         self.last_active = time.monotonic()
+        self.subscriptions: set[str] = set()
+        """Resource URIs this client subscribed to; their updates go to it alone."""
 
     def push(self, data: bytes) -> None:
         """Send a message on the session's GET stream (kept briefly when none is open)."""
@@ -202,6 +205,12 @@ class Multiplexer:
         for pending in list(session.pending.values()):
             await self._abandon(pending, "session ended")
             pending.queue.put_nowait((_ENDED, None))
+        for uri in session.subscriptions:
+            if not self._subscribers(uri):
+                # The last subscriber left: the upstream may stop watching.
+                self._answer_upstream({"jsonrpc": "2.0", "id": next(self._ids), "method": "resources/unsubscribe",
+                                       "params": {"uri": uri}})
+        session.subscriptions.clear()
         for request_id in [rid for rid, owner in self._server_requests.items() if owner is session]:
             del self._server_requests[request_id]
         if session.stream is not None:
@@ -277,8 +286,27 @@ class Multiplexer:
         except ProxyError:
             pass
 
+    def _subscribers(self, uri: str) -> list[ClientSession]:
+        return [s for s in self.sessions.values() if uri in s.subscriptions]
+
+    def subscribed_uris(self) -> set[str]:
+        """Every resource some session subscribed to (to subscribe a restarted upstream again)."""
+        return {uri for session in self.sessions.values() for uri in session.subscriptions}
+
     async def call(self, message: dict[str, Any], session: ClientSession | None) -> UpstreamResponse:
         """Forward one client request; JSON when the answer comes first, SSE when anything precedes it."""
+        method = message.get("method")
+        if session is not None and method in ("resources/subscribe", "resources/unsubscribe"):
+            params = message.get("params")
+            uri = params.get("uri") if isinstance(params, dict) else None
+            if isinstance(uri, str):
+                if method == "resources/subscribe":
+                    session.subscriptions.add(uri)
+                else:
+                    session.subscriptions.discard(uri)
+                    if self._subscribers(uri):
+                        # Another session still watches it: the shared upstream must keep its subscription.
+                        return json_response(200, {"jsonrpc": "2.0", "id": message.get("id"), "result": {}})
         pending = self._register(message, session)
         try:
             await self._send(dumps(message))
@@ -447,6 +475,14 @@ class Multiplexer:
             if session is not None:
                 self._to_session(session, raw)
             return
+        if method == "notifications/resources/updated":
+            params = message.get("params")
+            uri = params.get("uri") if isinstance(params, dict) else None
+            subscribers = self._subscribers(uri) if isinstance(uri, str) else []
+            if subscribers:
+                for session in subscribers:
+                    session.push(raw)
+                return
         if method == "notifications/message" and len(self._pending) == 1:
             # Logging while exactly one request runs belongs to that request.
             next(iter(self._pending.values())).deliver(raw)

@@ -407,6 +407,9 @@ class StdioUpstream:
             raise UpstreamUnavailable("upstream refused initialize", data=answer.get("error"))
         self._init_result = result
         await self._mux.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        for uri in self._mux.subscribed_uris():
+            # A restarted child knows nothing of the subscriptions its sessions hold.
+            await self._mux.call_own("resources/subscribe", {"uri": uri}, self.start_timeout)
         info = result.get("serverInfo") or {}
         log.info("stdio upstream ready: %s %s (protocol %s)", info.get("name"), info.get("version"),
                  result.get("protocolVersion"))

@@ -158,3 +158,29 @@ async def test_a_batch_is_answered_as_one_array(caplog):
     assert orjson.loads((await call).body) == [{"jsonrpc": "2.0", "id": 1, "result": {}},
                                                {"jsonrpc": "2.0", "id": 2, "result": {}}]
     assert "not JSON-RPC" in caplog.text
+
+
+async def test_resource_updates_reach_subscribers_only_and_the_last_unsubscribe_goes_upstream():
+    channel = Channel()
+    mux = Multiplexer(channel.send)
+    first, second, other = mux.new_session({}), mux.new_session({}), mux.new_session({})
+    streams = {s.id: mux.open_stream(s) for s in (first, second, other)}
+    for session in (first, second):
+        call = asyncio.create_task(mux.post(request(1, method="resources/subscribe", uri="file:///a"), session))
+        sent = await channel.next()
+        mux.receive(orjson.dumps({"jsonrpc": "2.0", "id": sent["id"], "result": {}}))
+        await call
+    assert mux.subscribed_uris() == {"file:///a"}
+    mux.receive(b'{"jsonrpc":"2.0","method":"notifications/resources/updated","params":{"uri":"file:///a"}}')
+    for session in (first, second):
+        event = await anext(streams[session.id].events)
+        assert orjson.loads(event.data)["params"]["uri"] == "file:///a"
+    assert other.stream.empty()
+
+    # The first unsubscribe is answered by the proxy: the second session still watches the resource.
+    kept = await mux.post(request(2, method="resources/unsubscribe", uri="file:///a"), first)
+    assert orjson.loads(kept.body) == {"jsonrpc": "2.0", "id": 2, "result": {}}
+    assert channel.sent == []
+    await mux.end_session(second)
+    unsubscribed = await channel.next()
+    assert unsubscribed["method"] == "resources/unsubscribe" and unsubscribed["params"] == {"uri": "file:///a"}
