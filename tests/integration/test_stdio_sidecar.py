@@ -8,7 +8,7 @@ import shlex
 import pytest
 from mcp import Client
 from mcp.shared.exceptions import MCPError
-from mcp.types import CreateMessageResult, TextContent
+from mcp.types import CreateMessageResult, ElicitResult, TextContent
 
 from helpers import free_port, port_open, running, wait_until
 from helpers.sidecar import ready, sidecar
@@ -71,6 +71,22 @@ async def test_progress_and_sampling_through_the_sidecar(tools_sidecar):
         assert text_of(counted) == "counted 3"
         assert seen == [(float(i), 3.0, f"step {i}") for i in range(1, 4)]
         assert text_of(await client.call_tool("ask_model", {"question": "hi"})) == "sampled hi"
+
+
+async def test_elicitation_and_logging_through_the_sidecar(tools_sidecar):
+    logged = []
+
+    async def on_log(params):
+        logged.append(params.data)
+
+    async def answer_elicitation(ctx, params):
+        return ElicitResult(action="accept", content={"colour": "teal"})
+
+    async with Client(tools_sidecar.url, mode="legacy", elicitation_callback=answer_elicitation,
+                      logging_callback=on_log) as client:
+        assert text_of(await client.call_tool("ask_user", {})) == "accept:teal"
+        assert text_of(await client.call_tool("chatty", {"text": "hello log"})) == "logged"
+    assert logged == ["hello log"]
 
 
 async def test_a_crash_reaches_the_client_as_an_error_and_the_next_call_works(tools_sidecar):

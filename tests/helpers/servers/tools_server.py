@@ -9,6 +9,7 @@ import anyio
 import mcp_types as types
 from mcp.server import stdio as sdk_stdio
 from mcp.server.mcpserver import Context, MCPServer
+from pydantic import BaseModel
 
 server = MCPServer("stdio-tools")
 
@@ -42,6 +43,24 @@ async def ask_model(question: str, ctx: Context) -> str:
     )
     content = result.content
     return content.text if isinstance(content, types.TextContent) else repr(content)
+
+
+class Colour(BaseModel):
+    colour: str
+
+
+@server.tool()
+async def ask_user(ctx: Context) -> str:
+    """Ask the user (elicitation) for a colour."""
+    answer = await ctx.elicit("Which colour?", Colour)
+    return f"{answer.action}:{answer.data.colour if answer.action == 'accept' else ''}"
+
+
+@server.tool()
+async def chatty(text: str, ctx: Context) -> str:
+    """Log `text` to the client, then answer."""
+    await ctx.info(text)
+    return "logged"
 
 
 @server.tool()
