@@ -408,7 +408,9 @@ class ControlPlane:
         self._spawn("kwok", [
             "kwok", f"--kubeconfig={kubeconfig}", f"--config={self.bin_dir.parent / 'kwok-stages.yaml'}",
             "--manage-all-nodes=false", "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
-            "--server-address=127.0.0.1:0",
+            # The stages renew the Node's Lease only when kwok manages leases; without one the node
+            # lifecycle controller marks the Node NotReady every grace period and flips Pods to not Ready.
+            "--server-address=127.0.0.1:0", "--node-lease-duration-seconds=40",
         ])
         self.kubectl("apply", "-f", "-", input=json.dumps(self._fake_node()))
         self.wait_for(self._node_ready, timeout=START_TIMEOUT, what=f"Node {self.node} Ready")
