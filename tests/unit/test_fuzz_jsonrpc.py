@@ -8,6 +8,7 @@ garbage over HTTP and must keep answering with JSON-RPC.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 
 import httpx2
@@ -26,6 +27,9 @@ from toolmesh.sidecar.errors import Refused
 from toolmesh.sidecar.jsonrpc import classify, loads
 from toolmesh.sidecar.stages import authenticate, authorize, rate_limit
 from toolmesh.sidecar.state import SharedState
+
+# TOOLMESH_FUZZ_SCALE=20 runs twenty times as many examples, for a deeper search than CI makes.
+SCALE = int(os.environ.get("TOOLMESH_FUZZ_SCALE", "1"))
 
 METHODS = [
     "initialize", "ping", "tools/list", "tools/call", "resources/list", "resources/read", "resources/templates/list",
@@ -86,7 +90,7 @@ bodies = (
 
 
 @given(bodies)
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300 * SCALE, deadline=None)
 def test_parsing_either_classifies_or_refuses(body):
     try:
         message = loads(body)
@@ -129,7 +133,7 @@ upstream_results = parsed_values | st.fixed_dictionaries({}, optional={
 
 @given(st.sampled_from(METHODS) | st.text(max_size=10), params_of(parsed_values), upstream_results, st.booleans(),
        st.sampled_from([None, "Bearer x.y.z", "Bearer ", "Basic abc", "bearer " + "A" * 20000]))
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300 * SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 async def test_stages_never_fail_internally(method, call_params, upstream_result, with_caller, authorization):
     shared = SharedState("fuzz")
     stages = [m.build(POLICY, shared) for m in (authenticate, authorize, rate_limit)]
@@ -180,7 +184,7 @@ def _json_rpc_answers(resp: httpx2.Response) -> list:
 
 
 @given(bodies, st.booleans())
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150 * SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_real_sidecar_answers_garbage_with_json_rpc(fuzzed_sidecar, body, with_token):
     sc, http, token = fuzzed_sidecar
     headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
