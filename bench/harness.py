@@ -581,6 +581,27 @@ def port_open(port: int) -> bool:
         return False
 
 
+def markdown(doc: dict) -> str:
+    """The results as the README's Performance table."""
+    results, derived = doc["targets"], doc.get("derived", {})
+    rows = ["| target | p50 / p99 ms (c=1) | added p50 / p99 ms | calls/s c=16 / c=64 | c=64 vs direct | "
+            "CPU ms per call | RSS idle / load MB | ready s | conformance kept |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        if "c1" not in r:
+            continue
+        d = derived.get(name, {})
+        kept = f"{100 * d['conformance_kept']:.0f} %" if d.get("conformance_kept") is not None else "—"
+        added = f"{d['added_p50_ms']:.2f} / {d['added_p99_ms']:.2f}" if d else "—"
+        ready = f"{r['ready_s']:.2f}" if r.get("ready_s") is not None else "—"
+        cpu = r["c16"]["cpu_ms_per_call"]
+        rows.append(f"| {name} | {r['c1']['p50_ms']:.2f} / {r['c1']['p99_ms']:.2f} | {added} | "
+                    f"{r['c16']['rps']:.0f} / {r['c64']['rps']:.0f} | {100 * d.get('c64_vs_direct', 1):.1f} % | "
+                    f"{cpu if cpu is not None else '—'} | {r['rss_idle_mb']:.0f} / {r.get('rss_load_mb', 0):.0f} | "
+                    f"{ready} | {kept} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("targets", nargs="*", help=f"targets to measure (default: all): {', '.join(TARGETS)}")
@@ -590,11 +611,17 @@ def main(argv: list[str]) -> int:
                                                  "or conformance-proxies.json with --conformance)")
     parser.add_argument("--soak", type=float, metavar="MINUTES",
                         help="also hold the sidecar under load this long, sampling its memory (design: 10)")
+    parser.add_argument("--markdown", action="store_true", help="print the last results as a Markdown table, run nothing")
     parser.add_argument("--gateway", action="store_true",
                         help="instead of the proxies, measure the gateway's tools/list over 100 servers x 20 tools")
     parser.add_argument("--conformance", action="store_true",
                         help="instead of load, run the conformance suite through each proxy: checks kept")
     args = parser.parse_args(argv)
+    if args.markdown:
+        doc = json.loads((args.out or RESULTS / "sidecar.json").read_text())
+        doc["derived"] = derive(doc["targets"])
+        print(markdown(doc))
+        return 0
     chosen = args.targets or list(TARGETS)
     unknown = [t for t in chosen if t not in TARGETS]
     if unknown:

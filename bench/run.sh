@@ -3,6 +3,9 @@
 #
 #   bench/run.sh [--quick] [--seconds N] [TARGET ...]     e.g. bench/run.sh --quick sidecar
 #   bench/run.sh --conformance [TARGET ...]                the conformance checks each proxy keeps
+#   bench/run.sh --gateway                                 gateway tools/list over 100 servers x 20 tools
+#   bench/run.sh --soak 10 sidecar                         also hold the sidecar under load, sampling memory
+#   bench/run.sh --markdown                                the last results as the README's table
 #
 # Targets are listed by `bench/run.sh --help`; `direct` is always measured too, as the reference.
 # Run it on a quiet machine: other work on the same cores shows up as latency.
