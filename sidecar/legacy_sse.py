@@ -4,8 +4,9 @@
                       reconnect_backoff=(0.2, 5.0), reconnect_wait=10.0)
         `url` is the server's SSE endpoint (e.g. http://host:8000/sse);
         `session` an aiohttp client session to share (one is made otherwise);
-        `timeout` bounds each message POST; `connect_timeout` bounds opening the
-        stream and receiving its `endpoint` event.
+        `timeout` bounds each message POST and the silence on a request before
+        JSON-RPC error -32002 (504; progress resets it); `connect_timeout`
+        bounds opening the stream and receiving its `endpoint` event.
 
 Each client session gets an upstream SSE connection of its own: the client's
 `initialize` opens it (GET `url`, whose first event, `endpoint`, names the
@@ -58,7 +59,7 @@ class _Connection:
 
     def __init__(self, owner: LegacySseUpstream, init_params: Mapping[str, Any] | None):
         self._owner = owner
-        self.mux = Multiplexer(self._post_message)
+        self.mux = Multiplexer(self._post_message, timeout=owner.silence_timeout)
         self.init_params = init_params
         """The `initialize` params replayed after a reconnect (None until the session is established)."""
         self.session: ClientSession | None = None
@@ -197,6 +198,7 @@ class LegacySseUpstream:
         self._given_session = session
         self._http: aiohttp.ClientSession | None = session
         self.message_timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
+        self.silence_timeout = timeout
         # The stream may rightly stay silent for hours.
         self.stream_timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=None)
         self.connect_timeout = connect_timeout

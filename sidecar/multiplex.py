@@ -154,8 +154,10 @@ class _Pending:
 class Multiplexer:
     """JSON-RPC routing between client sessions and one upstream channel; `send` writes one message upstream."""
 
-    def __init__(self, send: Callable[[bytes], Awaitable[None]]):
+    def __init__(self, send: Callable[[bytes], Awaitable[None]], *, timeout: float | None = None):
         self._send = send
+        self.timeout = timeout
+        """Longest silence (seconds) allowed on a request before it fails with UpstreamTimeout; progress resets it."""
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._tokens: dict[int, _Pending] = {}
@@ -314,7 +316,7 @@ class Multiplexer:
             self._forget(pending)
             raise
         try:
-            kind, payload = await pending.queue.get()
+            kind, payload = await self._next(pending)
         except asyncio.CancelledError:
             await asyncio.shield(self._abandon(pending, "client disconnected"))
             raise
@@ -327,10 +329,21 @@ class Multiplexer:
         return UpstreamResponse(status=200, headers=SSE_HEADERS, events=self._events(pending, payload),
                                 release=lambda: self._abandon(pending, "client disconnected"))
 
+    async def _next(self, pending: _Pending) -> tuple[int, Any]:
+        """The request's next message; a silence longer than the timeout gives up on it (and cancels it upstream)."""
+        queue = pending.queue
+        if not queue.empty() or self.timeout is None:
+            return await queue.get()
+        try:
+            return await asyncio.wait_for(queue.get(), self.timeout)
+        except TimeoutError:
+            await self._abandon(pending, "timed out")
+            return _FAILED, UpstreamTimeout(f"upstream sent nothing for {self.timeout:g}s")
+
     async def _events(self, pending: _Pending, first: bytes) -> AsyncIterator[SseEvent]:
         yield SseEvent(data=first)
         while True:
-            kind, payload = await pending.queue.get()
+            kind, payload = await self._next(pending)
             if kind == _EVENT:
                 yield SseEvent(data=payload)
             elif kind == _FINAL:
@@ -382,7 +395,7 @@ class Multiplexer:
                 await self.respond(message)
         try:
             for pending in pendings:
-                kind, payload = await pending.queue.get()
+                kind, payload = await self._next(pending)
                 if kind == _FINAL:
                     answers.append(orjson.loads(payload))
                 elif kind == _FAILED:

@@ -1,10 +1,12 @@
 """Bridges one stdio MCP server to many Streamable HTTP sessions: spawn or attach, one initialize, crash and restart.
 
     StdioUpstream(command, *, env=None, cwd=None, restart_backoff=(0.2, 5.0),
-                  start_timeout=30.0, ready_timeout=5.0, max_line_bytes=32 MiB)
+                  start_timeout=30.0, ready_timeout=5.0, timeout=300.0,
+                  max_line_bytes=32 MiB, session_idle_timeout=1800.0)
         Spawns `command` (a list, or a string split like a shell would) in its
         own process group; `env` is added to the sidecar's environment. Used
-        for `--upstream-command "CMD ARGS"`.
+        for `--upstream-command "CMD ARGS"`. `timeout` is the longest silence
+        on a request (progress resets it) before JSON-RPC error -32002 (504).
 
     StdioUpstream.attach(fifo_dir, **same options)
         Kubernetes: the server container runs `sh -c 'CMD <in.fifo >out.fifo'`
@@ -128,7 +130,8 @@ class StdioUpstream:
     def __init__(self, command: str | Sequence[str] = (), *, fifo_dir: str | os.PathLike[str] | None = None,
                  env: Mapping[str, str] | None = None, cwd: str | os.PathLike[str] | None = None,
                  restart_backoff: tuple[float, float] = (0.2, 5.0), start_timeout: float = 30.0,
-                 ready_timeout: float = 5.0, probe_timeout: float = 5.0, max_line_bytes: int = 32 << 20,
+                 ready_timeout: float = 5.0, probe_timeout: float = 5.0, timeout: float | None = 300.0,
+                 max_line_bytes: int = 32 << 20,
                  session_idle_timeout: float = 1800.0, era: str = "handshake"):
         self.command = shlex.split(command) if isinstance(command, str) else list(command)
         if bool(self.command) == (fifo_dir is not None):
@@ -147,7 +150,7 @@ class StdioUpstream:
         self._modern: StdioUpstream | None = None
         self._modern_lock = asyncio.Lock()
         self._modern_unsupported = self._fifo_dir is not None or era != "handshake"
-        self._mux = Multiplexer(self._write)
+        self._mux = Multiplexer(self._write, timeout=timeout)
         self._link: _Link | None = None
         self._ready = asyncio.Event()
         self._init_result: dict[str, Any] = {}
@@ -265,8 +268,8 @@ class StdioUpstream:
             if self._modern is None and not self._modern_unsupported and not self._closing:
                 modern = StdioUpstream(self.command, env=None, cwd=self.cwd, restart_backoff=self.restart_backoff,
                                        start_timeout=self.start_timeout, ready_timeout=self.ready_timeout,
-                                       probe_timeout=self.probe_timeout, max_line_bytes=self.max_line_bytes,
-                                       era="modern")
+                                       probe_timeout=self.probe_timeout, timeout=self._mux.timeout,
+                                       max_line_bytes=self.max_line_bytes, era="modern")
                 modern.env = self.env
                 try:
                     await modern.start()

@@ -12,7 +12,7 @@ import pytest
 
 from helpers import async_wait_until
 from helpers.stdio_servers import STDIO_TOOLS, UpstreamClient, text_of
-from toolmesh.sidecar.errors import UpstreamUnavailable
+from toolmesh.sidecar.errors import UpstreamTimeout, UpstreamUnavailable
 from toolmesh.sidecar.stdio import StdioUpstream
 
 pytestmark = pytest.mark.timeout(60)
@@ -148,3 +148,22 @@ def test_a_stdio_upstream_needs_a_command_or_a_fifo_directory(tmp_path):
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_silent_call_times_out_and_is_cancelled_but_progress_keeps_one_alive(caplog):
+    caplog.set_level(logging.INFO, logger="toolmesh.sidecar.stdio")
+    upstream = StdioUpstream(STDIO_TOOLS, timeout=1.0)
+    await upstream.start()
+    try:
+        client = UpstreamClient(upstream)
+        await client.initialize()
+        with pytest.raises(UpstreamTimeout):
+            await client.call_tool("wait_forever", {"label": "silent"})
+        await async_wait_until(lambda: _true("cancelled silent" in caplog.text), what="the child to cancel the call")
+        # 8 × 0.2 s is longer than the timeout, but every progress notification shows the call is alive.
+        events: list[dict] = []
+        answer = await client.request("tools/call", {"name": "trickle", "arguments": {"steps": 8, "interval": 0.2},
+                                                     "_meta": {"progressToken": 1}}, events=events)
+        assert text_of(answer) == "trickled 8" and len(events) == 8
+    finally:
+        await upstream.close()

@@ -35,6 +35,15 @@ async def count(steps: int, ctx: Context) -> str:
 
 
 @server.tool()
+async def trickle(steps: int, interval: float, ctx: Context) -> str:
+    """Report progress every `interval` seconds, `steps` times, then answer."""
+    for step in range(1, steps + 1):
+        await anyio.sleep(interval)
+        await ctx.report_progress(step, steps)
+    return f"trickled {steps}"
+
+
+@server.tool()
 async def ask_model(question: str, ctx: Context) -> str:
     """Ask the client's model (sampling) and return its answer."""
     result = await ctx.session.create_message(
