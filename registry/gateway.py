@@ -29,7 +29,7 @@ log = logging.getLogger("toolmesh.registry")
 SESSION_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26")
 MODERN_VERSIONS = ("2026-07-28",)
 SUBSCRIPTION_ID_KEY = "io.modelcontextprotocol/subscriptionId"
-PROTOCOL_VERSION_KEY = "io.modelcontextprotocol/protocolVersion"
+ENVELOPE_PREFIX = "io.modelcontextprotocol/"
 
 METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
@@ -265,7 +265,7 @@ class Gateway:
         route = self.catalogue.view().routes.get(name)
         if route is None:
             raise ToolCallFailed(INVALID_PARAMS, f"unknown tool: {name}")
-        forwarded = dict(params)
+        forwarded = session_era_params(params)
         forwarded["name"] = route.tool
         return await self.call_server(route.server, forwarded, caller, notify)
 
@@ -333,6 +333,24 @@ class Gateway:
             _offer(session.outbox, self._list_changed)
         for queue in self.listeners:
             _offer(queue, b"")
+
+
+def session_era_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """`params` without the 2026-07-28 envelope (`io.modelcontextprotocol/*` in `_meta`).
+
+    The gateway speaks the session era to sidecars, whatever era its caller
+    speaks, and session-era servers refuse requests that carry the envelope.
+    Everything else in `_meta` (progressToken, trace context) goes on.
+    """
+    forwarded = dict(params)
+    meta = forwarded.get("_meta")
+    if isinstance(meta, Mapping):
+        kept = {k: v for k, v in meta.items() if not k.startswith(ENVELOPE_PREFIX)}
+        if kept:
+            forwarded["_meta"] = kept
+        else:
+            forwarded.pop("_meta")
+    return forwarded
 
 
 def _offer(queue: asyncio.Queue[bytes], item: bytes) -> None:
