@@ -8,6 +8,7 @@ from typing import Any
 from multidict import CIMultiDict
 
 from toolmesh.api.policy import AuthPolicy, Issuer
+from toolmesh.sidecar import stage_metrics
 from toolmesh.sidecar.audit import AuditLog, audit_log_for
 from toolmesh.sidecar.chain import Caller, CallContext, Handler, Outcome
 from toolmesh.sidecar.errors import Unauthenticated
@@ -51,17 +52,23 @@ def bearer_token(headers: Any) -> str | None:
 class AuthenticateStage:
     """Verifies the bearer token of every request and puts the caller into the context."""
 
-    def __init__(self, auth: AuthPolicy, verifier: TokenVerifier, audit: AuditLog | None, server_name: str | None = None):
+    def __init__(self, auth: AuthPolicy, verifier: TokenVerifier, audit: AuditLog | None, server_name: str | None = None,
+                 shared: SharedState | None = None):
         self.auth = auth
         self.verifier = verifier
         self.audit = audit
         self.server_name = server_name
+        self.requests = stage_metrics.counter(
+            shared, "toolmesh_auth_requests_total",
+            "Requests by authentication result (verified, cached, anonymous, missing, invalid).", ("result",))
 
     async def __call__(self, ctx: CallContext, call_next: Handler) -> Outcome:
         header = bearer_token(ctx.headers)
         if header is None:
             if not self.auth.required:
+                self.requests.inc("anonymous")
                 return await call_next(replace(ctx, caller=ANONYMOUS, headers=upstream_headers(ctx.headers, ANONYMOUS)))
+            self.requests.inc("missing")
             self._refuse(ctx, "no bearer token")
             raise Unauthenticated(
                 "authentication required: send a bearer token",
@@ -70,14 +77,17 @@ class AuthenticateStage:
         scheme, _, token = header.strip().partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
+            self.requests.inc("invalid")
             self._refuse(ctx, "malformed Authorization header")
             raise Unauthenticated(
                 "malformed Authorization header: expected 'Bearer <token>'",
                 headers={"WWW-Authenticate": challenge(self.auth, ctx.headers, error="invalid_request")},
             )
+        checked = self.verifier.verifications
         try:
             caller = await self.verifier.verify(token)
         except InvalidToken as exc:
+            self.requests.inc("invalid")
             self._refuse(ctx, exc.reason)
             raise Unauthenticated(
                 f"invalid bearer token: {exc.reason}",
@@ -87,6 +97,7 @@ class AuthenticateStage:
                     )
                 },
             ) from None
+        self.requests.inc("cached" if self.verifier.verifications == checked else "verified")
         return await call_next(replace(ctx, caller=caller, headers=upstream_headers(ctx.headers, caller)))
 
     def _refuse(self, ctx: CallContext, reason: str) -> None:
@@ -120,4 +131,4 @@ def build(policy: Any, shared: SharedState) -> AuthenticateStage | None:
         return keys
 
     verifier = TokenVerifier(auth, jwks_for)
-    return AuthenticateStage(auth, verifier, audit_log_for(policy, shared), shared.server_name)
+    return AuthenticateStage(auth, verifier, audit_log_for(policy, shared), shared.server_name, shared)

@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 
 from toolmesh.api.policy import AuthorizationPolicy
+from toolmesh.sidecar import stage_metrics
 from toolmesh.sidecar.audit import AuditLog, audit_log_for
 from toolmesh.sidecar.chain import REQUEST, CallContext, Caller, Handler, Outcome
 from toolmesh.sidecar.errors import Forbidden
@@ -48,7 +49,11 @@ def allowed(required: list[str], caller: Caller | None) -> bool:
 class AuthorizeStage:
     """Refuses calls the caller's scopes do not cover (403 insufficient_scope) and hides what it may not use from lists."""
 
-    def __init__(self, policy: Any, authorization: AuthorizationPolicy | None, audit: AuditLog | None, server_name: str | None):
+    def __init__(self, policy: Any, authorization: AuthorizationPolicy | None, audit: AuditLog | None,
+                 server_name: str | None, shared: SharedState | None = None):
+        self.decisions = stage_metrics.counter(
+            shared, "toolmesh_authz_decisions_total",
+            "Authorization decisions on tools, resources and prompts (allowed true/false).", ("kind", "allowed"))
         self.auth = getattr(policy, "auth", None)
         self.authorization = authorization
         self.audit = audit
@@ -102,6 +107,7 @@ class AuthorizeStage:
         )
 
     def _record(self, ctx: CallContext, kind: str, target: str, ok: bool, reason: str) -> None:
+        self.decisions.inc(kind, "true" if ok else "false")
         if self.audit is None:
             return
         self.audit.record(
@@ -151,4 +157,4 @@ def build(policy: Any, shared: SharedState) -> AuthorizeStage | None:
     audit = audit_log_for(policy, shared)
     if authorization is None and audit is None:
         return None
-    return AuthorizeStage(policy, authorization, audit, shared.server_name)
+    return AuthorizeStage(policy, authorization, audit, shared.server_name, shared)

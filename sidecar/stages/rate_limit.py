@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from toolmesh.api.policy import RateLimitPolicy, match_tool_rule
+from toolmesh.sidecar import stage_metrics
 from toolmesh.sidecar.chain import REQUEST, CallContext, Handler, Outcome
 from toolmesh.sidecar.errors import RetryLater
 from toolmesh.sidecar.state import SharedState
@@ -51,9 +52,12 @@ class Buckets:
 class RateLimitStage:
     """Charges each request to its subject's bucket; tools with a rule (or every tool, with `perTool`) get their own."""
 
-    def __init__(self, policy: RateLimitPolicy, buckets: Buckets):
+    def __init__(self, policy: RateLimitPolicy, buckets: Buckets, shared: SharedState | None = None):
         self.policy = policy
         self.buckets = buckets
+        self.limited = stage_metrics.counter(
+            shared, "toolmesh_rate_limited_total", "Requests refused with 429 by the rate limit.")
+        self.bucket_count = stage_metrics.gauge(shared, "toolmesh_rate_limit_buckets", "Token buckets held in memory now.")
 
     async def __call__(self, ctx: CallContext, call_next: Handler) -> Outcome:
         if ctx.kind != REQUEST:
@@ -73,7 +77,9 @@ class RateLimitStage:
             elif policy.perTool:
                 scope = tool
         wait = self.buckets.take((subject, scope), rate, burst)
+        self.bucket_count.set(len(self.buckets))
         if wait > 0.0:
+            self.limited.inc()
             what = f"tool {tool!r}" if scope else "this server"
             raise RetryLater(f"rate limit exceeded for {what}: retry in {wait:.3f}s", retry_after=wait)
         return await call_next(ctx)
@@ -88,4 +94,4 @@ def build(policy: Any, shared: SharedState) -> RateLimitStage | None:
     if buckets is None:
         buckets = shared.stage_state[NAME] = Buckets(section.maxSubjects)
     buckets.max_keys = section.maxSubjects
-    return RateLimitStage(section, buckets)
+    return RateLimitStage(section, buckets, shared)

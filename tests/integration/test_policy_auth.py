@@ -181,3 +181,13 @@ async def test_audit_log_records_decisions_without_tokens(guarded, jwks_issuer):
     assert [(e["tool"], e["allowed"]) for e in found] == [("echo", True), ("add", False)]
     assert all(e["method"] == "tools/call" and e["time"].endswith("Z") for e in found)
     assert token not in guarded.audit_path.read_text()
+
+
+async def test_authorization_decisions_are_counted_in_metrics(guarded, jwks_issuer):
+    issuer, _ = jwks_issuer
+    await raw_call(guarded.url, "add", issuer.token("counted", "tools:echo"))
+    status, body = http_get(f"{guarded.base}/metrics")
+    assert status == 200
+    refused = [line for line in body.decode().splitlines()
+               if line.startswith("toolmesh_authz_decisions_total") and 'allowed="false"' in line and 'kind="tool"' in line]
+    assert refused and float(refused[0].rsplit(" ", 1)[1]) >= 1

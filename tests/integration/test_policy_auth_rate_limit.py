@@ -78,3 +78,25 @@ async def test_sdk_client_sees_the_rate_limit_as_an_error(limited, issuer):
         await session.call_tool("add", {"a": 1, "b": 1})
         with pytest.raises(MCPError, match="rate limit exceeded for tool 'add'"):
             await session.call_tool("add", {"a": 1, "b": 1})
+
+
+async def test_limits_and_auth_results_are_in_metrics(limited, issuer):
+    from helpers.sidecar import http_get
+
+    erin = issuer.token("erin", alg="HS256")
+    for _ in range(2):
+        await call(limited.url, erin, "add", {"a": 1, "b": 2})
+    await call(limited.url, "not-a-token", "echo", {"text": "x"})
+    status, body = http_get(f"{limited.base}/metrics")
+    text = body.decode()
+    assert status == 200
+
+    def value(series: str) -> float:
+        line = next(line for line in text.splitlines() if line.startswith(series + " "))
+        return float(line.rsplit(" ", 1)[1])
+
+    assert value("toolmesh_rate_limited_total") >= 1
+    assert value("toolmesh_rate_limit_buckets") >= 2
+    assert value('toolmesh_auth_requests_total{result="invalid"}') >= 1
+    assert value('toolmesh_auth_requests_total{result="verified"}') >= 1
+    assert value('toolmesh_auth_requests_total{result="cached"}') >= 1
