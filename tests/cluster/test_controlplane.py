@@ -79,3 +79,13 @@ def test_api_client_talks_to_the_cluster(cluster, namespace):
 def test_helm_version(cluster):
     out = cluster.helm("version", "--short").stdout.strip()
     assert out.startswith("v3.21.4"), out
+
+
+def test_fake_node_lease_is_renewed(cluster):
+    """Without a renewed Lease the node lifecycle controller marks the Node NotReady after its grace period."""
+    def renew_time():
+        return cluster.kubectl_json("get", "lease", cluster.node, "-n", "kube-node-lease")["spec"]["renewTime"]
+
+    first = cluster.wait_for(renew_time, timeout=10, what=f"the Lease of Node {cluster.node}")
+    cluster.wait_for(lambda: renew_time() != first, timeout=30, what="the Node Lease to be renewed")
+    assert cluster.wait_for(cluster.node_ready, timeout=5, what="the Node to stay Ready")

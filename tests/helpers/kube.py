@@ -413,7 +413,7 @@ class ControlPlane:
             "--server-address=127.0.0.1:0", "--node-lease-duration-seconds=40",
         ])
         self.kubectl("apply", "-f", "-", input=json.dumps(self._fake_node()))
-        self.wait_for(self._node_ready, timeout=START_TIMEOUT, what=f"Node {self.node} Ready")
+        self.wait_for(self.node_ready, timeout=START_TIMEOUT, what=f"Node {self.node} Ready")
         # The ServiceAccount controller is what makes Pods admissible in a namespace.
         self.wait_for(lambda: self.kubectl("get", "serviceaccount", "default", "-n", "default", check=False).returncode == 0,
                       timeout=START_TIMEOUT, what="the default ServiceAccount")
@@ -431,7 +431,8 @@ class ControlPlane:
             "spec": {"podCIDR": "10.244.0.0/24", "podCIDRs": ["10.244.0.0/24"]},
         }
 
-    def _node_ready(self) -> bool:
+    def node_ready(self) -> bool:
+        """Whether the fake Node reports Ready (kwok keeps it so while it renews the Node Lease)."""
         node = self.kubectl_json("get", "node", self.node)
         return any(c["type"] == "Ready" and c["status"] == "True" for c in node.get("status", {}).get("conditions", []))
 
