@@ -12,7 +12,7 @@ from toolmesh.api.policy import AuthorizationPolicy
 from toolmesh.sidecar import stage_metrics
 from toolmesh.sidecar.audit import AuditLog, audit_log_for
 from toolmesh.sidecar.chain import REQUEST, CallContext, Caller, Handler, Outcome
-from toolmesh.sidecar.errors import Forbidden
+from toolmesh.sidecar.errors import Forbidden, Unauthenticated
 from toolmesh.sidecar.protected_resource import challenge
 from toolmesh.sidecar.state import SharedState
 
@@ -95,6 +95,13 @@ class AuthorizeStage:
             return
         needed = " ".join(required)
         self._record(ctx, kind, target, False, f"insufficient scope: needs one of [{needed}]")
+        if self.auth is not None and (caller is None or caller.issuer is None):
+            # An anonymous caller (auth not required) is told to authenticate, not that it lacks a scope.
+            raise Unauthenticated(
+                f"authentication required for {kind} {target!r}",
+                data={"requiredScopes": list(required)},
+                headers={"WWW-Authenticate": challenge(self.auth, ctx.headers, scope=needed)},
+            )
         raise Forbidden(
             f"insufficient scope for {kind} {target!r}: needs one of {required}",
             data={"requiredScopes": list(required)},

@@ -365,3 +365,20 @@ async def test_subject_with_control_characters_is_refused(issuer):
     stage = authenticate.build(policy_for(issuer, key={"secret": issuer.secret}), SharedState("s"))
     outcome, _ = await through(stage, context(issuer.token("alice\r\nX-Evil: 1", alg="HS256")))
     assert outcome.status == 401
+
+
+async def test_anonymous_caller_denied_by_scope_is_asked_to_authenticate(issuer):
+    policy = policy_for(issuer, key={"secret": issuer.secret}, auth={"required": False}, authorization=RULES)
+    shared = SharedState("s")
+    authn, authz = authenticate.build(policy, shared), authorize.build(policy, shared)
+
+    async def chain(ctx):
+        return await authn(ctx, lambda c: authz(c, Terminal()))
+
+    assert (await run_chain(chain, context(None, params={"name": "public_time"}))).status == 200
+    outcome = await run_chain(chain, context(None, params={"name": "query_database"}))
+    assert outcome.status == 401
+    assert outcome.headers["WWW-Authenticate"].startswith('Bearer resource_metadata="')
+    assert 'scope="db:read admin"' in outcome.headers["WWW-Authenticate"]
+    token = issuer.token("alice", "other", alg="HS256")
+    assert (await run_chain(chain, context(token, params={"name": "query_database"}))).status == 403
