@@ -23,7 +23,7 @@ $(BIN)/toolmesh: pyproject.toml constraints.txt
 
 install: $(BIN)/toolmesh  ## create .venv and install toolmesh with its pinned dependencies
 
-demo: install  ## install, run toolmesh on the examples, make a real tool call through it
+demo: install node-deps  ## install, `toolmesh up examples/quickstart/`, real tool calls through the gateway, clean stop
 	@bash scripts/demo.sh
 
 system-deps:  ## Debian packages the tests and benchmarks use

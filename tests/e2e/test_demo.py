@@ -1,0 +1,28 @@
+"""`make demo`'s script end to end: toolmesh up on the quickstart, real calls through the gateway, a clean stop."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+
+from helpers import ROOT, free_port, port_open
+
+
+def test_the_demo_shows_tool_results_through_the_gateway_and_stops_cleanly():
+    port = free_port()
+    env = dict(os.environ, TOOLMESH_DEMO_PORT=str(port), PYTHONSAFEPATH="1")
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh")], env=env, capture_output=True, text=True,
+                          timeout=240, stdin=subprocess.DEVNULL)
+    out = done.stdout
+    assert done.returncode == 0, out + done.stderr
+    assert re.search(r"^everything\s+streamable-http\s+ready\s+13\s", out, re.M), out
+    assert re.search(r"^time\s+stdio\s+ready\s+2\s", out, re.M), out
+    assert '"timezone": "Europe/Paris"' in out and '"day_of_week"' in out
+    assert "The sum of 2 and 3 is 5." in out
+    assert "==> stopped" in out
+    # Nothing keeps running: the gateway and every sidecar are gone.
+    sidecars = [int(p) for p in re.findall(r"http://127\.0\.0\.1:(\d+)/mcp\s*$", out, re.M)]
+    assert len(sidecars) == 2
+    for p in [port, *sidecars]:
+        assert not port_open(p), f"port {p} still open after the demo"
