@@ -453,17 +453,26 @@ class ControlPlane:
             proc.stop()
 
 
-def start_control_plane(workdir: Path | None = None) -> ControlPlane:
-    """Start a control plane in `workdir` (a fresh temp dir by default); on failure everything started is stopped."""
+def start_control_plane(workdir: Path | None = None, attempts: int = 3) -> ControlPlane:
+    """Start a control plane in `workdir` (a fresh temp dir by default); on failure everything started is stopped.
+
+    Ports are picked free but only taken when each component binds them, so a concurrent test run
+    can grab one first: an "address already in use" start is retried in a fresh subdirectory.
+    """
     bin_dir = cluster_bin_dir()
-    workdir = workdir or Path(tempfile.mkdtemp(prefix="toolmesh-cluster-"))
-    plane = ControlPlane(bin_dir=bin_dir, workdir=workdir)
-    try:
-        plane.start()
-    except Exception as exc:
-        plane.stop()
-        raise RuntimeError(f"the control plane did not start: {exc}\nlogs in {plane.logs_dir}\n{plane.log_tails()}") from exc
-    except BaseException:
-        plane.stop()
-        raise
-    return plane
+    base = workdir or Path(tempfile.mkdtemp(prefix="toolmesh-cluster-"))
+    for attempt in range(1, attempts + 1):
+        plane = ControlPlane(bin_dir=bin_dir, workdir=base if attempt == 1 else base / f"attempt-{attempt}")
+        try:
+            plane.start()
+            return plane
+        except Exception as exc:
+            plane.stop()
+            tails = plane.log_tails()
+            if "address already in use" in tails and attempt < attempts:
+                continue
+            raise RuntimeError(f"the control plane did not start: {exc}\nlogs in {plane.logs_dir}\n{tails}") from exc
+        except BaseException:
+            plane.stop()
+            raise
+    raise AssertionError("unreachable: the last attempt returns or raises")
