@@ -24,6 +24,7 @@ from toolmesh.sidecar.chain import (
     STAGE_ORDER,
     STREAM,
     CallContext,
+    Caller,
     Handler,
     Outcome,
     Stage,
@@ -44,19 +45,28 @@ _NOT_FORWARDED = frozenset({
 })
 
 # Methods whose answers the sidecar parses on the way back (stages read them; tools/list feeds the catalogue).
+_NOT_FORWARDED_WITH_IDENTITY = _NOT_FORWARDED | {"authorization"}
+
 _PARSED_RESULTS = frozenset({"tools/list", "tools/call", "initialize"})
 
 _LIST_CHANGED = b"notifications/tools/list_changed"
 
 
-def forward_headers(headers: Mapping[str, str], *, verified: bool = False) -> dict[str, str]:
+def forward_headers(headers: Mapping[str, str], caller: Caller | None = None) -> dict[str, str]:
     """The client's headers as the upstream gets them: everything end-to-end, Mcp-* included.
 
-    X-Toolmesh-* carry the caller's identity to the upstream: they pass only when `verified`
-    (the authenticate stage replaced the client's with its own); a client's are dropped.
+    X-Toolmesh-* carry the caller's identity: a client's are always dropped, and once the
+    authenticate stage verified a `caller` its subject and scopes go instead of the client's
+    Authorization (the token was for this sidecar, not for the upstream).
     """
-    return {k: v for k, v in headers.items()
-            if k.lower() not in _NOT_FORWARDED and (verified or not k.lower().startswith("x-toolmesh-"))}
+    if caller is None:
+        return {k: v for k, v in headers.items()
+                if k.lower() not in _NOT_FORWARDED and not k.lower().startswith("x-toolmesh-")}
+    out = {k: v for k, v in headers.items()
+           if k.lower() not in _NOT_FORWARDED_WITH_IDENTITY and not k.lower().startswith("x-toolmesh-")}
+    out["X-Toolmesh-Subject"] = caller.subject
+    out["X-Toolmesh-Scopes"] = " ".join(sorted(caller.scopes))
+    return out
 
 
 class UpstreamCall:
@@ -68,7 +78,7 @@ class UpstreamCall:
 
     async def __call__(self, ctx: CallContext) -> Outcome:
         kind = ctx.kind
-        headers = forward_headers(ctx.headers, verified=ctx.caller is not None)
+        headers = forward_headers(ctx.headers, ctx.caller)
         if kind == REQUEST:
             body = ctx.raw if not ctx.params_changed else serialise_request(ctx.method, ctx.request_id, ctx.params)
             return await self._request(ctx, await self.upstream.post(body, headers))

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from multidict import CIMultiDict
-
 from toolmesh.api.policy import AuthPolicy, Issuer
 from toolmesh.sidecar import stage_metrics
 from toolmesh.sidecar.audit import AuditLog, audit_log_for
@@ -21,24 +19,6 @@ NAME = "authenticate"
 
 ANONYMOUS = Caller(subject="anonymous")
 """The caller of a request without a token when the policy does not require one."""
-
-
-SUBJECT_HEADER = "X-Toolmesh-Subject"
-SCOPES_HEADER = "X-Toolmesh-Scopes"
-_IDENTITY_PREFIX = "x-toolmesh-"
-
-
-def upstream_headers(headers: Any, caller: Caller) -> CIMultiDict[str]:
-    """The request headers as the upstream may see them: no client credentials, no client-made identity, the verified one instead."""
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        lower = name.lower()
-        if lower == "authorization" or lower.startswith(_IDENTITY_PREFIX):
-            continue
-        out.add(name, value)
-    out[SUBJECT_HEADER] = caller.subject
-    out[SCOPES_HEADER] = " ".join(sorted(caller.scopes))
-    return out
 
 
 def bearer_token(headers: Any) -> str | None:
@@ -67,7 +47,7 @@ class AuthenticateStage:
         if header is None:
             if not self.auth.required:
                 self.requests.inc("anonymous")
-                return await call_next(replace(ctx, caller=ANONYMOUS, headers=upstream_headers(ctx.headers, ANONYMOUS)))
+                return await call_next(replace(ctx, caller=ANONYMOUS))
             self.requests.inc("missing")
             self._refuse(ctx, "no bearer token")
             raise Unauthenticated(
@@ -98,7 +78,8 @@ class AuthenticateStage:
                 },
             ) from None
         self.requests.inc("cached" if self.verifier.verifications == checked else "verified")
-        return await call_next(replace(ctx, caller=caller, headers=upstream_headers(ctx.headers, caller)))
+        # The upstream request carries this caller, never the token (see pipeline.forward_headers).
+        return await call_next(replace(ctx, caller=caller))
 
     def _refuse(self, ctx: CallContext, reason: str) -> None:
         if self.audit is not None:
