@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
+
+from helpers import ROOT
+from helpers.kube import cluster_bin_dir
 
 pytestmark = pytest.mark.cluster
 
@@ -89,3 +93,11 @@ def test_fake_node_lease_is_renewed(cluster):
     first = cluster.wait_for(renew_time, timeout=10, what=f"the Lease of Node {cluster.node}")
     cluster.wait_for(lambda: renew_time() != first, timeout=30, what="the Node Lease to be renewed")
     assert cluster.wait_for(cluster.node_ready, timeout=5, what="the Node to stay Ready")
+
+
+def test_build_script_and_fixture_agree_on_the_bin_dir():
+    bin_dir = cluster_bin_dir()  # fails at once if nothing is built, instead of building inside a test
+    out = subprocess.run(["bash", str(ROOT / "tests" / "cluster" / "build.sh")], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert out.strip().splitlines()[-1] == str(bin_dir)
+    assert "already built" in out and "building" not in out
