@@ -251,7 +251,8 @@ class Target:
     """GET path that answers 200 once ready; None: ready when a session opens."""
     needs: list[Path] = field(default_factory=list)
     token: Callable[[], str] | None = None
-    env: dict[str, str] = field(default_factory=dict)
+    env: Callable[[str], dict[str, str]] = lambda upstream: {}
+    """Upstream URL -> extra environment for the proxy process."""
     load_env: dict[str, str] = field(default_factory=dict)
     """Extra environment for bench/mcp_call.lua (e.g. MCP_VARY=1)."""
 
@@ -266,6 +267,9 @@ TARGETS: dict[str, Target] = {
     "sidecar": Target("toolmesh sidecar, pass-through with observability", sidecar(), "/readyz", [TOOLMESH]),
     "sidecar-quiet": Target("toolmesh sidecar, pass-through, per-call log lines off (--log-level WARNING)",
                             sidecar("--log-level", "WARNING"), "/readyz", [TOOLMESH]),
+    "sidecar-traced": Target("toolmesh sidecar, pass-through, OpenTelemetry spans and metrics exported over OTLP/HTTP",
+                             sidecar(), "/readyz", [TOOLMESH],
+                             env=lambda upstream: {"OTEL_EXPORTER_OTLP_ENDPOINT": upstream.rsplit("/mcp", 1)[0]}),
     "fastmcp": Target("FastMCP 4.2.3 create_proxy(url)",
                       lambda u, p: [str(FASTMCP_PY), str(BENCH / "fastmcp_proxy.py"), "--upstream", u, "--port", str(p)],
                       None, [FASTMCP_PY]),
@@ -314,7 +318,7 @@ def measure(name: str, target: Target, upstream: str, upstream_proc: Managed, se
     else:
         port = free_port()
         url = f"http://127.0.0.1:{port}/mcp"
-        proc = Managed(target.command(upstream, port), logs / f"{name}.log", target.env)
+        proc = Managed(target.command(upstream, port), logs / f"{name}.log", target.env(upstream))
     try:
         if target.command is not None:
             if target.ready_path:
@@ -370,7 +374,7 @@ def ready_times(target: Target, upstream: str, runs: int, logs: Path) -> list[fl
     times = []
     for _ in range(runs):
         port = free_port()
-        proc = Managed(target.command(upstream, port), logs / "ready.log", target.env)
+        proc = Managed(target.command(upstream, port), logs / "ready.log", target.env(upstream))
         try:
             times.append(round(wait_ready(lambda: http_ok(f"http://127.0.0.1:{port}{target.ready_path}"), proc), 3))
         finally:
@@ -382,7 +386,7 @@ def soak(target: Target, upstream: str, minutes: float, logs: Path) -> dict:
     """RSS of a sidecar under steady load (16 connections) sampled every 5 s: does memory stay flat?"""
     port = free_port()
     url = f"http://127.0.0.1:{port}/mcp"
-    proc = Managed(target.command(upstream, port), logs / "soak.log", target.env)
+    proc = Managed(target.command(upstream, port), logs / "soak.log", target.env(upstream))
     token = target.token() if target.token else ""
     try:
         wait_ready(lambda: http_ok(f"http://127.0.0.1:{port}{target.ready_path}"), proc)
@@ -484,7 +488,7 @@ def conformance(chosen: list[str], logs: Path, out: Path) -> int:
                 print(f"==> {name}: skipped, not installed", flush=True)
                 continue
             port = free_port()
-            proc = Managed(target.command(fixture_url, port), logs / f"conformance-{name}.log", target.env)
+            proc = Managed(target.command(fixture_url, port), logs / f"conformance-{name}.log", target.env(fixture_url))
             try:
                 wait_ready(lambda: port_open(port), proc)
                 time.sleep(0.5)  # a proxy listens before its upstream client has connected

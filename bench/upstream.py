@@ -1,7 +1,8 @@
 """A minimal, fast Streamable HTTP MCP server for benchmarks: initialize, tools/list, tools/call echo, JSON answers only.
 
 It does the least an MCP server can do so that the proxy in front of it, not
-the upstream, is what a benchmark measures. Both eras: session-era clients get
+the upstream, is what a benchmark measures. It also swallows OTLP/HTTP exports
+(`/v1/traces`, `/v1/metrics`) and counts the calls it served (`GET /stats`). Both eras: session-era clients get
 an `Mcp-Session-Id`; 2026-07-28 clients may call without one.
 
     python bench/upstream.py --port 7500 [--tools 20]
@@ -39,7 +40,7 @@ def tool_list(extra: int) -> list[dict]:
 def make_app(extra_tools: int = 0) -> web.Application:
     tools_result = {"tools": tool_list(extra_tools)}
     sessions: set[str] = set()
-    served = {"tools/call": 0}  # read by the harness: how many calls a proxy actually passed on
+    served = {"tools/call": 0, "otlp": 0}  # read by the harness: how many calls a proxy actually passed on
 
     def answer(message: dict, headers: dict[str, str]) -> dict | None:
         method = message.get("method")
@@ -102,6 +103,12 @@ def make_app(extra_tools: int = 0) -> web.Application:
     async def stats(request: web.Request) -> web.Response:
         return web.Response(headers=JSON_HEADERS, body=orjson.dumps(served))
 
+    async def otlp_sink(request: web.Request) -> web.Response:
+        # An OTLP/HTTP collector that keeps nothing, so traced proxies can export somewhere cheap.
+        await request.read()
+        served["otlp"] += 1
+        return web.Response(content_type="application/x-protobuf", body=b"")
+
     async def no_stream(request: web.Request) -> web.Response:
         return web.Response(status=405, headers={"Allow": "POST, DELETE"})
 
@@ -110,6 +117,8 @@ def make_app(extra_tools: int = 0) -> web.Application:
     app.router.add_delete("/mcp", delete)
     app.router.add_get("/mcp", no_stream)
     app.router.add_get("/stats", stats)
+    app.router.add_post("/v1/traces", otlp_sink)
+    app.router.add_post("/v1/metrics", otlp_sink)
     return app
 
 
