@@ -47,8 +47,8 @@ test: install system-deps node-deps cluster-bins lint  ## install everything the
 test-fast: install lint  ## unit tests only
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
-bench: install system-deps node-deps  ## run the benchmark harness, write bench/results/
-	@bash bench/run.sh
+bench: install system-deps node-deps  ## run the benchmark harness, write bench/results/ (BENCH_ARGS="--quick sidecar")
+	@bash bench/run.sh $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
