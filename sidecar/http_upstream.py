@@ -1,4 +1,4 @@
-"""The Streamable HTTP upstream: one pooled aiohttp client session to the MCP server the sidecar fronts."""
+"""The Streamable HTTP upstream: pooled keep-alive connections (`http_wire`) to the MCP server the sidecar fronts."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import orjson
 
 from toolmesh.sidecar.chain import SseEvent
 from toolmesh.sidecar.errors import UpstreamTimeout, UpstreamUnavailable
+from toolmesh.sidecar.http_wire import WireError, WirePool, WireResponse
 from toolmesh.sidecar.jsonrpc import iter_sse
 from toolmesh.sidecar.upstream import UpstreamResponse
 
@@ -33,65 +34,58 @@ def relayed_headers(headers: Mapping[str, str]) -> dict[str, str]:
 class HttpUpstream:
     """An MCP server reached over Streamable HTTP at `url`."""
 
-    def __init__(self, url: str, *, timeout: float = 300.0, connect_timeout: float = 5.0, max_connections: int = 256):
+    def __init__(self, url: str, *, timeout: float = 300.0, connect_timeout: float = 5.0):
         self.url = url
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=timeout)
-        # The server stream (GET) may rightly stay silent for hours.
-        self._stream_timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=None)
+        self._read_timeout = timeout
+        self._connect_timeout = connect_timeout
         self._probe_timeout = aiohttp.ClientTimeout(total=min(timeout, 5.0), sock_connect=connect_timeout)
-        self._max_connections = max_connections
+        self._wire: WirePool | None = None
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0, keepalive_timeout=30,
-                                         enable_cleanup_closed=False, ttl_dns_cache=300)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,
-            skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
-            json_serialize=lambda o: orjson.dumps(o).decode(),
-        )
+        self._wire = WirePool(self.url, connect_timeout=self._connect_timeout)
+        # The readiness probe is rare and off the hot path: a general-purpose client is fine there.
+        self._session = aiohttp.ClientSession(auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
 
     async def close(self) -> None:
+        if self._wire is not None:
+            self._wire.close()
+            self._wire = None
         if self._session is not None:
             await self._session.close()
             self._session = None
 
     async def post(self, body: bytes, headers: Mapping[str, str]) -> UpstreamResponse:
-        return await self._send("POST", headers, body, self._timeout)
+        return await self._send("POST", headers, body, self._read_timeout)
 
     async def get(self, headers: Mapping[str, str]) -> UpstreamResponse:
-        return await self._send("GET", headers, None, self._stream_timeout)
+        # The server stream (GET) may rightly stay silent for hours.
+        return await self._send("GET", headers, None, None)
 
     async def delete(self, headers: Mapping[str, str]) -> UpstreamResponse:
-        return await self._send("DELETE", headers, None, self._timeout)
+        return await self._send("DELETE", headers, None, self._read_timeout)
 
     async def _send(self, method: str, headers: Mapping[str, str], body: bytes | None,
-                    timeout: aiohttp.ClientTimeout) -> UpstreamResponse:
-        session = self._session
-        if session is None:
+                    timeout: float | None) -> UpstreamResponse:
+        wire = self._wire
+        if wire is None:
             raise UpstreamUnavailable("upstream is not connected")
         try:
-            resp = await session.request(method, self.url, data=body, headers=headers, timeout=timeout,
-                                         allow_redirects=False)
-        except asyncio.TimeoutError:
+            resp = await wire.request(method, headers, body, timeout=timeout)
+        except TimeoutError:
             raise UpstreamTimeout("upstream did not answer in time") from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamUnavailable(f"upstream unreachable: {exc.__class__.__name__}") from None
+        except WireError as exc:
+            raise UpstreamUnavailable(f"upstream unreachable: {exc}") from None
         out_headers = relayed_headers(resp.headers)
-        content_type = resp.headers.get("Content-Type", "")
-        if content_type.startswith("text/event-stream"):
+        if resp.headers.get("content-type", "").startswith("text/event-stream"):
             return UpstreamResponse(status=resp.status, headers=out_headers, events=_events(resp),
                                     release=_releaser(resp))
         try:
             data = await resp.read()
-        except asyncio.TimeoutError:
-            resp.close()
+        except TimeoutError:
             raise UpstreamTimeout("upstream did not finish its answer in time") from None
-        except (aiohttp.ClientError, OSError) as exc:
-            resp.close()
-            raise UpstreamUnavailable(f"upstream broke the connection: {exc.__class__.__name__}") from None
-        resp.release()
+        except WireError as exc:
+            raise UpstreamUnavailable(str(exc)) from None
         return UpstreamResponse(status=resp.status, headers=out_headers, body=data)
 
     async def probe(self) -> bool:
@@ -136,25 +130,22 @@ def _is_answer(data: bytes, request_id: str) -> bool:
     return isinstance(message, dict) and message.get("id") == request_id and ("result" in message or "error" in message)
 
 
-async def _events(resp: aiohttp.ClientResponse) -> AsyncIterator[SseEvent]:
+async def _events(resp: WireResponse) -> AsyncIterator[SseEvent]:
     try:
-        async for event in iter_sse(resp.content.iter_any()):
+        async for event in iter_sse(resp.chunks()):
             yield event
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise UpstreamTimeout("upstream went silent for longer than the upstream timeout") from None
-    except (aiohttp.ClientError, OSError) as exc:
-        raise UpstreamUnavailable(f"upstream broke the stream: {exc.__class__.__name__}") from None
+    except WireError as exc:
+        raise UpstreamUnavailable(str(exc)) from None
     except ValueError as exc:
         raise UpstreamUnavailable(f"upstream sent a broken stream: {exc}") from None
 
 
-def _releaser(resp: aiohttp.ClientResponse):
+def _releaser(resp: WireResponse):
     async def release() -> None:
         # A finished stream gives its connection back to the pool; an unfinished one is
         # closed, which is how the upstream learns the client went away.
-        if resp.content.at_eof():
-            resp.release()
-        else:
-            resp.close()
+        resp.release()
 
     return release

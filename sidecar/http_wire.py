@@ -1,0 +1,302 @@
+"""A lean HTTP/1.1 client for the one upstream a sidecar talks to: pooled keep-alive connections, JSON or streamed bodies.
+
+A general-purpose client (aiohttp's) spends ~150 µs of CPU per request on
+things a sidecar never needs (cookie jars, URL objects, redirects, tracing
+hooks); this one writes the request in one buffer and reads the answer with
+Content-Length, chunked or close-delimited framing. One host, plain HTTP or
+TLS. Requests are never re-sent: whether a failed call may be repeated is the
+retry stage's decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from urllib.parse import urlsplit
+
+MAX_HEAD_BYTES = 64 * 1024
+"""Largest response head (status line and headers) accepted."""
+READ_LIMIT = 1024 * 1024
+MAX_IDLE = 64
+"""Idle keep-alive connections kept; more are closed when they come back."""
+MAX_IDLE_SECONDS = 4.0
+"""An idle connection older than this is not reused: servers close theirs after a few seconds (uvicorn: 5),
+and a request sent just as the server closes would fail for nothing."""
+
+
+class WireError(Exception):
+    """The upstream broke HTTP: refused, closed mid-answer, or sent something that is not HTTP/1.x."""
+
+
+class Connection:
+    """One TCP (or TLS) connection to the upstream."""
+
+    __slots__ = ("reader", "writer", "idle_since")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader = reader
+        self.writer = writer
+        self.idle_since = 0.0
+
+    def usable(self) -> bool:
+        return not self.reader.at_eof() and not self.writer.is_closing() and not self.reader.exception()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WireResponse:
+    """Status and headers of an answer; its body is read with `read()` or streamed with `chunks()`."""
+
+    __slots__ = ("status", "headers", "_pool", "_conn", "_length", "_chunked", "_done", "_keep_alive", "_timeout")
+
+    def __init__(self, pool: WirePool, conn: Connection, status: int, headers: dict[str, str], *,
+                 length: int | None, chunked: bool, keep_alive: bool, timeout: float | None):
+        self.status = status
+        self.headers = headers
+        self._pool = pool
+        self._conn: Connection | None = conn
+        self._length = length
+        self._chunked = chunked
+        self._keep_alive = keep_alive
+        self._timeout = timeout
+        self._done = length == 0 and not chunked
+
+    @property
+    def finished(self) -> bool:
+        """True once the whole body has been read (the connection can then be reused)."""
+        return self._done
+
+    async def read(self) -> bytes:
+        """The whole body."""
+        if self._done:
+            self.release()
+            return b""
+        reader = self._conn.reader
+        try:
+            async with asyncio.timeout(self._timeout):
+                if self._chunked:
+                    parts = [chunk async for chunk in self._chunk_stream(reader)]
+                    data = b"".join(parts)
+                elif self._length is not None:
+                    data = await reader.readexactly(self._length)
+                else:
+                    data = await reader.read()
+        except TimeoutError:  # before OSError, of which it is a subclass
+            self.close()
+            raise
+        except (asyncio.IncompleteReadError, ConnectionError, OSError, ValueError, asyncio.LimitOverrunError) as exc:
+            self.close()
+            raise WireError(f"upstream closed mid-answer: {exc.__class__.__name__}") from None
+        except BaseException:
+            self.close()
+            raise
+        self._done = True
+        self.release()
+        return data
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives; each read may wait at most the read timeout."""
+        if self._done:
+            return
+        reader = self._conn.reader
+        try:
+            if self._chunked:
+                async for chunk in self._chunk_stream(reader, per_read=True):
+                    yield chunk
+            else:
+                remaining = self._length
+                while remaining is None or remaining > 0:
+                    async with asyncio.timeout(self._timeout):
+                        chunk = await reader.read(65536 if remaining is None else min(65536, remaining))
+                    if not chunk:
+                        if remaining is None:
+                            break
+                        raise WireError("upstream closed mid-answer")
+                    if remaining is not None:
+                        remaining -= len(chunk)
+                    yield chunk
+            self._done = True
+        except TimeoutError:
+            self.close()
+            raise
+        except (asyncio.IncompleteReadError, ConnectionError, OSError, ValueError, asyncio.LimitOverrunError) as exc:
+            self.close()
+            raise WireError(f"upstream broke the stream: {exc.__class__.__name__}") from None
+
+    async def _chunk_stream(self, reader: asyncio.StreamReader, per_read: bool = False) -> AsyncIterator[bytes]:
+        while True:
+            if per_read:
+                async with asyncio.timeout(self._timeout):
+                    line = await reader.readuntil(b"\r\n")
+            else:
+                line = await reader.readuntil(b"\r\n")
+            size = int(line.split(b";", 1)[0].strip(), 16)
+            if size == 0:
+                # Trailers (rare) end with an empty line.
+                while (await reader.readuntil(b"\r\n")) != b"\r\n":
+                    pass
+                self._done = True
+                return
+            if per_read:
+                async with asyncio.timeout(self._timeout):
+                    data = await reader.readexactly(size + 2)
+            else:
+                data = await reader.readexactly(size + 2)
+            yield data[:-2]
+
+    def release(self) -> None:
+        """Give the connection back if the body was read to the end, else close it (the upstream sees the client leave)."""
+        conn = self._conn
+        if conn is None:
+            return
+        self._conn = None
+        if self._done and self._keep_alive:
+            self._pool.put(conn)
+        else:
+            conn.close()
+
+    def close(self) -> None:
+        conn = self._conn
+        if conn is not None:
+            self._conn = None
+            conn.close()
+
+
+class WirePool:
+    """Keep-alive connections to one upstream URL."""
+
+    def __init__(self, url: str, *, connect_timeout: float = 5.0, ssl_context: ssl.SSLContext | None = None):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        self.host = parts.hostname
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.ssl = (ssl_context or ssl.create_default_context()) if parts.scheme == "https" else None
+        path = parts.path or "/"
+        if parts.query:
+            path += "?" + parts.query
+        host_header = parts.netloc.rsplit("@", 1)[-1]
+        self._target = path.encode()
+        self._host_line = b"Host: " + host_header.encode("idna") + b"\r\n"
+        self.connect_timeout = connect_timeout
+        self._idle: deque[Connection] = deque()
+        self._closed = False
+
+    async def _connect(self) -> Connection:
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                reader, writer = await asyncio.open_connection(self.host, self.port, ssl=self.ssl, limit=READ_LIMIT)
+        except TimeoutError:
+            raise
+        except OSError as exc:
+            raise WireError(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from None
+        return Connection(reader, writer)
+
+    def _take(self) -> Connection | None:
+        idle = self._idle
+        fresh_after = time.monotonic() - MAX_IDLE_SECONDS
+        while idle:
+            conn = idle.pop()
+            if conn.idle_since >= fresh_after and conn.usable():
+                return conn
+            conn.close()
+        return None
+
+    def put(self, conn: Connection) -> None:
+        if self._closed or len(self._idle) >= MAX_IDLE or not conn.usable():
+            conn.close()
+        else:
+            conn.idle_since = time.monotonic()
+            self._idle.append(conn)
+
+    def close(self) -> None:
+        self._closed = True
+        while self._idle:
+            self._idle.pop().close()
+
+    def _head(self, method: bytes, headers: Mapping[str, str], body: bytes | None) -> bytes:
+        lines = [method, b" ", self._target, b" HTTP/1.1\r\n", self._host_line]
+        for name, value in headers.items():
+            if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
+                continue  # never let a value split into a second header
+            lines.append(f"{name}: {value}\r\n".encode("utf-8", "surrogateescape"))
+        if body is not None:
+            lines.append(b"Content-Length: %d\r\n" % len(body))
+        lines.append(b"\r\n")
+        if body:
+            lines.append(body)
+        return b"".join(lines)
+
+    async def request(self, method: str, headers: Mapping[str, str], body: bytes | None = None, *,
+                      timeout: float | None = None) -> WireResponse:
+        """Send one request; returns once the response head has arrived (within `timeout` seconds)."""
+        payload = self._head(method.encode(), headers, body)
+        conn = self._take()
+        if conn is None:
+            conn = await self._connect()
+        # Never re-sent: a POST the upstream may have acted on is for the retry stage to judge (it knows
+        # which tools are idempotent). Idle connections the upstream closed are weeded out by `_take`.
+        return await self._exchange(conn, payload, method, timeout)
+
+    async def _exchange(self, conn: Connection, payload: bytes, method: str, timeout: float | None) -> WireResponse:
+        reader = conn.reader
+        try:
+            conn.writer.write(payload)
+            async with asyncio.timeout(timeout):
+                while True:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    status, headers, version = _parse_head(head)
+                    if status >= 200 or status == 101:
+                        break
+        except TimeoutError:  # before OSError, of which it is a subclass
+            conn.close()
+            raise
+        except (asyncio.IncompleteReadError, ConnectionError, OSError, ValueError, asyncio.LimitOverrunError) as exc:
+            conn.close()
+            raise WireError(f"upstream broke the connection: {exc.__class__.__name__}") from None
+        except BaseException:
+            conn.close()
+            raise
+        connection = headers.get("connection", "").lower()
+        keep_alive = version == b"HTTP/1.1" and "close" not in connection
+        chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        length: int | None = None
+        if method == "HEAD" or status in (204, 304):
+            length = 0
+        elif not chunked:
+            raw_length = headers.get("content-length")
+            if raw_length is not None:
+                length = int(raw_length)
+            else:
+                keep_alive = False  # the body ends when the server closes
+        return WireResponse(self, conn, status, headers, length=length, chunked=chunked, keep_alive=keep_alive,
+                            timeout=timeout)
+
+
+def _parse_head(head: bytes) -> tuple[int, dict[str, str], bytes]:
+    lines = head[:-4].split(b"\r\n")
+    if len(head) > MAX_HEAD_BYTES:
+        raise ValueError("response head too large")
+    status_line = lines[0].split(b" ", 2)
+    version = status_line[0]
+    if not version.startswith(b"HTTP/1.") or len(status_line) < 2:
+        raise ValueError("not an HTTP/1.x response")
+    status = int(status_line[1])
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep:
+            raise ValueError("malformed header line")
+        key = name.strip().decode("latin-1")
+        text = value.strip().decode("latin-1")
+        # Repeated headers: keep them all, joined as HTTP allows (Set-Cookie aside, which MCP does not use).
+        lowered = key.lower()
+        if lowered in headers:
+            headers[lowered] += ", " + text
+        else:
+            headers[lowered] = text
+    return status, headers, version
