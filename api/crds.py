@@ -55,8 +55,8 @@ _AGE = {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"
 # then rejects what the model would reject, naming the field, before the operator ever sees it.
 CEL_RULES: dict[str, list[dict[str, str]]] = {
     "Issuer": [{
-        "rule": "[has(self.jwksUrl), has(self.publicKey), has(self.secret), has(self.secretEnv),"
-                " has(self.secretFile)].filter(x, x).size() == 1",
+        "rule": "(has(self.jwksUrl) ? 1 : 0) + (has(self.publicKey) ? 1 : 0) + (has(self.secret) ? 1 : 0)"
+                " + (has(self.secretEnv) ? 1 : 0) + (has(self.secretFile) ? 1 : 0) == 1",
         "message": "exactly one of jwksUrl, publicKey, secret, secretEnv, secretFile must be set",
     }],
     "SelectorRequirement": [{

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import kopf
 
-    from toolmesh.operator import handlers  # noqa: F401 - registers the handlers with kopf
+    from toolmesh.operator import handlers  # registers the handlers with kopf
     from toolmesh.operator.kube import Kube, KubeError, load_api_client
     from toolmesh.operator.reconcile import Reconciler
     from toolmesh.operator.webhook import skipped_namespaces
@@ -86,6 +86,7 @@ def _run(args: argparse.Namespace) -> int:
                 certfile, keyfile = setup_webhook(kube, args, workdir)
             except KubeError as exc:
                 raise ConfigError(f"cannot set up the admission webhook: {exc}") from None
+            handlers.enable_webhook()
             settings.admission.server = kopf.WebhookServer(
                 addr=args.webhook_host, port=args.webhook_port, host=args.webhook_host,
                 certfile=str(certfile), pkeyfile=str(keyfile))

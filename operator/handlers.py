@@ -71,7 +71,11 @@ def child_event(type: str | None, body: kopf.Body, memo: kopf.Memo, logger: kopf
         logger.warning(f"restoring {body.get('kind')} {body.metadata.name} failed: {exc}")
 
 
-@kopf.on.mutate("pods", id=HANDLER_ID, operations=["CREATE"])
+def enable_webhook() -> None:
+    """Register the admission handler; only an operator that serves the webhook may have one."""
+    kopf.on.mutate("pods", id=HANDLER_ID, operations=["CREATE"])(inject_sidecar)
+
+
 def inject_sidecar(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     # The apiserver fills the request's namespace into the object before admission.
     namespace = body.metadata.get("namespace")

@@ -103,12 +103,19 @@ class Kube:
         meta = manifest["metadata"]
         return self.request("POST", object_path(manifest["kind"], None, meta.get("namespace")), body=dict(manifest))
 
-    def patch_status(self, kind: str, name: str, namespace: str, status: Mapping[str, Any]) -> dict[str, Any] | None:
-        """Merge-patch the status subresource; None when the object is gone."""
+    def patch_status(self, kind: str, name: str, namespace: str, status: Mapping[str, Any],
+                     resource_version: str | None = None) -> dict[str, Any] | None:
+        """Merge-patch the status subresource; None when the object is gone.
+
+        With `resource_version` the write only lands on that version (KubeError 409 otherwise): status lists
+        such as conditions are replaced whole, so two writers must not interleave read and write.
+        """
         path = object_path(kind, name, namespace) + "/status"
+        body: dict[str, Any] = {"status": dict(status)}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
         try:
-            return self.request("PATCH", path, body={"status": dict(status)},
-                                content_type="application/merge-patch+json")
+            return self.request("PATCH", path, body=body, content_type="application/merge-patch+json")
         except KubeError as exc:
             if exc.status == 404:
                 return None

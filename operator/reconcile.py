@@ -5,11 +5,11 @@ from __future__ import annotations
 import datetime
 import logging
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from toolmesh.operator.kube import Kube
+from toolmesh.operator.kube import Kube, KubeError
 from toolmesh.operator.merge import PolicySource
 from toolmesh.operator.render import (
     OperatorConfig, digest, policy_status, ready_condition, render_server, server_status, set_condition,
@@ -19,10 +19,18 @@ log = logging.getLogger("toolmesh.operator")
 
 # Status fields the operator owns; the registry owns toolCount, tools, lastHeartbeat, healthyInstances, Healthy.
 OWNED_STATUS = ("observedGeneration", "endpoint", "appliedPolicies", "policyHash")
+CONFLICT_RETRIES = 8
 
 
 def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _owned(status: dict[str, Any]) -> dict[str, Any]:
+    """The whole operator-owned status: a field no longer true is sent as null, which a merge patch removes."""
+    for name in OWNED_STATUS:
+        status.setdefault(name, None)
+    return status
 
 
 def _key(manifest: Mapping[str, Any]) -> tuple[str, str, str]:
@@ -54,14 +62,14 @@ class Reconciler:
             rendered = render_server(server, policies, self.config)
         except ValueError as exc:
             # The schema normally stops a bad spec at the apiserver; one that slips through is reported, not retried.
-            self.write_server_status(server, server_status(server, None, None, now(), error=str(exc)))
+            self.update_server_status(server, lambda s: _owned(server_status(s, None, None, now(), error=str(exc))))
             return
         deployment = None
         for manifest in rendered.manifests:
             result = self.apply_if_changed(manifest)
             if manifest["kind"] == "Deployment":
                 deployment = result or self.kube.get("Deployment", meta["name"], meta["namespace"])
-        self.write_server_status(server, server_status(server, rendered, deployment, now()))
+        self.update_server_status(server, lambda s: _owned(server_status(s, rendered, deployment, now())))
 
     def apply_if_changed(self, manifest: Mapping[str, Any]) -> dict[str, Any] | None:
         """Server-side apply unless this exact manifest was the last one applied; returns the live object if applied."""
@@ -80,14 +88,27 @@ class Reconciler:
             for key in [k for k in self.applied if k[1] == namespace and k[2] in (name, f"{name}-policy")]:
                 del self.applied[key]
 
-    def write_server_status(self, server: Mapping[str, Any], status: dict[str, Any]) -> None:
-        current = server.get("status") or {}
-        for name in OWNED_STATUS:
-            status.setdefault(name, None)  # a merge patch removes what is no longer true
-        if all(current.get(k) == v for k, v in status.items()):
-            return
+    def update_server_status(self, server: Mapping[str, Any],
+                             compute: Callable[[Mapping[str, Any]], dict[str, Any]]) -> None:
+        """Write the status `compute` derives from the server, re-reading the server when another writer won."""
         meta = server["metadata"]
-        self.kube.patch_status("MCPServer", meta["name"], meta["namespace"], status)
+        for _ in range(CONFLICT_RETRIES):
+            status = compute(server)
+            current = server.get("status") or {}
+            if all(current.get(k) == v for k, v in status.items()):
+                return
+            try:
+                self.kube.patch_status("MCPServer", meta["name"], meta["namespace"], status,
+                                       resource_version=server["metadata"].get("resourceVersion"))
+                return
+            except KubeError as exc:
+                if exc.status != 409:
+                    raise
+            fresh = self.kube.get("MCPServer", meta["name"], meta["namespace"])
+            if fresh is None or fresh["metadata"]["uid"] != meta.get("uid", fresh["metadata"]["uid"]):
+                return
+            server = fresh
+        raise KubeError(409, f"status of MCPServer {meta['namespace']}/{meta['name']} kept changing under us")
 
     def owner_of(self, child: Mapping[str, Any]) -> dict[str, Any] | None:
         """The live MCPServer that owns `child`, unless it is gone or going."""
@@ -113,15 +134,15 @@ class Reconciler:
     def deployment_changed(self, deployment: Mapping[str, Any]) -> None:
         """A Deployment the operator owns changed: refresh its MCPServer's Ready condition."""
         server = self.owner_of(deployment)
-        if server is None:
-            return
-        meta = server["metadata"]
-        current = (server.get("status") or {}).get("conditions") or []
-        generation = (server.get("status") or {}).get("observedGeneration")
-        ready = ready_condition(deployment, generation)
-        updated = set_condition(current, ready, now())
-        if updated != current:
-            self.kube.patch_status("MCPServer", meta["name"], meta["namespace"], {"conditions": updated})
+        if server is None or not (server.get("status") or {}).get("conditions"):
+            return  # not reconciled yet: the reconcile writes Ready along with the rest
+
+        def with_ready(s: Mapping[str, Any]) -> dict[str, Any]:
+            status = s.get("status") or {}
+            ready = ready_condition(deployment, status.get("observedGeneration"))
+            return {"conditions": set_condition(status.get("conditions") or [], ready, now())}
+
+        self.update_server_status(server, with_ready)
 
     # --- MCPToolPolicy -------------------------------------------------------------------------------------------
 

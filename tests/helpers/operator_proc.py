@@ -1,0 +1,72 @@
+"""Runs `toolmesh operator` against the test control plane as a real subprocess, and installs the CRDs it needs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from helpers import ROOT, TOOLMESH, free_port, port_open, running, wait_until
+
+SIDECAR_IMAGE = "ghcr.io/toolmesh/toolmesh:test"
+WEBHOOK_CONFIGURATION = "toolmesh-sidecar-injector"
+
+
+@dataclass
+class OperatorProcess:
+    """A running operator: its webhook port, its namespace and its log."""
+
+    webhook_port: int
+    namespace: str
+    log_path: Path
+    proc: object
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def install_crds(cluster) -> None:
+    """Apply crds/ (server-side: the schemas are large) and wait until both are served."""
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
+    for name in ("mcpservers.toolmesh.io", "mcptoolpolicies.toolmesh.io"):
+        cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=30s")
+
+
+@contextmanager
+def operator_running(cluster, log_path: Path, *, namespace: str = "toolmesh-system", webhook: bool = True,
+                     extra: tuple[str, ...] = ()) -> Iterator[OperatorProcess]:
+    """The operator, watching all namespaces, webhook on a free loopback port; stopped (and its webhook
+    configuration removed, so later pods are not refused) when the block ends."""
+    port = free_port()
+    cmd = [TOOLMESH, "operator", "--operator-namespace", namespace, "--webhook-host", "127.0.0.1",
+           "--webhook-port", str(port), "--sidecar-image", SIDECAR_IMAGE, "--registry-url", "", *extra]
+    if not webhook:
+        cmd.append("--no-webhook")
+    with running(cmd, env=cluster.env, log_path=log_path, stop_timeout=15) as proc:
+        op = OperatorProcess(webhook_port=port, namespace=namespace, log_path=log_path, proc=proc)
+        try:
+            if webhook:
+                wait_until(lambda: proc.poll() is not None or port_open(port), timeout=60,
+                           what="the operator's webhook to listen")
+            assert proc.poll() is None, f"the operator exited:\n{op.log()}"
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\noperator log:\n{op.log()[-4000:]}") from None
+        yield op
+    if webhook:
+        cluster.kubectl("delete", "mutatingwebhookconfiguration", WEBHOOK_CONFIGURATION, "--ignore-not-found",
+                        check=False)
+
+
+def get_json(cluster, *args) -> dict | None:
+    """`kubectl get ... -o json`, or None when it does not exist (yet)."""
+    proc = cluster.kubectl("get", *args, "-o", "json", check=False)
+    return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+
+def condition(obj: dict | None, type_: str) -> dict | None:
+    for cond in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if cond.get("type") == type_:
+            return cond
+    return None
