@@ -27,8 +27,10 @@ Algorithm = Literal[
     "ES256", "ES384", "ES512", "EdDSA",
 ]  # fmt: skip
 
+
 # ---------------------------------------------------------------------------
 # Errors and loading
+
 
 class PolicyError(ValueError):
     """A policy document is invalid; the message names the source and every bad field."""
@@ -38,6 +40,7 @@ class PolicyError(ValueError):
         self.source = source
         self.fields = tuple(fields)
 
+
 def _field_path(loc: Iterable[Any]) -> str:
     path = ""
     for part in loc:
@@ -46,6 +49,7 @@ def _field_path(loc: Iterable[Any]) -> str:
         else:
             path += f".{part}" if path else str(part)
     return path or "(document)"
+
 
 def describe_validation_error(exc: ValidationError, prefix: str = "") -> tuple[str, list[str]]:
     """One line per problem, each starting with the dotted path of the field (`spec.auth.issuers[0].jwksUrl`)."""
@@ -58,14 +62,18 @@ def describe_validation_error(exc: ValidationError, prefix: str = "") -> tuple[s
         lines.append(f"{path}: {msg}")
     return "; ".join(lines), fields
 
+
 # ---------------------------------------------------------------------------
 # Shared rule shapes
 
+
 RuleT = TypeVar("RuleT")
+
 
 def glob_matches(patterns: Iterable[str], name: str) -> bool:
     """True when `name` matches one of the fnmatch `patterns` (case-sensitive, as tool names are)."""
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
 
 def match_rule(rules: Sequence[RuleT], name: str, attr: str = "tools") -> RuleT | None:
     """The first rule whose glob list `attr` matches `name`, or None."""
@@ -74,9 +82,11 @@ def match_rule(rules: Sequence[RuleT], name: str, attr: str = "tools") -> RuleT 
             return rule
     return None
 
+
 def match_tool_rule(rules: Sequence[RuleT], tool_name: str) -> RuleT | None:
     """The first rule whose `tools` globs match `tool_name` (first match wins), or None."""
     return match_rule(rules, tool_name, "tools")
+
 
 def _non_empty_globs(value: list[str]) -> list[str]:
     if not value:
@@ -85,16 +95,19 @@ def _non_empty_globs(value: list[str]) -> list[str]:
         raise ValueError("globs must not be empty strings")
     return value
 
+
 def _check_scopes(value: list[str]) -> list[str]:
     for scope in value:
         if not scope or any(ch.isspace() for ch in scope):
             raise ValueError(f"scope {scope!r} must be non-empty and contain no whitespace")
     return value
 
+
 GlobList = Annotated[list[str], AfterValidator(_non_empty_globs)]
 """At least one name or fnmatch glob."""
 ScopeList = Annotated[list[str], AfterValidator(_check_scopes)]
 """OAuth scope names (no whitespace)."""
+
 
 class ToolMatch(SpecModel):
     """Base for per-tool rules: which tools the rule applies to."""
@@ -102,8 +115,10 @@ class ToolMatch(SpecModel):
     tools: GlobList
     """Tool names or fnmatch globs (`query_*`, `*`); required, at least one."""
 
+
 # ---------------------------------------------------------------------------
 # auth
+
 
 class Issuer(SpecModel):
     """One trusted token issuer and how to verify its signatures. Exactly one key source must be set."""
@@ -189,6 +204,7 @@ class Issuer(SpecModel):
                 raise PolicyError(f"auth issuer {self.issuer!r}: cannot read secretFile: {exc}") from exc
         return None
 
+
 class AuthPolicy(SpecModel):
     """Bearer-token authentication (JWT)."""
 
@@ -217,14 +233,17 @@ class AuthPolicy(SpecModel):
                 return item
         return None
 
+
 # ---------------------------------------------------------------------------
 # authorization
+
 
 class ToolScopeRule(ToolMatch):
     """Scopes a caller needs for the matching tools (any one of them suffices)."""
 
     scopes: ScopeList = Field(default_factory=list)
     """Any-of: the caller needs at least one. An empty list lets any authenticated caller in. Default []."""
+
 
 class ResourceScopeRule(SpecModel):
     """Scopes a caller needs to read the matching resources (any one of them suffices)."""
@@ -234,6 +253,7 @@ class ResourceScopeRule(SpecModel):
     scopes: ScopeList = Field(default_factory=list)
     """Any-of: the caller needs at least one. An empty list lets any authenticated caller in. Default []."""
 
+
 class PromptScopeRule(SpecModel):
     """Scopes a caller needs to get the matching prompts (any one of them suffices)."""
 
@@ -241,6 +261,7 @@ class PromptScopeRule(SpecModel):
     """Prompt names or fnmatch globs; required, at least one."""
     scopes: ScopeList = Field(default_factory=list)
     """Any-of: the caller needs at least one. An empty list lets any authenticated caller in. Default []."""
+
 
 class AuthorizationPolicy(SpecModel):
     """Per-tool, per-resource and per-prompt required scopes. Needs `auth` to know the caller's scopes."""
@@ -280,8 +301,10 @@ class AuthorizationPolicy(SpecModel):
         seen.update(dict.fromkeys(self.defaultScopes))
         return list(seen)
 
+
 # ---------------------------------------------------------------------------
 # rateLimit
+
 
 class RateLimitRule(ToolMatch):
     """A separate bucket for the matching tools, per subject."""
@@ -290,6 +313,7 @@ class RateLimitRule(ToolMatch):
     """Sustained rate for these tools, per subject (required)."""
     burst: int | None = Field(default=None, ge=1)
     """Bucket size for these tools. Default: the section's `burst`."""
+
 
 class RateLimitPolicy(SpecModel):
     """Token-bucket rate limits per subject (and optionally per tool)."""
@@ -305,8 +329,10 @@ class RateLimitPolicy(SpecModel):
     maxSubjects: int = Field(default=10000, ge=1, le=10_000_000)
     """Most buckets kept in memory; the least recently used is dropped beyond it. Default 10000."""
 
+
 # ---------------------------------------------------------------------------
 # cache
+
 
 class CacheRule(ToolMatch):
     """Cache settings for the matching tools."""
@@ -317,6 +343,7 @@ class CacheRule(ToolMatch):
     """Treat these tools as read-only (cacheable) or not, whatever their annotations say. Default: the annotations."""
     shared: bool = False
     """Share cached results between subjects (the key leaves out the subject). Default false."""
+
 
 class CachePolicy(SpecModel):
     """Result cache for read-only tools: LRU + TTL, bounded by entries and bytes."""
@@ -332,8 +359,10 @@ class CachePolicy(SpecModel):
     tools: list[CacheRule] = Field(default_factory=list)
     """Per-tool rules, first match wins. Default []."""
 
+
 # ---------------------------------------------------------------------------
 # budget
+
 
 class BudgetPolicy(SpecModel):
     """Context-window budget per MCP session (or per subject + `Mcp-Budget-Key`)."""
@@ -361,8 +390,10 @@ class BudgetPolicy(SpecModel):
             raise ValueError("reservedForResponse + reservedForSystem must be less than totalTokens")
         return self
 
+
 # ---------------------------------------------------------------------------
 # retry and circuit breaker
+
 
 class RetryStrategy(str, Enum):
     """How the delay grows between attempts."""
@@ -370,6 +401,7 @@ class RetryStrategy(str, Enum):
     exponential = "exponential"
     linear = "linear"
     immediate = "immediate"
+
 
 class Jitter(str, Enum):
     """How the delay is randomised."""
@@ -380,6 +412,7 @@ class Jitter(str, Enum):
     """A random delay in [0, delay)."""
     none = "none"
     """The delay as computed."""
+
 
 class RetryRule(ToolMatch):
     """Retry settings for the matching tools; unset fields take the section's value."""
@@ -396,6 +429,7 @@ class RetryRule(ToolMatch):
     """Delay randomisation. Default: the section's."""
     force: bool | None = None
     """Retry these tools even when they are neither idempotent nor read-only. Default: the section's."""
+
 
 class RetryPolicy(SpecModel):
     """Retries of failed calls (transport failures, 502/503/504, timeouts, JSON-RPC internal errors)."""
@@ -421,6 +455,7 @@ class RetryPolicy(SpecModel):
             raise ValueError("maxDelayMs must be at least baseDelayMs")
         return self
 
+
 class CircuitBreakerPolicy(SpecModel):
     """Per-tool circuit breaker on the upstream."""
 
@@ -431,8 +466,10 @@ class CircuitBreakerPolicy(SpecModel):
     halfOpenMaxCalls: int = Field(default=1, ge=1)
     """Trial calls let through while half-open. Default 1."""
 
+
 # ---------------------------------------------------------------------------
 # timeouts, audit, tool metadata
+
 
 class TimeoutPolicy(SpecModel):
     """How long a call may take; progress notifications extend it up to a hard maximum."""
@@ -450,6 +487,7 @@ class TimeoutPolicy(SpecModel):
             raise ValueError("maxSeconds must be at least callSeconds")
         return self
 
+
 class AuditPolicy(SpecModel):
     """Audit log of authorization decisions, one JSON line each; never contains a token."""
 
@@ -457,6 +495,7 @@ class AuditPolicy(SpecModel):
     """Write audit lines. Default true."""
     sink: str = Field(default="stderr", min_length=1)
     """"stderr", "stdout" or a file path (appended to). Default "stderr"."""
+
 
 class ToolOverride(ToolMatch):
     """Metadata for the matching tools that replaces what the upstream's annotations say."""
@@ -468,8 +507,10 @@ class ToolOverride(ToolMatch):
     destructive: bool | None = None
     """Treat as destructive (never cached). Default: the annotation."""
 
+
 # ---------------------------------------------------------------------------
 # selector and the spec
+
 
 class SelectorOperator(str, Enum):
     """Label selector operators (as in Kubernetes)."""
@@ -478,6 +519,7 @@ class SelectorOperator(str, Enum):
     NotIn = "NotIn"
     Exists = "Exists"
     DoesNotExist = "DoesNotExist"
+
 
 class SelectorRequirement(SpecModel):
     """One label requirement."""
@@ -497,6 +539,7 @@ class SelectorRequirement(SpecModel):
         if not needs and self.values:
             raise ValueError(f"operator {self.operator.value} takes no values")
         return self
+
 
 class LabelSelector(SpecModel):
     """Which MCPServers (by label) a policy applies to; empty selects every MCPServer in the namespace."""
@@ -523,6 +566,7 @@ class LabelSelector(SpecModel):
             if op is SelectorOperator.NotIn and present and labels[req.key] in req.values:
                 return False
         return True
+
 
 class MCPToolPolicySpec(SpecModel):
     """What an MCPToolPolicy asks of the sidecars of the MCPServers it selects. A section left out is switched off."""
@@ -562,6 +606,7 @@ class MCPToolPolicySpec(SpecModel):
         """The first `tools` override matching `tool`, or None."""
         return match_rule(self.tools, tool, "tools")
 
+
 class ObjectMeta(SpecModel):
     """The part of Kubernetes object metadata a policy file may carry."""
 
@@ -571,6 +616,7 @@ class ObjectMeta(SpecModel):
     """Object name."""
     namespace: str | None = None
     """Object namespace."""
+
 
 class MCPToolPolicy(SpecModel):
     """A whole MCPToolPolicy manifest."""
@@ -583,6 +629,7 @@ class MCPToolPolicy(SpecModel):
     """Object metadata (name, namespace, labels ...)."""
     spec: MCPToolPolicySpec = Field(default_factory=MCPToolPolicySpec)
     """The policy."""
+
 
 class PolicyFile:
     """Reads a policy document: a whole MCPToolPolicy manifest or just its `spec`, as YAML or JSON."""
