@@ -1,7 +1,7 @@
 """Bridges one stdio MCP server to many Streamable HTTP sessions: spawn or attach, one initialize, crash and restart.
 
     StdioUpstream(command, *, env=None, cwd=None, restart_backoff=(0.2, 5.0),
-                  start_timeout=30.0, ready_timeout=5.0, timeout=300.0,
+                  start_timeout=30.0, ready_timeout=10.0, timeout=300.0,
                   max_line_bytes=32 MiB, session_idle_timeout=1800.0)
         Spawns `command` (a list, or a string split like a shell would) in its
         own process group; `env` is added to the sidecar's environment. Used
@@ -130,7 +130,7 @@ class StdioUpstream:
     def __init__(self, command: str | Sequence[str] = (), *, fifo_dir: str | os.PathLike[str] | None = None,
                  env: Mapping[str, str] | None = None, cwd: str | os.PathLike[str] | None = None,
                  restart_backoff: tuple[float, float] = (0.2, 5.0), start_timeout: float = 30.0,
-                 ready_timeout: float = 5.0, probe_timeout: float = 5.0, timeout: float | None = 300.0,
+                 ready_timeout: float = 10.0, probe_timeout: float = 5.0, timeout: float | None = 300.0,
                  max_line_bytes: int = 32 << 20,
                  session_idle_timeout: float = 1800.0, era: str = "handshake"):
         self.command = shlex.split(command) if isinstance(command, str) else list(command)
@@ -428,7 +428,7 @@ class StdioUpstream:
         if not isinstance(result, dict) or LATEST_MODERN_VERSION not in result.get("supportedVersions", ()):
             raise UpstreamUnavailable("upstream does not serve the 2026-07-28 protocol", data=answer.get("error"))
         self._init_result = result
-        log.info("stdio upstream ready for the 2026-07-28 protocol")
+        log.info("stdio upstream serving the 2026-07-28 protocol")
 
     def _on_line(self, line: bytes) -> None:
         if not line.strip():
