@@ -10,6 +10,7 @@ from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 from mcp.types import ResourceLink, TextContent
 
+from helpers import ROOT
 from helpers.fault_upstream import fault_upstream
 from helpers.sidecar import sidecar
 from helpers.tokens import TokenIssuer
@@ -36,11 +37,11 @@ def relay(tmp_path_factory):
 @pytest.fixture(scope="module")
 def proxied(relay, issuer, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("budget")
-    policy = {
-        "auth": {"issuers": [{"issuer": issuer.issuer, "audiences": ["toolmesh"], "secret": issuer.secret}]},
-        "budget": {"totalTokens": 20000, "reservedForResponse": 1000, "reservedForSystem": 1000,
-                   "resultFraction": 0.3, "minAvailable": 500},
-    }
+    # The budget example with a small window (so a few calls fill it), plus token auth for distinct subjects.
+    policy = yaml.safe_load((ROOT / "examples/policies/budget.yaml").read_text())
+    policy["spec"]["budget"].update(totalTokens=20000, reservedForResponse=1000, reservedForSystem=1000)
+    assert policy["spec"]["budget"]["resultFraction"] == 0.3 and policy["spec"]["budget"]["minAvailable"] == 500
+    policy["spec"]["auth"] = {"issuers": [{"issuer": issuer.issuer, "audiences": ["toolmesh"], "secret": issuer.secret}]}
     path = tmp / "policy.yaml"
     path.write_text(yaml.safe_dump(policy))
     with sidecar(["--upstream", relay.url], tmp, "--policy", str(path)) as sc:

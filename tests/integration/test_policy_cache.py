@@ -12,7 +12,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.types import TextContent
 
-from helpers import async_wait_until
+from helpers import ROOT, async_wait_until
 from helpers.fault_upstream import Fault, fault_upstream
 from helpers.sidecar import http_get, sidecar
 from helpers.tokens import TokenIssuer
@@ -34,13 +34,9 @@ def relay(tmp_path_factory):
 @pytest.fixture(scope="module")
 def proxied(relay, issuer, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cache")
-    policy = {
-        "apiVersion": "toolmesh.io/v1alpha1", "kind": "MCPToolPolicy", "metadata": {"name": "cache"},
-        "spec": {
-            "auth": {"issuers": [{"issuer": issuer.issuer, "audiences": ["toolmesh"], "secret": issuer.secret}]},
-            "cache": {"ttlSeconds": 300, "tools": [{"tools": ["lookup"], "ttlSeconds": 300, "shared": False}]},
-        },
-    }
+    # The cache example as shipped, plus token auth so that callers have distinct subjects.
+    policy = yaml.safe_load((ROOT / "examples/policies/cache.yaml").read_text())
+    policy["spec"]["auth"] = {"issuers": [{"issuer": issuer.issuer, "audiences": ["toolmesh"], "secret": issuer.secret}]}
     path = tmp / "policy.yaml"
     path.write_text(yaml.safe_dump(policy))
     with sidecar(["--upstream", relay.url], tmp, "--policy", str(path)) as sc:

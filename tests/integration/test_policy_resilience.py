@@ -10,7 +10,7 @@ from mcp import Client
 from mcp.shared.exceptions import MCPError
 from mcp.types import TextContent
 
-from helpers import async_wait_until
+from helpers import ROOT, async_wait_until
 from helpers.fault_upstream import Fault, fault_upstream
 from helpers.sidecar import http_get, sidecar
 
@@ -28,11 +28,13 @@ def relay(tmp_path_factory):
 @pytest.fixture(scope="module")
 def proxied(relay, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resilience")
-    policy = {
-        "retry": {"maxAttempts": 3, "strategy": "exponential", "baseDelayMs": 50, "maxDelayMs": 1500, "jitter": "none"},
-        "circuitBreaker": {"failureThreshold": 3, "openSeconds": 1},
-        "timeouts": {"callSeconds": 1, "progressExtensionSeconds": 1, "maxSeconds": 2.5},
-    }
+    # The retry/breaker and timeout examples together, with times short enough for a test.
+    policy = yaml.safe_load((ROOT / "examples/policies/retry-circuit-breaker.yaml").read_text())
+    spec = policy["spec"]
+    spec["retry"].update(baseDelayMs=50, maxDelayMs=1500, jitter="none")
+    spec["circuitBreaker"].update(failureThreshold=3, openSeconds=1)
+    spec["timeouts"] = yaml.safe_load((ROOT / "examples/policies/timeouts.yaml").read_text())["spec"]["timeouts"]
+    spec["timeouts"].update(callSeconds=1, progressExtensionSeconds=1, maxSeconds=2.5)
     path = tmp / "policy.yaml"
     path.write_text(yaml.safe_dump(policy))
     with sidecar(["--upstream", relay.url], tmp, "--policy", str(path)) as sc:
