@@ -384,3 +384,24 @@ async def test_anonymous_caller_denied_by_scope_is_asked_to_authenticate(issuer)
     assert 'scope="db:read admin"' in outcome.headers["WWW-Authenticate"]
     token = issuer.token("alice", "other", alg="HS256")
     assert (await run_chain(chain, context(token, params={"name": "query_database"}))).status == 403
+
+
+async def test_jwks_keys_are_kept_when_the_issuer_goes_down():
+    from toolmesh.sidecar.jwks import JwksKeys, JwksUnavailable
+
+    now = [0.0]
+    rotating = TokenIssuer("https://flaky.test")
+    server = JwksServer(rotating)
+    with server:
+        keys = JwksKeys(server.url, cache_seconds=60, min_refresh_seconds=5, clock=lambda: now[0])
+        assert (await keys.key("rsa-1")) is not None and keys.fetches == 1
+        assert (await keys.key("rsa-1")) is not None and keys.fetches == 1  # cached
+    now[0] = 120.0  # stale, and the issuer is gone: the last good keys still verify
+    assert (await keys.key("rsa-1")) is not None and keys.fetches == 2
+    assert (await keys.key("nope")) is None and keys.fetches == 2  # refresh throttled
+    never = JwksKeys(server.url, clock=lambda: now[0])
+    with pytest.raises(JwksUnavailable):
+        await never.key("rsa-1")
+    with pytest.raises(JwksUnavailable):  # and no second fetch within the refresh interval
+        await never.key("rsa-1")
+    assert never.fetches == 1
