@@ -126,8 +126,9 @@ async def _healthz(request: web.Request) -> web.Response:
 async def _readyz(request: web.Request) -> web.Response:
     readiness = request.app[READINESS]
     pipeline = request.app[PIPELINE]
+    tools = request.app[SHARED].tools
     body = {"ready": readiness.ready, "policyGeneration": pipeline.generation,
-            "tools": len(request.app[SHARED].tools)}
+            "tools": len(tools), "toolsStale": tools.stale}
     if not readiness.ready:
         body["reason"] = readiness.last_error or "no successful probe within the readiness window"
         return web.json_response(body, status=503)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import sys
 from collections.abc import Iterator
@@ -119,7 +120,10 @@ def build_server(name: str = "fixture"):
         """Add a tool and announce `notifications/tools/list_changed`."""
         if "added" not in {t.name for t in await mcp.list_tools()}:
             mcp.add_tool(lambda: "added", name="added", description="Added at run time.")
-        await ctx.notify_tools_changed()
+        await ctx.notify_tools_changed()  # subscribers (2026-07-28 subscriptions/listen)
+        if ctx.request_context.session is not None:
+            with contextlib.suppress(Exception):  # session-era clients get the notification itself
+                await ctx.request_context.session.send_tool_list_changed()
         return "changed"
 
     return mcp

@@ -238,3 +238,22 @@ async def test_resumption_with_last_event_id_after_a_dropped_stream(proxied):
     progress = [m["params"]["progress"] for m in first + rest if m.get("method") == "notifications/progress"]
     assert progress == [1, 2, 3, 4]
     assert rest[-1]["id"] == "long" and rest[-1]["result"]["content"][0]["text"] == "counted 4"
+
+
+async def test_tool_listings_feed_the_catalogue_and_list_changed_marks_it_stale(upstream, tmp_path):
+    from helpers import async_wait_until
+    from helpers.sidecar import readyz
+
+    with sidecar(["--upstream", upstream], tmp_path) as sc:
+        assert readyz(sc.base)[1]["toolsStale"] is True
+        async with Client(sc.url, mode="legacy") as client:
+            listed = len((await client.list_tools()).tools)
+            assert readyz(sc.base)[1] == {**readyz(sc.base)[1], "tools": listed, "toolsStale": False}
+            await client.call_tool("change_tools", {})
+
+            async def stale():
+                return readyz(sc.base)[1]["toolsStale"]
+
+            await async_wait_until(stale, timeout=10, what="list_changed to mark the catalogue stale")
+            assert len((await client.list_tools()).tools) == listed + 1
+            assert readyz(sc.base)[1]["tools"] == listed + 1
