@@ -65,7 +65,7 @@ _BACKLOG_LIMIT = 100
 """Notifications kept for a session that has no GET stream open yet."""
 
 # What a pending request's queue carries.
-_EVENT, _FINAL, _FAILED, _ENDED = range(4)
+_EVENT, _FINAL, _FAILED, _ENDED, _SILENT = range(5)
 
 
 def header(headers: Mapping[str, str], name: str) -> str | None:
@@ -332,13 +332,22 @@ class Multiplexer:
     async def _next(self, pending: _Pending) -> tuple[int, Any]:
         """The request's next message; a silence longer than the timeout gives up on it (and cancels it upstream)."""
         queue = pending.queue
-        if not queue.empty() or self.timeout is None:
-            return await queue.get()
-        try:
-            return await asyncio.wait_for(queue.get(), self.timeout)
-        except TimeoutError:
-            await self._abandon(pending, "timed out")
-            return _FAILED, UpstreamTimeout(f"upstream sent nothing for {self.timeout:g}s")
+        while True:
+            if not queue.empty() or self.timeout is None:
+                item = await queue.get()
+            else:
+                # A timer that queues a marker costs less per call than wait_for's extra task.
+                mark = object()
+                timer = asyncio.get_running_loop().call_later(self.timeout, queue.put_nowait, (_SILENT, mark))
+                try:
+                    item = await queue.get()
+                finally:
+                    timer.cancel()
+                if item[1] is mark:
+                    await self._abandon(pending, "timed out")
+                    return _FAILED, UpstreamTimeout(f"upstream sent nothing for {self.timeout:g}s")
+            if item[0] != _SILENT:
+                return item  # (a marker from a timer that fired just after an answer is stale: skip it)
 
     async def _events(self, pending: _Pending, first: bytes) -> AsyncIterator[SseEvent]:
         yield SseEvent(data=first)
