@@ -101,12 +101,15 @@ def configmap_version(root: Path, version: str, text: str) -> None:
         os.symlink("..data/policy.yaml", root / "policy.yaml")
 
 
-def test_configmap_symlink_swap_is_seen(upstream, issuer, tmp_path):
+@pytest.mark.parametrize("target", ["directory", "file"])
+def test_configmap_symlink_swap_is_seen(upstream, issuer, tmp_path, target):
     mount = tmp_path / "policy"
     mount.mkdir()
     configmap_version(mount, "2026_11_25_10_00_00.1", policy_text(issuer, ["a"]))
     token_a, token_b = issuer.token("u", "a", alg="HS256"), issuer.token("u", "b", alg="HS256")
-    with sidecar(["--upstream", upstream], tmp_path, "--policy", str(mount), env=FAST_POLL) as sc:
+    # The operator's sidecar reads <mount>/policy.yaml; a directory works too.
+    policy_arg = str(mount / "policy.yaml") if target == "file" else str(mount)
+    with sidecar(["--upstream", upstream], tmp_path, "--policy", policy_arg, env=FAST_POLL) as sc:
         assert call_status(sc.url, token_a) == 200 and call_status(sc.url, token_b) == 403
         configmap_version(mount, "2026_11_25_10_05_00.2", policy_text(issuer, ["b"]))
         wait_until(lambda: call_status(sc.url, token_b) == 200, timeout=10, what="the swapped ConfigMap to apply")
