@@ -296,7 +296,7 @@ class LegacySseUpstream:
         except BaseException:
             await connection.close()
             raise
-        if answer.status != 200 or answer.body is None or b'"result"' not in answer.body:
+        if answer.status != 200 or (answer.body is not None and b'"result"' not in answer.body):
             await connection.close()
             return answer
         params = message.get("params")
