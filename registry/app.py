@@ -15,6 +15,7 @@ from toolmesh.registry.auth import HeartbeatAuth, shared_secret
 from toolmesh.registry.backend import BackendPool
 from toolmesh.registry.catalogue import Catalogue
 from toolmesh.registry.gateway import Caller, Gateway
+from toolmesh.registry.traces import RedFigures, TraceReceiver
 from toolmesh.registry.workflows import Delegation, install, parse_workflow
 
 log = logging.getLogger("toolmesh.registry")
@@ -32,12 +33,17 @@ class RegistrySettings:
     """Tools per `tools/list` page at the gateway."""
     auth: HeartbeatAuth = field(default_factory=lambda: shared_secret(None))
     """Checks each heartbeat's Authorization header."""
+    otlp_relay: str | None = None
+    """Base URL of a further OTLP/HTTP collector to pass received traces on to."""
+    red_window: float = 300.0
+    """Seconds of tool calls the RED figures cover."""
 
 
 CATALOGUE = web.AppKey("catalogue", Catalogue)
 GATEWAY = web.AppKey("gateway", Gateway)
 SETTINGS = web.AppKey("settings", RegistrySettings)
 DELEGATION = web.AppKey("delegation", Delegation)
+TRACES = web.AppKey("traces", TraceReceiver)
 
 
 def create_app(settings: RegistrySettings | None = None, catalogue: Catalogue | None = None) -> web.Application:
@@ -50,6 +56,8 @@ def create_app(settings: RegistrySettings | None = None, catalogue: Catalogue | 
     app.add_routes(app[GATEWAY].routes("/mcp"))
     app[DELEGATION] = Delegation(app[CATALOGUE], app[GATEWAY])
     install(app[GATEWAY], app[DELEGATION])
+    app[TRACES] = TraceReceiver(RedFigures(settings.red_window), settings.otlp_relay)
+    app.add_routes(app[TRACES].routes())
     app.router.add_post("/v1/workflows", post_workflow)
     app.router.add_get("/v1/workflows/{id}", get_workflow)
     app.cleanup_ctx.append(_lifetime)
@@ -70,6 +78,7 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
         await expiry
     gateway.close()
     await app[DELEGATION].close()
+    await app[TRACES].close()
     await gateway.backends.close()
 
 
@@ -123,6 +132,7 @@ async def get_servers(request: web.Request) -> web.Response:
 
 async def get_tools(request: web.Request) -> web.Response:
     catalogue = request.app[CATALOGUE]
+    red = request.app[TRACES].red
     view = catalogue.view()
     tools = []
     for listed in view.tools:
@@ -130,7 +140,8 @@ async def get_tools(request: web.Request) -> web.Response:
         stats = {}
         for inst in catalogue.healthy_instances(route.server):
             stats = inst.stats.get(route.tool) or stats
-        tools.append({**listed, "server": route.server, "tool": route.tool, "stats": stats})
+        tools.append({**listed, "server": route.server, "tool": route.tool, "stats": stats,
+                      "red": red.figures(route.server, route.tool)})
     return _json({"tools": tools, "version": view.version})
 
 

@@ -229,7 +229,9 @@ class LocalServer:
         except OSError as exc:
             self.fail(f"cannot start {self._command(None)[0]}: {exc}")
             return
-        proc = await self._spawn(sidecar, sidecar_log, self._env({"TOOLMESH_REGISTRY_SECRET": self.secret}))
+        # Traces go to the registry unless the user points them elsewhere: its RED figures come from them.
+        otlp = {} if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") else {"OTEL_EXPORTER_OTLP_ENDPOINT": self.registry}
+        proc = await self._spawn(sidecar, sidecar_log, self._env({"TOOLMESH_REGISTRY_SECRET": self.secret, **otlp}))
         while not catalogue.healthy_instances(name):
             if proc.returncode is not None:
                 self.fail(f"sidecar exited with status {proc.returncode}", sidecar_log)
