@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import hmac
 import json
 import threading
 import time
@@ -103,9 +105,6 @@ class TokenIssuer:
 
     def hs256_with_public_key(self, subject: str = "mallory", scopes: str = "mcp:admin") -> str:
         """HS256 whose HMAC key is the RSA public key PEM (the algorithm-confusion attack), signed by hand."""
-        import hashlib
-        import hmac
-
         header = {"alg": "HS256", "typ": "JWT", "kid": self.rsa_kid}
         body = self.claims(subject, scopes)
         signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(body).encode())}"
