@@ -75,10 +75,10 @@ class TokenIssuer:
         return {k: v for k, v in claims.items() if v is not None}
 
     def token(self, subject: str = "alice", scopes: str | list[str] | None = None, *, alg: str = "RS256",
-              kid: str | None = "default", ttl: float = 300, **extra: Any) -> str:
+              kid: str | None = "default", ttl: float = 300, header: dict[str, Any] | None = None, **extra: Any) -> str:
         """A signed token. alg RS256/ES256 use the issuer's keys (kid defaults to theirs), HS256 the secret."""
         claims = self.claims(subject, scopes, ttl, **extra)
-        headers: dict[str, Any] = {}
+        headers: dict[str, Any] = dict(header or {})
         if alg.startswith(("RS", "PS")):
             key: Any = self.rsa_key
             if kid == "default":

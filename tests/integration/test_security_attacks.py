@@ -126,3 +126,23 @@ async def test_without_auth_a_client_cannot_forge_an_identity_either(tmp_path):
             result = await session.call_tool("show_headers", {})
     seen = json.loads(result.content[0].text)
     assert "x-toolmesh-subject" not in seen and "x-toolmesh-scopes" not in seen
+
+
+@pytest.mark.parametrize("field", ["jku", "x5u"])
+async def test_keys_named_by_the_token_itself_are_never_fetched(guarded, issuer, field):
+    attacker = TokenIssuer(issuer.issuer)
+    with JwksServer(attacker) as attacker_jwks:
+        token = attacker.token("mallory", "tools:read", kid="attacker-1", header={field: attacker_jwks.url})
+        resp = await call(guarded.url, "echo", token)
+        assert resp.status_code == 401
+        assert attacker_jwks.fetches == 0
+
+
+async def test_embedded_jwk_header_is_not_trusted(guarded, issuer):
+    from jwt.algorithms import RSAAlgorithm
+
+    attacker = TokenIssuer(issuer.issuer)
+    jwk = json.loads(RSAAlgorithm.to_jwk(attacker.rsa_key.public_key()))
+    token = attacker.token("mallory", "tools:read", header={"jwk": jwk})
+    resp = await call(guarded.url, "echo", token)
+    assert resp.status_code == 401
