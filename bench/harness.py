@@ -255,6 +255,8 @@ class Target:
     """Upstream URL -> extra environment for the proxy process."""
     load_env: dict[str, str] = field(default_factory=dict)
     """Extra environment for bench/mcp_call.lua (e.g. MCP_VARY=1)."""
+    stdio: bool = False
+    """The proxy spawns the server itself: `command` gets a stdio server command line instead of a URL."""
 
 
 def sidecar(*extra: str) -> Callable[[str, int], list[str]]:
@@ -270,6 +272,9 @@ TARGETS: dict[str, Target] = {
     "sidecar-traced": Target("toolmesh sidecar, pass-through, OpenTelemetry spans and metrics exported over OTLP/HTTP",
                              sidecar(), "/readyz", [TOOLMESH],
                              env=lambda upstream: {"OTEL_EXPORTER_OTLP_ENDPOINT": upstream.rsplit("/mcp", 1)[0]}),
+    "sidecar-stdio": Target("toolmesh sidecar bridging a stdio echo server it spawns (CPU includes the server)",
+                            lambda command, port: [str(TOOLMESH), "sidecar", "--upstream-command", command,
+                                                   "--listen", f"127.0.0.1:{port}"], "/readyz", [TOOLMESH], stdio=True),
     "fastmcp": Target("FastMCP 4.2.3 create_proxy(url)",
                       lambda u, p: [str(FASTMCP_PY), str(BENCH / "fastmcp_proxy.py"), "--upstream", u, "--port", str(p)],
                       None, [FASTMCP_PY]),
@@ -308,6 +313,10 @@ def bench_token(policy: Path) -> str:
 
 # --- one target --------------------------------------------------------------------------------
 
+def stdio_server(script: Path) -> str:
+    return f"{MAIN_PY} {script} --stdio"
+
+
 def measure(name: str, target: Target, upstream: str, upstream_proc: Managed, seconds: float, warmup: float,
             logs: Path, ready_runs: int = 1) -> dict:
     """One target's figures; `ready_s` is the median over `ready_runs` fresh starts."""
@@ -318,7 +327,8 @@ def measure(name: str, target: Target, upstream: str, upstream_proc: Managed, se
     else:
         port = free_port()
         url = f"http://127.0.0.1:{port}/mcp"
-        proc = Managed(target.command(upstream, port), logs / f"{name}.log", target.env(upstream))
+        spawned = stdio_server(BENCH / "upstream.py") if target.stdio else upstream
+        proc = Managed(target.command(spawned, port), logs / f"{name}.log", target.env(upstream))
     try:
         if target.command is not None:
             if target.ready_path:
@@ -358,7 +368,7 @@ def measure(name: str, target: Target, upstream: str, upstream_proc: Managed, se
                 "failed": run["bad_answers"] + run["socket_errors"] + run["timeouts"],
                 "bad_sample": run["bad_sample"],
                 # Below 1 when a cache answered; calls cut off when wrk stops may reach upstream unanswered.
-                "upstream_calls_per_call": round(reached / served, 3) if served else None}
+                "upstream_calls_per_call": round(reached / served, 3) if served and not target.stdio else None}
             result["rss_load_mb"] = round(max(peak, result.get("rss_load_mb", 0)), 1)
             print(f"  {name}: c={connections} {run['rps']:.0f} calls/s, "
                   f"{result[f'c{connections}']['cpu_ms_per_call']} ms CPU per call, "
@@ -374,7 +384,8 @@ def ready_times(target: Target, upstream: str, runs: int, logs: Path) -> list[fl
     times = []
     for _ in range(runs):
         port = free_port()
-        proc = Managed(target.command(upstream, port), logs / "ready.log", target.env(upstream))
+        spawned = stdio_server(BENCH / "upstream.py") if target.stdio else upstream
+        proc = Managed(target.command(spawned, port), logs / "ready.log", target.env(upstream))
         try:
             times.append(round(wait_ready(lambda: http_ok(f"http://127.0.0.1:{port}{target.ready_path}"), proc), 3))
         finally:
@@ -473,7 +484,9 @@ def conformance(chosen: list[str], logs: Path, out: Path) -> int:
     fixture_url = f"http://127.0.0.1:{fixture_port}/mcp"
     fixture = Managed([str(MAIN_PY), str(ROOT / "tests" / "conformance" / "fixture_server.py"), "--port",
                        str(fixture_port)], logs / "fixture.log")
-    doc: dict = {"suite": "@modelcontextprotocol/conformance@0.2.0-alpha.11 --suite all", "targets": {}}
+    doc: dict = json.loads(out.read_text()) if out.exists() else {}  # merged target by target, like the load runs
+    doc.update({"suite": "@modelcontextprotocol/conformance@0.2.0-alpha.11 --suite all"})
+    doc.setdefault("targets", {})
     failures = 0
     try:
         wait_ready(lambda: bool(open_fixture(fixture_url)), fixture, timeout=60)
@@ -488,7 +501,8 @@ def conformance(chosen: list[str], logs: Path, out: Path) -> int:
                 print(f"==> {name}: skipped, not installed", flush=True)
                 continue
             port = free_port()
-            proc = Managed(target.command(fixture_url, port), logs / f"conformance-{name}.log", target.env(fixture_url))
+            behind = stdio_server(ROOT / "tests" / "conformance" / "fixture_server.py") if target.stdio else fixture_url
+            proc = Managed(target.command(behind, port), logs / f"conformance-{name}.log", target.env(fixture_url))
             try:
                 wait_ready(lambda: port_open(port), proc)
                 time.sleep(0.5)  # a proxy listens before its upstream client has connected

@@ -6,12 +6,14 @@ the upstream, is what a benchmark measures. It also swallows OTLP/HTTP exports
 an `Mcp-Session-Id`; 2026-07-28 clients may call without one.
 
     python bench/upstream.py --port 7500 [--tools 20]
+    python bench/upstream.py --stdio [--tools 20]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import uuid
 
 import orjson
@@ -37,10 +39,9 @@ def tool_list(extra: int) -> list[dict]:
     return [ECHO_TOOL, *fillers]
 
 
-def make_app(extra_tools: int = 0) -> web.Application:
+def make_responder(extra_tools: int, sessions: set[str], served: dict[str, int]):
+    """The JSON-RPC side, shared by the HTTP and stdio transports: message (+ response headers) -> reply or None."""
     tools_result = {"tools": tool_list(extra_tools)}
-    sessions: set[str] = set()
-    served = {"tools/call": 0, "otlp": 0}  # read by the harness: how many calls a proxy actually passed on
 
     def answer(message: dict, headers: dict[str, str]) -> dict | None:
         method = message.get("method")
@@ -74,6 +75,14 @@ def make_app(extra_tools: int = 0) -> web.Application:
         if method == "ping":
             return {"jsonrpc": "2.0", "id": msg_id, "result": {}}
         return {"jsonrpc": "2.0", "id": msg_id, "error": {"code": -32601, "message": f"Method not found: {method}"}}
+
+    return answer
+
+
+def make_app(extra_tools: int = 0) -> web.Application:
+    sessions: set[str] = set()
+    served = {"tools/call": 0, "otlp": 0}  # read by the harness: how many calls a proxy actually passed on
+    answer = make_responder(extra_tools, sessions, served)
 
     async def post(request: web.Request) -> web.StreamResponse:
         try:
@@ -122,12 +131,32 @@ def make_app(extra_tools: int = 0) -> web.Application:
     return app
 
 
+def serve_stdio(extra_tools: int) -> None:
+    """Newline-delimited JSON-RPC on stdin/stdout, for proxies that bridge stdio servers."""
+    answer = make_responder(extra_tools, set(), {"tools/call": 0, "otlp": 0})
+    out = sys.stdout.buffer
+    for line in sys.stdin.buffer:
+        try:
+            message = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        messages = message if isinstance(message, list) else [message]
+        replies = [r for r in (answer(m, {}) for m in messages if isinstance(m, dict)) if r is not None]
+        if replies:
+            out.write(orjson.dumps(replies if isinstance(message, list) else replies[0]) + b"\n")
+            out.flush()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=7500)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--tools", type=int, default=0, help="filler tools listed besides echo")
+    parser.add_argument("--stdio", action="store_true", help="serve over stdin/stdout instead of HTTP")
     args = parser.parse_args()
+    if args.stdio:
+        serve_stdio(args.tools)
+        return
     try:
         import uvloop
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())

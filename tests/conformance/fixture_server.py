@@ -2,7 +2,8 @@
 
 Run as `python fixture_server.py --port P`; it serves Streamable HTTP at
 `http://127.0.0.1:P/mcp` for both protocol eras (2025-06-18/2025-11-25
-sessions and the 2026-07-28 stateless requests). Names and expected contents
+sessions and the 2026-07-28 stateless requests). `--stdio` serves the same
+over stdin/stdout instead, for a proxy that bridges stdio servers. Names and expected contents
 come from the scenario sources of @modelcontextprotocol/conformance 0.2.0-alpha.11.
 """
 
@@ -495,10 +496,16 @@ lowlevel.add_request_handler("resources/unsubscribe", UnsubscribeRequestParams, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--port", type=int)
     parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--stdio", action="store_true", help="serve over stdin/stdout instead of HTTP")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.stdio:
+        mcp.run("stdio")
+        return
+    if args.port is None:
+        parser.error("--port is required unless --stdio")
     # retry_interval: clients reconnect 100 ms after the fixture closes a stream (SSE polling scenario).
     app = mcp.streamable_http_app(event_store=MemoryEventStore(), retry_interval=100, host=args.host)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
