@@ -151,7 +151,9 @@ async def _serve(app: Any, host: str, port: int) -> int:
     from aiohttp import web
 
     # handler_cancellation: a client that hangs up cancels its handler, which releases the upstream request.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    # shutdown_timeout: open server streams (GET) never finish by themselves; give calls in flight a
+    # few seconds, well inside a pod's termination grace period, then close.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
     try:
