@@ -22,6 +22,9 @@ NAME = "authorize"
 # only the subject they were made for may read them.
 OWN_RESOURCE_PREFIX = "toolmesh://"
 
+_MEMO_SIZE = 4096
+"""Names whose required scopes are remembered per policy; a flood of made-up names only resets the memo."""
+
 # method → (kind of target, params key naming it)
 _GUARDED = {
     "tools/call": ("tool", "name"),
@@ -59,6 +62,7 @@ class AuthorizeStage:
         self.audit = audit
         self.server_name = server_name
         self._required: dict[str, Callable[[str], list[str]]] = {}
+        self._memo: dict[tuple[str, str], list[str]] = {}
         if authorization is not None:
             self._required = {
                 "tool": authorization.tool_scopes,
@@ -88,7 +92,7 @@ class AuthorizeStage:
         if self.authorization is None:
             self._record(ctx, kind, target, True, "no authorization rules")
             return
-        required = self._required[kind](target)
+        required = self._scopes_for(kind, target)
         if allowed(required, caller):
             granted = sorted(caller.scopes.intersection(required)) if caller and required else []
             self._record(ctx, kind, target, True, f"scope {granted[0]}" if granted else "no scope required")
@@ -112,6 +116,16 @@ class AuthorizeStage:
                 )
             },
         )
+
+    def _scopes_for(self, kind: str, target: str) -> list[str]:
+        """The rule lookup, remembered: the same few names come back on every call and every listing."""
+        key = (kind, target)
+        required = self._memo.get(key)
+        if required is None:
+            if len(self._memo) >= _MEMO_SIZE:
+                self._memo.clear()
+            required = self._memo[key] = self._required[kind](target)
+        return required
 
     def _record(self, ctx: CallContext, kind: str, target: str, ok: bool, reason: str) -> None:
         self.decisions.inc(kind, "true" if ok else "false")
@@ -142,12 +156,11 @@ class AuthorizeStage:
         result = message.get("result")
         if not isinstance(result, Mapping) or not isinstance(result.get(items_key), list):
             return outcome
-        required_for = self._required[kind]
         items = result[items_key]
         kept = [
             item for item in items
             if isinstance(item, Mapping) and isinstance(item.get(name_key), str)
-            and allowed(required_for(item[name_key]), caller)
+            and allowed(self._scopes_for(kind, item[name_key]), caller)
         ]  # fmt: skip
         if len(kept) == len(items):
             return replace(outcome, message=message)
