@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from toolmesh.sidecar.state import ToolCatalog
+from toolmesh.sidecar.heartbeat import list_tools
+from toolmesh.sidecar.state import SharedState, ToolCatalog
+
+log = logging.getLogger("toolmesh.sidecar.tools")
+
+RELIST_MIN_SECONDS = 5.0
+"""Least time between two listings this module starts (a broken upstream is not asked on every call)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,3 +55,44 @@ def tool_traits(catalog: ToolCatalog, policy: Any, tool: str) -> ToolTraits:
         if override.destructive is not None:
             destructive = explicit = override.destructive
     return ToolTraits(read_only=read_only, idempotent=idempotent, destructive=destructive, explicitly_destructive=explicit)
+
+
+class _Listing:
+    """The one background `tools/list` in flight, and when the last one began."""
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[None] | None = None
+        self.started = float("-inf")
+
+
+def ensure_listed(shared: SharedState) -> None:
+    """Start listing the upstream's tools in the background when the catalogue is stale; never waits.
+
+    Heartbeats list tools when a registry is configured; a sidecar without one still needs the
+    annotations that decide caching and retrying, so a stage that finds the catalogue stale asks
+    for it here. Calls made before the listing lands are treated as unknown tools (not cached,
+    not retried), which is the safe side.
+    """
+    if not shared.tools.stale or shared.upstream is None:
+        return
+    listing = shared.stage_state.get("tool_listing")
+    if listing is None:
+        listing = shared.stage_state["tool_listing"] = _Listing()
+    now = time.monotonic()
+    if (listing.task is not None and not listing.task.done()) or now - listing.started < RELIST_MIN_SECONDS:
+        return
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    listing.started = now
+    listing.task = loop.create_task(_list(shared), name="toolmesh-tools-list")
+
+
+async def _list(shared: SharedState) -> None:
+    try:
+        tools = await list_tools(shared.upstream)
+    except Exception as exc:  # noqa: BLE001 - a failed listing only delays caching/retrying decisions
+        log.info("could not list the upstream's tools: %r", exc)
+        return
+    shared.tools.update(tools)

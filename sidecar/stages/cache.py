@@ -20,7 +20,7 @@ from toolmesh.api.policy import CachePolicy, match_tool_rule
 from toolmesh.sidecar import stage_metrics
 from toolmesh.sidecar.chain import CallContext, Handler, Outcome
 from toolmesh.sidecar.state import SharedState, ToolCatalog
-from toolmesh.sidecar.tool_traits import tool_traits
+from toolmesh.sidecar.tool_traits import ensure_listed, tool_traits
 
 NAME = "cache"
 
@@ -173,7 +173,9 @@ class CacheStage:
     """Answers repeated calls of read-only tools from the store; coalesces identical calls in flight."""
 
     def __init__(self, policy: CachePolicy, state: CacheState, catalog: ToolCatalog, *,
-                 server: str = "", spec: Any = None, metrics: CacheMetrics | None = None):
+                 server: str = "", spec: Any = None, metrics: CacheMetrics | None = None,
+                 shared: SharedState | None = None):
+        self.shared = shared
         self.policy = policy
         self.state = state
         self.catalog = catalog
@@ -185,6 +187,8 @@ class CacheStage:
 
     def decision(self, tool: str) -> _Decision | None:
         """How `tool` is cached (ttl, shared), or None when it must not be."""
+        if self.catalog.stale and self.shared is not None:
+            ensure_listed(self.shared)
         if self._memo_version != self.catalog.version or len(self._memo) > _MEMO_LIMIT:
             self._memo.clear()
             self._memo_version = self.catalog.version
@@ -283,4 +287,4 @@ def build(policy: Any, shared: SharedState) -> CacheStage | None:
     else:
         state.store.resize(section.maxEntries, section.maxBytes)
     return CacheStage(section, state, shared.tools, server=shared.server_name, spec=policy,
-                      metrics=CacheMetrics(shared))
+                      metrics=CacheMetrics(shared), shared=shared)

@@ -27,7 +27,7 @@ from toolmesh.sidecar.failures import (
 )
 from toolmesh.sidecar.stages.timeout import excuse_wait
 from toolmesh.sidecar.state import SharedState, ToolCatalog
-from toolmesh.sidecar.tool_traits import tool_traits
+from toolmesh.sidecar.tool_traits import ensure_listed, tool_traits
 
 NAME = "retry"
 log = logging.getLogger("toolmesh.sidecar.retry")
@@ -83,6 +83,7 @@ class RetryStage:
                  shared: Any = None):
         self.policy = policy
         self.catalog = catalog
+        self.shared = shared
         self.spec = spec
         self.sleep = sleep
         self.rand = rand
@@ -95,6 +96,8 @@ class RetryStage:
 
     def schedule(self, tool: str) -> RetrySchedule | None:
         """The tool's schedule, or None when it must not be retried."""
+        if self.catalog.stale and self.shared is not None:
+            ensure_listed(self.shared)
         if self._memo_version != self.catalog.version or len(self._memo) > 4096:
             self._memo.clear()
             self._memo_version = self.catalog.version

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
+import httpx2
 import pytest
 import yaml
 from mcp import Client
@@ -139,3 +141,35 @@ async def test_results_are_not_shared_between_protocol_revisions(proxied, relay,
         assert text_of(await modern.call_tool("lookup", {"q": "eras"})) == "result for eras"
         assert text_of(await modern.call_tool("lookup", {"q": "eras"})) == "result for eras"
         assert relay.count("lookup") == before + 2
+
+
+async def test_annotations_are_fetched_by_the_sidecar_when_no_client_listed_tools(relay, tmp_path):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump({"cache": {"ttlSeconds": 300}}))
+
+    async def call(http, url):
+        # Plain 2026-07-28 requests: no initialize, no tools/list that would fill the catalogue.
+        message = {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                   "params": {"name": "lookup", "arguments": {"q": "unlisted"},
+                              "_meta": {"io.modelcontextprotocol/protocolVersion": MODERN,
+                                        "io.modelcontextprotocol/clientCapabilities": {},
+                                        "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "1"}}}}
+        resp = await http.post(url, content=json.dumps(message), headers={
+            "Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+            "MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/call", "Mcp-Name": "lookup"})
+        assert resp.status_code == 200, resp.text
+        assert "result for unlisted" in resp.text
+
+    with sidecar(["--upstream", relay.url], tmp_path, "--policy", str(policy)) as fresh:
+        async with httpx2.AsyncClient(timeout=10) as http:
+            before = relay.count("lookup")
+            await call(http, fresh.url)  # the tool is not known yet: not cached, but a listing starts
+
+            async def listed():
+                status, body = http_get(f"{fresh.base}/readyz")
+                return json.loads(body).get("tools", 0) > 0
+
+            await async_wait_until(listed, timeout=10, what="the sidecar to list the upstream's tools")
+            await call(http, fresh.url)
+            await call(http, fresh.url)
+            assert relay.count("lookup") == before + 2
