@@ -103,6 +103,8 @@ async def post_heartbeat(request: web.Request) -> web.Response:
         if beat.get("leaving"):
             request.app[CATALOGUE].forget(str(beat.get("server")), str(beat.get("instance") or beat.get("endpoint")))
             return web.json_response({"ok": True})
+        if verdict.namespace is not None:
+            beat["namespace"] = verdict.namespace
         request.app[CATALOGUE].heartbeat(beat)
     except (orjson.JSONDecodeError, ValueError, TypeError) as exc:
         return web.json_response({"error": str(exc)}, status=400)

@@ -18,6 +18,8 @@ class AuthResult:
     """Who sent it (a ServiceAccount username in a cluster)."""
     reason: str = ""
     """Why it was refused."""
+    namespace: str | None = None
+    """The sender's namespace when its identity is a ServiceAccount; its heartbeats speak for that namespace only."""
 
 
 def bearer(header: str | None) -> str | None:

@@ -56,6 +56,10 @@ class Instance:
     """Gateway calls and delegated tasks running on this instance now."""
     expired: bool = False
     """True once it missed the heartbeat limit (kept so /v1/servers can show it)."""
+    namespace: str | None = None
+    """The Kubernetes namespace of the MCPServer (cluster mode: from the sender's ServiceAccount)."""
+    remote: bool = False
+    """Known from MCPServer.status written by another registry replica (or before a restart), not from a heartbeat."""
 
     @property
     def healthy(self) -> bool:
@@ -144,9 +148,34 @@ class Catalogue:
         inst.last_seen = self._clock()
         inst.last_seen_wall = time.time()
         inst.expired = False
+        inst.remote = False
+        if isinstance(beat.get("namespace"), str):
+            inst.namespace = beat["namespace"]
         if relevant:
             self._changed()
         return inst
+
+    def observe_remote(self, server: str, namespace: str | None, endpoint: str, tools: Iterable[Mapping[str, Any]],
+                       seen_wall: float) -> None:
+        """An instance known only from MCPServer.status: alive until the heartbeat deadline after `seen_wall`."""
+        instances = self._instances.setdefault(server, {})
+        if any(not i.remote and not i.expired for i in instances.values()):
+            return  # our own heartbeats say more than a status another replica wrote
+        key = f"status:{namespace}/{server}"
+        inst = instances.get(key)
+        tools = tuple(tools)
+        if inst is None:
+            inst = instances[key] = Instance(server=server, instance=key, endpoint=endpoint, remote=True,
+                                             namespace=namespace)
+        elif inst.last_seen_wall >= seen_wall and inst.tools == tools and inst.endpoint == endpoint:
+            return
+        relevant = inst.expired or inst.tools != tools or inst.health != "ok"
+        inst.endpoint, inst.tools, inst.health = endpoint, tools, "ok"
+        inst.last_seen_wall = seen_wall
+        inst.last_seen = self._clock() - max(0.0, time.time() - seen_wall)
+        inst.expired = inst.last_seen < self._clock() - self.interval * self.missed_limit
+        if relevant:
+            self._changed()
 
     def forget(self, server: str, instance: str | None = None) -> None:
         """Drop a server (deleted MCPServer) or one of its instances (a sidecar shutting down)."""

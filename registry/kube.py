@@ -1,0 +1,274 @@
+"""Cluster mode: heartbeats authenticated by TokenReview, MCPServer specs read and status written through the API.
+
+Every replica writes what its own sidecars report into `MCPServer.status`
+(tools, toolCount, lastHeartbeat, healthyInstances, the Healthy condition)
+with optimistic concurrency (merge patch pinned to the resourceVersion,
+re-read on 409), and reads every MCPServer back: servers that beat to
+another replica, or to this one before a restart, are served from their
+status until their own heartbeats arrive. Nothing is shared but the API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from aiohttp import web
+from kubernetes import client, config
+
+from toolmesh.registry.auth import AuthResult, bearer
+from toolmesh.registry.catalogue import Catalogue, ServerTraits
+
+log = logging.getLogger("toolmesh.registry")
+
+AUDIENCE = "toolmesh-registry"
+"""The audience of the projected ServiceAccount tokens sidecars present."""
+MCPSERVERS = "/apis/toolmesh.io/v1alpha1/mcpservers"
+CONFLICT_RETRIES = 8
+AUTH_CACHE_SECONDS = 60.0
+
+
+class KubeError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+
+
+def load_api_client() -> client.ApiClient:
+    """In-cluster ServiceAccount credentials when running in a pod, else the kubeconfig."""
+    configuration = client.Configuration()
+    if os.environ.get("KUBERNETES_SERVICE_HOST") and os.path.exists(
+            "/var/run/secrets/kubernetes.io/serviceaccount/token"):
+        config.load_incluster_config(client_configuration=configuration)
+    else:
+        config.load_kube_config(client_configuration=configuration)
+    return client.ApiClient(configuration)
+
+
+class KubeApi:
+    """The few calls the registry makes, plain dicts in and out (blocking; run them in a thread)."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self.api = api
+
+    def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> Any:
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        _, url, headers, body, _ = self.api.param_serialize(method=method, resource_path=path, header_params=headers,
+                                                            body=body, auth_settings=["BearerToken"])
+        response = self.api.call_api(method, url, header_params=headers, body=body, _request_timeout=15)
+        data = response.read()
+        if not 200 <= response.status < 300:
+            try:
+                message = json.loads(data).get("message", "")
+            except (ValueError, AttributeError):
+                message = data.decode(errors="replace") if isinstance(data, bytes) else str(data)
+            raise KubeError(response.status, message)
+        return json.loads(data) if data else None
+
+    def token_review(self, token: str) -> dict[str, Any]:
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                "spec": {"token": token, "audiences": [AUDIENCE]}}
+        return self.request("POST", "/apis/authentication.k8s.io/v1/tokenreviews", body).get("status") or {}
+
+    def list_servers(self) -> list[dict[str, Any]]:
+        return self.request("GET", MCPSERVERS).get("items", [])
+
+    def get_server(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self.request("GET", f"/apis/toolmesh.io/v1alpha1/namespaces/{namespace}/mcpservers/{name}")
+        except KubeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def patch_status(self, namespace: str, name: str, status: Mapping[str, Any], resource_version: str) -> None:
+        body = {"metadata": {"resourceVersion": resource_version}, "status": dict(status)}
+        self.request("PATCH", f"/apis/toolmesh.io/v1alpha1/namespaces/{namespace}/mcpservers/{name}/status",
+                     body, content_type="application/merge-patch+json")
+
+
+def rfc3339(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(value: str | None) -> float | None:
+    if not value:
+        return None
+    with contextlib.suppress(ValueError):
+        return datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    return None
+
+
+def set_condition(conditions: list[dict[str, Any]], new: dict[str, Any], now: str) -> list[dict[str, Any]]:
+    """`conditions` with `new` in place of its type; lastTransitionTime moves only when the status changes."""
+    out, found = [], False
+    for cond in conditions:
+        if cond.get("type") == new["type"]:
+            found = True
+            same = cond.get("status") == new["status"]
+            out.append({**new, "lastTransitionTime": cond.get("lastTransitionTime") if same else now})
+        else:
+            out.append(cond)
+    if not found:
+        out.append({**new, "lastTransitionTime": now})
+    return out
+
+
+class ClusterSync:
+    """TokenReview heartbeat auth plus the two loops that keep the catalogue and MCPServer.status in step."""
+
+    def __init__(self, catalogue: Catalogue, api: KubeApi) -> None:
+        self.catalogue = catalogue
+        self.api = api
+        self._verdicts: dict[str, tuple[float, AuthResult]] = {}
+        self._written: dict[tuple[str, str], tuple[Any, float]] = {}
+        """(namespace, name) → (what we last wrote, when), to write only what changed (and time once per interval)."""
+        self.known: dict[str, tuple[str, dict[str, Any]]] = {}
+        """Server name → (namespace, MCPServer) as last listed."""
+
+    async def auth(self, header: str | None) -> AuthResult:
+        token = bearer(header)
+        if token is None:
+            return AuthResult(False, reason="missing bearer token")
+        key = hashlib.sha256(token.encode()).hexdigest()
+        cached = self._verdicts.get(key)
+        if cached and cached[0] > time.monotonic():
+            return cached[1]
+        try:
+            review = await asyncio.to_thread(self.api.token_review, token)
+        except Exception as exc:  # noqa: BLE001 - the API being away refuses the beat, it never crashes the registry
+            return AuthResult(False, reason=f"TokenReview failed: {exc}")
+        user = review.get("user") or {}
+        username = str(user.get("username", ""))
+        if not review.get("authenticated"):
+            verdict = AuthResult(False, reason=review.get("error") or "token not authenticated")
+        elif AUDIENCE not in (review.get("audiences") or []):
+            verdict = AuthResult(False, reason=f"token not meant for {AUDIENCE}")
+        elif not username.startswith("system:serviceaccount:"):
+            verdict = AuthResult(False, reason="only ServiceAccounts send heartbeats")
+        else:
+            verdict = AuthResult(True, username, namespace=username.split(":")[2])
+        if len(self._verdicts) > 10_000:
+            self._verdicts.clear()
+        self._verdicts[key] = (time.monotonic() + AUTH_CACHE_SECONDS, verdict)
+        return verdict
+
+    async def read_servers(self) -> None:
+        """Declare every MCPServer's traits; serve servers that beat elsewhere from their status; drop deleted ones."""
+        items = await asyncio.to_thread(self.api.list_servers)
+        seen = {}
+        for item in items:
+            meta, spec, status = item["metadata"], item.get("spec") or {}, item.get("status") or {}
+            name, namespace = meta["name"], meta["namespace"]
+            seen[name] = (namespace, item)
+            self.catalogue.declare(name, ServerTraits(
+                priority=int(spec.get("priority") or 0), capabilities=tuple(spec.get("capabilities") or ()),
+                max_concurrent=int(spec.get("maxConcurrent") or 3)))
+            seen_at = parse_time(status.get("lastHeartbeat"))
+            if status.get("endpoint") and status.get("healthyInstances") and seen_at is not None:
+                tools = [_tool_from_status(t) for t in status.get("tools") or []]
+                self.catalogue.observe_remote(name, namespace, status["endpoint"], tools, seen_at)
+        for name in set(self.known) - set(seen):
+            self.catalogue.forget(name)
+        self.known = seen
+
+    async def write_statuses(self) -> None:
+        """Write tools, health and lastHeartbeat of the servers this replica hears from."""
+        for name in self.catalogue.servers():
+            local = [i for i in self.catalogue.instances(name) if not i.remote and i.namespace]
+            if not local:
+                continue
+            namespace = local[0].namespace
+            healthy = [i for i in local if i.healthy]
+            last = max(i.last_seen_wall for i in local)
+            tools = self.catalogue.server_tools(name) if healthy else ()
+            wanted = {
+                "toolCount": len(tools),
+                "tools": [_tool_status(t) for t in tools],
+                "healthyInstances": len(healthy),
+            }
+            previous = self._written.get((namespace, name))
+            if previous and previous[0] == wanted and last - previous[1] < self.catalogue.interval:
+                continue
+            try:
+                await asyncio.to_thread(self._write, namespace, name, wanted, last, bool(healthy))
+                self._written[(namespace, name)] = (wanted, last)
+            except Exception as exc:  # noqa: BLE001 - retried on the next round
+                log.warning("cannot write status of MCPServer %s/%s: %s", namespace, name, exc)
+
+    def _write(self, namespace: str, name: str, wanted: Mapping[str, Any], last: float, healthy: bool) -> None:
+        for _ in range(CONFLICT_RETRIES):
+            server = self.api.get_server(namespace, name)
+            if server is None:
+                return
+            status = server.get("status") or {}
+            condition = {"type": "Healthy", "status": "True" if healthy else "False",
+                         "reason": "HeartbeatsReceived" if healthy else "HeartbeatsMissed",
+                         "message": f"{wanted['healthyInstances']} healthy sidecar(s) report to the registry"
+                         if healthy else "no sidecar of this server reported within the heartbeat deadline",
+                         "observedGeneration": server["metadata"].get("generation")}
+            patch = {**wanted, "lastHeartbeat": rfc3339(last),
+                     "conditions": set_condition(status.get("conditions") or [], condition, rfc3339(time.time()))}
+            try:
+                self.api.patch_status(namespace, name, patch, server["metadata"]["resourceVersion"])
+                return
+            except KubeError as exc:
+                if exc.status != 409:
+                    raise
+        raise KubeError(409, f"status of MCPServer {namespace}/{name} kept changing under us")
+
+
+def _tool_status(tool: Mapping[str, Any]) -> dict[str, Any]:
+    annotations = tool.get("annotations") or {}
+    return {"name": tool["name"], "description": str(tool.get("description") or ""),
+            "readOnly": annotations.get("readOnlyHint") is True}
+
+
+def _tool_from_status(tool: Mapping[str, Any]) -> dict[str, Any]:
+    # Status keeps names and descriptions only; the schema is open until the server's own heartbeat brings it.
+    return {"name": tool["name"], "description": tool.get("description", ""), "inputSchema": {"type": "object"},
+            "annotations": {"readOnlyHint": bool(tool.get("readOnly"))}}
+
+
+def attach_kube(app: web.Application) -> ClusterSync:
+    """Switch a registry app to cluster mode (TokenReview auth, status sync); call before the app starts."""
+    from toolmesh.registry.app import CATALOGUE, SETTINGS
+
+    sync = ClusterSync(app[CATALOGUE], KubeApi(load_api_client()))
+    app[SETTINGS].auth = sync.auth
+
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        period = max(0.2, app[CATALOGUE].interval)
+
+        async def loop() -> None:
+            while True:
+                for step in (sync.read_servers, sync.write_statuses):
+                    try:
+                        await step()
+                    except Exception as exc:  # noqa: BLE001 - the API may be briefly away; try again next period
+                        log.warning("cluster sync: %s", exc)
+                await asyncio.sleep(period)
+
+        try:
+            await sync.read_servers()  # a restarted registry starts from what the API remembers
+        except Exception as exc:  # noqa: BLE001
+            log.warning("cannot read MCPServers at start: %s", exc)
+        task = asyncio.create_task(loop())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await asyncio.to_thread(sync.api.api.close)
+
+    app.cleanup_ctx.append(lifetime)
+    return sync

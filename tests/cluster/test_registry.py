@@ -1,0 +1,119 @@
+"""The registry in cluster mode on the real control plane: TokenReview-checked heartbeats, MCPServer.status, restarts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import TOOLMESH, async_wait_until, free_port, port_open, running, wait_until
+from helpers.operator_proc import install_crds
+from helpers.registry_procs import get_json, post_heartbeat, toy_server
+from helpers.sidecar import sidecar
+
+pytestmark = pytest.mark.cluster
+
+
+def apply_server(cluster, namespace: str, name: str, **spec) -> None:
+    manifest = {"apiVersion": "toolmesh.io/v1alpha1", "kind": "MCPServer", "metadata": {"name": name},
+                "spec": {"image": "example.org/mcp:1", **spec}}
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(manifest))
+
+
+def status_of(cluster, namespace: str, name: str) -> dict:
+    return cluster.kubectl_json("get", "mcpserver", name, "-n", namespace).get("status") or {}
+
+
+def healthy_condition(status: dict) -> str | None:
+    return next((c["status"] for c in status.get("conditions") or [] if c["type"] == "Healthy"), None)
+
+
+def kube_registry(cluster, tmp_path: Path, name: str, interval: float = 0.3):
+    port = free_port()
+    cmd = [TOOLMESH, "registry", "--kube", "--listen", f"127.0.0.1:{port}", "--heartbeat-interval", str(interval)]
+    return port, running(cmd, env=cluster.env, log_path=tmp_path / f"{name}.log")
+
+
+async def tool_names(registry: str) -> list[str]:
+    return [t["name"] for t in (await get_json(f"{registry}/v1/tools"))["tools"]]
+
+
+async def test_heartbeats_need_a_registry_token_and_status_follows_the_sidecar(cluster, namespace, tmp_path):
+    install_crds(cluster)
+    apply_server(cluster, namespace, "alpha", priority=4, capabilities=["echoing"], maxConcurrent=2)
+    token_file = tmp_path / "token"
+    token_file.write_text(cluster.token_for(namespace, "alpha", "toolmesh-registry"))
+    port, registry_proc = kube_registry(cluster, tmp_path, "registry")
+    registry = f"http://127.0.0.1:{port}"
+    with registry_proc as proc, toy_server(tmp_path, "alpha") as (_, upstream):
+        wait_until(lambda: port_open(port) or proc.poll() is not None, timeout=30, what="registry")
+        beat = {"server": "alpha", "endpoint": "http://127.0.0.1:1/mcp", "tools": [{"name": "x"}]}
+        wrong_audience = cluster.token_for(namespace, "alpha", "some-other-service")
+        assert (await post_heartbeat(registry, beat))[0] == 401
+        assert (await post_heartbeat(registry, beat, secret=wrong_audience))[0] == 401
+        assert (await post_heartbeat(registry, beat, secret="not-a-token"))[0] == 401
+        assert await tool_names(registry) == []
+
+        env = {"TOOLMESH_REGISTRY_TOKEN_FILE": str(token_file)}
+        with sidecar(["--upstream", upstream], tmp_path, "--server-name", "alpha", "--registry", registry,
+                     env=env) as sc:
+            async def listed():
+                return await tool_names(registry) == ["alpha__echo"]
+
+            await async_wait_until(listed, timeout=30, what="alpha's tools via a TokenReview-checked heartbeat")
+            (server,) = (await get_json(f"{registry}/v1/servers"))["servers"]
+            assert (server["priority"], server["capabilities"], server["maxConcurrent"]) == (4, ["echoing"], 2)
+
+            def written():
+                status = status_of(cluster, namespace, "alpha")
+                return status.get("toolCount") == 1 and healthy_condition(status) == "True" and status
+
+            status = cluster.wait_for(written, timeout=30, what="the registry to write MCPServer.status")
+            assert status["tools"] == [{"name": "echo", "description": "Echo a message back, prefixed with alpha",
+                                        "readOnly": False}]
+            assert status["healthyInstances"] == 1 and status["lastHeartbeat"].endswith("Z")
+            sc.proc.kill()
+            sc.proc.wait(timeout=10)
+
+            def unhealthy():
+                status = status_of(cluster, namespace, "alpha")
+                return healthy_condition(status) == "False" and status.get("healthyInstances") == 0
+
+            cluster.wait_for(unhealthy, timeout=30, what="Healthy=False after missed heartbeats")
+        assert proc.poll() is None
+
+
+async def test_a_restarted_registry_serves_the_catalogue_from_status(cluster, namespace, tmp_path):
+    install_crds(cluster)
+    apply_server(cluster, namespace, "beta")
+    token_file = tmp_path / "token"
+    token_file.write_text(cluster.token_for(namespace, "beta", "toolmesh-registry"))
+    # The default 5 s interval: a status written within the last 15 s still counts after the restart.
+    first_port, first = kube_registry(cluster, tmp_path, "first", interval=5)
+    with toy_server(tmp_path, "beta") as (_, upstream):
+        with first as proc:
+            wait_until(lambda: port_open(first_port) or proc.poll() is not None, timeout=30, what="first registry")
+            first_url = f"http://127.0.0.1:{first_port}"
+            with sidecar(["--upstream", upstream], tmp_path, "--server-name", "beta", "--registry", first_url,
+                         env={"TOOLMESH_REGISTRY_TOKEN_FILE": str(token_file)}, name="beta") as sc:
+                # The operator owns status.endpoint; with no operator here, write what it would.
+                cluster.kubectl("patch", "mcpserver", "beta", "-n", namespace, "--subresource=status",
+                                "--type=merge", "-p", json.dumps({"status": {"endpoint": sc.url}}))
+                cluster.wait_for(lambda: status_of(cluster, namespace, "beta").get("toolCount") == 1, timeout=30,
+                                 what="the first registry's status write")
+                proc.terminate()
+                proc.wait(timeout=15)
+                # A new registry, and no sidecar reporting to it: the API remembers.
+                second_port, second = kube_registry(cluster, tmp_path, "second", interval=5)
+                with second as proc2:
+                    wait_until(lambda: port_open(second_port) or proc2.poll() is not None, timeout=30,
+                               what="second registry")
+                    second_url = f"http://127.0.0.1:{second_port}"
+                    assert await tool_names(second_url) == ["beta__echo"]
+                    from mcp.client import Client
+
+                    async with Client(f"{second_url}/mcp", mode="legacy") as client:
+                        result = await client.call_tool("beta__echo", {"message": "recovered"})
+                    assert [c.text for c in result.content] == ["beta:recovered"]
