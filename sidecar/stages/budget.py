@@ -208,7 +208,8 @@ class BudgetStage:
             self.state.tokens_total.inc(ctx.tool or "", amount=limit)
             self.state.truncations_total.inc(ctx.tool or "")
             meta_extra = {"resultTokens": tokens, "truncated": True, "keptTokens": limit}
-        meta = dict(new_result.get("_meta") or {})
+        old_meta = new_result.get("_meta")
+        meta = dict(old_meta) if _is_map(old_meta) else {}
         meta[META_KEY] = self._meta(budget, **meta_extra)
         new_result["_meta"] = meta
         # Built directly rather than with dataclasses.replace: this runs on every tool call.

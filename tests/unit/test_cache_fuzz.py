@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import orjson
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from toolmesh.api.policy import MCPToolPolicySpec
@@ -55,6 +55,7 @@ params = st.fixed_dictionaries({}, optional={
 
 @given(st.sampled_from(["tools/call", "resources/read", "tools/list", "ping"]), params, answers,
        st.sampled_from([None, "s1", "s2"]), st.sampled_from([None, "2025-11-25", "2026-07-28"]))
+@example("tools/call", {"name": "echo"}, ("result", {"_meta": [[None, None]]}), None, None)  # _meta not an object
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 async def test_stages_never_fail_internally(method, call_params, answer, session, version):
     shared = SharedState("fuzz")
