@@ -21,8 +21,9 @@ When a stream is lost (server restart, network), requests in flight fail with
 JSON-RPC error -32001 "upstream stream lost", and the adapter reconnects with
 backoff and replays the client's `initialize` (and `notifications/initialized`)
 so the session carries on; requests arriving meanwhile wait up to
-`reconnect_wait`. Requests without `Mcp-Session-Id` (the stateless era) and
-`probe()` share one connection the adapter initializes itself.
+`reconnect_wait`. Requests without `Mcp-Session-Id` and `probe()` share one
+connection the adapter initializes itself; 2026-07-28 requests get another,
+opened with `server/discover`, when the server serves that era.
 """
 
 from __future__ import annotations
@@ -40,7 +41,18 @@ import aiohttp
 from toolmesh.sidecar.chain import SseEvent
 from toolmesh.sidecar.errors import INVALID_REQUEST, ProxyError, UpstreamTimeout, UpstreamUnavailable, error_message
 from toolmesh.sidecar.jsonrpc import iter_sse
-from toolmesh.sidecar.multiplex import ClientSession, Multiplexer, header, json_response, parse_body
+from toolmesh.sidecar.multiplex import (
+    ClientSession,
+    Multiplexer,
+    discover_params,
+    header,
+    is_modern_request,
+    json_response,
+    modern_rejection,
+    parse_body,
+    serves_modern,
+    with_error_status,
+)
 from toolmesh.sidecar.upstream import UpstreamResponse
 
 log = logging.getLogger("toolmesh.sidecar.legacy_sse")
@@ -57,8 +69,10 @@ _MESSAGE_HEADERS = {"Content-Type": "application/json"}
 class _Connection:
     """One upstream SSE stream and its message endpoint, carrying one client session (or the adapter's own)."""
 
-    def __init__(self, owner: LegacySseUpstream, init_params: Mapping[str, Any] | None):
+    def __init__(self, owner: LegacySseUpstream, init_params: Mapping[str, Any] | None, *, modern: bool = False):
         self._owner = owner
+        self.modern = modern
+        """True for the connection settled in the 2026-07-28 era by a server/discover (no session, no initialize)."""
         self.mux = Multiplexer(self._post_message, timeout=owner.silence_timeout)
         self.init_params = init_params
         """The `initialize` params replayed after a reconnect (None until the session is established)."""
@@ -109,7 +123,7 @@ class _Connection:
         if self._response is not None:
             self._response.close()
         self.mux.fail_all(UpstreamUnavailable("upstream stream lost"))
-        if self.init_params is not None and not self.closed and self._reconnecting is None:
+        if (self.init_params is not None or self.modern) and not self.closed and self._reconnecting is None:
             log.warning("upstream SSE stream lost; reconnecting")
             self._reconnecting = asyncio.create_task(self._reconnect())
 
@@ -120,7 +134,7 @@ class _Connection:
             while not self.closed:
                 try:
                     await self.connect()
-                    await self.initialize(self.init_params)
+                    await self.handshake()
                 except ProxyError as exc:
                     log.info("reconnecting to the upstream SSE stream failed: %s", exc.message)
                     self._drop_stream()
@@ -133,13 +147,18 @@ class _Connection:
         finally:
             self._reconnecting = None
 
-    async def initialize(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
-        """The connection's own handshake (after a reconnect, or for the adapter's own connection)."""
-        answer = await self.mux.call_own("initialize", params, self._owner.connect_timeout)
+    async def handshake(self) -> None:
+        """The connection's own opening (after a reconnect, or for the adapter's own connections)."""
+        if self.modern:
+            answer = await self.mux.call_own("server/discover", discover_params(_OWN_INITIALIZE["clientInfo"]),
+                                             self._owner.connect_timeout)
+            if not serves_modern(answer):
+                raise NotModern("upstream does not serve the 2026-07-28 protocol", data=answer.get("error"))
+            return
+        answer = await self.mux.call_own("initialize", self.init_params, self._owner.connect_timeout)
         if "result" not in answer:
             raise UpstreamUnavailable("upstream refused initialize", data=answer.get("error"))
         await self.mux.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
-        return answer
 
     def _drop_stream(self) -> None:
         """Close the current stream; its reader then reports the loss (and a reconnect starts if none runs)."""
@@ -181,6 +200,10 @@ class _Connection:
         self.mux.end_streams()
 
 
+class NotModern(UpstreamUnavailable):
+    """The server answers only in the handshake era; 2026-07-28 requests then go where handshake ones go."""
+
+
 async def _endpoint_event(events: AsyncIterator[SseEvent]) -> str:
     async for event in events:
         if event.event == "endpoint":
@@ -210,6 +233,8 @@ class LegacySseUpstream:
         self._connections: dict[str, _Connection] = {}
         self._own: _Connection | None = None
         self._own_lock = asyncio.Lock()
+        self._modern: _Connection | None = None
+        self._modern_unsupported = False
 
     @property
     def http(self) -> aiohttp.ClientSession:
@@ -226,9 +251,10 @@ class LegacySseUpstream:
     async def close(self) -> None:
         connections = list(self._connections.values())
         self._connections.clear()
-        if self._own is not None:
-            connections.append(self._own)
-            self._own = None
+        for own in (self._own, self._modern):
+            if own is not None:
+                connections.append(own)
+        self._own = self._modern = None
         for connection in connections:
             await connection.close()
         if self._given_session is None and self._http is not None:
@@ -243,8 +269,17 @@ class LegacySseUpstream:
             return await self._open_session(message, body)
         session_id = header(headers, "Mcp-Session-Id")
         if session_id is None:
-            connection = await self._own_connection()
             session = None
+            modern = None
+            if is_modern_request(message, headers):
+                refused = modern_rejection(message, headers)
+                if refused is not None:
+                    return refused
+                modern = await self._modern_connection()
+            if modern is not None:
+                await self._wait_ready(modern)
+                return with_error_status(await modern.mux.post(message, None, body))
+            connection = await self._own_connection()
         else:
             connection = self._connections.get(session_id)
             if connection is None or connection.session is None:
@@ -317,18 +352,36 @@ class LegacySseUpstream:
                 await connection.close()
 
     async def _own_connection(self) -> _Connection:
+        """The adapter's handshake-era connection, for probes and session-less requests."""
         async with self._own_lock:
             if self._own is None or self._own.closed:
-                connection = _Connection(self, _OWN_INITIALIZE)
-                await connection.connect()
-                try:
-                    await connection.initialize(_OWN_INITIALIZE)
-                except BaseException:
-                    await connection.close()
-                    raise
-                connection.ready.set()
-                self._own = connection
+                self._own = await self._open_own(_Connection(self, _OWN_INITIALIZE))
             return self._own
+
+    async def _modern_connection(self) -> _Connection | None:
+        """A connection settled in the 2026-07-28 era (a server serves one era per connection), if the server has it."""
+        async with self._own_lock:
+            if self._modern_unsupported:
+                return None
+            if self._modern is None or self._modern.closed:
+                try:
+                    self._modern = await self._open_own(_Connection(self, None, modern=True))
+                except NotModern:
+                    log.info("the legacy SSE upstream does not serve the 2026-07-28 protocol")
+                    self._modern_unsupported = True
+                    return None
+            return self._modern
+
+    @staticmethod
+    async def _open_own(connection: _Connection) -> _Connection:
+        await connection.connect()
+        try:
+            await connection.handshake()
+        except BaseException:
+            await connection.close()
+            raise
+        connection.ready.set()
+        return connection
 
     async def _wait_ready(self, connection: _Connection) -> None:
         if connection.ready.is_set():

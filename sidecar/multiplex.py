@@ -36,6 +36,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
+from mcp.shared.inbound import (
+    ERROR_CODE_HTTP_STATUS,
+    InboundLadderRejection,
+    classify_inbound_request,
+    find_duplicated_routing_header,
+    validate_mcp_param_headers,
+)
+from mcp_types import HEADER_MISMATCH
+from mcp_types.version import LATEST_MODERN_VERSION, MODERN_PROTOCOL_VERSIONS
 
 from toolmesh.sidecar.chain import SseEvent
 from toolmesh.sidecar.errors import (
@@ -93,6 +102,93 @@ def parse_body(body: bytes) -> Any | UpstreamResponse:
 
 
 ACCEPTED = UpstreamResponse(status=202)
+
+PROTOCOL_VERSION_KEY = "io.modelcontextprotocol/protocolVersion"
+"""The `params._meta` key that marks a 2026-07-28 (stateless era) request."""
+
+
+SUBSCRIPTION_ID_KEY = "io.modelcontextprotocol/subscriptionId"
+"""The `_meta` key tagging every frame of a `subscriptions/listen` stream with the listen request's id."""
+
+
+def is_modern_request(message: Any, headers: Mapping[str, str] | None = None) -> bool:
+    """A 2026-07-28 message: the MCP-Protocol-Version header names that era, or the body carries its envelope."""
+    if headers is not None and header(headers, "MCP-Protocol-Version") in MODERN_PROTOCOL_VERSIONS:
+        return True
+    if not isinstance(message, dict):
+        return False
+    if message.get("method") == "server/discover":
+        return True
+    params = message.get("params")
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    return isinstance(meta, dict) and PROTOCOL_VERSION_KEY in meta
+
+
+def modern_rejection(message: Any, headers: Mapping[str, str]) -> UpstreamResponse | None:
+    """What a 2026-07-28 server answers before dispatch: duplicated or mismatched routing headers, a bad envelope."""
+    if not isinstance(message, dict) or "id" not in message or "method" not in message:
+        return None  # notifications are acknowledged; other shapes are the upstream's to refuse
+    duplicated = find_duplicated_routing_header(headers.items())
+    if duplicated is not None:
+        return rejection(message.get("id"), HEADER_MISMATCH, f"{duplicated} header appears more than once")
+    verdict = classify_inbound_request(message, headers={k.lower(): v for k, v in headers.items()})
+    if isinstance(verdict, InboundLadderRejection):
+        return rejection(message.get("id"), verdict.code, verdict.message, verdict.data)
+    return None
+
+
+def param_rejection(message: Mapping[str, Any], headers: Mapping[str, str], input_schema: Any) -> UpstreamResponse | None:
+    """A tools/call whose `Mcp-Param-*` headers disagree with its arguments, as the tool's schema declares them."""
+    params = message.get("params")
+    arguments = params.get("arguments") if isinstance(params, Mapping) else None
+    if input_schema is None or not isinstance(arguments if arguments is not None else {}, Mapping):
+        return None
+    refused = validate_mcp_param_headers(input_schema, arguments or {}, headers)
+    return rejection(message.get("id"), refused.code, refused.message, refused.data) if refused else None
+
+
+def rejection(request_id: Any, code: int, message: str, data: Any = None) -> UpstreamResponse:
+    """A JSON-RPC error with the HTTP status the 2026-07-28 transport gives its code."""
+    return json_response(ERROR_CODE_HTTP_STATUS.get(code, 200), error_message(request_id, code, message, data))
+
+
+def with_error_status(response: UpstreamResponse) -> UpstreamResponse:
+    """A 2026-07-28 JSON answer that is an error gets its code's HTTP status (404 for an unknown method, ...)."""
+    body = response.body
+    if body is not None and response.status == 200 and b'"error"' in body:
+        message = orjson.loads(body)
+        error = message.get("error") if isinstance(message, dict) else None
+        if isinstance(error, dict) and isinstance(error.get("code"), int):
+            response.status = ERROR_CODE_HTTP_STATUS.get(error["code"], 200)
+    return response
+
+
+def needs_param_check(message: Any, headers: Mapping[str, str]) -> str | None:
+    """The tool whose schema a 2026-07-28 tools/call must be checked against, if any header or argument is at stake."""
+    if not isinstance(message, dict) or message.get("method") != "tools/call":
+        return None
+    params = message.get("params")
+    name = params.get("name") if isinstance(params, dict) else None
+    if not isinstance(name, str):
+        return None
+    if params.get("arguments") or any(k.lower().startswith("mcp-param-") for k in headers):
+        return name
+    return None
+
+
+def discover_params(client_info: Mapping[str, Any]) -> dict[str, Any]:
+    """The params of the proxy's own `server/discover`, which settles a fresh connection in the stateless era."""
+    return {"_meta": {
+        PROTOCOL_VERSION_KEY: LATEST_MODERN_VERSION,
+        "io.modelcontextprotocol/clientInfo": dict(client_info),
+        "io.modelcontextprotocol/clientCapabilities": {},
+    }}
+
+
+def serves_modern(answer: Mapping[str, Any]) -> bool:
+    """Whether a `server/discover` answer names the stateless era this proxy speaks."""
+    result = answer.get("result")
+    return isinstance(result, Mapping) and LATEST_MODERN_VERSION in (result.get("supportedVersions") or ())
 
 
 class ClientSession:
@@ -333,7 +429,8 @@ class Multiplexer:
         """The request's next message; a silence longer than the timeout gives up on it (and cancels it upstream)."""
         queue = pending.queue
         while True:
-            if not queue.empty() or self.timeout is None:
+            if not queue.empty() or self.timeout is None or pending.method == "subscriptions/listen":
+                # (a listen stream is a standing subscription: it may rightly stay silent for hours)
                 item = await queue.get()
             else:
                 # A timer that queues a marker costs less per call than wait_for's extra task.
@@ -496,6 +593,15 @@ class Multiplexer:
             session = self._server_requests.pop(request_id, None)
             if session is not None:
                 self._to_session(session, raw)
+            return
+        meta = message.get("params", {}).get("_meta") if isinstance(message.get("params"), dict) else None
+        if isinstance(meta, dict) and SUBSCRIPTION_ID_KEY in meta:
+            # A frame of a subscriptions/listen stream: it belongs on that request's response stream.
+            listener = self._pending.get(meta[SUBSCRIPTION_ID_KEY]) if isinstance(meta[SUBSCRIPTION_ID_KEY], int) \
+                else None
+            if listener is not None:
+                meta[SUBSCRIPTION_ID_KEY] = listener.client_id
+                listener.deliver(dumps(message))
             return
         if method == "notifications/resources/updated":
             params = message.get("params")

@@ -52,16 +52,23 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION, LATEST_MODERN_VERSION
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION
 
 from toolmesh.sidecar.errors import INVALID_REQUEST, ProxyError, UpstreamUnavailable, error_message
 from toolmesh.sidecar.multiplex import (
     ACCEPTED,
     ClientSession,
     Multiplexer,
+    discover_params,
     header,
+    is_modern_request,
     json_response,
+    modern_rejection,
+    needs_param_check,
+    param_rejection,
     parse_body,
+    serves_modern,
+    with_error_status,
 )
 from toolmesh.sidecar.upstream import UpstreamResponse
 
@@ -72,8 +79,11 @@ _STDERR_KEPT = 20
 """Last stderr lines reported with an exit."""
 _STABLE_AFTER = 10.0
 """A child that ran this long (seconds) before exiting restarts after the shortest backoff again."""
+_SCHEMAS_FRESH = 30.0
+"""Seconds a modern child's tool schemas (for Mcp-Param header checks) are reused before listing again."""
+_LIST_PAGES = 100
+"""Most tools/list pages read for those schemas; a paginator that never ends is cut off."""
 _CLIENT_INFO = {"name": "toolmesh-sidecar", "version": "0.1.0"}
-_PROTOCOL_VERSION_KEY = "io.modelcontextprotocol/protocolVersion"
 _CAPABILITIES = {"sampling": {}, "elicitation": {"form": {}, "url": {}}, "roots": {"listChanged": True}}
 
 
@@ -149,6 +159,8 @@ class StdioUpstream:
         self._swept = time.monotonic()
         self._modern: StdioUpstream | None = None
         self._modern_lock = asyncio.Lock()
+        self._schemas: dict[str, Any] = {}
+        self._schemas_at = 0.0
         self._modern_unsupported = self._fifo_dir is not None or era != "handshake"
         self._mux = Multiplexer(self._write, timeout=timeout)
         self._link: _Link | None = None
@@ -203,10 +215,13 @@ class StdioUpstream:
             return await self._open_session(message)
         session: ClientSession | None = None
         session_id = header(headers, "Mcp-Session-Id")
-        if session_id is None and not self._modern_unsupported and _is_modern(message):
-            modern = await self._modern_child()
+        if session_id is None and is_modern_request(message, headers):
+            refused = modern_rejection(message, headers)
+            if refused is not None:
+                return refused
+            modern = await self._modern_child() if not self._modern_unsupported else None
             if modern is not None:
-                return await modern.post(body, headers)
+                return await modern._serve_modern(message, body, headers)
         if session_id is not None:
             session = self._mux.sessions.get(session_id)
             if session is None:
@@ -280,6 +295,38 @@ class StdioUpstream:
                 else:
                     self._modern = modern
             return self._modern
+
+    async def _serve_modern(self, message: Any, body: bytes, headers: Mapping[str, str]) -> UpstreamResponse:
+        """One 2026-07-28 request on the modern child, with the checks and statuses a Streamable HTTP server applies."""
+        await self._wait_ready()
+        tool = needs_param_check(message, headers)
+        if tool is not None:
+            refused = param_rejection(message, headers, await self._input_schema(tool, message))
+            if refused is not None:
+                return refused
+        return with_error_status(await self._mux.post(message, None, body))
+
+    async def _input_schema(self, tool: str, message: Mapping[str, Any]) -> Any:
+        """The tool's inputSchema from the child's own listing (cached briefly); None when it cannot be had."""
+        now = time.monotonic()
+        if tool not in self._schemas or now - self._schemas_at > _SCHEMAS_FRESH:
+            meta = message.get("params", {}).get("_meta") or {}
+            envelope = {k: v for k, v in meta.items() if k.startswith("io.modelcontextprotocol/")}
+            schemas: dict[str, Any] = {}
+            params: dict[str, Any] = {"_meta": envelope}
+            try:
+                for _ in range(_LIST_PAGES):
+                    answer = await self._mux.call_own("tools/list", params, self.probe_timeout)
+                    result = answer.get("result") or {}
+                    schemas.update({t.get("name"): t.get("inputSchema") for t in result.get("tools", ())})
+                    cursor = result.get("nextCursor")
+                    if not isinstance(cursor, str):
+                        break
+                    params = {"_meta": envelope, "cursor": cursor}
+            except (ProxyError, AttributeError, TypeError):
+                return None  # header checks never break a working call
+            self._schemas, self._schemas_at = schemas, now
+        return self._schemas.get(tool)
 
     # -- sessions ---------------------------------------------------------------------------------------------
 
@@ -419,15 +466,10 @@ class StdioUpstream:
 
     async def _discover(self) -> None:
         """Open a child in the stateless era: its first message, server/discover, settles its era."""
-        answer = await self._mux.call_own("server/discover", {"_meta": {
-            _PROTOCOL_VERSION_KEY: LATEST_MODERN_VERSION,
-            "io.modelcontextprotocol/clientInfo": _CLIENT_INFO,
-            "io.modelcontextprotocol/clientCapabilities": {},
-        }}, self.start_timeout)
-        result = answer.get("result")
-        if not isinstance(result, dict) or LATEST_MODERN_VERSION not in result.get("supportedVersions", ()):
+        answer = await self._mux.call_own("server/discover", discover_params(_CLIENT_INFO), self.start_timeout)
+        if not serves_modern(answer):
             raise UpstreamUnavailable("upstream does not serve the 2026-07-28 protocol", data=answer.get("error"))
-        self._init_result = result
+        self._init_result = answer["result"]
         log.info("stdio upstream serving the 2026-07-28 protocol")
 
     def _on_line(self, line: bytes) -> None:
@@ -535,17 +577,6 @@ async def _finish(stderr_task: asyncio.Task[None] | None) -> None:
     with contextlib.suppress(Exception):
         await asyncio.wait_for(asyncio.shield(stderr_task), 1.0)
     stderr_task.cancel()
-
-
-def _is_modern(message: Any) -> bool:
-    """A 2026-07-28 request: server/discover, or the protocol version in `params._meta` (the spec's era marker)."""
-    if not isinstance(message, dict):
-        return False
-    if message.get("method") == "server/discover":
-        return True
-    params = message.get("params")
-    meta = params.get("_meta") if isinstance(params, dict) else None
-    return isinstance(meta, dict) and _PROTOCOL_VERSION_KEY in meta
 
 
 def _failure(initialize: asyncio.Future[None]) -> str | None:
