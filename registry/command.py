@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_listen(value: str) -> tuple[str, int]:
-    from toolmesh.cli import UsageError
+    from toolmesh.api.errors import UsageError
 
     host, _, port = value.rpartition(":")
     try:
@@ -41,7 +41,7 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from toolmesh.cli import UsageError
+    from toolmesh.api.errors import UsageError
     from toolmesh.registry.app import RegistrySettings, create_app
     from toolmesh.registry.auth import shared_secret
     from toolmesh.registry.manifests import declare_from_files

@@ -29,7 +29,7 @@ def main() -> int:
             shutil.copy2(file, dest / file.name)
     env = dict(os.environ, PYTHONPATH=str(target))
     lint = Path(sys.executable).parent / "lint-imports"
-    return subprocess.run([str(lint), "--config", str(ROOT / "pyproject.toml")], cwd=target, env=env).returncode
+    return subprocess.run([str(lint), str(ROOT / "pyproject.toml")], cwd=target, env=env).returncode
 
 
 if __name__ == "__main__":

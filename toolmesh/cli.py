@@ -14,6 +14,7 @@ import sys
 
 import toolmesh
 from toolmesh import __version__
+from toolmesh.api.errors import UsageError as _UsageError
 
 # name -> (module, one-line help). The CLI contract is in ARCHITECTURE.md.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -27,8 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-class UsageError(Exception):
-    """Bad usage or bad configuration: reported on stderr, exit code 2."""
+# Components raise it from toolmesh.api (they never import the CLI); re-exported here.
+UsageError = _UsageError
 
 
 def build_parser(command: str | None) -> argparse.ArgumentParser:
