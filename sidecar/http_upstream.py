@@ -41,6 +41,8 @@ class HttpUpstream:
         self._probe_timeout = aiohttp.ClientTimeout(total=min(timeout, 5.0), sock_connect=connect_timeout)
         self._wire: WirePool | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._draining: set[asyncio.Task] = set()
+        """Background reads of answered streams' last bytes, so their connections can be reused."""
 
     async def start(self) -> None:
         self._wire = WirePool(self.url, connect_timeout=self._connect_timeout)
@@ -48,6 +50,8 @@ class HttpUpstream:
         self._session = aiohttp.ClientSession(auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
 
     async def close(self) -> None:
+        for task in list(self._draining):
+            task.cancel()
         if self._wire is not None:
             self._wire.close()
             self._wire = None
@@ -78,8 +82,9 @@ class HttpUpstream:
             raise UpstreamUnavailable(f"upstream unreachable: {exc}") from None
         out_headers = relayed_headers(resp.headers)
         if resp.headers.get("content-type", "").startswith("text/event-stream"):
-            return UpstreamResponse(status=resp.status, headers=out_headers, events=_events(resp),
-                                    release=_releaser(resp))
+            state = _StreamState()
+            return UpstreamResponse(status=resp.status, headers=out_headers, events=_events(resp, state),
+                                    release=_releaser(resp, state, self._draining))
         try:
             data = await resp.read()
         except TimeoutError:
@@ -130,9 +135,21 @@ def _is_answer(data: bytes, request_id: str) -> bool:
     return isinstance(message, dict) and message.get("id") == request_id and ("result" in message or "error" in message)
 
 
-async def _events(resp: WireResponse) -> AsyncIterator[SseEvent]:
+class _StreamState:
+    """What the relay last saw on an upstream stream, to decide what releasing it means."""
+
+    __slots__ = ("answered",)
+
+    def __init__(self) -> None:
+        self.answered = False
+
+
+async def _events(resp: WireResponse, state: _StreamState) -> AsyncIterator[SseEvent]:
     try:
         async for event in iter_sse(resp.chunks()):
+            data = event.data
+            # A JSON-RPC response (no "method"): on a POST stream the upstream ends the stream right after it.
+            state.answered = b'"method"' not in data and (b'"result"' in data or b'"error"' in data)
             yield event
     except TimeoutError:
         raise UpstreamTimeout("upstream went silent for longer than the upstream timeout") from None
@@ -142,10 +159,35 @@ async def _events(resp: WireResponse) -> AsyncIterator[SseEvent]:
         raise UpstreamUnavailable(f"upstream sent a broken stream: {exc}") from None
 
 
-def _releaser(resp: WireResponse):
+_DRAIN_SECONDS = 1.0
+_DRAIN_BYTES = 64 * 1024
+
+
+def _releaser(resp: WireResponse, state: _StreamState, draining: set[asyncio.Task]):
     async def release() -> None:
-        # A finished stream gives its connection back to the pool; an unfinished one is
-        # closed, which is how the upstream learns the client went away.
-        resp.release()
+        if resp.finished or not state.answered:
+            # A finished stream gives its connection back; one the client left mid-call is
+            # closed, which is how the upstream learns the client went away.
+            resp.release()
+            return
+        # Answered, but the stream's end has not arrived yet: read it in the background
+        # (bounded) so the connection can be reused, instead of paying a new one per call.
+        task = asyncio.get_running_loop().create_task(_drain(resp))
+        draining.add(task)
+        task.add_done_callback(draining.discard)
 
     return release
+
+
+async def _drain(resp: WireResponse) -> None:
+    seen = 0
+    try:
+        async with asyncio.timeout(_DRAIN_SECONDS):
+            async for chunk in resp.chunks():
+                seen += len(chunk)
+                if seen > _DRAIN_BYTES:
+                    break
+    except (TimeoutError, WireError, OSError):
+        pass
+    finally:
+        resp.release()
