@@ -20,6 +20,11 @@ async def server_beat(name: str, url: str, **traits):
     return {"server": name, "instance": f"{name}-0", "endpoint": url, "tools": await list_tools_of(url), **traits}
 
 
+def served(listed) -> set[str]:
+    """Tool names from the servers behind the gateway (without the gateway's own toolmesh__ tools)."""
+    return {t.name for t in listed.tools if not t.name.startswith("toolmesh__")}
+
+
 def texts(result) -> list[str]:
     return [c.text for c in result.content if c.type == "text"]
 
@@ -31,7 +36,7 @@ async def test_tools_are_listed_as_server__tool_and_called_with_progress(tmp_pat
             async with Client(f"{registry}/mcp", mode=mode) as client:
                 assert client.protocol_version == ("2025-11-25" if mode == "legacy" else "2026-07-28")
                 listed = {t.name: t for t in (await client.list_tools()).tools}
-                assert set(listed) == {"alpha__echo", "alpha__slow"}
+                assert set(listed) == {"toolmesh__run_workflow", "alpha__echo", "alpha__slow"}
                 assert listed["alpha__echo"].description.startswith("[alpha] Echo a message back")
                 assert listed["alpha__echo"].input_schema["properties"]["message"]["type"] == "string"
                 assert texts(await client.call_tool("alpha__echo", {"message": "hi"})) == ["alpha:hi"]
@@ -52,7 +57,7 @@ async def test_priority_decides_who_answers_to_the_bare_name(tmp_path, mode):
         async with beating(registry, await server_beat("alpha", alpha, priority=1)), \
                 beating(registry, await server_beat("beta", beta, priority=5)):
             async with Client(f"{registry}/mcp", mode=mode) as client:
-                assert {t.name for t in (await client.list_tools()).tools} == {"alpha__echo", "beta__echo"}
+                assert served(await client.list_tools()) == {"alpha__echo", "beta__echo"}
                 assert texts(await client.call_tool("echo", {"message": "x"})) == ["beta:x"]
                 assert texts(await client.call_tool("alpha__echo", {"message": "x"})) == ["alpha:x"]
                 assert texts(await client.call_tool("beta__echo", {"message": "x"})) == ["beta:x"]
@@ -83,7 +88,7 @@ async def test_a_killed_backend_leaves_and_the_session_keeps_working(tmp_path):
             beta_beats = beating(registry, await server_beat("beta", beta))
             await beta_beats.__aenter__()
             async with Client(f"{registry}/mcp", mode="legacy", message_handler=on_message) as client:
-                assert {t.name for t in (await client.list_tools()).tools} == {"alpha__echo", "beta__echo"}
+                assert served(await client.list_tools()) == {"alpha__echo", "beta__echo"}
                 assert texts(await client.call_tool("beta__echo", {"message": "1"})) == ["beta:1"]
                 beta_proc.kill()
                 beta_proc.wait()
@@ -93,7 +98,7 @@ async def test_a_killed_backend_leaves_and_the_session_keeps_working(tmp_path):
                 await beta_beats.__aexit__(None, None, None)
 
                 async def beta_gone():
-                    return {t.name for t in (await client.list_tools()).tools} == {"alpha__echo"}
+                    return served(await client.list_tools()) == {"alpha__echo"}
 
                 await async_wait_until(beta_gone, timeout=5, what="beta's tools to leave the gateway")
                 await async_wait_until(lambda: _true(changes), timeout=5, what="notifications/tools/list_changed")
@@ -104,13 +109,13 @@ async def test_stateless_clients_hear_list_changed_through_subscriptions_listen(
     with registry_process(tmp_path, interval=0.2) as registry, toy_server(tmp_path, "alpha") as (_, alpha):
         async with Client(f"{registry}/mcp", mode="auto") as client:
             assert client.protocol_version == "2026-07-28"
-            assert (await client.list_tools()).tools == []
+            assert served(await client.list_tools()) == set()
             async with client.listen(tools_list_changed=True) as events:
                 async with beating(registry, await server_beat("alpha", alpha)):
                     with anyio.fail_after(5):
                         event = await anext(aiter(events))
                     assert type(event).__name__ == "ToolsListChanged"
-                    assert [t.name for t in (await client.list_tools()).tools] == ["alpha__echo"]
+                    assert served(await client.list_tools()) == {"alpha__echo"}
 
 
 async def test_pagination_walks_every_tool(tmp_path):
@@ -121,7 +126,7 @@ async def test_pagination_walks_every_tool(tmp_path):
                 names, cursor, pages = [], None, 0
                 while True:
                     page = await client.list_tools(cursor=cursor)
-                    names += [t.name for t in page.tools]
+                    names += [t.name for t in page.tools if not t.name.startswith("toolmesh__")]
                     pages += 1
                     cursor = page.next_cursor
                     if not cursor:
