@@ -25,6 +25,8 @@ NAME = "timeout"
 log = logging.getLogger("toolmesh.sidecar.timeout")
 
 _PROGRESS = b"notifications/progress"
+# Requests an upstream sends the client in the middle of a call, whose answers may take a person's time.
+_ASKS_THE_CLIENT = (b'"elicitation/create"', b'"sampling/createMessage"', b'"roots/list"')
 # From this revision on cancellation is closing the response stream; no notification exists.
 _STATELESS_ERA = "2026-07-28"
 
@@ -84,8 +86,14 @@ class TimeoutStage:
         timer: _Timer | None = None
 
         async def emit(event: SseEvent) -> None:
-            if timer is not None and extension > 0 and _PROGRESS in event.data:
-                timer.extend(extension)
+            if timer is not None:
+                data = event.data
+                if extension > 0 and _PROGRESS in data:
+                    timer.extend(extension)
+                elif any(method in data for method in _ASKS_THE_CLIENT):
+                    # The upstream now waits on the client (a person may be answering): not silence.
+                    # Only the hard maximum bounds the call from here on.
+                    timer.extend(self.max_seconds)
             await client_emit(event)
 
         token = None
@@ -93,9 +101,7 @@ class TimeoutStage:
             async with asyncio.timeout(min(self.call_seconds, self.max_seconds)) as scope:
                 timer = _Timer(scope, hard_deadline, extension, loop)
                 token = _timer.set(timer)
-                # Only a call with a progress token gets progress from the upstream: the others keep
-                # their context as is (deriving a new one costs more than the whole timeout).
-                return await call_next(replace(ctx, emit=emit) if ctx.progress_token is not None else ctx)
+                return await call_next(replace(ctx, emit=emit))
         except TimeoutError:
             if scope is None or not scope.expired():
                 raise  # a timeout inside the call, not ours: already typed by the layer below

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 
 import orjson
 import pytest
@@ -137,3 +138,21 @@ async def test_a_retry_wait_does_not_count_as_silence_but_the_hard_maximum_holds
     attempts = 0
     with pytest.raises(UpstreamTimeout):
         await capped(call([]), lambda ctx: retrying(ctx, upstream))
+
+
+async def test_a_question_to_the_client_suspends_the_silence_timeout_until_the_hard_maximum():
+    stage = make_stage(callSeconds=0.2, progressExtensionSeconds=0.2, maxSeconds=5)
+    asked = SseEvent(data=orjson.dumps({"jsonrpc": "2.0", "id": 9, "method": "elicitation/create",
+                                        "params": {"message": "Favourite colour?"}}))
+
+    async def upstream(ctx):
+        await ctx.emit(asked)
+        await asyncio.sleep(0.6)  # the person takes their time answering
+        return Outcome(message={"jsonrpc": "2.0", "id": ctx.request_id, "result": {"content": []}})
+
+    events: list = []
+    ctx = call(events)
+    ctx = replace(ctx, params={"name": "work", "arguments": {}})  # no progress token: questions still count
+    outcome = await stage(ctx, upstream)
+    assert outcome.message["result"] == {"content": []}
+    assert events[0]["method"] == "elicitation/create"
