@@ -60,7 +60,9 @@ class HttpUpstream:
             self._session = None
 
     async def post(self, body: bytes, headers: Mapping[str, str]) -> UpstreamResponse:
-        return await self._send("POST", headers, body, self._read_timeout)
+        # A 2026-07-28 subscription stream, like the GET stream, may rightly stay silent for hours.
+        timeout = None if b"subscriptions/listen" in body else self._read_timeout
+        return await self._send("POST", headers, body, timeout)
 
     async def get(self, headers: Mapping[str, str]) -> UpstreamResponse:
         # The server stream (GET) may rightly stay silent for hours.

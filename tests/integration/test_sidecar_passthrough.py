@@ -257,3 +257,17 @@ async def test_tool_listings_feed_the_catalogue_and_list_changed_marks_it_stale(
             await async_wait_until(stale, timeout=10, what="list_changed to mark the catalogue stale")
             assert len((await client.list_tools()).tools) == listed + 1
             assert readyz(sc.base)[1]["tools"] == listed + 1
+
+
+async def test_subscription_stream_outlives_the_upstream_timeout(tmp_path):
+    """A 2026-07-28 `subscriptions/listen` stream stays open while quiet and carries list_changed when it comes."""
+    import asyncio
+
+    with sdk_http_server(stateless=True, log_path=tmp_path / "up.log") as url:
+        with sidecar(["--upstream", url], tmp_path, "--upstream-timeout", "1") as sc:
+            async with Client(sc.url, mode=MODERN) as listener, Client(sc.url, mode=MODERN) as caller:
+                async with listener.listen(tools_list_changed=True) as subscription:
+                    await asyncio.sleep(1.5)  # quiet for longer than --upstream-timeout, on purpose
+                    await caller.call_tool("change_tools", {})
+                    event = await asyncio.wait_for(anext(aiter(subscription)), 10)
+    assert "tools" in type(event).__name__.lower() or "list_changed" in str(event)
