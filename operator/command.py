@@ -35,6 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="in a cluster: the Service in the operator namespace that fronts the webhook"
                              " (default: the apiserver calls https://HOST:PORT directly)")
     parser.add_argument("--no-webhook", action="store_true", help="run without the admission webhook")
+    parser.add_argument("--webhook-cert-dir", type=Path, metavar="DIR",
+                        help="serve the certificate in DIR (tls.crt, tls.key), e.g. cert-manager's, and leave the"
+                             " webhook configuration and its caBundle to whoever installed them (default: the"
+                             " operator makes its own certificate and writes the configuration)")
     parser.add_argument("--failure-policy", choices=("Fail", "Ignore"), default="Fail",
                         help="what the apiserver does with a labelled pod when the webhook is down (default Fail:"
                              " no pod starts without its policy)")
@@ -82,10 +86,15 @@ def _run(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="toolmesh-webhook-"))
     try:
         if not args.no_webhook:
-            try:
-                certfile, keyfile = setup_webhook(kube, args, workdir)
-            except KubeError as exc:
-                raise ConfigError(f"cannot set up the admission webhook: {exc}") from None
+            if args.webhook_cert_dir:
+                certfile, keyfile = args.webhook_cert_dir / "tls.crt", args.webhook_cert_dir / "tls.key"
+                if not (certfile.is_file() and keyfile.is_file()):
+                    raise ConfigError(f"--webhook-cert-dir {args.webhook_cert_dir} lacks tls.crt or tls.key")
+            else:
+                try:
+                    certfile, keyfile = setup_webhook(kube, args, workdir)
+                except KubeError as exc:
+                    raise ConfigError(f"cannot set up the admission webhook: {exc}") from None
             handlers.enable_webhook()
             settings.admission.server = kopf.WebhookServer(
                 addr=args.webhook_host, port=args.webhook_port, host=args.webhook_host,
