@@ -30,6 +30,13 @@ from aiohttp import ClientSession, ClientTimeout, web  # noqa: E402
 from mcp.server import MCPServer  # noqa: E402
 from mcp.server.mcpserver import Context  # noqa: E402
 from mcp.types import ToolAnnotations  # noqa: E402
+from pydantic import BaseModel  # noqa: E402
+
+
+class Colour(BaseModel):
+    """What the `ask` tool asks the user for."""
+
+    colour: str
 
 from helpers import VENV_BIN, free_port, port_open, running, wait_until  # noqa: E402
 
@@ -91,6 +98,12 @@ def build_server():
         """Say nothing for `seconds`, then answer."""
         await asyncio.sleep(seconds)
         return f"stalled {seconds}"
+
+    @mcp.tool()
+    async def ask(ctx: Context) -> str:
+        """Ask the user (elicitation) and answer with what they said."""
+        result = await ctx.elicit("Favourite colour?", Colour)
+        return f"colour={result.data.colour}" if result.action == "accept" and result.data else f"action={result.action}"
 
     return mcp
 

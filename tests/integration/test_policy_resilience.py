@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
 import yaml
 from mcp import Client
 from mcp.shared.exceptions import MCPError
-from mcp.types import TextContent
+from mcp.types import ElicitResult, TextContent
 
 from helpers import ROOT, async_wait_until
 from helpers.fault_upstream import Fault, fault_upstream
@@ -187,6 +188,15 @@ async def test_progress_never_extends_past_the_hard_maximum(proxied):
         assert timed_out.value.error.code == UPSTREAM_TIMEOUT
         assert 2.4 <= elapsed < 6
         assert len(seen) >= 4  # progress kept coming; only the hard maximum ended the call
+
+
+async def test_waiting_for_the_user_is_not_upstream_silence(proxied):
+    async def slow_person(ctx, params):
+        await asyncio.sleep(1.5)  # longer than callSeconds: a person thinking, not a silent upstream
+        return ElicitResult(action="accept", content={"colour": "teal"})
+
+    async with Client(proxied.url, mode="legacy", elicitation_callback=slow_person) as client:
+        assert text_of(await client.call_tool("ask", {})) == "colour=teal"
 
 
 def _async(predicate):
