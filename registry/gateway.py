@@ -202,18 +202,23 @@ class Gateway:
     def _tools_list(self, request_id: Any, params: Mapping[str, Any], *, modern: bool) -> web.Response:
         view = self.catalogue.view()
         try:
-            tools, cursor = view.page(params.get("cursor"), self.page_size)
+            page, cursor = view.page_json(params.get("cursor"), self.page_size)
         except ValueError as exc:
             return _json(_error(request_id, INVALID_PARAMS, str(exc)))
-        if not params.get("cursor"):
-            tools = [*(d for d, _ in self.local_tools.values()), *tools]
-        result: dict[str, Any] = {"tools": tools}
+        # Assembled from pre-serialised pages: 2,000 tools are not re-encoded on every listing.
+        parts = [orjson.dumps(d) for d, _ in self.local_tools.values()] if not params.get("cursor") else []
+        if page:
+            parts.append(page)
+        extra: dict[str, Any] = {}
         if cursor:
-            result["nextCursor"] = cursor
+            extra["nextCursor"] = cursor
         if modern:
             # Stateless-era clients cache by these hints; the catalogue changes at any heartbeat.
-            result.update(resultType="complete", ttlMs=0, cacheScope="private")
-        return _json({"jsonrpc": "2.0", "id": request_id, "result": result})
+            extra.update(resultType="complete", ttlMs=0, cacheScope="private")
+        tail = orjson.dumps(extra)[1:-1]
+        body = b"".join([b'{"jsonrpc":"2.0","id":', orjson.dumps(request_id), b',"result":{"tools":[',
+                         b",".join(parts), b"]", b"," + tail if tail else b"", b"}}"])
+        return web.Response(body=body, content_type="application/json")
 
     async def _tools_call(self, request: web.Request, session: GatewaySession | None, request_id: Any,
                           params: Mapping[str, Any], caller: Caller) -> web.StreamResponse:

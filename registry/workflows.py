@@ -138,6 +138,7 @@ class WorkflowRun:
 
     def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "state": self.state, "createdAt": self.created_at, "finishedAt": self.finished_at,
+                "schedulingMsPerTask": round(self.scheduling_seconds * 1000 / max(1, len(self.tasks)), 4),
                 "tasks": {tid: t.as_dict() for tid, t in self.tasks.items()}}
 
 
