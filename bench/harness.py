@@ -433,6 +433,8 @@ def derive(results: dict) -> dict:
     for name, r in results.items():
         if name == "direct" or "c1" not in r:
             continue
+        # Each target is compared with the direct run measured alongside it, even after later partial runs.
+        direct = r.get("reference_direct") or results["direct"]
         derived[name] = {
             "added_p50_ms": round(r["c1"]["p50_ms"] - direct["c1"]["p50_ms"], 3),
             "added_p99_ms": round(r["c1"]["p99_ms"] - direct["c1"]["p99_ms"], 3),
@@ -690,6 +692,11 @@ def main(argv: list[str]) -> int:
                 print(f"==> {name}: FAILED {exc}", flush=True)
     finally:
         upstream_proc.stop()
+    reference = doc["targets"].get("direct")
+    if reference and "c1" in reference:
+        for name in chosen:
+            if name != "direct" and name in doc["targets"] and name not in failures:
+                doc["targets"][name]["reference_direct"] = {key: reference[key] for key in ("c1", "c16", "c64")}
     doc.update({"mode": "quick" if args.quick else "full", "seconds_per_run": seconds, "machine": machine(),
                 "load": "wrk, bench/mcp_call.lua: tools/call echo; c=1 with -t1, c=16/64 with -t2; one MCP session",
                 "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
