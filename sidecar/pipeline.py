@@ -59,11 +59,15 @@ def forward_headers(headers: Mapping[str, str], caller: Caller | None = None) ->
     authenticate stage verified a `caller` its subject and scopes go instead of the client's
     Authorization (the token was for this sidecar, not for the upstream).
     """
-    if caller is None:
-        return {k: v for k, v in headers.items()
-                if k.lower() not in _NOT_FORWARDED and not k.lower().startswith("x-toolmesh-")}
+    dropped = _NOT_FORWARDED if caller is None else _NOT_FORWARDED_WITH_IDENTITY
+    connection = headers.get("Connection")
+    if connection and connection.lower() not in ("keep-alive", "close"):
+        # Headers the client named in Connection are for this hop only (RFC 9110 7.6.1).
+        dropped = dropped | {name.strip().lower() for name in connection.split(",")}
     out = {k: v for k, v in headers.items()
-           if k.lower() not in _NOT_FORWARDED_WITH_IDENTITY and not k.lower().startswith("x-toolmesh-")}
+           if k.lower() not in dropped and not k.lower().startswith("x-toolmesh-")}
+    if caller is None:
+        return out
     out["X-Toolmesh-Subject"] = caller.subject
     out["X-Toolmesh-Scopes"] = " ".join(sorted(caller.scopes))
     return out

@@ -81,6 +81,8 @@ def test_forward_headers_drop_hop_by_hop_and_keep_mcp_headers():
     sent = forward_headers({"Host": "a", "Connection": "keep-alive", "Mcp-Session-Id": "s", "Mcp-Param-X": "1",
                             "Origin": "http://localhost", "Content-Length": "3", "Accept": "*/*"})
     assert sent == {"Mcp-Session-Id": "s", "Mcp-Param-X": "1", "Accept": "*/*"}
+    named = forward_headers({"Connection": "keep-alive, X-Hop", "X-Hop": "1", "X-End": "2"})
+    assert named == {"X-End": "2"}
 
 
 async def test_pipeline_swaps_atomically_and_notifies():
