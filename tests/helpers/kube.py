@@ -385,7 +385,7 @@ class ControlPlane:
             f"--tls-cert-file={serving_cert}", f"--tls-private-key-file={serving_key}", f"--client-ca-file={ca_cert}",
             "--service-account-issuer=https://kubernetes.default.svc", f"--service-account-key-file={sa_pub}",
             f"--service-account-signing-key-file={sa_key}", "--authorization-mode=Node,RBAC",
-            "--service-cluster-ip-range=10.96.0.0/24", "--endpoint-reconciler-type=none",
+            "--service-cluster-ip-range=10.96.0.0/16", "--endpoint-reconciler-type=none",  # room for hundreds of Services
             "--enable-priority-and-fairness=false", "--profiling=false", f"--cert-dir={pki}",
             "--allow-privileged=true",
             # On by default; named so that webhook tests do not depend on the default set.
