@@ -264,6 +264,14 @@ def sidecar(*extra: str) -> Callable[[str, int], list[str]]:
                                    "--listen", f"127.0.0.1:{port}", *extra]
 
 
+def gateway_chain(upstream: str, port: int) -> list[str]:
+    """The registry's gateway on `port`, routing to a sidecar that registered itself with heartbeats."""
+    sidecar_port = free_port()
+    return ["bash", "-c", f"{TOOLMESH} registry --listen 127.0.0.1:{port} & exec {TOOLMESH} sidecar --upstream "
+                          f"{upstream} --listen 127.0.0.1:{sidecar_port} --registry http://127.0.0.1:{port} "
+                          f"--server-name bench"]
+
+
 TARGETS: dict[str, Target] = {
     "direct": Target("the upstream itself", None),
     "sidecar": Target("toolmesh sidecar, pass-through with observability", sidecar(), "/readyz", [TOOLMESH]),
@@ -275,6 +283,8 @@ TARGETS: dict[str, Target] = {
     "sidecar-stdio": Target("toolmesh sidecar bridging a stdio echo server it spawns (CPU includes the server)",
                             lambda command, port: [str(TOOLMESH), "sidecar", "--upstream-command", command,
                                                    "--listen", f"127.0.0.1:{port}"], "/readyz", [TOOLMESH], stdio=True),
+    "gateway-call": Target("agent -> gateway -> sidecar -> upstream (CPU and memory of registry + sidecar)",
+                           gateway_chain, None, [TOOLMESH]),
     "fastmcp": Target("FastMCP 4.2.3 create_proxy(url)",
                       lambda u, p: [str(FASTMCP_PY), str(BENCH / "fastmcp_proxy.py"), "--upstream", u, "--port", str(p)],
                       None, [FASTMCP_PY]),
