@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -37,6 +38,8 @@ class RegistrySettings:
     """Base URL of a further OTLP/HTTP collector to pass received traces on to."""
     red_window: float = 300.0
     """Seconds of tool calls the RED figures cover."""
+    session_idle: float = 3600.0
+    """Gateway sessions unused this long (no call, no open stream) are ended."""
 
 
 CATALOGUE = web.AppKey("catalogue", Catalogue)
@@ -71,7 +74,7 @@ def create_app(settings: RegistrySettings | None = None, catalogue: Catalogue | 
 async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     gateway = app[GATEWAY]
     await gateway.backends.start()
-    expiry = asyncio.create_task(_expire_loop(app[CATALOGUE]))
+    expiry = asyncio.create_task(_expire_loop(app[CATALOGUE], gateway, app[SETTINGS].session_idle))
     yield
     expiry.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -82,12 +85,16 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     await gateway.backends.close()
 
 
-async def _expire_loop(catalogue: Catalogue) -> None:
+async def _expire_loop(catalogue: Catalogue, gateway: Gateway, session_idle: float) -> None:
     # Check a few times per interval so an instance leaves within a fraction of an interval of its deadline.
     period = max(0.05, catalogue.interval / 4)
+    last_sweep = time.monotonic()
     while True:
         await asyncio.sleep(period)
         catalogue.expire()
+        if time.monotonic() - last_sweep > min(60.0, session_idle / 2):
+            last_sweep = time.monotonic()
+            await gateway.expire_sessions(session_idle)
 
 
 async def post_heartbeat(request: web.Request) -> web.Response:

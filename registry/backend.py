@@ -88,6 +88,17 @@ class BackendPool:
         if self._http is not None:
             await self._http.close()
 
+    async def end_sessions(self, budget_key: str) -> None:
+        """End the sidecar sessions opened for one caller session (it was deleted or went idle)."""
+        for key in [k for k in self._sessions if k[2] == budget_key]:
+            session = self._sessions.pop(key)
+            if session.session_id:
+                with contextlib.suppress(Exception):
+                    async with self._http.delete(session.endpoint,
+                                                 headers={**session.headers, "Mcp-Session-Id": session.session_id},
+                                                 timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                        await resp.read()
+
     def forget_endpoint(self, endpoint: str) -> None:
         for key in [k for k in self._sessions if k[0] == endpoint]:
             del self._sessions[key]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -76,6 +77,10 @@ class GatewaySession:
     """Server-initiated messages waiting for (or flowing to) the GET stream."""
     in_flight: dict[Any, asyncio.Task] = field(default_factory=dict)
     """Running requests by the client's JSON-RPC id, so `notifications/cancelled` can stop them."""
+    last_used: float = field(default_factory=time.monotonic)
+    """When the client last sent anything; idle sessions are ended."""
+    streams: int = 0
+    """Open GET streams (a client listening is never idle)."""
 
 
 class Gateway:
@@ -95,14 +100,17 @@ class Gateway:
 
     def close(self) -> None:
         """End every session and listen stream (the registry is stopping)."""
-        for session in self.sessions.values():
+        sessions, listeners = list(self.sessions.values()), list(self.listeners)
+        self.sessions.clear()
+        self.listeners.clear()
+        for session in sessions:
             for task in session.in_flight.values():
                 task.cancel()
-            _offer(session.outbox, b"")
-        self.sessions.clear()
-        for queue in self.listeners:
-            _offer(queue, b"")
-        self.listeners.clear()
+            with contextlib.suppress(asyncio.QueueFull):
+                session.outbox.put_nowait(b"")
+        for queue in listeners:
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(b"")
 
     def add_local_tool(self, definition: dict[str, Any], handler: LocalTool) -> None:
         self.local_tools[definition["name"]] = (definition, handler)
@@ -130,6 +138,7 @@ class Gateway:
             session = self.sessions.get(session_id)
             if session is None:
                 return _json(_error(message.get("id"), INVALID_REQUEST, "unknown or ended session"), 404)
+            session.last_used = time.monotonic()
         if "id" not in message:
             if method == "notifications/cancelled" and session is not None:
                 task = session.in_flight.get((message.get("params") or {}).get("requestId"))
@@ -158,6 +167,7 @@ class Gateway:
             return web.Response(status=405 if "Mcp-Session-Id" not in request.headers else 404)
         response = web.StreamResponse(headers={**SSE_HEADERS, "Mcp-Session-Id": session.id})
         await response.prepare(request)
+        session.streams += 1
         try:
             while True:
                 data = await session.outbox.get()
@@ -166,15 +176,33 @@ class Gateway:
                 await response.write(b"event: message\ndata: " + data + b"\n\n")
         except (ConnectionResetError, asyncio.CancelledError):
             pass
+        finally:
+            session.streams -= 1
+            session.last_used = time.monotonic()
         return response
 
     async def handle_delete(self, request: web.Request) -> web.Response:
-        session = self.sessions.pop(request.headers.get("Mcp-Session-Id", ""), None)
+        session = self.sessions.get(request.headers.get("Mcp-Session-Id", ""))
         if session is None:
             return web.Response(status=404)
+        await self.end_session(session)
+        return web.Response(status=200)
+
+    async def end_session(self, session: GatewaySession) -> None:
+        """Forget a session: stop its calls, close its GET stream, end its sessions with the sidecars."""
+        self.sessions.pop(session.id, None)
         for task in session.in_flight.values():
             task.cancel()
-        return web.Response(status=200)
+        with contextlib.suppress(asyncio.QueueFull):
+            session.outbox.put_nowait(b"")  # wakes the GET stream, which sees the session gone
+        await self.backends.end_sessions(session.id)
+
+    async def expire_sessions(self, idle: float) -> None:
+        """End sessions nobody used for `idle` seconds (clients that vanished without DELETE)."""
+        cutoff = time.monotonic() - idle
+        for session in [s for s in self.sessions.values() if s.last_used < cutoff and not s.streams
+                        and not s.in_flight]:
+            await self.end_session(session)
 
     # -- methods -------------------------------------------------------------------
 
