@@ -219,17 +219,17 @@ class WirePool:
             self._idle.pop().close()
 
     def _head(self, method: bytes, headers: Mapping[str, str], body: bytes | None) -> bytes:
-        lines = [method, b" ", self._target, b" HTTP/1.1\r\n", self._host_line]
+        lines = []
         for name, value in headers.items():
             if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
                 continue  # never let a value split into a second header
-            lines.append(f"{name}: {value}\r\n".encode("utf-8", "surrogateescape"))
+            lines.append(f"{name}: {value}\r\n")
         if body is not None:
-            lines.append(b"Content-Length: %d\r\n" % len(body))
-        lines.append(b"\r\n")
-        if body:
-            lines.append(body)
-        return b"".join(lines)
+            lines.append(f"Content-Length: {len(body)}\r\n")
+        lines.append("\r\n")
+        head = b"".join((method, b" ", self._target, b" HTTP/1.1\r\n", self._host_line,
+                         "".join(lines).encode("utf-8", "surrogateescape")))
+        return head + body if body else head
 
     async def request(self, method: str, headers: Mapping[str, str], body: bytes | None = None, *,
                       timeout: float | None = None) -> WireResponse:
@@ -278,25 +278,24 @@ class WirePool:
 
 
 def _parse_head(head: bytes) -> tuple[int, dict[str, str], bytes]:
-    lines = head[:-4].split(b"\r\n")
     if len(head) > MAX_HEAD_BYTES:
         raise ValueError("response head too large")
-    status_line = lines[0].split(b" ", 2)
+    lines = head[:-4].decode("latin-1").split("\r\n")
+    status_line = lines[0].split(" ", 2)
     version = status_line[0]
-    if not version.startswith(b"HTTP/1.") or len(status_line) < 2:
+    if not version.startswith("HTTP/1.") or len(status_line) < 2:
         raise ValueError("not an HTTP/1.x response")
     status = int(status_line[1])
     headers: dict[str, str] = {}
     for line in lines[1:]:
-        name, sep, value = line.partition(b":")
+        name, sep, value = line.partition(":")
         if not sep:
             raise ValueError("malformed header line")
-        key = name.strip().decode("latin-1")
-        text = value.strip().decode("latin-1")
+        key = name.strip().lower()
+        value = value.strip()
         # Repeated headers: keep them all, joined as HTTP allows (Set-Cookie aside, which MCP does not use).
-        lowered = key.lower()
-        if lowered in headers:
-            headers[lowered] += ", " + text
+        if key in headers:
+            headers[key] += ", " + value
         else:
-            headers[lowered] = text
-    return status, headers, version
+            headers[key] = value
+    return status, headers, version.encode()

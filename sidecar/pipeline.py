@@ -65,7 +65,7 @@ def forward_headers(headers: Mapping[str, str], caller: Caller | None = None) ->
         # Headers the client named in Connection are for this hop only (RFC 9110 7.6.1).
         dropped = dropped | {name.strip().lower() for name in connection.split(",")}
     out = {k: v for k, v in headers.items()
-           if k.lower() not in dropped and not k.lower().startswith("x-toolmesh-")}
+           if (lowered := k.lower()) not in dropped and not lowered.startswith("x-toolmesh-")}
     if caller is None:
         return out
     out["X-Toolmesh-Subject"] = caller.subject
