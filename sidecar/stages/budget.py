@@ -237,8 +237,8 @@ class BudgetStage:
             if text is None:
                 continue  # binary content does not survive a cut: it is in nobody's stored text either
             cost = self.tokenizer.count(text)
-            if cost <= room and isinstance(item, Mapping) and item.get("type") == "text":
-                kept.append(dict(item))
+            if cost <= room and item.get("type") == "text":
+                kept.append({**item, "text": text})
                 room -= cost
             else:
                 kept.append({"type": "text", "text": self.tokenizer.head(text, room)})
