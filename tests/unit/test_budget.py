@@ -170,3 +170,23 @@ def test_results_store_is_bounded_expires_and_checks_the_owner():
         store.read(second, "a")
     with pytest.raises(ResultNotFound):
         parse_uri("toolmesh://elsewhere/x")
+
+
+async def test_cached_answers_are_counted_and_truncated_per_caller():
+    from toolmesh.sidecar.chain import compose
+    from toolmesh.sidecar.stages import cache
+
+    policy = MCPToolPolicySpec.model_validate({
+        "budget": {"totalTokens": 20000, "reservedForResponse": 1000, "reservedForSystem": 1000},
+        "cache": {"tools": [{"tools": ["read"], "readOnly": True, "shared": True}]}})
+    shared = SharedState(server_name="srv")
+    upstream = Upstream(WORDS)
+    handler = compose([budget.build(policy, shared), cache.build(policy, shared)], upstream)
+    first = result_of(await handler(call(subject="alice")))
+    second = result_of(await handler(call(subject="bob", session="s2")))
+    assert upstream.calls == 1  # bob's answer came from the shared cache...
+    assert second["_meta"][budget.META_KEY]["used"] == first["_meta"][budget.META_KEY]["used"] > 0  # ...and cost him
+    alice_link, bob_link = first["content"][-1]["uri"], second["content"][-1]["uri"]
+    assert alice_link != bob_link  # each got a link of their own
+    outcome = await run_chain(lambda ctx: handler(ctx), read(alice_link, subject="bob", session="s2"))
+    assert "error" in outcome.message
