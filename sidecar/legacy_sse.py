@@ -265,20 +265,19 @@ class LegacySseUpstream:
         message = parse_body(body)
         if isinstance(message, UpstreamResponse):
             return message
-        if isinstance(message, dict) and message.get("method") == "initialize" and "id" in message:
-            return await self._open_session(message, body)
         session_id = header(headers, "Mcp-Session-Id")
-        if session_id is None:
-            session = None
-            modern = None
-            if is_modern_request(message, headers):
-                refused = modern_rejection(message, headers)
-                if refused is not None:
-                    return refused
-                modern = await self._modern_connection()
+        if session_id is None and is_modern_request(message, headers):
+            refused = modern_rejection(message, headers)
+            if refused is not None:
+                return refused
+            modern = await self._modern_connection()
             if modern is not None:
                 await self._wait_ready(modern)
                 return with_error_status(await modern.mux.post(message, None, body))
+        if isinstance(message, dict) and message.get("method") == "initialize" and "id" in message:
+            return await self._open_session(message, body)
+        if session_id is None:
+            session = None
             connection = await self._own_connection()
         else:
             connection = self._connections.get(session_id)

@@ -128,6 +128,9 @@ def modern_rejection(message: Any, headers: Mapping[str, str]) -> UpstreamRespon
     """What a 2026-07-28 server answers before dispatch: duplicated or mismatched routing headers, a bad envelope."""
     if not isinstance(message, dict) or "id" not in message or "method" not in message:
         return None  # notifications are acknowledged; other shapes are the upstream's to refuse
+    if message.get("method") == "initialize":
+        # Removed in 2026-07-28: over HTTP that is an unknown method (404), whatever a stdio child would say.
+        return rejection(message.get("id"), METHOD_NOT_FOUND, "Method not found", "initialize")
     duplicated = find_duplicated_routing_header(headers.items())
     if duplicated is not None:
         return rejection(message.get("id"), HEADER_MISMATCH, f"{duplicated} header appears more than once")

@@ -211,8 +211,6 @@ class StdioUpstream:
         message = parse_body(body)
         if isinstance(message, UpstreamResponse):
             return message
-        if isinstance(message, dict) and message.get("method") == "initialize" and "id" in message:
-            return await self._open_session(message)
         session: ClientSession | None = None
         session_id = header(headers, "Mcp-Session-Id")
         if session_id is None and is_modern_request(message, headers):
@@ -222,6 +220,8 @@ class StdioUpstream:
             modern = await self._modern_child() if not self._modern_unsupported else None
             if modern is not None:
                 return await modern._serve_modern(message, body, headers)
+        if isinstance(message, dict) and message.get("method") == "initialize" and "id" in message:
+            return await self._open_session(message)
         if session_id is not None:
             session = self._mux.sessions.get(session_id)
             if session is None:
