@@ -432,6 +432,25 @@ def soak(target: Target, upstream: str, minutes: float, logs: Path) -> dict:
             "rss_growth_fraction": round((settled[-1] - settled[0]) / settled[0], 4)}
 
 
+def median_of(rounds: list[dict]) -> dict:
+    """Several rounds of one target folded into one result: the median of every figure, the rounds kept."""
+    if len(rounds) == 1:
+        return rounds[0]
+
+    def fold(values: list):
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if len(numbers) == len(values):
+            return sorted(numbers)[len(numbers) // 2]
+        if all(isinstance(v, dict) for v in values):
+            return {key: fold([v.get(key) for v in values]) for key in values[0]}
+        return values[-1]
+
+    result = {key: fold([r.get(key) for r in rounds]) for key in rounds[0]}
+    result["rounds"] = len(rounds)
+    result["p50_ms_per_round"] = [r["c1"]["p50_ms"] for r in rounds]
+    return result
+
+
 def derive(results: dict) -> dict:
     """Added latency and relative throughput against the direct run; conformance kept, when measured."""
     direct = results.get("direct")
@@ -639,6 +658,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seconds", type=float, help="length of each load run (default 10, quick 2)")
     parser.add_argument("--out", type=Path, help="results file (default bench/results/sidecar.json, "
                                                  "or conformance-proxies.json with --conformance)")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="measure every target N times, round-robin, and keep the medians (noisy machines)")
     parser.add_argument("--soak", type=float, metavar="MINUTES",
                         help="also hold the sidecar under load this long, sampling its memory (design: 10)")
     parser.add_argument("--markdown", action="store_true", help="print the last results as a Markdown table, run nothing")
@@ -686,20 +707,29 @@ def main(argv: list[str]) -> int:
             doc["soak"] = soak(TARGETS["sidecar"], upstream, args.soak, logs)
             print(f"  RSS {doc['soak']['rss_settled_min_mb']}..{doc['soak']['rss_settled_max_mb']} MB, growth "
                   f"{100 * doc['soak']['rss_growth_fraction']:.1f} %", flush=True)
-        for name in chosen:
-            target = TARGETS[name]
-            missing = [str(p) for p in target.needs if not p.exists()]
-            if missing:
-                failures[name] = f"not installed: {', '.join(missing)}"
-                print(f"==> {name}: skipped, {failures[name]}", flush=True)
-                continue
-            print(f"==> {name}: {target.description}", flush=True)
-            try:
-                doc["targets"][name] = measure(name, target, upstream, upstream_proc, seconds, warmup, logs,
-                                               ready_runs=2 if args.quick else 5)
-            except Exception as exc:  # one broken proxy must not lose the others' numbers
-                failures[name] = str(exc)[:2000]
-                print(f"==> {name}: FAILED {exc}", flush=True)
+        rounds: dict[str, list[dict]] = {}
+        # Rounds go over every target in turn, so each sees the same share of whatever else the machine does.
+        for round_number in range(args.repeat):
+            for name in chosen:
+                target = TARGETS[name]
+                missing = [str(p) for p in target.needs if not p.exists()]
+                if missing:
+                    failures[name] = f"not installed: {', '.join(missing)}"
+                    print(f"==> {name}: skipped, {failures[name]}", flush=True)
+                    continue
+                if name in failures:
+                    continue
+                print(f"==> {name}: {target.description}" + (f" (round {round_number + 1} of {args.repeat})"
+                                                             if args.repeat > 1 else ""), flush=True)
+                try:
+                    rounds.setdefault(name, []).append(measure(name, target, upstream, upstream_proc, seconds, warmup,
+                                                               logs, ready_runs=2 if args.quick else 5))
+                except Exception as exc:  # one broken proxy must not lose the others' numbers
+                    failures[name] = str(exc)[:2000]
+                    print(f"==> {name}: FAILED {exc}", flush=True)
+        for name, measured in rounds.items():
+            if name not in failures:
+                doc["targets"][name] = median_of(measured)
     finally:
         upstream_proc.stop()
     reference = doc["targets"].get("direct")

@@ -2,6 +2,7 @@
 # The benchmark harness (`make bench`): prepares wrk and the comparison proxies, measures, writes and plots bench/results/.
 #
 #   bench/run.sh [--quick] [--seconds N] [TARGET ...]     e.g. bench/run.sh --quick sidecar
+#   bench/run.sh --repeat 3                                every target three times round-robin, medians kept
 #   bench/run.sh --conformance [TARGET ...]                the conformance checks each proxy keeps
 #   bench/run.sh --gateway                                 gateway tools/list over 100 servers x 20 tools
 #   bench/run.sh --soak 10 sidecar                         also hold the sidecar under load, sampling memory
