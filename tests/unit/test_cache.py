@@ -300,3 +300,19 @@ async def test_hits_misses_and_evictions_are_in_the_metrics():
     assert 'toolmesh_cache_lookups_total{tool="lookup",result="miss"} 2' in text
     assert "toolmesh_cache_evictions_total 1" in text
     assert "toolmesh_cache_entries 1" in text
+
+
+async def test_many_distinct_subjects_stay_within_the_bounds():
+    from toolmesh.sidecar.stages import budget
+
+    policy = MCPToolPolicySpec.model_validate({"cache": {"maxEntries": 100}, "budget": {"maxSessions": 100}})
+    shared = SharedState(server_name="srv")
+    shared.tools.update(TOOLS)
+    budget_stage, cache_stage = budget.build(policy, shared), cache.build(policy, shared)
+    upstream = Upstream()
+    for i in range(20000):
+        ctx = call("lookup", {"q": i % 7}, subject=f"subject-{i}")
+        await budget_stage(ctx, lambda c: cache_stage(c, upstream))
+    assert len(shared.stage_state["budget"].budgets) == 100
+    assert shared.stage_state["cache"].stats()["entries"] == 100
+    assert not shared.stage_state["cache"].in_flight
