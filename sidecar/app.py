@@ -77,8 +77,9 @@ def create_app(settings: SidecarSettings, upstream: Upstream, *, policy: Any = N
     """The sidecar application for one upstream. `lifetimes` are extra `cleanup_ctx` entries (policy watching, heartbeats)."""
     # The body limit is enforced by the /mcp handler (to answer with a JSON-RPC error); this is a backstop.
     app = web.Application(client_max_size=settings.max_body_bytes, handler_args={"max_field_size": 16384})
-    telemetry = telemetry or Telemetry(settings.server_name,
-                                       network_transport="pipe" if settings.transport == "stdio" else "tcp")
+    telemetry = telemetry or Telemetry(
+        settings.server_name, network_transport="pipe" if settings.transport == "stdio" else "tcp",
+        default_traces_endpoint=f"{settings.registry.rstrip('/')}/v1/traces" if settings.registry else None)
     shared = SharedState(server_name=settings.server_name, telemetry=telemetry, upstream=upstream)
     pipeline = Pipeline(UpstreamCall(upstream, shared), shared, policy)
     readiness = Readiness(upstream, telemetry, settings.probe_interval, settings.ready_window)

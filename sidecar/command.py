@@ -111,7 +111,7 @@ def build_app(args: argparse.Namespace):
         server_name=args.server_name, max_body_bytes=args.max_body_bytes,
         allowed_origins=tuple(args.allowed_origin), upstream_timeout=args.upstream_timeout,
         probe_interval=args.probe_interval, ready_window=max(3 * args.probe_interval, args.probe_interval + 5.0),
-        transport=transport,
+        transport=transport, registry=args.registry or None,
     )
     upstream = make_upstream(args)
     policy, source = load_policy(args.policy)

@@ -25,3 +25,5 @@ class SidecarSettings:
     """/readyz says ready while the last successful probe is at most this old (and the last probe succeeded)."""
     transport: str = "streamable-http"
     """How the sidecar reaches the upstream, for `network.transport` and heartbeats."""
+    registry: str | None = None
+    """The registry's base URL (`--registry`): heartbeats, and spans when no OTLP endpoint is configured."""

@@ -12,9 +12,11 @@ Metrics registry API for stages (one `Telemetry` per process, at `shared.telemet
 the same name (so a stage rebuilt on a policy reload keeps its series).
 `/metrics` renders them all in the Prometheus text format.
 
-Tracing is on only when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`)
-is set, or a span exporter is passed in: without one, `tracer` is None and
-the observe stage does no tracing work at all.
+Tracing is on when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`) is
+set, when the sidecar reports to a registry (spans then go to its OTLP
+receiver), or when a span exporter is passed in. Otherwise `tracer` is None
+and the observe stage does no tracing work at all. OTLP metrics go only to an
+explicitly configured endpoint.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -232,7 +234,8 @@ class Telemetry:
     """Metrics, tracer and per-tool figures of one sidecar process."""
 
     def __init__(self, server_name: str, *, network_transport: str = "tcp", span_exporter: Any = None,
-                 metric_reader: Any = None, environ: dict[str, str] | None = None):
+                 metric_reader: Any = None, environ: Mapping[str, str] | None = None,
+                 default_traces_endpoint: str | None = None):
         self.server_name = server_name
         self.network_transport = network_transport
         """`network.transport` of the upstream hop: "tcp" for HTTP upstreams, "pipe" for stdio."""
@@ -252,6 +255,11 @@ class Telemetry:
         self.otel_duration: Any = None
         env = os.environ if environ is None else environ
         endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        if span_exporter is None and not endpoint and default_traces_endpoint:
+            # No collector configured: spans go to the registry's OTLP receiver (DESIGN.md, pattern 8).
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            span_exporter = OTLPSpanExporter(endpoint=default_traces_endpoint)
         if span_exporter is not None or endpoint:
             self._start_tracing(span_exporter)
         if metric_reader is not None or endpoint:

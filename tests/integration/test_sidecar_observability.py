@@ -131,3 +131,14 @@ async def _has(receiver: OtlpReceiver, name: str) -> bool:
 
 async def _metrics_sent(receiver: OtlpReceiver) -> bool:
     return receiver.metric_posts > 0
+
+
+async def test_spans_go_to_the_registry_when_no_collector_is_configured(receiver, tmp_path):
+    with sdk_http_server(log_path=tmp_path / "up.log") as url:
+        with sidecar(["--upstream", url], tmp_path, "--registry", receiver.endpoint, "--server-name", "clock",
+                     env={"OTEL_BSP_SCHEDULE_DELAY": "50"}, wait_ready=False) as sc:
+            await asyncio.to_thread(_wait_ready, sc.base)
+            async with Client(sc.url, mode="legacy") as client:
+                await client.call_tool("echo", {"text": "traced"})
+            await async_wait_until(lambda: _has(receiver, "tools/call echo"), timeout=15, what="spans at the registry")
+    assert attributes(receiver.named("tools/call echo")[0])["gen_ai.tool.name"] == "echo"
