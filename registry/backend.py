@@ -174,12 +174,27 @@ class BackendPool:
             async with self._http.post(session.endpoint, data=orjson.dumps(message), headers=headers) as resp:
                 if resp.status == 404 and session.session_id:
                     raise _SessionExpired
-                body = await _read_response(resp, message["id"], notify)
+                body = await _read_response(resp, message["id"], notify,
+                                            lambda m: self._refuse_server_request(session, m))
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             raise BackendUnavailable(str(exc) or type(exc).__name__) from exc
         if body is None:
             raise BackendUnavailable(f"HTTP {resp.status} without a JSON-RPC response")
         return body
+
+    async def _refuse_server_request(self, session: _Session, request: Mapping[str, Any]) -> None:
+        """Sampling or elicitation asked of the caller: not relayed through the gateway, so say so at once
+        (the tool then fails or falls back) instead of leaving the server waiting."""
+        error = {"jsonrpc": "2.0", "id": request.get("id"), "error": {
+            "code": -32601, "message": f"{request.get('method')} is not available through the toolmesh gateway; "
+                                       "connect to the server's sidecar directly"}}
+        headers = dict(session.headers)
+        if session.session_id:
+            headers["Mcp-Session-Id"] = session.session_id
+        with contextlib.suppress(Exception):
+            async with self._http.post(session.endpoint, data=orjson.dumps(error), headers=headers,
+                                       timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                await resp.read()
 
     async def _cancel(self, session: _Session, request_id: int) -> None:
         note = {"jsonrpc": "2.0", "method": "notifications/cancelled",
@@ -197,8 +212,10 @@ class _SessionExpired(Exception):
     pass
 
 
-async def _read_response(resp: aiohttp.ClientResponse, request_id: Any, notify: Notify | None) -> dict[str, Any] | None:
-    """The JSON-RPC response to `request_id` from a JSON body or an SSE stream; notifications go to `notify`."""
+async def _read_response(resp: aiohttp.ClientResponse, request_id: Any, notify: Notify | None,
+                         refuse: Notify | None = None) -> dict[str, Any] | None:
+    """The JSON-RPC response to `request_id` from a JSON body or an SSE stream; notifications go to `notify`,
+    requests from the server (sampling, elicitation) to `refuse`."""
     ctype = resp.headers.get("Content-Type", "")
     if ctype.startswith("text/event-stream"):
         async for data in iter_sse(resp.content):
@@ -213,6 +230,9 @@ async def _read_response(resp: aiohttp.ClientResponse, request_id: Any, notify: 
             if "method" in msg and "id" not in msg:
                 if notify is not None:
                     await notify(msg)
+            elif "method" in msg:
+                if refuse is not None:
+                    await refuse(msg)
             elif msg.get("id") == request_id and ("result" in msg or "error" in msg):
                 return msg
         return None
