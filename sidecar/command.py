@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest request body accepted (413 beyond; default 4 MiB)")
     parser.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
                         help="browser Origin allowed to call (repeatable; default: localhost origins only; * = any)")
+    parser.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="how long a client may take to send a request body before 408 (default 30)")
     parser.add_argument("--upstream-timeout", type=float, default=300.0, metavar="SECONDS",
                         help="how long the upstream may stay silent on a request before 504 (default 300)")
     parser.add_argument("--probe-interval", type=float, default=5.0, metavar="SECONDS",
@@ -104,11 +106,11 @@ def build_app(args: argparse.Namespace):
     host, port = parse_listen(args.listen)
     if args.max_body_bytes <= 0:
         raise ConfigError("--max-body-bytes must be positive")
-    if args.upstream_timeout <= 0 or args.probe_interval <= 0:
-        raise ConfigError("--upstream-timeout and --probe-interval must be positive")
+    if args.upstream_timeout <= 0 or args.probe_interval <= 0 or args.body_timeout <= 0:
+        raise ConfigError("--upstream-timeout, --probe-interval and --body-timeout must be positive")
     transport = "stdio" if (args.upstream_command or args.upstream_fifo_dir) else args.upstream_transport
     settings = SidecarSettings(
-        server_name=args.server_name, max_body_bytes=args.max_body_bytes,
+        server_name=args.server_name, max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout,
         allowed_origins=tuple(args.allowed_origin), upstream_timeout=args.upstream_timeout,
         probe_interval=args.probe_interval, ready_window=max(3 * args.probe_interval, args.probe_interval + 5.0),
         transport=transport, registry=args.registry or None,

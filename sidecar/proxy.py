@@ -8,6 +8,7 @@ the chain and writes the `Outcome` back, as JSON or as SSE.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import replace
@@ -51,6 +52,12 @@ class BodyTooLarge(Refused):
     """Give up: the request body is over `--max-body-bytes` (HTTP 413)."""
 
     status = 413
+
+
+class BodyTimeout(Refused):
+    """Give up: the client stopped sending its body (HTTP 408)."""
+
+    status = 408
 
 
 class UnsupportedMediaType(Refused):
@@ -186,9 +193,12 @@ class McpEndpoint:
         if length is not None and length > limit:
             raise BodyTooLarge(f"request body over {limit} bytes")
         try:
-            return await request.read()
+            async with asyncio.timeout(self.settings.body_timeout):
+                return await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise BodyTooLarge(f"request body over {limit} bytes") from None
+        except TimeoutError:
+            raise BodyTimeout(f"request body not received within {self.settings.body_timeout:g}s") from None
 
     def _context(self, request: web.Request, stream: ClientStream, kind: str, method: str, request_id: Any,
                  params: Mapping[str, Any], raw: bytes) -> CallContext:

@@ -17,6 +17,8 @@ class SidecarSettings:
     """Largest request body accepted; bigger ones get 413."""
     allowed_origins: tuple[str, ...] = ()
     """Browser origins allowed to call (`--allowed-origin`); empty means localhost origins only. "*" allows any."""
+    body_timeout: float = 30.0
+    """Seconds a client may take to send its request body; a slower one gets 408 (a stalled upload holds nothing)."""
     upstream_timeout: float = 300.0
     """Seconds the upstream may stay silent on a request before the client gets 504."""
     probe_interval: float = 5.0

@@ -40,7 +40,7 @@ def upstream(tmp_path_factory):
 @pytest.fixture(scope="module")
 def proxied(upstream, tmp_path_factory):
     with sidecar(["--upstream", upstream], tmp_path_factory.mktemp("sc"), "--max-body-bytes", "2000",
-                 "--upstream-timeout", "1") as sc:
+                 "--upstream-timeout", "1", "--body-timeout", "1") as sc:
         yield sc
 
 
@@ -207,3 +207,15 @@ async def test_garbage_never_crashes_or_hangs_the_proxy(proxied):
     assert http_get(f"{proxied.base}/healthz")[0] == 200
     resp = await post(proxied.url, orjson.dumps(modern_call("echo", {"text": "still here"})), modern_headers("echo"))
     assert resp.json()["result"]["content"][0]["text"] == "still here"
+
+
+async def test_stalled_upload_gets_408_and_the_proxy_keeps_serving(proxied):
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxied.port)
+    writer.write(b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Accept: application/json, text/event-stream\r\nContent-Length: 500\r\n\r\n{\"jsonrpc\":")
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 408")
+    resp = await post(proxied.url, orjson.dumps(modern_call("echo", {"text": "after"})), modern_headers("echo"))
+    assert resp.json()["result"]["content"][0]["text"] == "after"
