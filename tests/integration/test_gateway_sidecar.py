@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import time
 
+import aiohttp
 import pytest
 import yaml
 from mcp.client import Client
@@ -134,3 +135,12 @@ async def test_the_gateway_is_never_a_bypass_of_the_sidecars_policy(tmp_path, gu
             async with gateway_client(registry, None, mode) as client:
                 with pytest.raises(Exception, match="(?i)auth|token|401"):
                     await client.call_tool("alpha__echo", {"message": "anonymous"})
+            # Delegated tasks carry the caller's token too: the same policy judges them.
+            workflow = {"tasks": [{"id": "t", "server": "alpha", "tool": "echo", "arguments": {"message": "wf"}}]}
+            async with aiohttp.ClientSession() as http:
+                for token, state in ((allowed, "succeeded"), (denied, "failed")):
+                    async with http.post(f"{registry}/v1/workflows?wait=true", json=workflow,
+                                         headers={"Authorization": f"Bearer {token}"}) as resp:
+                        run = await resp.json()
+                    assert run["tasks"]["t"]["state"] == state, run
+                assert "scope" in run["tasks"]["t"]["error"]
