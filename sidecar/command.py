@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib
 import logging
 import os
@@ -164,6 +165,9 @@ async def _serve(app: Any, host: str, port: int) -> int:
         await runner.cleanup()
         print(f"toolmesh sidecar: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
         return 2
+    # Everything alive now (modules, the app) lives as long as the process: keep the cyclic
+    # collector from re-scanning it on every full collection, which shows up as tail latency.
+    gc.freeze()
     log.info("serving MCP on http://%s:%d/mcp", host, port, extra={"event": "listening", "host": host, "port": port})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
