@@ -40,6 +40,8 @@ class RegistrySettings:
     """Seconds of tool calls the RED figures cover."""
     session_idle: float = 3600.0
     """Gateway sessions unused this long (no call, no open stream) are ended."""
+    allowed_origins: tuple[str, ...] = ()
+    """Browser origins allowed to call the gateway (default: localhost only; "*" = any)."""
 
 
 CATALOGUE = web.AppKey("catalogue", Catalogue)
@@ -55,7 +57,8 @@ def create_app(settings: RegistrySettings | None = None, catalogue: Catalogue | 
     app[SETTINGS] = settings
     app[CATALOGUE] = catalogue or Catalogue(interval=settings.heartbeat_interval,
                                             missed_limit=settings.missed_heartbeats)
-    app[GATEWAY] = Gateway(app[CATALOGUE], BackendPool(), page_size=settings.page_size)
+    app[GATEWAY] = Gateway(app[CATALOGUE], BackendPool(), page_size=settings.page_size,
+                           allowed_origins=settings.allowed_origins)
     app.add_routes(app[GATEWAY].routes("/mcp"))
     app[DELEGATION] = Delegation(app[CATALOGUE], app[GATEWAY])
     install(app[GATEWAY], app[DELEGATION])

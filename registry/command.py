@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--page-size", type=int, default=1000, metavar="N", help="tools per tools/list page")
     parser.add_argument("--manifests", nargs="*", type=Path, default=[], metavar="PATH",
                         help="MCPServer manifests whose priority, capabilities and maxConcurrent the registry uses")
+    parser.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
+                        help="browser Origin allowed to call the gateway (repeatable; default localhost only; * = any)")
     parser.add_argument("--otlp-relay", metavar="URL", help="pass received OTLP traces on to this collector too")
     parser.add_argument("--kube", action="store_true",
                         help="cluster mode: TokenReview heartbeat auth, MCPServer specs and status through the API")
@@ -56,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise UsageError(f"cannot read --registry-secret-file: {exc}") from None
     settings = RegistrySettings(heartbeat_interval=args.heartbeat_interval, missed_heartbeats=args.missed_heartbeats,
-                                page_size=args.page_size, auth=shared_secret(secret), otlp_relay=args.otlp_relay)
+                                page_size=args.page_size, auth=shared_secret(secret), otlp_relay=args.otlp_relay,
+                                allowed_origins=tuple(args.allowed_origin))
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.kube:
         from toolmesh.registry.kube import attach_kube

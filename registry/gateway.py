@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import web
@@ -39,6 +40,7 @@ PARSE_ERROR = -32700
 INTERNAL_ERROR = -32603
 UNAVAILABLE = -32001
 
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -87,8 +89,11 @@ class Gateway:
     """Routes MCP requests from agents to the sidecars behind the catalogue."""
 
     def __init__(self, catalogue: Catalogue, backends: BackendPool, *, page_size: int = 1000,
-                 server_name: str = "toolmesh-gateway", version: str = "0") -> None:
+                 server_name: str = "toolmesh-gateway", version: str = "0",
+                 allowed_origins: tuple[str, ...] = ()) -> None:
         self.catalogue = catalogue
+        self._any_origin = "*" in allowed_origins
+        self._origins = frozenset(o.rstrip("/").lower() for o in allowed_origins)
         self.backends = backends
         self.page_size = page_size
         self.server_info = {"name": server_name, "version": version}
@@ -118,7 +123,28 @@ class Gateway:
     # -- HTTP ----------------------------------------------------------------------
 
     def routes(self, path: str = "/mcp") -> list[web.RouteDef]:
-        return [web.post(path, self.handle_post), web.get(path, self.handle_get), web.delete(path, self.handle_delete)]
+        return [web.post(path, self.guarded(self.handle_post)), web.get(path, self.guarded(self.handle_get)),
+                web.delete(path, self.guarded(self.handle_delete))]
+
+    def origin_allowed(self, origin: str | None) -> bool:
+        """DNS-rebinding protection the transport spec asks for: browsers may call only from allowed origins."""
+        if origin is None or self._any_origin:
+            return True
+        origin = origin.rstrip("/").lower()
+        if self._origins:
+            return origin in self._origins
+        try:
+            return urlsplit(origin).hostname in LOCAL_HOSTS
+        except ValueError:
+            return False
+
+    def guarded(self, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+        async def check_origin(request: web.Request) -> web.StreamResponse:
+            if not self.origin_allowed(request.headers.get("Origin")):
+                return _json(_error(None, INVALID_REQUEST, "origin not allowed"), 403)
+            return await handler(request)
+
+        return check_origin
 
     async def handle_post(self, request: web.Request) -> web.StreamResponse:
         try:

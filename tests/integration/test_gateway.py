@@ -164,3 +164,19 @@ async def _true(items):
 
 async def _zero(probe):
     return await probe() == 0
+
+
+async def test_browsers_from_foreign_origins_are_refused(tmp_path):
+    import aiohttp
+
+    with registry_process(tmp_path) as registry:
+        init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "browser", "version": "1"}}}
+        headers = {"Accept": "application/json, text/event-stream"}
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{registry}/mcp", json=init,
+                                 headers={**headers, "Origin": "https://evil.example"}) as resp:
+                assert resp.status == 403
+            async with http.post(f"{registry}/mcp", json=init,
+                                 headers={**headers, "Origin": "http://localhost:3000"}) as resp:
+                assert resp.status == 200 and "Mcp-Session-Id" in resp.headers
