@@ -250,10 +250,16 @@ def _breaker_states(shared: SharedState) -> dict[str, Any]:
 
 def _tool_stats(shared: SharedState) -> dict[str, Any]:
     stats = getattr(shared.telemetry, "tool_stats", None)
+    result: dict[str, Any] = {}
     if callable(stats):
         with contextlib.suppress(Exception):
-            return dict(stats())
-    return {}
+            result = dict(stats())
+    hit_rates = getattr(shared.stage_state.get("cache"), "hit_rates", None)
+    if callable(hit_rates):
+        with contextlib.suppress(Exception):
+            for tool, rate in hit_rates().items():
+                result[tool] = {**result.get(tool, {}), "cache_hit_rate": rate}
+    return result
 
 
 def attach(app: web.Application, settings: HeartbeatSettings, shared: SharedState,

@@ -119,6 +119,21 @@ class CacheState:
         self.in_flight: dict[CacheKey, asyncio.Future[bytes | None]] = {}
         self.coalesced = 0
         """Calls answered by another identical call's upstream round trip."""
+        self.by_tool: dict[str, list[int]] = {}
+        """tool → [answered from the cache, sent upstream], for the hit rate in heartbeats."""
+
+    def count(self, tool: str, hit: bool) -> None:
+        counts = self.by_tool.get(tool)
+        if counts is None:
+            if len(self.by_tool) >= _MEMO_LIMIT:
+                return  # made-up tool names cannot grow this
+            counts = self.by_tool[tool] = [0, 0]
+        counts[0 if hit else 1] += 1
+
+    def hit_rates(self) -> dict[str, float]:
+        """tool → share of its cacheable calls answered without the upstream (heartbeats)."""
+        return {tool: round(hits / (hits + misses), 4) for tool, (hits, misses) in self.by_tool.items()
+                if hits + misses}
 
     def stats(self) -> dict[str, int]:
         """Counters for /metrics and heartbeats."""
@@ -227,6 +242,7 @@ class CacheStage:
         body = state.store.lookup(shared) if decision.shared else state.store.lookup(private, shared)
         if body is not None:
             self.metrics.lookups.inc(tool, "hit")
+            state.count(tool, True)
             return hit_outcome(ctx.request_id, body)
 
         flight_key = shared if decision.shared else private
@@ -236,10 +252,12 @@ class CacheStage:
             if body is not None:
                 state.coalesced += 1
                 self.metrics.lookups.inc(tool, "coalesced")
+                state.count(tool, True)
                 return hit_outcome(ctx.request_id, body)
             return await call_next(ctx)
 
         self.metrics.lookups.inc(tool, "miss")
+        state.count(tool, False)
 
         future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
         state.in_flight[flight_key] = future

@@ -316,3 +316,14 @@ async def test_many_distinct_subjects_stay_within_the_bounds():
     assert len(shared.stage_state["budget"].budgets) == 100
     assert shared.stage_state["cache"].stats()["entries"] == 100
     assert not shared.stage_state["cache"].in_flight
+
+
+async def test_hit_rate_per_tool_reaches_the_heartbeat():
+    from toolmesh.sidecar.heartbeat import _tool_stats
+
+    stage, shared = make_stage()
+    upstream = Upstream()
+    for _ in range(4):
+        await stage(call("lookup"), upstream)
+    assert shared.stage_state["cache"].hit_rates() == {"lookup": 0.75}
+    assert _tool_stats(shared)["lookup"]["cache_hit_rate"] == 0.75
