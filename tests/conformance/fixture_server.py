@@ -3,8 +3,9 @@
 Run as `python fixture_server.py --port P`; it serves Streamable HTTP at
 `http://127.0.0.1:P/mcp` for both protocol eras (2025-06-18/2025-11-25
 sessions and the 2026-07-28 stateless requests). `--stdio` serves the same
-over stdin/stdout instead, for a proxy that bridges stdio servers. Names and expected contents
-come from the scenario sources of @modelcontextprotocol/conformance 0.2.0-alpha.11.
+over stdin/stdout instead, for a proxy that bridges stdio servers. Names and
+expected contents come from the scenario sources of
+@modelcontextprotocol/conformance 0.2.0-alpha.11.
 """
 
 from __future__ import annotations
@@ -26,18 +27,18 @@ from mcp.shared.exceptions import MCPError
 from mcp.types import (
     MISSING_REQUIRED_CLIENT_CAPABILITY,
     AudioContent,
+    Completion,
     CreateMessageRequest,
     CreateMessageRequestParams,
     ElicitRequest,
     ElicitRequestFormParams,
+    EmbeddedResource,
+    EmptyResult,
     GetPromptResult,
+    ImageContent,
     InputRequiredResult,
     ListRootsRequest,
     PromptMessage,
-    Completion,
-    EmbeddedResource,
-    EmptyResult,
-    ImageContent,
     SamplingMessage,
     SetLevelRequestParams,
     SubscribeRequestParams,
@@ -46,8 +47,6 @@ from mcp.types import (
     UnsubscribeRequestParams,
 )
 from pydantic import BaseModel, Field
-
-log = logging.getLogger("conformance-fixture")
 
 # A 1x1 PNG and a minimal WAV header: the suite only checks type, mimeType and that data is base64.
 PNG_BASE64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg=="
