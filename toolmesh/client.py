@@ -68,7 +68,8 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def format_tools(tools: list[Any]) -> str:
+def format_tools(tools: list[Any], red: dict[str, dict] | None = None) -> str:
+    """One line per tool; `red` (from a gateway's /v1/tools) adds each tool's recent calls, errors and latency."""
     if not tools:
         return "(no tools)"
     width = max(len(t.name) for t in tools)
@@ -85,6 +86,10 @@ def format_tools(tools: list[Any]) -> str:
                 flags.append("idempotent")
         summary = (tool.description or "").strip().splitlines()[0] if tool.description else ""
         suffix = f"  [{', '.join(flags)}]" if flags else ""
+        figures = (red or {}).get(tool.name)
+        if figures:
+            suffix += (f"  ({figures['calls']} calls, {figures['errors']} errors, "
+                       f"p50 {figures['p50Ms']:g} ms, p95 {figures['p95Ms']:g} ms)")
         lines.append(f"{tool.name.ljust(width)}  {summary}{suffix}".rstrip())
     return "\n".join(lines)
 
@@ -123,8 +128,23 @@ async def _tools(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps([t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in tools], indent=2))
     else:
-        print(format_tools(tools))
+        print(format_tools(tools, await asyncio.to_thread(_gateway_red_figures, args.url)))
     return 0
+
+
+def _gateway_red_figures(url: str) -> dict[str, dict]:
+    """RED figures per tool when `url` is a toolmesh gateway (its registry serves /v1/tools next to /mcp)."""
+    import urllib.request
+
+    base = url[: -len("/mcp")] if url.rstrip("/").endswith("/mcp") else None
+    if base is None:
+        return {}
+    try:
+        with urllib.request.urlopen(f"{base.rstrip('/')}/v1/tools", timeout=2) as resp:
+            listed = json.loads(resp.read())
+        return {t["name"]: t["red"] for t in listed.get("tools", []) if t.get("red")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
 
 
 async def _call(args: argparse.Namespace, arguments: dict[str, Any]) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import aiohttp
 import orjson
 from mcp.client import Client
@@ -11,7 +13,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import Status, StatusCode
 
-from helpers import async_wait_until
+from helpers import TOOLMESH, async_wait_until
 from helpers.registry_procs import beating, get_json, registry_process, toy_server
 from helpers.sidecar import sidecar
 
@@ -96,3 +98,7 @@ async def test_a_sidecars_own_spans_reach_the_registry(tmp_path):
                 return ((await red_of(registry, "alpha__echo")) or {}).get("calls") == 3
 
             await async_wait_until(counted, timeout=15, what="the sidecar's tools/call spans")
+            listing = subprocess.run([TOOLMESH, "tools", f"{registry}/mcp", "--mode", "legacy"], capture_output=True,
+                                     text=True, timeout=60)
+            line = next(x for x in listing.stdout.splitlines() if x.startswith("alpha__echo"))
+            assert "(3 calls, 0 errors, p50 " in line, listing.stdout + listing.stderr
