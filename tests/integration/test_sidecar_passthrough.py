@@ -271,3 +271,25 @@ async def test_subscription_stream_outlives_the_upstream_timeout(tmp_path):
                     await caller.call_tool("change_tools", {})
                     event = await asyncio.wait_for(anext(aiter(subscription)), 10)
     assert "tools" in type(event).__name__.lower() or "list_changed" in str(event)
+
+
+async def test_concurrent_calls_each_get_their_own_answer(proxied, proxied_stateless):
+    import asyncio
+
+    async with Client(proxied.url, mode="legacy") as client:
+        texts = [f"session call {i}" for i in range(25)]
+        results = await asyncio.gather(*(client.call_tool("echo", {"text": t}) for t in texts))
+        assert [text_of(r) for r in results] == texts
+
+    meta = {"io.modelcontextprotocol/protocolVersion": MODERN, "io.modelcontextprotocol/clientCapabilities": {},
+            "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "1"}}
+    headers = {"Content-Type": "application/json", "Accept": ACCEPT, "MCP-Protocol-Version": MODERN,
+               "Mcp-Method": "tools/call", "Mcp-Name": "add"}
+    async with httpx2.AsyncClient(timeout=30, limits=httpx2.Limits(max_connections=40)) as http:
+        async def add(i: int) -> dict:
+            call = {"jsonrpc": "2.0", "id": i, "method": "tools/call",
+                    "params": {"name": "add", "arguments": {"a": i, "b": 1000}, "_meta": meta}}
+            return (await http.post(proxied_stateless.url, content=orjson.dumps(call), headers=headers)).json()
+
+        answers = await asyncio.gather(*(add(i) for i in range(60)))
+    assert [(a["id"], a["result"]["content"][0]["text"]) for a in answers] == [(i, str(i + 1000)) for i in range(60)]
