@@ -4,6 +4,7 @@ set -euo pipefail
 need=()
 command -v wrk >/dev/null || need+=(wrk)
 command -v openssl >/dev/null || need+=(openssl)
+command -v shellcheck >/dev/null || need+=(shellcheck)
 if [ ${#need[@]} -eq 0 ]; then
   echo "==> system packages: all present"
   exit 0
