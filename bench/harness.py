@@ -178,6 +178,26 @@ def upstream_calls(upstream: str) -> int:
         return json.loads(response.read())["tools/call"]
 
 
+STATELESS = "2026-07-28"
+STATELESS_META = {"io.modelcontextprotocol/protocolVersion": STATELESS, "io.modelcontextprotocol/clientCapabilities": {},
+                  "io.modelcontextprotocol/clientInfo": {"name": "toolmesh-bench", "version": "1"}}
+
+
+def stateless_call(url: str, token: str = "") -> Session:
+    """One 2026-07-28 request, no session: `_meta` in the params, routing headers beside them."""
+    headers = {"MCP-Protocol-Version": STATELESS, "Mcp-Method": "tools/call", "Mcp-Name": "echo",
+               **({"Authorization": f"Bearer {token}"} if token else {})}
+    status, _, reply = post(url, {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+        "name": "echo", "arguments": {"text": ECHO_TEXT}, "_meta": STATELESS_META}}, headers)
+    if status != 200 or ECHO_TEXT not in json.dumps(reply):
+        raise RuntimeError(f"stateless echo failed: HTTP {status} {reply}")
+    return Session("", STATELESS)
+
+
+def connect(target: Target, url: str, token: str) -> Session:
+    return stateless_call(url, token) if target.load_env.get("MCP_ERA") == "stateless" else open_session(url, token)
+
+
 def wait_ready(check: Callable[[], bool], proc: Managed, timeout: float = 60) -> float:
     """Seconds from spawn until `check` holds."""
     deadline = time.monotonic() + timeout
@@ -256,6 +276,8 @@ class Target:
     """Extra environment for bench/mcp_call.lua (e.g. MCP_VARY=1)."""
     stdio: bool = False
     """The proxy spawns the server itself: `command` gets a stdio server command line instead of a URL."""
+    reference: str = "direct"
+    """The target this one is compared with (the same load, straight to the upstream)."""
 
 
 def sidecar(*extra: str) -> Callable[[str, int], list[str]]:
@@ -271,8 +293,13 @@ def gateway_chain(upstream: str, port: int) -> list[str]:
                           f"--server-name bench"]
 
 
+STATELESS_LOAD = {"MCP_ERA": "stateless"}
+
 TARGETS: dict[str, Target] = {
     "direct": Target("the upstream itself", None),
+    "direct-stateless": Target("the upstream itself, 2026-07-28 stateless requests", None, load_env=STATELESS_LOAD),
+    "sidecar-stateless": Target("toolmesh sidecar, pass-through, 2026-07-28 stateless requests", sidecar(), "/readyz",
+                                [TOOLMESH], load_env=STATELESS_LOAD, reference="direct-stateless"),
     "sidecar": Target("toolmesh sidecar, pass-through with observability", sidecar(), "/readyz", [TOOLMESH]),
     "sidecar-quiet": Target("toolmesh sidecar, pass-through, per-call log lines off (--log-level WARNING)",
                             sidecar("--log-level", "WARNING"), "/readyz", [TOOLMESH]),
@@ -343,8 +370,8 @@ def measure(name: str, target: Target, upstream: str, upstream_proc: Managed, se
             if target.ready_path:
                 ready_s = wait_ready(lambda: http_ok(f"http://127.0.0.1:{port}{target.ready_path}"), proc)
             else:
-                ready_s = wait_ready(lambda: bool(open_session(url, token)), proc)
-        session = open_session(url, token)
+                ready_s = wait_ready(lambda: bool(connect(target, url, token)), proc)
+        session = connect(target, url, token)
         if target.command is not None and target.ready_path and ready_runs > 1:
             ready_all = [round(ready_s, 3), *ready_times(target, upstream, ready_runs - 1, logs)]
             ready_s = sorted(ready_all)[len(ready_all) // 2]
@@ -452,17 +479,16 @@ def median_of(rounds: list[dict]) -> dict:
 
 def derive(results: dict) -> dict:
     """Added latency and relative throughput against the direct run; conformance kept, when measured."""
-    direct = results.get("direct")
-    if not direct:
-        return {}
     kept_file = RESULTS / "conformance-proxies.json"
     kept = json.loads(kept_file.read_text())["targets"] if kept_file.exists() else {}
     derived = {}
     for name, r in results.items():
-        if name == "direct" or "c1" not in r:
+        if name.startswith("direct") or "c1" not in r:
             continue
         # Each target is compared with the direct run measured alongside it, even after later partial runs.
-        direct = r.get("reference_direct") or results["direct"]
+        direct = r.get("reference_direct") or results.get("direct")
+        if not direct:
+            continue
         derived[name] = {
             "added_p50_ms": round(r["c1"]["p50_ms"] - direct["c1"]["p50_ms"], 3),
             "added_p99_ms": round(r["c1"]["p99_ms"] - direct["c1"]["p99_ms"], 3),
@@ -676,8 +702,9 @@ def main(argv: list[str]) -> int:
     unknown = [t for t in chosen if t not in TARGETS]
     if unknown:
         parser.error(f"unknown targets {unknown}; known: {', '.join(TARGETS)}")
-    if "direct" not in chosen:
-        chosen.insert(0, "direct")  # every comparison is against it, measured in the same run
+    for reference in sorted({TARGETS[name].reference for name in chosen}, reverse=True):
+        if reference not in chosen:
+            chosen.insert(0, reference)  # every comparison is against a direct run measured in the same run
     if shutil.which("wrk") is None:
         print("wrk is missing: run `make system-deps`", file=sys.stderr)
         return 2
@@ -731,11 +758,11 @@ def main(argv: list[str]) -> int:
                 doc["targets"][name] = median_of(measured)
     finally:
         upstream_proc.stop()
-    reference = doc["targets"].get("direct")
-    if reference and "c1" in reference:
-        for name in chosen:
-            if name != "direct" and name in doc["targets"] and name not in failures:
-                doc["targets"][name]["reference_direct"] = {key: reference[key] for key in ("c1", "c16", "c64")}
+    for name in chosen:
+        reference = doc["targets"].get(TARGETS[name].reference)
+        if TARGETS[name].command is not None and reference and "c1" in reference and name in doc["targets"] \
+                and name not in failures:
+            doc["targets"][name]["reference_direct"] = {key: reference[key] for key in ("c1", "c16", "c64")}
     doc.update({"mode": "quick" if args.quick else "full", "seconds_per_run": seconds, "machine": machine(),
                 "load": "wrk, bench/mcp_call.lua: tools/call echo; c=1 with -t1, c=16/64 with -t2; one MCP session",
                 "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})

@@ -3,7 +3,8 @@
 -- Environment: MCP_SESSION (Mcp-Session-Id to send, empty for none), MCP_VERSION (MCP-Protocol-Version),
 -- MCP_TOOL (default echo), MCP_TOKEN (bearer token, optional), MCP_EXPECT (text every good answer contains),
 -- MCP_VARY=1 (a different argument on every call, so no call can be answered from a cache),
--- MCP_METHOD=tools/list (list tools instead of calling echo).
+-- MCP_METHOD=tools/list (list tools instead of calling echo),
+-- MCP_ERA=stateless (2026-07-28: no session, `_meta` in the params, Mcp-Method/Mcp-Name routing headers).
 -- Each request carries a distinct JSON-RPC id: proxies built on MCP SDKs route answers by id.
 
 local session = os.getenv("MCP_SESSION") or ""
@@ -13,6 +14,14 @@ local token = os.getenv("MCP_TOKEN") or ""
 local expect = os.getenv("MCP_EXPECT") or "hello from wrk"
 local vary = os.getenv("MCP_VARY") == "1"
 local method = os.getenv("MCP_METHOD") or "tools/call"
+local stateless = os.getenv("MCP_ERA") == "stateless"
+local meta = ""
+if stateless then
+  version = "2026-07-28"
+  meta = ',"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28",' ..
+    '"io.modelcontextprotocol/clientCapabilities":{},' ..
+    '"io.modelcontextprotocol/clientInfo":{"name":"wrk","version":"1"}}'
+end
 
 local threads = {}
 local counter = 0
@@ -33,6 +42,10 @@ function init(args)
   wrk.headers["MCP-Protocol-Version"] = version
   if session ~= "" then wrk.headers["Mcp-Session-Id"] = session end
   if token ~= "" then wrk.headers["Authorization"] = "Bearer " .. token end
+  if stateless then
+    wrk.headers["Mcp-Method"] = method
+    if method == "tools/call" then wrk.headers["Mcp-Name"] = tool end
+  end
 end
 
 function request()
@@ -42,7 +55,9 @@ function request()
   local body
   if method == "tools/call" then
     body = '{"jsonrpc":"2.0","id":' .. next_id .. ',"method":"tools/call","params":{"name":"' .. tool ..
-      '","arguments":{"text":"' .. text .. '"}}}'
+      '","arguments":{"text":"' .. text .. '"}' .. meta .. '}}'
+  elseif stateless then
+    body = '{"jsonrpc":"2.0","id":' .. next_id .. ',"method":"' .. method .. '","params":{' .. string.sub(meta, 2) .. '}}'
   else
     body = '{"jsonrpc":"2.0","id":' .. next_id .. ',"method":"' .. method .. '"}'
   end
