@@ -22,7 +22,7 @@ import orjson
 from toolmesh.api.policy import BudgetPolicy
 from toolmesh.sidecar import stage_metrics
 from toolmesh.sidecar.chain import CallContext, Handler, Outcome
-from toolmesh.sidecar.errors import INVALID_PARAMS, Refused
+from toolmesh.sidecar.errors import BUDGET_EXHAUSTED, INVALID_PARAMS, Refused
 from toolmesh.sidecar.results_store import DEFAULT_PAGE_TOKENS, PREFIX, ResultNotFound, ResultsStore
 from toolmesh.sidecar.state import SharedState
 from toolmesh.sidecar.tokenizer import Tokenizer
@@ -45,6 +45,13 @@ class UnknownResult(Refused):
 
     status = 200
     code = INVALID_PARAMS
+
+
+class BudgetExhausted(Refused):
+    """Give up: reading this page would overrun what is left of the session's budget."""
+
+    status = 200
+    code = BUDGET_EXHAUSTED
 
 
 @dataclass(slots=True)
@@ -258,6 +265,12 @@ class BudgetStage:
             raise UnknownResult(f"Resource not found: {uri}", data={"uri": uri}) from None
         budget = self._budget(ctx)
         cost = self.tokenizer.count(page.text)
+        available = self.capacity - budget.used
+        if available < self.policy.minAvailable or cost > available:
+            self.state.exhausted += 1
+            raise BudgetExhausted(
+                f"[BUDGET EXHAUSTED: page {page.number} of {uri} needs {cost} tokens, {max(available, 0)} are left.]",
+                data={"uri": uri, "pageTokens": cost, META_KEY: self._meta(budget, exhausted=True)})
         budget.used += cost
         page_meta: dict[str, Any] = {"page": page.number, "pages": page.count, "tokens": page.tokens}
         if page.next_uri:

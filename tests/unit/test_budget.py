@@ -190,3 +190,19 @@ async def test_cached_answers_are_counted_and_truncated_per_caller():
     assert alice_link != bob_link  # each got a link of their own
     outcome = await run_chain(lambda ctx: handler(ctx), read(alice_link, subject="bob", session="s2"))
     assert "error" in outcome.message
+
+
+async def test_pages_are_charged_and_refused_once_the_budget_cannot_afford_them():
+    stage, _ = make_stage(totalTokens=10000, reservedForResponse=1000, reservedForSystem=1000, minAvailable=500)
+    result = result_of(await stage(call(), Upstream(WORDS)))
+    uri = result["content"][-1]["uri"]
+    handler = lambda ctx: stage(ctx, Upstream())  # noqa: E731
+    outcomes = []
+    for _ in range(6):
+        outcomes.append(await run_chain(handler, read(uri)))
+    refused = [o.message["error"] for o in outcomes if "error" in o.message]
+    assert refused and refused[0]["code"] == -32007
+    assert refused[0]["message"].startswith("[BUDGET EXHAUSTED:")
+    # Every page that was served was charged.
+    served = [o for o in outcomes if "result" in o.message]
+    assert served[-1].message["result"]["_meta"][budget.META_KEY]["used"] == int(8000 * 0.3) + 2000 * len(served)
