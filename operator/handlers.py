@@ -18,9 +18,8 @@ MANAGED = {"app.kubernetes.io/managed-by": "toolmesh"}
 @kopf.on.resume(*SERVERS, backoff=2)
 @kopf.on.create(*SERVERS, backoff=2)
 @kopf.on.update(*SERVERS, backoff=2)
-def server_changed(body: kopf.Body, namespace: str, memo: kopf.Memo, **_: Any) -> None:
-    memo.reconciler.reconcile_server(dict(body))
-    memo.reconciler.refresh_policy_statuses(namespace)
+def server_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    memo.reconciler.server_changed(dict(body))
 
 
 @kopf.on.event(*SERVERS)

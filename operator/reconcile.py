@@ -50,6 +50,15 @@ class Reconciler:
 
     # --- MCPServer ---------------------------------------------------------------------------------------------
 
+    def server_changed(self, server: Mapping[str, Any]) -> None:
+        """An MCPServer was created, changed or found on start-up: reconcile it, then the policies' server lists."""
+        namespace = server["metadata"]["namespace"]
+        bodies = self.kube.list("MCPToolPolicy", namespace)
+        policies = [PolicySource.from_body(b) for b in bodies]
+        self.reconcile_server(server, policies)
+        if bodies:  # one list of servers per change, and only where policies need it
+            self.write_policy_statuses(namespace, bodies, policies, self.kube.list("MCPServer", namespace))
+
     def policies(self, namespace: str) -> list[PolicySource]:
         return [PolicySource.from_body(p) for p in self.kube.list("MCPToolPolicy", namespace)]
 

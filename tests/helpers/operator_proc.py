@@ -59,6 +59,23 @@ def operator_running(cluster, log_path: Path, *, namespace: str = "toolmesh-syst
                         check=False)
 
 
+def create_servers(cluster, namespace: str, bodies: list[dict], workers: int = 8) -> None:
+    """Create many MCPServers at once through the API (kubectl applies one object at a time)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kubernetes import client
+
+    with cluster.api_client() as api:
+        api.configuration.connection_pool_maxsize = workers
+        custom = client.CustomObjectsApi(api)
+
+        def create(body: dict) -> None:
+            custom.create_namespaced_custom_object("toolmesh.io", "v1alpha1", namespace, "mcpservers", body)
+
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(create, bodies))
+
+
 def get_json(cluster, *args) -> dict | None:
     """`kubectl get ... -o json`, or None when it does not exist (yet)."""
     proc = cluster.kubectl("get", *args, "-o", "json", check=False)
