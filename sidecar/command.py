@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="browser Origin allowed to call (repeatable; default: localhost origins only; * = any)")
     parser.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
                         help="how long a client may take to send a request body before 408 (default 30)")
+    parser.add_argument("--sse-keepalive", type=float, default=15.0, metavar="SECONDS",
+                        help="keep-alive comment on a silent server stream after this long (default 15; 0 = off)")
     parser.add_argument("--upstream-timeout", type=float, default=300.0, metavar="SECONDS",
                         help="how long the upstream may stay silent on a request before 504 (default 300)")
     parser.add_argument("--probe-interval", type=float, default=5.0, metavar="SECONDS",
@@ -112,6 +114,7 @@ def build_app(args: argparse.Namespace):
     transport = "stdio" if (args.upstream_command or args.upstream_fifo_dir) else args.upstream_transport
     settings = SidecarSettings(
         server_name=args.server_name, max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout,
+        sse_keepalive=max(0.0, args.sse_keepalive),
         allowed_origins=tuple(args.allowed_origin), upstream_timeout=args.upstream_timeout,
         probe_interval=args.probe_interval, ready_window=max(3 * args.probe_interval, args.probe_interval + 5.0),
         transport=transport, registry=args.registry or None,

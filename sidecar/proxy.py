@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -88,11 +89,15 @@ def _error_response(exc: Refused, request_id: Any = None) -> web.Response:
 class ClientStream:
     """The client's SSE response, opened on first use: the upstream's headers first, then events as they come."""
 
-    __slots__ = ("request", "response")
+    __slots__ = ("request", "response", "keepalive", "_last_write", "_pinger")
 
-    def __init__(self, request: web.Request):
+    def __init__(self, request: web.Request, keepalive: float | None = None):
         self.request = request
         self.response: web.StreamResponse | None = None
+        self.keepalive = keepalive
+        """Seconds of silence after which a comment is sent, so idle-timeout middleboxes keep the stream open."""
+        self._last_write = 0.0
+        self._pinger: asyncio.Task | None = None
 
     async def start(self, headers: Mapping[str, str]) -> None:
         if self.response is not None:
@@ -106,6 +111,19 @@ class ClientStream:
         except ConnectionError:
             raise ClientGone() from None
         self.response = response
+        if self.keepalive:
+            self._last_write = time.monotonic()
+            self._pinger = asyncio.get_running_loop().create_task(self._ping(response, self.keepalive))
+
+    async def _ping(self, response: web.StreamResponse, every: float) -> None:
+        while True:
+            await asyncio.sleep(max(0.0, self._last_write + every - time.monotonic()))
+            if time.monotonic() - self._last_write >= every:
+                try:
+                    await response.write(b": keep-alive\n\n")
+                except ConnectionError:
+                    return
+                self._last_write = time.monotonic()
 
     async def emit(self, event: SseEvent) -> None:
         if self.response is None:
@@ -114,8 +132,17 @@ class ClientStream:
             await self.response.write(encode_sse(event))
         except ConnectionError:
             raise ClientGone() from None
+        if self._pinger is not None:
+            self._last_write = time.monotonic()
+
+    def stop(self) -> None:
+        """Stop the keep-alive comments (the stream is ending or the client left)."""
+        if self._pinger is not None:
+            self._pinger.cancel()
+            self._pinger = None
 
     async def close(self) -> web.StreamResponse:
+        self.stop()
         try:
             await self.response.write_eof()
         except ConnectionError:
@@ -312,12 +339,15 @@ class McpEndpoint:
         return await self._bodiless(request, SESSION_END)
 
     async def _bodiless(self, request: web.Request, kind: str) -> web.StreamResponse:
-        stream = ClientStream(request)
+        # The server stream (GET) may idle for hours: keep middleboxes from cutting it.
+        stream = ClientStream(request, self.settings.sse_keepalive if kind == STREAM else None)
         ctx = self._context(request, stream, kind, "", None, {}, b"")
         try:
             outcome = await run_chain(self.pipeline.handler, ctx)
         except ClientGone:
             return stream.response or web.Response(status=499)
+        finally:
+            stream.stop()
         if stream.response is not None:
             return await stream.close()
         return _plain_response(outcome, outcome.body(), 200)

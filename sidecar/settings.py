@@ -19,6 +19,8 @@ class SidecarSettings:
     """Browser origins allowed to call (`--allowed-origin`); empty means localhost origins only. "*" allows any."""
     body_timeout: float = 30.0
     """Seconds a client may take to send its request body; a slower one gets 408 (a stalled upload holds nothing)."""
+    sse_keepalive: float = 15.0
+    """Seconds of silence on a client's server stream (GET) before a keep-alive comment; 0 disables."""
     upstream_timeout: float = 300.0
     """Seconds the upstream may stay silent on a request before the client gets 504."""
     probe_interval: float = 5.0

@@ -293,3 +293,19 @@ async def test_concurrent_calls_each_get_their_own_answer(proxied, proxied_state
 
         answers = await asyncio.gather(*(add(i) for i in range(60)))
     assert [(a["id"], a["result"]["content"][0]["text"]) for a in answers] == [(i, str(i + 1000)) for i in range(60)]
+
+
+async def test_silent_server_stream_gets_keepalive_comments(upstream, tmp_path):
+    with sidecar(["--upstream", upstream], tmp_path, "--sse-keepalive", "0.2") as sc:
+        init = await raw_post(sc.url, initialize_message())
+        common = {"Mcp-Session-Id": init.headers["mcp-session-id"], "MCP-Protocol-Version": "2025-11-25"}
+        await raw_post(sc.url, {"jsonrpc": "2.0", "method": "notifications/initialized"}, common)
+        received = b""
+        async with httpx2.AsyncClient(timeout=10) as http:
+            async with http.stream("GET", sc.url, headers={"Accept": "text/event-stream", **common}) as stream:
+                assert stream.status_code == 200
+                async for chunk in stream.aiter_bytes():
+                    received += chunk
+                    if received.count(b": keep-alive\n\n") >= 2:
+                        break
+        assert received.count(b": keep-alive\n\n") >= 2
