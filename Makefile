@@ -9,7 +9,7 @@ export PYTHONSAFEPATH := 1
 export TOOLMESH_CACHE ?= $(HOME)/.cache/toolmesh
 PYTEST_ARGS ?=
 
-.PHONY: help install demo test test-fast lint crds node-deps conformance-deps cluster-bins system-deps bench clean
+.PHONY: help install demo test test-fast lint crds docs node-deps conformance-deps cluster-bins system-deps bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/' | expand -t 20
@@ -40,6 +40,9 @@ lint: install  ## import-direction contracts
 
 crds: install  ## regenerate crds/ from the api models
 	rm -f crds/*.yaml && $(BIN)/toolmesh crds --out crds
+
+docs: install  ## regenerate docs/policy-reference.md from the policy models' docstrings
+	$(BIN)/python scripts/policy_reference.py
 
 test: install system-deps node-deps cluster-bins lint  ## install everything the tests need, run the whole suite
 	$(BIN)/pytest $(PYTEST_ARGS)
