@@ -39,7 +39,7 @@ lint: install  ## import-direction contracts
 	$(BIN)/python scripts/lint_imports.py
 
 crds: install  ## regenerate crds/ from the api models
-	rm -f crds/*.yaml && $(BIN)/toolmesh crds --out crds
+	rm -f crds/*.yaml && $(BIN)/toolmesh crds --out crds && cp crds/*.yaml charts/toolmesh/crds/
 
 docs: install  ## regenerate docs/policy-reference.md from the policy models' docstrings
 	$(BIN)/python scripts/policy_reference.py

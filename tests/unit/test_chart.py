@@ -54,10 +54,10 @@ def test_schema_refuses_wrong_values(setting: str, complaint: str):
 def test_crds_are_the_generated_ones():
     generated = sorted(p.name for p in (ROOT / "crds").glob("*.yaml"))
     shipped = sorted(p.name for p in (CHART / "crds").glob("*.yaml"))
-    assert shipped == generated, "copy crds/*.yaml into charts/toolmesh/crds/"
+    assert shipped == generated, "run `make crds`: it copies crds/*.yaml into charts/toolmesh/crds/"
     for name in generated:
         assert (CHART / "crds" / name).read_text() == (ROOT / "crds" / name).read_text(), (
-            f"charts/toolmesh/crds/{name} drifted from crds/{name}: copy it again")
+            f"charts/toolmesh/crds/{name} drifted from crds/{name}: run `make crds`")
 
 
 def test_webhook_configuration_is_the_operators():
