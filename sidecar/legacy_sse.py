@@ -44,14 +44,15 @@ from toolmesh.sidecar.jsonrpc import iter_sse
 from toolmesh.sidecar.multiplex import (
     ClientSession,
     Multiplexer,
+    ToolSchemas,
     discover_params,
     header,
     is_modern_request,
     json_response,
     modern_rejection,
     parse_body,
+    serve_modern,
     serves_modern,
-    with_error_status,
 )
 from toolmesh.sidecar.upstream import UpstreamResponse
 
@@ -74,6 +75,7 @@ class _Connection:
         self.modern = modern
         """True for the connection settled in the 2026-07-28 era by a server/discover (no session, no initialize)."""
         self.mux = Multiplexer(self._post_message, timeout=owner.silence_timeout)
+        self.schemas = ToolSchemas(self.mux, owner.connect_timeout)
         self.init_params = init_params
         """The `initialize` params replayed after a reconnect (None until the session is established)."""
         self.session: ClientSession | None = None
@@ -273,7 +275,7 @@ class LegacySseUpstream:
             modern = await self._modern_connection()
             if modern is not None:
                 await self._wait_ready(modern)
-                return with_error_status(await modern.mux.post(message, None, body))
+                return await serve_modern(modern.mux, modern.schemas, message, body, headers)
         if isinstance(message, dict) and message.get("method") == "initialize" and "id" in message:
             return await self._open_session(message, body)
         if session_id is None:

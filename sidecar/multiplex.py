@@ -166,6 +166,54 @@ def with_error_status(response: UpstreamResponse) -> UpstreamResponse:
     return response
 
 
+class ToolSchemas:
+    """The upstream's tool input schemas from its own listing, for `Mcp-Param-*` checks; reused briefly."""
+
+    FRESH = 30.0
+    """Seconds a listing is reused before the next check lists again (an unknown tool always lists again)."""
+    PAGES = 100
+    """Most tools/list pages read; a paginator that never ends is cut off."""
+
+    def __init__(self, mux: Multiplexer, timeout: float):
+        self._mux = mux
+        self._timeout = timeout
+        self._schemas: dict[str, Any] = {}
+        self._listed_at = 0.0
+
+    async def get(self, tool: str, message: Mapping[str, Any]) -> Any:
+        """`tool`'s inputSchema as listed for the caller's envelope; None when it cannot be had (checks fail open)."""
+        now = time.monotonic()
+        if tool not in self._schemas or now - self._listed_at > self.FRESH:
+            meta = (message.get("params") or {}).get("_meta") or {}
+            envelope = {k: v for k, v in meta.items() if k.startswith("io.modelcontextprotocol/")}
+            schemas: dict[str, Any] = {}
+            params: dict[str, Any] = {"_meta": envelope}
+            try:
+                for _ in range(self.PAGES):
+                    answer = await self._mux.call_own("tools/list", params, self._timeout)
+                    result = answer.get("result") or {}
+                    schemas.update({t.get("name"): t.get("inputSchema") for t in result.get("tools", ())})
+                    cursor = result.get("nextCursor")
+                    if not isinstance(cursor, str):
+                        break
+                    params = {"_meta": envelope, "cursor": cursor}
+            except (ProxyError, AttributeError, TypeError):
+                return None
+            self._schemas, self._listed_at = schemas, now
+        return self._schemas.get(tool)
+
+
+async def serve_modern(mux: Multiplexer, schemas: ToolSchemas, message: Any, body: bytes,
+                       headers: Mapping[str, str]) -> UpstreamResponse:
+    """A 2026-07-28 request on an upstream connection settled in that era, checked and answered as over HTTP."""
+    tool = needs_param_check(message, headers)
+    if tool is not None:
+        refused = param_rejection(message, headers, await schemas.get(tool, message))
+        if refused is not None:
+            return refused
+    return with_error_status(await mux.post(message, None, body))
+
+
 def needs_param_check(message: Any, headers: Mapping[str, str]) -> str | None:
     """The tool whose schema a 2026-07-28 tools/call must be checked against, if any header or argument is at stake."""
     if not isinstance(message, dict) or message.get("method") != "tools/call":

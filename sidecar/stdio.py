@@ -59,16 +59,15 @@ from toolmesh.sidecar.multiplex import (
     ACCEPTED,
     ClientSession,
     Multiplexer,
+    ToolSchemas,
     discover_params,
     header,
     is_modern_request,
     json_response,
     modern_rejection,
-    needs_param_check,
-    param_rejection,
     parse_body,
+    serve_modern,
     serves_modern,
-    with_error_status,
 )
 from toolmesh.sidecar.upstream import UpstreamResponse
 
@@ -79,10 +78,6 @@ _STDERR_KEPT = 20
 """Last stderr lines reported with an exit."""
 _STABLE_AFTER = 10.0
 """A child that ran this long (seconds) before exiting restarts after the shortest backoff again."""
-_SCHEMAS_FRESH = 30.0
-"""Seconds a modern child's tool schemas (for Mcp-Param header checks) are reused before listing again."""
-_LIST_PAGES = 100
-"""Most tools/list pages read for those schemas; a paginator that never ends is cut off."""
 _CLIENT_INFO = {"name": "toolmesh-sidecar", "version": "0.1.0"}
 _CAPABILITIES = {"sampling": {}, "elicitation": {"form": {}, "url": {}}, "roots": {"listChanged": True}}
 
@@ -159,10 +154,9 @@ class StdioUpstream:
         self._swept = time.monotonic()
         self._modern: StdioUpstream | None = None
         self._modern_lock = asyncio.Lock()
-        self._schemas: dict[str, Any] = {}
-        self._schemas_at = 0.0
         self._modern_unsupported = self._fifo_dir is not None or era != "handshake"
         self._mux = Multiplexer(self._write, timeout=timeout)
+        self._schemas = ToolSchemas(self._mux, probe_timeout)
         self._link: _Link | None = None
         self._ready = asyncio.Event()
         self._init_result: dict[str, Any] = {}
@@ -299,34 +293,7 @@ class StdioUpstream:
     async def _serve_modern(self, message: Any, body: bytes, headers: Mapping[str, str]) -> UpstreamResponse:
         """One 2026-07-28 request on the modern child, with the checks and statuses a Streamable HTTP server applies."""
         await self._wait_ready()
-        tool = needs_param_check(message, headers)
-        if tool is not None:
-            refused = param_rejection(message, headers, await self._input_schema(tool, message))
-            if refused is not None:
-                return refused
-        return with_error_status(await self._mux.post(message, None, body))
-
-    async def _input_schema(self, tool: str, message: Mapping[str, Any]) -> Any:
-        """The tool's inputSchema from the child's own listing (cached briefly); None when it cannot be had."""
-        now = time.monotonic()
-        if tool not in self._schemas or now - self._schemas_at > _SCHEMAS_FRESH:
-            meta = message.get("params", {}).get("_meta") or {}
-            envelope = {k: v for k, v in meta.items() if k.startswith("io.modelcontextprotocol/")}
-            schemas: dict[str, Any] = {}
-            params: dict[str, Any] = {"_meta": envelope}
-            try:
-                for _ in range(_LIST_PAGES):
-                    answer = await self._mux.call_own("tools/list", params, self.probe_timeout)
-                    result = answer.get("result") or {}
-                    schemas.update({t.get("name"): t.get("inputSchema") for t in result.get("tools", ())})
-                    cursor = result.get("nextCursor")
-                    if not isinstance(cursor, str):
-                        break
-                    params = {"_meta": envelope, "cursor": cursor}
-            except (ProxyError, AttributeError, TypeError):
-                return None  # header checks never break a working call
-            self._schemas, self._schemas_at = schemas, now
-        return self._schemas.get(tool)
+        return await serve_modern(self._mux, self._schemas, message, body, headers)
 
     # -- sessions ---------------------------------------------------------------------------------------------
 
