@@ -23,9 +23,13 @@ child may use them; a session whose client lacks one gets a JSON-RPC error
 on that client's behalf), answers each client's `initialize` from the cached
 result with a fresh `Mcp-Session-Id`, and swallows the clients'
 `notifications/initialized`. Ids and progress tokens are rewritten by the
-`Multiplexer` so sessions never collide. Requests without `Mcp-Session-Id`
-(the stateless era) are forwarded as they are; a child initialized in the
-handshake era answers them itself, usually with an error.
+`Multiplexer` so sessions never collide. A stdio server serves one protocol
+era per process, so 2026-07-28 requests (no `Mcp-Session-Id`, the era's
+envelope or header) go to a second child of the same command, settled in that
+era by a `server/discover` at its start and checked as a Streamable HTTP
+server would (routing headers, `Mcp-Param-*`, error statuses); a server
+without that era gets them on its one child, which refuses them itself.
+Attached (FIFO) servers have one process and so one era.
 
 When the child exits (or closes stdout) every in-flight request fails with
 JSON-RPC error -32001 "upstream exited" carrying the exit code and the last

@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from toolmesh.sidecar.errors import UpstreamUnavailable
-from toolmesh.sidecar.multiplex import Multiplexer
+from toolmesh.sidecar.multiplex import Multiplexer, is_modern_request, modern_rejection, with_error_status
 from toolmesh.sidecar.stdio import read_lines
+from toolmesh.sidecar.upstream import UpstreamResponse
 
 LINE = st.binary(max_size=300).map(lambda b: b.replace(b"\n", b"."))
 
@@ -184,3 +185,35 @@ async def test_resource_updates_reach_subscribers_only_and_the_last_unsubscribe_
     await mux.end_session(second)
     unsubscribed = await channel.next()
     assert unsubscribed["method"] == "resources/unsubscribe" and unsubscribed["params"] == {"uri": "file:///a"}
+
+
+MODERN_META = {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+               "io.modelcontextprotocol/clientCapabilities": {}}
+
+
+def test_the_stateless_era_is_recognised_by_header_or_envelope():
+    assert is_modern_request({"method": "tools/list"}, {"MCP-Protocol-Version": "2026-07-28"})
+    assert is_modern_request({"method": "tools/list", "params": {"_meta": MODERN_META}}, {})
+    assert is_modern_request({"method": "server/discover"}, {})
+    assert not is_modern_request({"method": "tools/list", "params": {"_meta": {"progressToken": 1}}},
+                                 {"mcp-protocol-version": "2025-11-25"})
+
+
+def test_stateless_requests_are_checked_as_a_streamable_http_server_would():
+    listing = {"jsonrpc": "2.0", "id": 3, "method": "tools/list", "params": {"_meta": MODERN_META}}
+    headers = {"MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/list"}
+    assert modern_rejection(listing, headers) is None
+    mismatch = modern_rejection(listing, {**headers, "Mcp-Method": "tools/call"})
+    assert mismatch.status == 400 and orjson.loads(mismatch.body)["error"]["code"] == -32020
+    bad_envelope = modern_rejection({**listing, "params": {}}, headers)
+    assert bad_envelope.status == 400
+    removed = modern_rejection({**listing, "method": "initialize"}, {**headers, "Mcp-Method": "initialize"})
+    assert removed.status == 404 and orjson.loads(removed.body)["error"]["code"] == -32601
+
+
+def test_a_stateless_error_answer_gets_its_codes_http_status():
+    unknown = with_error_status(UpstreamResponse(status=200, body=b'{"jsonrpc":"2.0","id":1,"error":{"code":-32601,'
+                                                                  b'"message":"Method not found"}}'))
+    assert unknown.status == 404
+    fine = with_error_status(UpstreamResponse(status=200, body=b'{"jsonrpc":"2.0","id":1,"result":{"error":1}}'))
+    assert fine.status == 200
