@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -65,6 +66,21 @@ _OWN_INITIALIZE = {
 }
 """What the adapter's own connection (probes, session-less requests) says when it initializes."""
 _MESSAGE_HEADERS = {"Content-Type": "application/json"}
+# The client's headers that describe its own HTTP exchange with the sidecar, not the message.
+_NOT_RELAYED = frozenset({"content-type", "content-length", "accept", "host", "mcp-session-id", "last-event-id",
+                          "mcp-protocol-version"})
+_client_headers: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar(
+    "toolmesh_legacy_sse_client_headers", default=None)
+"""Headers of the client request being served in this task (the pipeline already chose what goes upstream)."""
+
+
+def _message_headers() -> dict[str, str]:
+    headers = _client_headers.get()
+    if not headers:
+        return dict(_MESSAGE_HEADERS)
+    relayed = {k: v for k, v in headers.items() if k.lower() not in _NOT_RELAYED}
+    relayed.update(_MESSAGE_HEADERS)
+    return relayed
 
 
 class _Connection:
@@ -105,7 +121,8 @@ class _Connection:
             raise UpstreamUnavailable(f"upstream sent no endpoint event: {exc.__class__.__name__}") from None
         self.endpoint = urljoin(owner.url, endpoint)
         self._response = response
-        self._reader = asyncio.create_task(self._read(events, response))
+        # A fresh context: the stream outlives the client request that opened it, and must not carry its headers.
+        self._reader = asyncio.create_task(self._read(events, response), context=contextvars.Context())
 
     async def _read(self, events: AsyncIterator[SseEvent], response: aiohttp.ClientResponse) -> None:
         try:
@@ -127,7 +144,7 @@ class _Connection:
         self.mux.fail_all(UpstreamUnavailable("upstream stream lost"))
         if (self.init_params is not None or self.modern) and not self.closed and self._reconnecting is None:
             log.warning("upstream SSE stream lost; reconnecting")
-            self._reconnecting = asyncio.create_task(self._reconnect())
+            self._reconnecting = asyncio.create_task(self._reconnect(), context=contextvars.Context())
 
     async def _reconnect(self) -> None:
         base, most = self._owner.reconnect_backoff
@@ -173,7 +190,7 @@ class _Connection:
             raise UpstreamUnavailable("upstream stream lost")
         owner = self._owner
         try:
-            async with owner.http.post(endpoint, data=data, headers=_MESSAGE_HEADERS,
+            async with owner.http.post(endpoint, data=data, headers=_message_headers(),
                                        timeout=owner.message_timeout) as response:
                 if response.status < 300:
                     return
@@ -264,6 +281,7 @@ class LegacySseUpstream:
         self._http = None
 
     async def post(self, body: bytes, headers: Mapping[str, str]) -> UpstreamResponse:
+        _client_headers.set(headers)  # the message POSTs this request causes carry them (identity, trace context)
         message = parse_body(body)
         if isinstance(message, UpstreamResponse):
             return message

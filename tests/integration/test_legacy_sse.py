@@ -8,6 +8,7 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 
 from helpers import async_wait_until, free_port, port_open, running, wait_until
@@ -168,3 +169,14 @@ async def test_sessions_left_without_a_delete_close_their_upstream_stream(sse_se
         assert gone.status == 404
     finally:
         await upstream.close()
+
+
+async def test_the_callers_identity_headers_reach_the_server_with_each_message(adapter):
+    client = UpstreamClient(adapter)
+    await client.initialize()
+    headers = {**client.headers, "X-Toolmesh-Subject": "alice", "traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"}
+    response = await adapter.post(b'{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"request_header",'
+                                  b'"arguments":{"name":"X-Toolmesh-Subject"}}}', headers)
+    assert text_of(orjson.loads(response.body)) == "alice"
+    # Another caller on the same adapter does not inherit them.
+    assert text_of(await client.call_tool("request_header", {"name": "X-Toolmesh-Subject"})) == ""

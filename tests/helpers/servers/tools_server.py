@@ -27,6 +27,12 @@ async def whoami() -> str:
 
 
 @server.tool()
+async def request_header(name: str, ctx: Context) -> str:
+    """The value of HTTP header `name` on the message that carried this call (empty over stdio)."""
+    return (ctx.headers or {}).get(name.lower(), "")
+
+
+@server.tool()
 async def count(steps: int, ctx: Context) -> str:
     """Report `steps` progress notifications, then answer."""
     for step in range(1, steps + 1):
