@@ -10,6 +10,7 @@ instead of falling back to the network.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import hashlib
 import os
@@ -102,6 +103,28 @@ class Tokenizer:
     def load(self) -> None:
         """Load the vocabulary now (raises TokenizerUnavailable), so the first call does not pay for it."""
         self._enc
+
+    @property
+    def loaded(self) -> bool:
+        return self.name in _encodings
+
+    def preload(self) -> None:
+        """Start loading the vocabulary in a background thread (about a second) so start-up does not wait for it."""
+        if self.name not in _SOURCES:
+            raise TokenizerUnavailable(f"encoding {self.name!r} is not available offline (choose one of {', '.join(ENCODINGS)})")
+        if not self.loaded:
+            threading.Thread(target=self._load_quietly, name=f"tiktoken-{self.name}", daemon=True).start()
+
+    def _load_quietly(self) -> None:
+        try:
+            encoding(self.name)
+        except Exception:  # noqa: BLE001 - the first call that needs the tokenizer loads again and reports it
+            pass
+
+    async def ready(self) -> None:
+        """Wait until the vocabulary is loaded, without blocking the event loop."""
+        if not self.loaded:
+            await asyncio.to_thread(encoding, self.name)
 
     def count(self, text: str) -> int:
         """Number of tokens in `text` (special-token strings counted as ordinary text)."""

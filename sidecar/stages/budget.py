@@ -150,10 +150,14 @@ class BudgetStage:
     async def __call__(self, ctx: CallContext, call_next: Handler) -> Outcome:
         method = ctx.method
         if method == "tools/call":
+            if not self.tokenizer.loaded:
+                await self.tokenizer.ready()
             return await self._tool_call(ctx, call_next)
         if method == "resources/read":
             uri = ctx.params.get("uri")
             if isinstance(uri, str) and uri.startswith(PREFIX):
+                if not self.tokenizer.loaded:
+                    await self.tokenizer.ready()
                 return self._read_stored(ctx, uri)
         elif getattr(ctx, "kind", None) == "session-end" and ctx.session_id:
             self.state.forget_session(ctx.session_id)
@@ -326,5 +330,5 @@ def build(policy: Any, shared: SharedState) -> BudgetStage | None:
     if state is None:
         state = shared.stage_state[NAME] = BudgetState(shared=shared)
     tokenizer = Tokenizer(section.encoding)
-    tokenizer.load()
+    tokenizer.preload()  # an unknown encoding is refused here, with the policy; loading goes on in the background
     return BudgetStage(section, state, tokenizer)

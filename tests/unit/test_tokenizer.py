@@ -59,3 +59,12 @@ def test_counts_cuts_and_decodes():
     assert t.count(head) == 10
     assert text.startswith(head)
     assert t.head(text, 0) == ""
+
+
+def test_an_encoding_that_is_not_bundled_is_refused_with_the_policy():
+    import pytest
+
+    from toolmesh.sidecar.tokenizer import TokenizerUnavailable
+
+    with pytest.raises(TokenizerUnavailable, match="not available offline"):
+        Tokenizer("p50k_base").preload()
