@@ -58,7 +58,7 @@ from typing import Any
 
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION
 
-from toolmesh.sidecar.errors import INVALID_REQUEST, ProxyError, UpstreamUnavailable, error_message
+from toolmesh.sidecar.errors import INVALID_REQUEST, ProxyError, UpstreamTimeout, UpstreamUnavailable, error_message
 from toolmesh.sidecar.multiplex import (
     ACCEPTED,
     ClientSession,
@@ -341,9 +341,12 @@ class StdioUpstream:
         try:
             link.writer.writelines((data, b"\n"))
             if link.writer.transport.get_write_buffer_size() > _CHUNK:
-                await link.writer.drain()
+                # A child that stops reading its stdin must not hang every caller behind it.
+                await asyncio.wait_for(link.writer.drain(), self._mux.timeout)
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise UpstreamUnavailable("upstream exited", data=self._last_exit) from exc
+        except TimeoutError:
+            raise UpstreamTimeout("upstream does not read its input") from None
 
     async def _supervise(self) -> None:
         failures = 0

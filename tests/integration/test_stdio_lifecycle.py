@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 
 import pytest
 
@@ -165,5 +166,26 @@ async def test_a_silent_call_times_out_and_is_cancelled_but_progress_keeps_one_a
         answer = await client.request("tools/call", {"name": "trickle", "arguments": {"steps": 8, "interval": 0.2},
                                                      "_meta": {"progressToken": 1}}, events=events)
         assert text_of(answer) == "trickled 8" and len(events) == 8
+    finally:
+        await upstream.close()
+
+
+DEAF_SERVER = """
+import json, sys, time
+request = json.loads(sys.stdin.readline())
+print(json.dumps({"jsonrpc": "2.0", "id": request["id"], "result": {
+    "protocolVersion": "2025-11-25", "capabilities": {}, "serverInfo": {"name": "deaf", "version": "1"}}}), flush=True)
+time.sleep(60)  # never reads its input again
+"""
+
+
+async def test_a_child_that_stops_reading_its_input_times_out_instead_of_hanging_callers():
+    upstream = StdioUpstream([sys.executable, "-c", DEAF_SERVER], timeout=1.0)
+    await upstream.start()
+    try:
+        client = UpstreamClient(upstream)
+        await client.initialize()
+        with pytest.raises(UpstreamTimeout):
+            await client.call_tool("echo", {"text": "x" * 400_000})
     finally:
         await upstream.close()
