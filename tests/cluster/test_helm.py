@@ -249,3 +249,70 @@ def test_upgrade_changes_values_and_uninstall_leaves_only_the_crds(cluster, rele
     assert cluster.kubectl("get", "secrets", "-n", release, "-o", "name").stdout.split() == [], "no Secret left behind"
     for crd in ("mcpservers.toolmesh.io", "mcptoolpolicies.toolmesh.io"):
         assert get_json(cluster, "crd", crd) is not None, "CRDs stay, as Helm's convention is"
+
+
+def _stand_in_crd(plural: str, kind: str) -> dict:
+    """A schemaless stand-in for one of cert-manager's CRDs: enough for the API server to store the chart's objects."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.cert-manager.io"},
+        "spec": {"group": "cert-manager.io", "scope": "Namespaced",
+                 "names": {"plural": plural, "singular": kind.lower(), "kind": kind},
+                 "versions": [{"name": "v1", "served": True, "storage": True,
+                               "schema": {"openAPIV3Schema": {"type": "object",
+                                                              "x-kubernetes-preserve-unknown-fields": True}}}]},
+    }
+
+
+def test_with_cert_manager_the_operator_serves_the_issued_certificate_and_needs_no_secret_rights(cluster, tmp_path):
+    import ssl
+
+    for plural, kind in (("certificates", "Certificate"), ("issuers", "Issuer")):
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(_stand_in_crd(plural, kind)))
+        cluster.kubectl("wait", "--for=condition=Established", f"crd/{plural}.cert-manager.io", "--timeout=30s")
+    namespace = f"toolmesh-cm-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("delete", "mutatingwebhookconfiguration", WEBHOOK_CONFIGURATION, "--ignore-not-found")
+    cluster.helm("install", RELEASE, str(CHART), "-n", namespace, "--create-namespace",
+                 "--set", "webhook.certManager.enabled=true", timeout=180)
+    try:
+        certificate = get_json(cluster, "certificate.cert-manager.io", f"{RELEASE}-webhook", "-n", namespace)
+        service_host = f"{RELEASE}-operator.{namespace}.svc"
+        assert service_host in certificate["spec"]["dnsNames"]
+        assert certificate["spec"]["issuerRef"]["name"] == f"{RELEASE}-selfsigned"
+        config = get_json(cluster, "mutatingwebhookconfiguration", WEBHOOK_CONFIGURATION)
+        assert config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == f"{namespace}/{RELEASE}-webhook"
+        operator_sa = service_account(namespace, "operator")
+        assert not can_i(cluster, operator_sa, "patch", "secrets/toolmesh-webhook-tls", "-n", namespace)
+        assert not can_i(cluster, operator_sa, "patch", "mutatingwebhookconfigurations/toolmesh-sidecar-injector")
+
+        # What cert-manager would put in the Secret the operator mounts: a certificate for the Service name.
+        cert_dir = tmp_path / "webhook-tls"
+        cert_dir.mkdir()
+        cert, key = cluster.issue_cert(service_host, stem="tls", out_dir=cert_dir, dns=(service_host,),
+                                       ips=("127.0.0.1",), server=True)
+        env = kubeconfig_for(cluster, namespace, "operator", tmp_path / "operator.kubeconfig")
+        port = free_port()
+        log = tmp_path / "operator.log"
+        cmd = [TOOLMESH, "operator", "--operator-namespace", namespace, "--webhook-host", "127.0.0.1",
+               "--webhook-port", str(port), "--webhook-service", f"{RELEASE}-operator", "--webhook-cert-dir",
+               str(cert_dir), "--sidecar-image", IMAGE]
+        with running(cmd, env=env, log_path=log, stop_timeout=15) as operator:
+            wait_until(lambda: operator.poll() is not None or port_open(port), timeout=60, what="the webhook port")
+            assert operator.poll() is None, log.read_text(errors="replace")[-3000:]
+            context = ssl.create_default_context(cafile=str(cluster.ca_cert))
+            import socket
+
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+                with context.wrap_socket(raw, server_hostname=service_host) as tls:
+                    served = tls.getpeercert()
+            assert ("DNS", service_host) in served["subjectAltName"]
+        config = get_json(cluster, "mutatingwebhookconfiguration", WEBHOOK_CONFIGURATION)
+        assert all("caBundle" not in w["clientConfig"] for w in config["webhooks"]), "the CA is cert-manager's to inject"
+        assert get_json(cluster, "secret", "toolmesh-webhook-tls", "-n", namespace) is None
+        text = log.read_text(errors="replace")
+        assert "Forbidden" not in text and " 403" not in text, text[-3000:]
+    finally:
+        cluster.helm("uninstall", RELEASE, "-n", namespace, "--ignore-not-found", check=False)
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+        cluster.kubectl("delete", "crd", "certificates.cert-manager.io", "issuers.cert-manager.io", "--wait=false",
+                        check=False)
