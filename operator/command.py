@@ -66,6 +66,8 @@ def _run(args: argparse.Namespace) -> int:
     from toolmesh.operator.webhook import skipped_namespaces
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # kopf logs every handler success per object and per admission; keep its warnings and errors only.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     config = OperatorConfig(sidecar_image=args.sidecar_image, registry_url=args.registry_url or None)
     try:
         kube = Kube(load_api_client())

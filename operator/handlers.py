@@ -75,7 +75,8 @@ def enable_webhook() -> None:
     kopf.on.mutate("pods", id=HANDLER_ID, operations=["CREATE"])(inject_sidecar)
 
 
-def inject_sidecar(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+async def inject_sidecar(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    # Async on purpose: no blocking work here, and a thread hop per admission would add latency to every pod.
     # The apiserver fills the request's namespace into the object before admission.
     namespace = body.metadata.get("namespace")
     try:

@@ -46,6 +46,9 @@ class Reconciler:
     config: OperatorConfig
     applied: dict[tuple[str, str, str], str] = field(default_factory=dict)
     """(kind, namespace, name) -> digest of the manifest last applied; an equal digest is not applied again."""
+    readiness: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
+    """(namespace, server) -> (status, message) of the Ready condition last written: Deployment events that
+    change nothing a user sees cost no API call."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     # --- MCPServer ---------------------------------------------------------------------------------------------
@@ -79,6 +82,7 @@ class Reconciler:
             if manifest["kind"] == "Deployment":
                 deployment = result or self.kube.get("Deployment", meta["name"], meta["namespace"])
         self.update_server_status(server, lambda s: _owned(server_status(s, rendered, deployment, now())))
+        self.remember_ready(meta, ready_condition(deployment, None))
 
     def apply_if_changed(self, manifest: Mapping[str, Any]) -> dict[str, Any] | None:
         """Server-side apply unless this exact manifest was the last one applied; returns the live object if applied."""
@@ -96,6 +100,7 @@ class Reconciler:
         with self.lock:
             for key in [k for k in self.applied if k[1] == namespace and k[2] in (name, f"{name}-policy")]:
                 del self.applied[key]
+            self.readiness.pop((namespace, name), None)
 
     def update_server_status(self, server: Mapping[str, Any],
                              compute: Callable[[Mapping[str, Any]], dict[str, Any]]) -> None:
@@ -142,6 +147,11 @@ class Reconciler:
 
     def deployment_changed(self, deployment: Mapping[str, Any]) -> None:
         """A Deployment the operator owns changed: refresh its MCPServer's Ready condition."""
+        meta = deployment["metadata"]
+        seen = self.readiness.get((meta["namespace"], meta["name"]))
+        ready = ready_condition(deployment, None)
+        if seen == (ready["status"], ready["message"]):
+            return
         server = self.owner_of(deployment)
         if server is None or not (server.get("status") or {}).get("conditions"):
             return  # not reconciled yet: the reconcile writes Ready along with the rest
@@ -152,6 +162,11 @@ class Reconciler:
             return {"conditions": set_condition(status.get("conditions") or [], ready, now())}
 
         self.update_server_status(server, with_ready)
+        self.remember_ready(server["metadata"], ready)
+
+    def remember_ready(self, meta: Mapping[str, Any], ready: Mapping[str, Any]) -> None:
+        with self.lock:
+            self.readiness[(meta["namespace"], meta["name"])] = (ready["status"], ready["message"])
 
     # --- MCPToolPolicy -------------------------------------------------------------------------------------------
 

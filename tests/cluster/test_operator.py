@@ -104,10 +104,11 @@ def test_every_example_becomes_a_working_picture(cluster, namespace, operator):
 
 def test_example_policies_are_accepted_and_reported(cluster, namespace, operator):
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=server_manifest("target"))
-    for path in sorted((ROOT / "examples" / "policies").glob("*.yaml")):
+    paths = [*sorted((ROOT / "examples" / "policies").glob("*.yaml")),
+             *sorted((ROOT / "examples" / "cluster").glob("*.yaml"))]
+    for path in paths:
         cluster.kubectl("apply", "-n", namespace, "-f", str(path))
-    names = [yaml.safe_load(p.read_text())["metadata"]["name"]
-             for p in sorted((ROOT / "examples" / "policies").glob("*.yaml"))]
+    names = [yaml.safe_load(p.read_text())["metadata"]["name"] for p in paths]
     for name in names:
         policy = cluster.wait_for(
             lambda: (p := get_json(cluster, "mcptoolpolicy", name, "-n", namespace))
