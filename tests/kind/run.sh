@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Try toolmesh on a laptop cluster: a kind cluster, the image built and loaded into it, the Helm chart,
-# the quickstart MCPServers, and one tool call through the gateway over a port-forward.
+# the quickstart's time server, and one tool call through the gateway over a port-forward.
 # Needs docker, kind, kubectl and helm, and `make install` (for the `toolmesh` client). Run from anywhere;
 # CLUSTER, IMAGE, NAMESPACE and PORT override the defaults. `kind delete cluster --name toolmesh` cleans up.
 set -euo pipefail
@@ -29,9 +29,11 @@ helm upgrade --install toolmesh "$ROOT/charts/toolmesh" --namespace "$NAMESPACE"
   --set image.repository="${IMAGE%:*}" --set image.tag="${IMAGE##*:}" --set image.pullPolicy=IfNotPresent \
   --wait --timeout 5m
 
-echo "==> examples/quickstart/"
-kubectl apply -f "$ROOT/examples/quickstart/"
-kubectl wait mcpserver --all --for=condition=Ready --timeout=5m
+# The quickstart's stdio time server runs in the toolmesh image itself (it has only a command); its
+# everything server's command points into a local checkout, so the cluster gets examples/servers/ instead.
+echo "==> examples/quickstart/time.yaml and policy.yaml"
+kubectl apply -f "$ROOT/examples/quickstart/time.yaml" -f "$ROOT/examples/quickstart/policy.yaml"
+kubectl wait mcpserver time --for=condition=Ready --timeout=5m
 kubectl wait mcpserver time --for=condition=Healthy --timeout=2m
 kubectl get mcpservers
 

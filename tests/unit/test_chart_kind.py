@@ -35,4 +35,11 @@ def test_the_values_it_sets_render_and_the_service_it_forwards_exists():
     forwarded = re.search(r"port-forward svc/([\w-]+)", text).group(1)
     [service] = find(docs, "Service", forwarded)
     assert service["spec"]["ports"][0]["port"] == 7401
-    assert (ROOT / "examples" / "quickstart" / "time.yaml").exists()
+    applied = re.findall(r'-f "\$ROOT/([^"]+)"', text)
+    assert applied and all((ROOT / path).is_file() for path in applied), applied
+    # The server it waits for runs in the toolmesh image: a command, no image of its own.
+    import yaml
+
+    time_server = yaml.safe_load((ROOT / "examples" / "quickstart" / "time.yaml").read_text())
+    assert "mcpserver time" in text and "image" not in time_server["spec"]
+    assert re.search(r"mcp-server-time==", (ROOT / "Dockerfile").read_text()), "the image carries the time server"
