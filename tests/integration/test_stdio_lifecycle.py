@@ -153,7 +153,7 @@ async def _true(value: bool) -> bool:
 
 async def test_a_silent_call_times_out_and_is_cancelled_but_progress_keeps_one_alive(caplog):
     caplog.set_level(logging.INFO, logger="toolmesh.sidecar.stdio")
-    upstream = StdioUpstream(STDIO_TOOLS, timeout=1.0)
+    upstream = StdioUpstream(STDIO_TOOLS, timeout=2.0)
     await upstream.start()
     try:
         client = UpstreamClient(upstream)
@@ -161,11 +161,11 @@ async def test_a_silent_call_times_out_and_is_cancelled_but_progress_keeps_one_a
         with pytest.raises(UpstreamTimeout):
             await client.call_tool("wait_forever", {"label": "silent"})
         await async_wait_until(lambda: _true("cancelled silent" in caplog.text), what="the child to cancel the call")
-        # 8 × 0.2 s is longer than the timeout, but every progress notification shows the call is alive.
+        # 14 × 0.2 s is longer than the timeout, but every progress notification shows the call is alive.
         events: list[dict] = []
-        answer = await client.request("tools/call", {"name": "trickle", "arguments": {"steps": 8, "interval": 0.2},
+        answer = await client.request("tools/call", {"name": "trickle", "arguments": {"steps": 14, "interval": 0.2},
                                                      "_meta": {"progressToken": 1}}, events=events)
-        assert text_of(answer) == "trickled 8" and len(events) == 8
+        assert text_of(answer) == "trickled 14" and len(events) == 14
     finally:
         await upstream.close()
 
