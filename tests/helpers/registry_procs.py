@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+import threading
+import urllib.request
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,9 +21,9 @@ TOY_SERVER = ROOT / "tests" / "helpers" / "toy_mcp_server.py"
 
 
 @contextmanager
-def registry_process(tmp_path: Path, *, interval: float = 0.2, missed: int = 3, secret: str | None = None,
+def registry_process(tmp_path: Path, *, interval: float = 1.0, missed: int = 3, secret: str | None = None,
                      extra: Sequence[str] = ()) -> Iterator[str]:
-    """`toolmesh registry` on a free port with fast heartbeats; yields its base URL."""
+    """`toolmesh registry` on a free port (1 s heartbeats unless a test is about expiry); yields its base URL."""
     port = free_port()
     env = {"TOOLMESH_REGISTRY_SECRET": secret} if secret else {}
     log = tmp_path / f"registry-{port}.log"
@@ -64,23 +66,29 @@ async def post_heartbeat(registry: str, beat: dict[str, Any], secret: str | None
 @contextlib.asynccontextmanager
 async def beating(registry: str, beat: dict[str, Any], *, interval: float = 0.1,
                   secret: str | None = None) -> AsyncIterator[None]:
-    """Send `beat` every `interval` seconds for the duration of the block, like a live sidecar."""
+    """Send `beat` every `interval` seconds for the duration of the block, like a live sidecar.
+
+    The beats come from a thread of their own, so a test's busy event loop never makes a live server look dead.
+    """
     status, body = await post_heartbeat(registry, beat, secret)
     assert status == 200, body
+    stop = threading.Event()
+    data = orjson.dumps(beat)
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {secret}"} if secret else {})}
 
-    async def loop() -> None:
-        while True:
-            await asyncio.sleep(interval)
-            with contextlib.suppress(aiohttp.ClientError):
-                await post_heartbeat(registry, beat, secret)
+    def loop() -> None:
+        while not stop.wait(interval):
+            request = urllib.request.Request(f"{registry}/v1/heartbeats", data=data, headers=headers, method="POST")
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(request, timeout=5).read()
 
-    task = asyncio.create_task(loop())
+    thread = threading.Thread(target=loop, name=f"beats-{beat.get('server')}", daemon=True)
+    thread.start()
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        stop.set()
+        await asyncio.to_thread(thread.join, 10)
 
 
 async def get_json(url: str) -> Any:

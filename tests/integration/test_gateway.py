@@ -52,7 +52,7 @@ async def test_tools_are_listed_as_server__tool_and_called_with_progress(tmp_pat
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_priority_decides_who_answers_to_the_bare_name(tmp_path, mode):
-    with (registry_process(tmp_path, interval=0.1) as registry,
+    with (registry_process(tmp_path) as registry,
           toy_server(tmp_path, "alpha") as (_, alpha), toy_server(tmp_path, "beta") as (_, beta)):
         async with beating(registry, await server_beat("alpha", alpha, priority=1)), \
                 beating(registry, await server_beat("beta", beta, priority=5)):

@@ -24,7 +24,7 @@ async def test_heartbeats_need_the_shared_secret(tmp_path):
         assert (await post_heartbeat(registry, beat(), secret="wrong"))[0] == 401
         assert (await get_json(f"{registry}/v1/tools"))["tools"] == []
         status, body = await post_heartbeat(registry, beat(), secret="s3cret")
-        assert status == 200 and body["interval"] == 0.2
+        assert status == 200 and body["interval"] == 1.0
         assert [t["name"] for t in (await get_json(f"{registry}/v1/tools"))["tools"]] == ["clock__get_time", "clock__convert"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 
 import aiohttp
@@ -49,7 +50,8 @@ async def test_spans_from_the_sdk_exporter_become_red_figures_and_are_relayed(tm
         beat = {"server": "alpha", "endpoint": "http://127.0.0.1:1/mcp", "tools": TOOLS}
         async with beating(registry, beat), beating(collector, beat):
             assert await red_of(registry, "alpha__echo") is None
-            export_calls(registry, "alpha", [("echo", False), ("echo", False), ("echo", True), ("other", False)])
+            await asyncio.to_thread(export_calls, registry, "alpha",
+                                    [("echo", False), ("echo", False), ("echo", True), ("other", False)])
             red = await red_of(registry, "alpha__echo")
             assert red["calls"] == 3 and red["errors"] == 1 and red["errorRate"] == round(1 / 3, 4)
             assert red["p95Ms"] >= red["p50Ms"] >= 0 and red["ratePerMinute"] > 0
