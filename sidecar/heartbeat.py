@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import orjson
@@ -72,7 +73,7 @@ class HeartbeatSettings:
             traits["maxConcurrent"] = int(env["TOOLMESH_SERVER_MAX_CONCURRENT"])
         return cls(
             registry=registry.rstrip("/"), server=server,
-            endpoint=env.get("TOOLMESH_ADVERTISE_URL") or endpoint,
+            endpoint=env.get("TOOLMESH_ADVERTISE_URL") or reachable(endpoint, env),
             instance=env.get("TOOLMESH_INSTANCE") or env.get("POD_NAME") or f"{socket.gethostname()}/{endpoint}",
             interval=float(env.get("TOOLMESH_HEARTBEAT_INTERVAL") or 5.0),
             secret=secret,
@@ -87,6 +88,21 @@ class HeartbeatSettings:
             except OSError as exc:
                 log.warning("cannot read registry token %s: %s", self.token_file, exc)
         return f"Bearer {self.secret}" if self.secret else None
+
+
+def reachable(endpoint: str, env: Mapping[str, str] = os.environ) -> str:
+    """The endpoint as others can reach it: a wildcard listen address becomes the pod's IP."""
+    parts = urlsplit(endpoint)
+    if parts.hostname not in ("0.0.0.0", "::", ""):
+        return endpoint
+    address = env.get("POD_IP")
+    if not address:
+        try:
+            address = socket.gethostbyname(socket.gethostname())  # a pod's hostname resolves to its IP
+        except OSError:
+            address = "127.0.0.1"
+    host = f"[{address}]" if ":" in address else address
+    return urlunsplit(parts._replace(netloc=f"{host}:{parts.port}" if parts.port else host))
 
 
 class Heartbeat:
