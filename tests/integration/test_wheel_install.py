@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, free_port, running, wait_until
+from helpers import ROOT, free_port, port_open, running, wait_until
 from helpers.dockerfile import env_of, parse, replay
 
 CACHE = Path(os.environ.get("TOOLMESH_CACHE") or Path.home() / ".cache" / "toolmesh")
@@ -134,3 +134,52 @@ def test_sidecar_from_the_image_venv_proxies_a_real_tool_call(image_env: dict[st
                     "timezone=Europe/Paris", "--output", "json", cwd=tmp_path)
         assert call.returncode == 0, call.stderr
         assert "Europe/Paris" in call.stdout
+
+
+def test_the_quickstart_time_pod_runs_from_the_image(image_env: dict[str, str], tmp_path: Path):
+    """The operator's rendering of examples/quickstart/time.yaml (no image of its own: it runs in this one),
+    server container and sidecar run as rendered, with the pod's emptyDirs as local folders."""
+    import yaml
+
+    from toolmesh.operator.inject import POLICY_DIR, SIDECAR_NAME, STDIO_DIR
+    from toolmesh.operator.render import SERVER_CONTAINER, OperatorConfig, render_server
+
+    body = yaml.safe_load((ROOT / "examples" / "quickstart" / "time.yaml").read_text())
+    body["metadata"].update(namespace="default", uid="u-1", generation=1)
+    rendered = render_server(body, [], OperatorConfig(registry_url=None))
+    deployment = next(m for m in rendered.manifests if m["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    server = next(c for c in pod["containers"] if c["name"] == SERVER_CONTAINER)
+    sidecar = next(c for c in pod["initContainers"] if c["name"] == SIDECAR_NAME)
+    assert server["image"] == sidecar["image"] == OperatorConfig.sidecar_image
+    fifo_dir, policy_dir = tmp_path / "stdio", tmp_path / "policy"
+    fifo_dir.mkdir()
+    policy_dir.mkdir()
+    configmap = next(m for m in rendered.manifests if m["kind"] == "ConfigMap")
+    for name, text in configmap["data"].items():
+        (policy_dir / name).write_text(text)
+    port = free_port()
+    places = {STDIO_DIR: str(fifo_dir), POLICY_DIR: str(policy_dir), "0.0.0.0:7400": f"127.0.0.1:{port}"}
+
+    def localise(values: list[str]) -> list[str]:
+        out = []
+        for value in values:
+            for old, new in places.items():
+                value = value.replace(old, new)
+            out.append(value)
+        return out
+
+    server_env = dict(image_env, **{e["name"]: localise([e["value"]])[0] for e in server.get("env", [])})
+    sidecar_env = dict(image_env, **{e["name"]: localise([e["value"]])[0] for e in sidecar.get("env", [])
+                                     if "value" in e})
+    log = tmp_path / "sidecar.log"
+    with running(localise(server["command"] + server.get("args", [])), env=server_env, cwd=tmp_path,
+                 log_path=tmp_path / "server.log"), \
+            running(localise(sidecar["command"] + sidecar["args"]), env=sidecar_env, cwd=tmp_path,
+                    log_path=log) as proc:
+        wait_until(lambda: proc.poll() is not None or port_open(port), timeout=30, what="the sidecar to listen")
+        assert proc.poll() is None, log.read_text(errors="replace")
+        call = _run(image_env, "toolmesh", "call", f"http://127.0.0.1:{port}/mcp", "get_current_time",
+                    "timezone=UTC", "--output", "json", cwd=tmp_path)
+        assert call.returncode == 0, call.stderr + log.read_text(errors="replace")[-2000:]
+        assert '"timezone": "UTC"' in call.stdout or '\\"timezone\\": \\"UTC\\"' in call.stdout, call.stdout
