@@ -136,20 +136,29 @@ async def test_server_everything_over_stdio_behind_the_sidecar(tmp_path):
             assert seen == [1.0, 2.0, 3.0]
 
 
-async def test_a_legacy_sse_server_behind_the_sidecar(tmp_path):
+@pytest.fixture(scope="module")
+def sse_sidecar(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("sse")
     port = free_port()
     with running(sse_tools_server(port), log_path=tmp_path / "sse.log"):
         wait_until(lambda: port_open(port), timeout=20, what="the SSE server to listen")
         upstream = ["--upstream", f"http://127.0.0.1:{port}/sse", "--upstream-transport", "sse"]
         with sidecar(upstream, tmp_path) as sc:
-            seen = []
+            yield sc
 
-            async def on_progress(progress, total, message):
-                seen.append(progress)
 
-            async with Client(sc.url, mode="legacy", sampling_callback=answer_sampling) as client:
-                assert "echo" in {t.name for t in (await client.list_tools()).tools}
-                assert text_of(await client.call_tool("echo", {"text": "via sse"})) == "via sse"
-                counted = await client.call_tool("count", {"steps": 2}, progress_callback=on_progress)
-                assert text_of(counted) == "counted 2" and seen == [1.0, 2.0]
-                assert text_of(await client.call_tool("ask_model", {"question": "x"})) == "sampled x"
+@pytest.mark.parametrize("mode", ["legacy", MODERN, "auto"])
+async def test_a_legacy_sse_server_behind_the_sidecar(sse_sidecar, mode):
+    seen = []
+
+    async def on_progress(progress, total, message):
+        seen.append(progress)
+
+    async with Client(sse_sidecar.url, mode=mode, sampling_callback=answer_sampling) as client:
+        assert client.protocol_version == ("2025-11-25" if mode == "legacy" else MODERN)
+        assert "echo" in {t.name for t in (await client.list_tools()).tools}
+        assert text_of(await client.call_tool("echo", {"text": "via sse"})) == "via sse"
+        counted = await client.call_tool("count", {"steps": 2}, progress_callback=on_progress)
+        assert text_of(counted) == "counted 2" and seen == [1.0, 2.0]
+        if mode == "legacy":  # server-to-client requests belong to sessions
+            assert text_of(await client.call_tool("ask_model", {"question": "x"})) == "sampled x"
