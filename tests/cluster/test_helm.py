@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import TOOLMESH, free_port, port_open, running, wait_until
+from helpers import ROOT, TOOLMESH, free_port, port_open, running, wait_until
 from helpers.chart import CHART
 from helpers.operator_proc import WEBHOOK_CONFIGURATION, condition, get_json
 from helpers.registry_procs import beating
@@ -176,6 +176,8 @@ def test_operator_and_registry_work_under_the_charts_rbac(cluster, release, name
         config = get_json(cluster, "mutatingwebhookconfiguration", WEBHOOK_CONFIGURATION)
         assert all(w["clientConfig"].get("caBundle") == secret["data"]["ca.crt"] for w in config["webhooks"])
 
+        # The README's policy step, then its server step.
+        cluster.kubectl("apply", "-n", namespace, "-f", str(ROOT / "examples" / "policies" / "authorization.yaml"))
         server = {"apiVersion": "toolmesh.io/v1alpha1", "kind": "MCPServer", "metadata": {"name": "echo"},
                   "spec": {"image": "example.org/echo-mcp:1", "transport": "streamable-http", "port": 8080}}
         cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(server))
@@ -190,6 +192,15 @@ def test_operator_and_registry_work_under_the_charts_rbac(cluster, release, name
                     and applied and applied["status"] == "True" and body)
 
         body = wait_for(reconciled, timeout=90, what="MCPServer echo reconciled under the chart's RBAC")
+        assert body["status"]["appliedPolicies"] == ["authorization"]
+
+        def policy_reported():
+            policy = get_json(cluster, "mcptoolpolicy", "authorization", "-n", namespace)
+            accepted = condition(policy, "Accepted")
+            return accepted and accepted["status"] == "True" and policy["status"].get("servers") == ["echo"]
+
+        wait_for(policy_reported, timeout=30, what="the policy's status written under the chart's RBAC")
+        assert "authorization" in cluster.kubectl("get", "mcptoolpolicies", "-n", namespace).stdout
         assert body["status"]["endpoint"] == f"http://echo.{namespace}.svc:7400/mcp"
         for kind, name in (("deployment", "echo"), ("service", "echo"), ("serviceaccount", "echo"),
                            ("configmap", "echo-policy")):
