@@ -38,6 +38,7 @@ def test_rendering_matches_golden(case: str):
     ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
     ("registry.replcas=2", "replcas"),
     ("registry.port=70000", "/registry/port"),
+    ("registry.service.sessionAffinity=Sticky", "/registry/service/sessionAffinity"),
     ("registry.missedHeartbeats=0", "/registry/missedHeartbeats"),
     ("podSecurityContext.runAsNonRoot=false", "/podSecurityContext/runAsNonRoot"),
     ("operator.watchNamespaces[0]=Team_A", "/operator/watchNamespaces/0"),
