@@ -227,6 +227,55 @@ def needs_param_check(message: Any, headers: Mapping[str, str]) -> str | None:
     return None
 
 
+def without_envelope(message: dict[str, Any]) -> dict[str, Any]:
+    """A 2026-07-28 request as a handshake-era server takes it: `_meta` without the era's `io.modelcontextprotocol/*`."""
+    params = message.get("params")
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    if isinstance(meta, dict):
+        kept = {k: v for k, v in meta.items() if not k.startswith("io.modelcontextprotocol/")}
+        if kept:
+            params["_meta"] = kept
+        else:
+            del params["_meta"]
+    return message
+
+
+_CACHEABLE = frozenset({"tools/list", "prompts/list", "resources/list", "resources/templates/list", "resources/read"})
+"""2026-07-28 results that must say how long they may be cached."""
+
+
+def _as_modern_result(data: bytes, method: str) -> bytes:
+    message = orjson.loads(data)
+    result = message.get("result") if isinstance(message, dict) and "method" not in message else None
+    if not isinstance(result, dict):
+        return data  # an error, or a notification on the way
+    result.setdefault("resultType", "complete")
+    if method in _CACHEABLE:
+        # A handshake-era server gave no cache hints: say "do not cache", never more than it promised.
+        result.setdefault("ttlMs", 0)
+        result.setdefault("cacheScope", "private")
+    return dumps(message)
+
+
+def as_modern_answer(response: UpstreamResponse, method: str) -> UpstreamResponse:
+    """A handshake-era server's answer in 2026-07-28 shape: `resultType`, and cache hints where that era needs them."""
+    if response.body is not None:
+        response.body = _as_modern_result(response.body, method)
+        return with_error_status(response)
+    if response.events is not None:
+        events = response.events
+
+        async def reshaped() -> AsyncIterator[SseEvent]:
+            async for event in events:
+                if b'"result"' in event.data:
+                    event = SseEvent(data=_as_modern_result(event.data, method), id=event.id, event=event.event,
+                                     retry=event.retry)
+                yield event
+
+        response.events = reshaped()
+    return response
+
+
 def discover_params(client_info: Mapping[str, Any]) -> dict[str, Any]:
     """The params of the proxy's own `server/discover`, which settles a fresh connection in the stateless era."""
     return {"_meta": {

@@ -70,8 +70,10 @@ from toolmesh.sidecar.multiplex import (
     json_response,
     modern_rejection,
     parse_body,
+    as_modern_answer,
     serve_modern,
     serves_modern,
+    without_envelope,
 )
 from toolmesh.sidecar.upstream import UpstreamResponse
 
@@ -218,6 +220,11 @@ class StdioUpstream:
             modern = await self._modern_child() if not self._modern_unsupported else None
             if modern is not None:
                 return await modern._serve_modern(message, body, headers)
+            if message.get("method") != "server/discover":
+                # One process, one era: ask the handshake-era child, without the envelope it would refuse.
+                await self._wait_ready()
+                answer = await self._mux.post(without_envelope(message), None)
+                return as_modern_answer(answer, str(message.get("method")))
         if isinstance(message, dict) and message.get("method") == "initialize" and "id" in message:
             return await self._open_session(message)
         if session_id is not None:

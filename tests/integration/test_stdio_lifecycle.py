@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 
+import orjson
 import pytest
 
 from helpers import async_wait_until
@@ -116,6 +117,14 @@ async def test_attached_through_fifos_like_a_kubernetes_pod(tmp_path):
         await client.initialize()
         first_pid = text_of(await client.call_tool("whoami"))
         assert int(first_pid) == children[0].pid  # sh exec'd the server
+        # One process serves one era: a 2026-07-28 request reaches it without the envelope, answered in that era.
+        modern = await upstream.post(orjson.dumps({"jsonrpc": "2.0", "id": "m", "method": "tools/list", "params": {
+            "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                      "io.modelcontextprotocol/clientCapabilities": {}}}}),
+            {"MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/list"})
+        listed = orjson.loads(modern.body)["result"]
+        assert listed["resultType"] == "complete" and listed["ttlMs"] == 0
+        assert "whoami" in {tool["name"] for tool in listed["tools"]}
 
         stuck = asyncio.create_task(client.call_tool("wait_forever", {"label": "pod"}))
         await async_wait_until(lambda: _true(upstream._mux.in_flight == 1), what="the call in flight")

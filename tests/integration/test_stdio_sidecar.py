@@ -116,6 +116,23 @@ async def test_mcp_server_time_behind_the_sidecar(tmp_path):
 
 
 @pytest.mark.node
+async def test_a_stateless_era_client_reaches_a_handshake_only_stdio_server(tmp_path):
+    with sidecar(["--upstream-command", shlex.join(EVERYTHING_SERVER)], tmp_path) as sc:
+        seen = []
+
+        async def on_progress(progress, total, message):
+            seen.append(progress)
+
+        async with Client(sc.url, mode=MODERN) as client:
+            assert "echo" in {t.name for t in (await client.list_tools()).tools}
+            assert text_of(await client.call_tool("echo", {"message": "now"})) == "Echo: now"
+            result = await client.call_tool("trigger-long-running-operation", {"duration": 0.3, "steps": 3},
+                                            progress_callback=on_progress)
+            assert not result.is_error and seen == [1.0, 2.0, 3.0]
+            assert (await client.list_prompts()).prompts
+
+
+@pytest.mark.node
 async def test_server_everything_over_stdio_behind_the_sidecar(tmp_path):
     with sidecar(["--upstream-command", shlex.join(EVERYTHING_SERVER)], tmp_path) as sc:
         seen = []
