@@ -27,9 +27,11 @@ result with a fresh `Mcp-Session-Id`, and swallows the clients'
 era per process, so 2026-07-28 requests (no `Mcp-Session-Id`, the era's
 envelope or header) go to a second child of the same command, settled in that
 era by a `server/discover` at its start and checked as a Streamable HTTP
-server would (routing headers, `Mcp-Param-*`, error statuses); a server
-without that era gets them on its one child, which refuses them itself.
-Attached (FIFO) servers have one process and so one era.
+server would (routing headers, `Mcp-Param-*`, error statuses). A server
+without that era, and an attached (FIFO) server, which is one process, get
+them on their one child without the era's envelope, and the answers are
+reshaped for that era (`resultType`, and `ttlMs: 0` where a cache hint is
+required).
 
 When the child exits (or closes stdout) every in-flight request fails with
 JSON-RPC error -32001 "upstream exited" carrying the exit code and the last
