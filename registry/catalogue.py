@@ -158,9 +158,9 @@ class Catalogue:
     def observe_remote(self, server: str, namespace: str | None, endpoint: str, tools: Iterable[Mapping[str, Any]],
                        seen_wall: float) -> None:
         """An instance known only from MCPServer.status: alive until the heartbeat deadline after `seen_wall`."""
+        # Kept even while our own sidecars beat: when they stop, the server is served from here without a gap.
+        # Our own heartbeats still win while they last (see `_serving`).
         instances = self._instances.setdefault(server, {})
-        if any(not i.remote and not i.expired for i in instances.values()):
-            return  # our own heartbeats say more than a status another replica wrote
         key = f"status:{namespace}/{server}"
         inst = instances.get(key)
         tools = tuple(tools)
@@ -215,16 +215,22 @@ class Catalogue:
     def healthy_instances(self, server: str) -> list[Instance]:
         return [i for i in self._instances.get(server, {}).values() if i.healthy]
 
+    def _serving(self, server: str) -> list[Instance]:
+        """Healthy instances that heartbeat to us; only when there are none, those known from MCPServer.status."""
+        healthy = self.healthy_instances(server)
+        own = [i for i in healthy if not i.remote]
+        return own or healthy
+
     def server_tools(self, server: str) -> tuple[Mapping[str, Any], ...]:
         """The tools of a healthy server: from its most recently seen healthy instance."""
-        healthy = self.healthy_instances(server)
-        if not healthy:
+        serving = self._serving(server)
+        if not serving:
             return ()
-        return max(healthy, key=lambda i: i.last_seen).tools
+        return max(serving, key=lambda i: i.last_seen).tools
 
     def pick(self, server: str) -> Instance | None:
         """A healthy instance for the next call: least in-flight first, round robin among equals."""
-        healthy = self.healthy_instances(server)
+        healthy = self._serving(server)
         if not healthy:
             return None
         least = min(i.in_flight for i in healthy)

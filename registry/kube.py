@@ -207,11 +207,18 @@ class ClusterSync:
                 log.warning("cannot write status of MCPServer %s/%s: %s", namespace, name, exc)
 
     def _write(self, namespace: str, name: str, wanted: Mapping[str, Any], last: float, healthy: bool) -> None:
+        deadline = self.catalogue.interval * self.catalogue.missed_limit
         for _ in range(CONFLICT_RETRIES):
             server = self.api.get_server(namespace, name)
             if server is None:
                 return
             status = server.get("status") or {}
+            written_at = parse_time(status.get("lastHeartbeat"))
+            if written_at is not None and written_at > last and time.time() - written_at < deadline:
+                # Another replica heard from this server more recently than we did: it speaks for it now.
+                if not healthy:
+                    return
+                last = written_at
             condition = {"type": "Healthy", "status": "True" if healthy else "False",
                          "reason": "HeartbeatsReceived" if healthy else "HeartbeatsMissed",
                          "message": f"{wanted['healthyInstances']} healthy sidecar(s) report to the registry"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -117,3 +118,45 @@ async def test_a_restarted_registry_serves_the_catalogue_from_status(cluster, na
                     async with Client(f"{second_url}/mcp", mode="legacy") as client:
                         result = await client.call_tool("beta__echo", {"message": "recovered"})
                     assert [c.text for c in result.content] == ["beta:recovered"]
+
+
+async def test_two_replicas_agree_through_the_api(cluster, namespace, tmp_path):
+    install_crds(cluster)
+    apply_server(cluster, namespace, "gamma")
+    token_file = tmp_path / "token"
+    token_file.write_text(cluster.token_for(namespace, "gamma", "toolmesh-registry"))
+    env = {"TOOLMESH_REGISTRY_TOKEN_FILE": str(token_file)}
+    a_port, a = kube_registry(cluster, tmp_path, "replica-a", interval=1)
+    b_port, b = kube_registry(cluster, tmp_path, "replica-b", interval=1)
+    replica_a, replica_b = f"http://127.0.0.1:{a_port}", f"http://127.0.0.1:{b_port}"
+    with a as proc_a, b as proc_b, toy_server(tmp_path, "gamma") as (_, upstream):
+        wait_until(lambda: port_open(a_port) and port_open(b_port), timeout=30, what="both replicas")
+        with sidecar(["--upstream", upstream], tmp_path, "--server-name", "gamma", "--registry", replica_a,
+                     env=env, name="to-a") as to_a, \
+                sidecar(["--upstream", upstream], tmp_path, "--server-name", "gamma", "--registry", replica_b,
+                        env=env, name="to-b") as to_b:
+            cluster.kubectl("patch", "mcpserver", "gamma", "-n", namespace, "--subresource=status",
+                            "--type=merge", "-p", json.dumps({"status": {"endpoint": to_b.url}}))
+            for registry in (replica_a, replica_b):
+                async def listed(registry=registry):
+                    return await tool_names(registry) == ["gamma__echo"]
+
+                await async_wait_until(listed, timeout=30, what=f"gamma at {registry}")
+            # The sidecar reporting to replica A goes away; B still hears gamma, and says so in the status.
+            to_a.proc.kill()
+            to_a.proc.wait(timeout=10)
+            seen_false = []
+            deadline = asyncio.get_running_loop().time() + 8  # several heartbeat deadlines of A
+            while asyncio.get_running_loop().time() < deadline:
+                status = status_of(cluster, namespace, "gamma")
+                seen_false.append(healthy_condition(status) == "False")
+                served = await tool_names(replica_a)
+                assert served == ["gamma__echo"], (status, await get_json(f"{replica_a}/v1/servers"))  # from B's status
+                await asyncio.sleep(0.5)
+            assert not any(seen_false)
+            from mcp.client import Client
+
+            async with Client(f"{replica_a}/mcp", mode="legacy") as client:
+                result = await client.call_tool("gamma__echo", {"message": "via A"})
+            assert [c.text for c in result.content] == ["gamma:via A"]
+        assert proc_a.poll() is None and proc_b.poll() is None
