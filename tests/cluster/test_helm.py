@@ -327,3 +327,44 @@ def test_with_cert_manager_the_operator_serves_the_issued_certificate_and_needs_
         cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
         cluster.kubectl("delete", "crd", "certificates.cert-manager.io", "issuers.cert-manager.io", "--wait=false",
                         check=False)
+
+
+def test_an_operator_limited_to_namespaces_reconciles_there_with_roles_only(cluster, namespace, tmp_path):
+    release = f"toolmesh-ns-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("delete", "mutatingwebhookconfiguration", WEBHOOK_CONFIGURATION, "--ignore-not-found")
+    cluster.helm("install", RELEASE, str(CHART), "-n", release, "--create-namespace",
+                 "--set", f"operator.watchNamespaces[0]={namespace}", "--set", "webhook.enabled=false",
+                 "--set", "sidecar.defaultPolicy.enabled=true", "--set", f"sidecar.defaultPolicy.namespaces[0]={namespace}",
+                 timeout=180)
+    try:
+        operator_sa = service_account(release, "operator")
+        assert can_i(cluster, operator_sa, "patch", "deployments.apps", "-n", namespace)
+        assert not can_i(cluster, operator_sa, "patch", "deployments.apps", "-n", "default")
+        assert not can_i(cluster, operator_sa, "list", "mcpservers", "-A")
+        assert get_json(cluster, "mutatingwebhookconfiguration", WEBHOOK_CONFIGURATION) is None
+        env = kubeconfig_for(cluster, release, "operator", tmp_path / "operator.kubeconfig")
+        log = tmp_path / "operator.log"
+        cmd = [TOOLMESH, "operator", "--operator-namespace", release, "--namespace", namespace, "--no-webhook",
+               "--sidecar-image", IMAGE, "--registry-url", ""]
+        server = {"apiVersion": "toolmesh.io/v1alpha1", "kind": "MCPServer", "metadata": {"name": "echo"},
+                  "spec": {"image": "example.org/echo-mcp:1", "transport": "streamable-http", "port": 8080}}
+        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(server))
+        with running(cmd, env=env, log_path=log, stop_timeout=15) as operator:
+            def reconciled():
+                assert operator.poll() is None, log.read_text(errors="replace")[-3000:]
+                body = get_json(cluster, "mcpserver", "echo", "-n", namespace)
+                applied = condition(body, "PolicyApplied")
+                return applied and applied["status"] == "True" and body
+
+            try:
+                body = cluster.wait_for(reconciled, timeout=90, what="MCPServer echo reconciled by a namespaced operator")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{log.read_text(errors='replace')[-3000:]}") from None
+        # The chart's default policy is what the operator merged in.
+        assert body["status"]["appliedPolicies"] == ["toolmesh-default"]
+        assert get_json(cluster, "deployment", "echo", "-n", namespace) is not None
+        text = log.read_text(errors="replace")
+        assert "Forbidden" not in text and " 403" not in text, text[-3000:]
+    finally:
+        cluster.helm("uninstall", RELEASE, "-n", release, "--ignore-not-found", check=False)
+        cluster.kubectl("delete", "namespace", release, "--wait=false", check=False)
