@@ -15,9 +15,16 @@ from helpers.chart import CHART, GOLDEN, find, helm, objects, template
 CASES = sorted(p.name.removesuffix(".values.yaml") for p in GOLDEN.glob("*.values.yaml"))
 
 
-def test_helm_lint_is_clean():
-    result = helm("lint", "--strict", str(CHART), "--kube-version", "1.36.0")
+@pytest.mark.parametrize("case", CASES)
+def test_helm_lint_is_clean(case: str):
+    result = helm("lint", "--strict", str(CHART), "--kube-version", "1.36.0", "-f", str(GOLDEN / f"{case}.values.yaml"))
     assert "0 chart(s) failed" in result.stdout
+
+
+def test_notes_name_files_that_exist():
+    notes = (CHART / "templates" / "NOTES.txt").read_text()
+    paths = re.findall(r"-f (examples/\S+)", notes)
+    assert paths and all((ROOT / p).exists() for p in paths), paths
 
 
 @pytest.mark.parametrize("case", CASES)
