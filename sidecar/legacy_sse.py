@@ -23,7 +23,9 @@ backoff and replays the client's `initialize` (and `notifications/initialized`)
 so the session carries on; requests arriving meanwhile wait up to
 `reconnect_wait`. Requests without `Mcp-Session-Id` and `probe()` share one
 connection the adapter initializes itself; 2026-07-28 requests get another,
-opened with `server/discover`, when the server serves that era.
+opened with `server/discover`, when the server serves that era, and otherwise
+go on the adapter's own connection without the era's envelope, their answers
+reshaped for that era.
 """
 
 from __future__ import annotations
@@ -50,10 +52,12 @@ from toolmesh.sidecar.multiplex import (
     header,
     is_modern_request,
     json_response,
+    as_modern_answer,
     modern_rejection,
     parse_body,
     serve_modern,
     serves_modern,
+    without_envelope,
 )
 from toolmesh.sidecar.upstream import UpstreamResponse
 
@@ -294,6 +298,12 @@ class LegacySseUpstream:
             if modern is not None:
                 await self._wait_ready(modern)
                 return await serve_modern(modern.mux, modern.schemas, message, body, headers)
+            if message.get("method") != "server/discover":
+                # A handshake-only server: ask it without the envelope, and answer in the client's era.
+                own = await self._own_connection()
+                await self._wait_ready(own)
+                answer = await own.mux.post(without_envelope(message), None)
+                return as_modern_answer(answer, str(message.get("method")))
         if isinstance(message, dict) and message.get("method") == "initialize" and "id" in message:
             return await self._open_session(message, body)
         if session_id is None:

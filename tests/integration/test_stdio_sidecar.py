@@ -179,3 +179,16 @@ async def test_a_legacy_sse_server_behind_the_sidecar(sse_sidecar, mode):
         assert text_of(counted) == "counted 2" and seen == [1.0, 2.0]
         if mode == "legacy":  # server-to-client requests belong to sessions
             assert text_of(await client.call_tool("ask_model", {"question": "x"})) == "sampled x"
+
+
+@pytest.mark.node
+@pytest.mark.parametrize("mode", ["legacy", MODERN])
+async def test_a_handshake_only_legacy_sse_server_serves_both_eras_through_the_sidecar(tmp_path, mode):
+    port = free_port()
+    with running([EVERYTHING_SERVER[0], "sse"], env={"PORT": str(port)}, log_path=tmp_path / "everything.log"):
+        wait_until(lambda: port_open(port), timeout=30, what="server-everything to listen")
+        upstream = ["--upstream", f"http://127.0.0.1:{port}/sse", "--upstream-transport", "sse"]
+        with sidecar(upstream, tmp_path) as sc:
+            async with Client(sc.url, mode=mode) as client:
+                assert "echo" in {t.name for t in (await client.list_tools()).tools}
+                assert text_of(await client.call_tool("echo", {"message": "old"})) == "Echo: old"
