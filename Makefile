@@ -47,7 +47,7 @@ docs: install  ## regenerate docs/policy-reference.md from the policy models' do
 test: install system-deps node-deps cluster-bins lint  ## install everything the tests need, run the whole suite
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test-fast: install lint  ## unit tests only
+test-fast: install cluster-bins lint  ## unit tests only (the chart tests use the helm binary)
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
 bench: install system-deps node-deps  ## run the benchmark harness, write bench/results/ (BENCH_ARGS="--quick sidecar")
