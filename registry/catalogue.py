@@ -60,6 +60,8 @@ class Instance:
     """The Kubernetes namespace of the MCPServer (cluster mode: from the sender's ServiceAccount)."""
     remote: bool = False
     """Known from MCPServer.status written by another registry replica (or before a restart), not from a heartbeat."""
+    caller_filtered: bool = False
+    """The sidecar authenticates callers, so which tools one may see depends on who asks."""
 
     @property
     def healthy(self) -> bool:
@@ -149,6 +151,7 @@ class Catalogue:
         inst.last_seen_wall = time.time()
         inst.expired = False
         inst.remote = False
+        inst.caller_filtered = beat.get("callerFiltered") is True
         if isinstance(beat.get("namespace"), str):
             inst.namespace = beat["namespace"]
         if relevant:
@@ -220,6 +223,12 @@ class Catalogue:
         healthy = self.healthy_instances(server)
         own = [i for i in healthy if not i.remote]
         return own or healthy
+
+    def caller_filtered(self, server: str) -> Instance | None:
+        """An instance to ask for a caller's view of `server`'s tools, when its listing depends on the caller."""
+        serving = self._serving(server)
+        filtered = [i for i in serving if i.caller_filtered]
+        return max(filtered, key=lambda i: i.last_seen) if filtered else None
 
     def server_tools(self, server: str) -> tuple[Mapping[str, Any], ...]:
         """The tools of a healthy server: from its most recently seen healthy instance."""
@@ -302,7 +311,7 @@ class GatewayView:
 
     def page_json(self, cursor: str | None, size: int) -> tuple[bytes, str | None]:
         """Like `page`, with the tools already serialised as the inside of a JSON array (cached per page)."""
-        start = self._offset(cursor)
+        start = self.offset(cursor)
         key = (start, size)
         body = self._pages.get(key)
         if body is None:
@@ -310,7 +319,7 @@ class GatewayView:
         end = start + size
         return body, (f"{self.version}:{end}" if end < len(self.tools) else None)
 
-    def _offset(self, cursor: str | None) -> int:
+    def offset(self, cursor: str | None) -> int:
         if not cursor:
             return 0
         try:

@@ -100,6 +100,8 @@ class Gateway:
         self.sessions: dict[str, GatewaySession] = {}
         self.listeners: set[asyncio.Queue[bytes]] = set()
         self.local_tools: dict[str, tuple[dict[str, Any], LocalTool]] = {}
+        self._visible: dict[tuple[str, str | None, int], tuple[float, frozenset[str]]] = {}
+        """(sidecar endpoint, caller's Authorization, catalogue version) → (until, tool names it lists them)."""
         self._list_changed = orjson.dumps({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
         catalogue.on_change(self._announce_change)
 
@@ -180,7 +182,7 @@ class Gateway:
         if method == "server/discover":
             return _json({"jsonrpc": "2.0", "id": request_id, "result": self._discover()})
         if method == "tools/list":
-            return self._tools_list(request_id, params, modern=session is None)
+            return await self._tools_list(request_id, params, caller, modern=session is None)
         if method == "subscriptions/listen":
             return await self._listen(request, request_id, params)
         if method == "tools/call":
@@ -253,10 +255,15 @@ class Gateway:
         view = self.catalogue.view()
         return [*(d for d, _ in self.local_tools.values()), *view.tools], view.version
 
-    def _tools_list(self, request_id: Any, params: Mapping[str, Any], *, modern: bool) -> web.Response:
+    async def _tools_list(self, request_id: Any, params: Mapping[str, Any], caller: Caller, *,
+                          modern: bool) -> web.Response:
         view = self.catalogue.view()
+        filtered = {s: i for s in self.catalogue.servers() if (i := self.catalogue.caller_filtered(s)) is not None}
         try:
-            page, cursor = view.page_json(params.get("cursor"), self.page_size)
+            if filtered:
+                page, cursor = await self._callers_page(view, filtered, caller, params.get("cursor"))
+            else:
+                page, cursor = view.page_json(params.get("cursor"), self.page_size)
         except ValueError as exc:
             return _json(_error(request_id, INVALID_PARAMS, str(exc)))
         # Assembled from pre-serialised pages: 2,000 tools are not re-encoded on every listing.
@@ -273,6 +280,43 @@ class Gateway:
         body = b"".join([b'{"jsonrpc":"2.0","id":', orjson.dumps(request_id), b',"result":{"tools":[',
                          b",".join(parts), b"]", b"," + tail if tail else b"", b"}}"])
         return web.Response(body=body, content_type="application/json")
+
+    async def _callers_page(self, view: Any, filtered: Mapping[str, Instance], caller: Caller,
+                            cursor: str | None) -> tuple[bytes, str | None]:
+        """A page of the tools this caller may call: sidecars that authenticate are asked with the caller's token."""
+        servers = sorted(filtered)
+        visible = await asyncio.gather(*(self._visible_tools(filtered[s], caller) for s in servers))
+        allowed = {s: names for s, names in zip(servers, visible)}
+        tools = [t for t in view.tools
+                 if (route := view.routes[t["name"]]).server not in allowed or route.tool in allowed[route.server]]
+        start = view.offset(cursor)
+        end = start + self.page_size
+        return orjson.dumps(tools[start:end])[1:-1], (f"{view.version}:{end}" if end < len(tools) else None)
+
+    async def _visible_tools(self, inst: Instance, caller: Caller) -> frozenset[str]:
+        """The tool names `inst`'s sidecar lists for this caller, cached briefly; nothing when it refuses them."""
+        key = (inst.endpoint, caller.authorization, self.catalogue.version)
+        cached = self._visible.get(key)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        names: set[str] = set()
+        try:
+            cursor = None
+            for _ in range(50):
+                answer = await self.backends.request(inst.endpoint, "tools/list", {"cursor": cursor} if cursor else {},
+                                                     authorization=caller.authorization)
+                result = answer.get("result") or {}
+                names.update(t.get("name") for t in result.get("tools") or [] if isinstance(t, dict))
+                cursor = result.get("nextCursor")
+                if "error" in answer or not cursor:
+                    break
+        except (BackendUnavailable, BackendRefused):
+            names = set()
+        visible = frozenset(names)
+        if len(self._visible) > 10_000:
+            self._visible.clear()
+        self._visible[key] = (time.monotonic() + max(1.0, self.catalogue.interval), visible)
+        return visible
 
     async def _tools_call(self, request: web.Request, session: GatewaySession | None, request_id: Any,
                           params: Mapping[str, Any], caller: Caller) -> web.StreamResponse:

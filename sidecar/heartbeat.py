@@ -109,10 +109,11 @@ class Heartbeat:
     """The beat loop for one sidecar."""
 
     def __init__(self, settings: HeartbeatSettings, shared: SharedState,
-                 ready: Callable[[], bool] | None = None) -> None:
+                 ready: Callable[[], bool] | None = None, policy: Callable[[], Any] | None = None) -> None:
         self.settings = settings
         self.shared = shared
         self._ready = ready
+        self._policy = policy
         self.interval = settings.interval
         self.beats = 0
         """Heartbeats the registry accepted."""
@@ -133,6 +134,8 @@ class Heartbeat:
             "tools": [dict(t.definition) for t in self.shared.tools],
             "breakers": _breaker_states(self.shared),
             "stats": _tool_stats(self.shared),
+            # The gateway must then ask this sidecar which tools each caller may see.
+            "callerFiltered": getattr(self._policy() if self._policy else None, "auth", None) is not None,
         }
         beat.update(self.settings.traits)
         return beat
@@ -278,10 +281,17 @@ def _tool_stats(shared: SharedState) -> dict[str, Any]:
     return result
 
 
+def _policy_in_force(app: web.Application) -> Any:
+    from toolmesh.sidecar.app import PIPELINE
+
+    pipeline = app.get(PIPELINE)
+    return getattr(pipeline, "policy", None)
+
+
 def attach(app: web.Application, settings: HeartbeatSettings, shared: SharedState,
            ready: Callable[[], bool] | None = None) -> Heartbeat:
     """Run heartbeats for the life of the sidecar's aiohttp app (a `cleanup_ctx`); returns the beat loop."""
-    heartbeat = Heartbeat(settings, shared, ready)
+    heartbeat = Heartbeat(settings, shared, ready, policy=lambda: _policy_in_force(app))
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         http = aiohttp.ClientSession()
