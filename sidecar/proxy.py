@@ -220,6 +220,9 @@ class McpEndpoint:
         if length is not None and length > limit:
             raise BodyTooLarge(f"request body over {limit} bytes")
         try:
+            if request.content.is_eof():
+                # The whole body came with the head (the usual small JSON-RPC message): no timer to arm.
+                return await request.read()
             async with asyncio.timeout(self.settings.body_timeout):
                 return await request.read()
         except web.HTTPRequestEntityTooLarge:
