@@ -75,10 +75,10 @@ def make_upstream(args: argparse.Namespace) -> Any:
         if not command:
             raise ConfigError("--upstream-command is empty")
         stdio = _optional_module("toolmesh.sidecar.stdio", "the stdio bridge")
-        return stdio.StdioUpstream(command)
+        return stdio.StdioUpstream(command, timeout=args.upstream_timeout)
     if args.upstream_fifo_dir:
         stdio = _optional_module("toolmesh.sidecar.stdio", "the stdio bridge")
-        return stdio.StdioUpstream.attach(args.upstream_fifo_dir)
+        return stdio.StdioUpstream.attach(args.upstream_fifo_dir, timeout=args.upstream_timeout)
     url = args.upstream
     if not url.startswith(("http://", "https://")):
         raise ConfigError(f"--upstream must be an http(s) URL, got {url!r}")
