@@ -81,3 +81,15 @@ async def test_a_leaving_sidecar_takes_its_tools_at_once_and_a_new_beat_brings_t
         assert (await get_json(f"{registry}/v1/tools"))["tools"] == []
         assert (await post_heartbeat(registry, beat()))[0] == 200
         assert len((await get_json(f"{registry}/v1/tools"))["tools"]) == 2
+
+
+async def test_declared_mcpserver_specs_outrank_what_heartbeats_say(tmp_path):
+    manifest = tmp_path / "clock.yaml"
+    manifest.write_text("apiVersion: toolmesh.io/v1alpha1\nkind: MCPServer\nmetadata: {name: clock}\n"
+                        "spec: {command: [x], priority: 3, capabilities: [time], maxConcurrent: 5}\n")
+    with registry_process(tmp_path, extra=["--manifests", str(manifest)]) as registry:
+        (declared,) = (await get_json(f"{registry}/v1/servers"))["servers"]
+        assert not declared["healthy"] and declared["instances"] == []
+        assert (await post_heartbeat(registry, beat(priority=99, capabilities=["other"])))[0] == 200
+        (server,) = (await get_json(f"{registry}/v1/servers"))["servers"]
+        assert server["healthy"] and (server["priority"], server["capabilities"], server["maxConcurrent"]) == (3, ["time"], 5)
