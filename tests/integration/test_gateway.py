@@ -134,10 +134,12 @@ async def test_pagination_walks_every_tool(tmp_path):
                 assert pages == 3 and names == [f"many__t{i}" for i in range(8)]
 
 
-async def test_cancelling_a_call_releases_the_backend(tmp_path):
+@pytest.mark.parametrize("mode", MODES)
+async def test_cancelling_a_call_releases_the_backend(tmp_path, mode):
+    # Session era: notifications/cancelled; stateless era: the client closes the response stream.
     with registry_process(tmp_path) as registry, toy_server(tmp_path, "alpha", "hang,echo") as (_, alpha):
         async with beating(registry, await server_beat("alpha", alpha)):
-            async with Client(f"{registry}/mcp", mode="legacy") as client:
+            async with Client(f"{registry}/mcp", mode=mode) as client:
                 started = asyncio.Event()
 
                 async def on_progress(value, total, message):
