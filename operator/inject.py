@@ -57,6 +57,8 @@ class SidecarOptions:
     """Where heartbeats and traces go; None runs the sidecar without a registry."""
     resources: Mapping[str, Any] = field(default_factory=lambda: copy.deepcopy(dict(DEFAULT_RESOURCES)))
     """The sidecar container's requests and limits."""
+    env: tuple[tuple[str, str], ...] = ()
+    """Extra environment for the sidecar (e.g. the server's priority and capabilities for its heartbeats)."""
 
     @property
     def upstream_url(self) -> str:
@@ -91,6 +93,9 @@ def sidecar_container(options: SidecarOptions) -> dict[str, Any]:
     env = [
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        # The address the sidecar advertises to the registry: it listens on 0.0.0.0.
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        *({"name": name, "value": value} for name, value in options.env),
     ]
     if options.registry_url:
         env.append({"name": "TOOLMESH_REGISTRY_TOKEN_FILE", "value": f"{TOKEN_DIR}/token"})

@@ -119,7 +119,17 @@ def sidecar_options(server: Mapping[str, Any], spec: MCPServerSpec, config: Oper
     return SidecarOptions(
         image=config.sidecar_image, server_name=name, transport=spec.transport.value, upstream_port=spec.port,
         upstream_path=spec.path, policy_configmap=policy_configmap_name(name), registry_url=config.registry_url,
+        env=heartbeat_traits(spec) if config.registry_url else (),
     )
+
+
+def heartbeat_traits(spec: MCPServerSpec) -> tuple[tuple[str, str], ...]:
+    """What the sidecar reports about its server to the registry: gateway priority and delegation traits."""
+    traits = [("TOOLMESH_SERVER_PRIORITY", str(spec.priority)),
+              ("TOOLMESH_SERVER_MAX_CONCURRENT", str(spec.maxConcurrent))]
+    if spec.capabilities:
+        traits.append(("TOOLMESH_SERVER_CAPABILITIES", ",".join(spec.capabilities)))
+    return tuple(traits)
 
 
 def server_container(spec: MCPServerSpec, config: OperatorConfig) -> dict[str, Any]:
