@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 MAX_HEAD_BYTES = 64 * 1024
 """Largest response head (status line and headers) accepted."""
 READ_LIMIT = 1024 * 1024
+PREFETCH_BYTES = 256 * 1024
+"""An answer with a Content-Length up to this size is read together with its head."""
 MAX_IDLE = 64
 """Idle keep-alive connections kept; more are closed when they come back."""
 MAX_IDLE_SECONDS = 4.0
@@ -51,7 +53,8 @@ class Connection:
 class WireResponse:
     """Status and headers of an answer; its body is read with `read()` or streamed with `chunks()`."""
 
-    __slots__ = ("status", "headers", "_pool", "_conn", "_length", "_chunked", "_done", "_keep_alive", "_timeout")
+    __slots__ = ("status", "headers", "_pool", "_conn", "_length", "_chunked", "_done", "_keep_alive", "_timeout",
+                 "_body")
 
     def __init__(self, pool: WirePool, conn: Connection, status: int, headers: dict[str, str], *,
                  length: int | None, chunked: bool, keep_alive: bool, timeout: float | None):
@@ -64,14 +67,21 @@ class WireResponse:
         self._keep_alive = keep_alive
         self._timeout = timeout
         self._done = length == 0 and not chunked
+        self._body: bytes | None = None
+        """The whole body when it was read with the head."""
 
     @property
     def finished(self) -> bool:
-        """True once the whole body has been read (the connection can then be reused)."""
+        """True once the whole body has been read off the connection (which can then be reused)."""
         return self._done
 
     async def read(self) -> bytes:
         """The whole body."""
+        body = self._body
+        if body is not None:
+            self._body = None
+            self.release()
+            return body
         if self._done:
             self.release()
             return b""
@@ -100,6 +110,11 @@ class WireResponse:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives; each read may wait at most the read timeout."""
+        body = self._body
+        if body is not None:
+            self._body = None
+            yield body
+            return
         if self._done:
             return
         reader = self._conn.reader
@@ -244,6 +259,7 @@ class WirePool:
 
     async def _exchange(self, conn: Connection, payload: bytes, method: str, timeout: float | None) -> WireResponse:
         reader = conn.reader
+        body: bytes | None = None
         try:
             conn.writer.write(payload)
             async with asyncio.timeout(timeout):
@@ -252,6 +268,24 @@ class WirePool:
                     status, headers, version = _parse_head(head)
                     if status >= 200 or status == 101:
                         break
+                connection = headers.get("connection")
+                keep_alive = version == b"HTTP/1.1" and (connection is None or "close" not in connection.lower())
+                encoding = headers.get("transfer-encoding")
+                chunked = encoding is not None and "chunked" in encoding.lower()
+                length: int | None = None
+                if method == "HEAD" or status in (204, 304):
+                    length = 0
+                elif not chunked:
+                    raw_length = headers.get("content-length")
+                    if raw_length is not None:
+                        length = int(raw_length)
+                        if 0 < length <= PREFETCH_BYTES and not headers.get("content-type", "").startswith(
+                                "text/event-stream"):
+                            # A small JSON answer (the usual JSON-RPC result) is read under the same timer
+                            # as its head: one timer per exchange instead of two. Streams stay event by event.
+                            body = await reader.readexactly(length)
+                    else:
+                        keep_alive = False  # the body ends when the server closes
         except TimeoutError:  # before OSError, of which it is a subclass
             conn.close()
             raise
@@ -261,20 +295,12 @@ class WirePool:
         except BaseException:
             conn.close()
             raise
-        connection = headers.get("connection", "").lower()
-        keep_alive = version == b"HTTP/1.1" and "close" not in connection
-        chunked = "chunked" in headers.get("transfer-encoding", "").lower()
-        length: int | None = None
-        if method == "HEAD" or status in (204, 304):
-            length = 0
-        elif not chunked:
-            raw_length = headers.get("content-length")
-            if raw_length is not None:
-                length = int(raw_length)
-            else:
-                keep_alive = False  # the body ends when the server closes
-        return WireResponse(self, conn, status, headers, length=length, chunked=chunked, keep_alive=keep_alive,
-                            timeout=timeout)
+        response = WireResponse(self, conn, status, headers, length=length, chunked=chunked, keep_alive=keep_alive,
+                                timeout=timeout)
+        if body is not None:
+            response._body = body
+            response._done = True  # off the socket: the connection is free again
+        return response
 
 
 def _parse_head(head: bytes) -> tuple[int, dict[str, str], bytes]:
