@@ -175,6 +175,8 @@ class Gateway:
             return web.Response(status=202)
         request_id = message["id"]
         params = message.get("params") or {}
+        if not isinstance(params, dict):
+            return _json(_error(request_id, INVALID_PARAMS, "params must be an object"))
         caller = Caller(request.headers.get("Authorization"),
                         request.headers.get("Mcp-Budget-Key") or (session.id if session else None))
         if method == "ping":
