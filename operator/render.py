@@ -23,9 +23,10 @@ SERVER_LABEL = "toolmesh.io/server"
 SERVER_CONTAINER = "mcp-server"
 
 # The server container of a stdio MCPServer: stdin and stdout on FIFOs in the shared emptyDir, which the
-# sidecar bridges. Whoever comes first makes the FIFOs; "$@" keeps the user's command and arguments intact.
+# sidecar bridges. Whoever comes first makes the FIFOs (mode 666: the emptyDir is private to the pod and the
+# two containers may run as different users); "$@" keeps the user's command and arguments intact.
 STDIO_WRAPPER = (
-    'D="$TOOLMESH_STDIO_DIR"; for f in in.fifo out.fifo; do [ -p "$D/$f" ] || mkfifo -m 600 "$D/$f" 2>/dev/null'
+    'D="$TOOLMESH_STDIO_DIR"; for f in in.fifo out.fifo; do [ -p "$D/$f" ] || mkfifo -m 666 "$D/$f" 2>/dev/null'
     ' || [ -p "$D/$f" ] || exit 1; done; exec "$@" <"$D/in.fifo" >"$D/out.fifo"'
 )
 
