@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from enum import Enum
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -45,6 +47,24 @@ class Condition(StatusModel):
     """The `metadata.generation` this condition was computed from."""
     lastTransitionTime: str | None = None
     """When `status` last changed (RFC 3339)."""
+
+
+def set_condition(conditions: Sequence[Mapping[str, Any]], new: Mapping[str, Any], now: str) -> list[dict[str, Any]]:
+    """`conditions` with `new` put in place of the one of its type; lastTransitionTime moves only when status does."""
+    out: list[dict[str, Any]] = []
+    replaced = False
+    for cond in conditions:
+        if cond.get("type") == new["type"]:
+            merged = dict(new)
+            same = cond.get("status") == new["status"]
+            merged["lastTransitionTime"] = cond.get("lastTransitionTime", now) if same else now
+            out.append(merged)
+            replaced = True
+        else:
+            out.append(dict(cond))
+    if not replaced:
+        out.append({**new, "lastTransitionTime": now})
+    return out
 
 
 _CONDITIONS_AS_MAP = {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}

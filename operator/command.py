@@ -70,7 +70,7 @@ def _run(args: argparse.Namespace) -> int:
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     config = OperatorConfig(sidecar_image=args.sidecar_image, registry_url=args.registry_url or None)
     try:
-        kube = Kube(load_api_client())
+        kube = Kube(load_api_client(pool_size=16))  # reconciles run side by side in kopf's threads
     except Exception as exc:  # noqa: BLE001 - no kubeconfig and not in a cluster: a configuration problem
         raise ConfigError(f"cannot reach Kubernetes: {exc}") from None
 

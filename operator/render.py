@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from toolmesh.api.policy import describe_validation_error
 from toolmesh.api.server import API_VERSION, MCPServerSpec
+from toolmesh.api.status import set_condition
 from toolmesh.operator.inject import (
     POLICY_FILE, SIDECAR_PORT, STDIO_DIR, STDIO_VOLUME, SidecarOptions, inject_pod,
 )
@@ -211,24 +212,6 @@ def render_server(server: Mapping[str, Any], policies: Iterable[PolicySource], c
 
 
 # --- status ---------------------------------------------------------------------------------------------------------
-
-def set_condition(conditions: Sequence[Mapping[str, Any]], new: Mapping[str, Any], now: str) -> list[dict[str, Any]]:
-    """`conditions` with `new` put in place of the one of its type; lastTransitionTime moves only when status does."""
-    out: list[dict[str, Any]] = []
-    replaced = False
-    for cond in conditions:
-        if cond.get("type") == new["type"]:
-            merged = dict(new)
-            same = cond.get("status") == new["status"]
-            merged["lastTransitionTime"] = cond.get("lastTransitionTime", now) if same else now
-            out.append(merged)
-            replaced = True
-        else:
-            out.append(dict(cond))
-    if not replaced:
-        out.append({**new, "lastTransitionTime": now})
-    return out
-
 
 def condition(type_: str, ok: bool | None, reason: str, message: str, generation: int | None) -> dict[str, Any]:
     status = "Unknown" if ok is None else ("True" if ok else "False")

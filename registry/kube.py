@@ -14,16 +14,15 @@ import asyncio
 import contextlib
 import datetime
 import hashlib
-import json
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from aiohttp import web
-from kubernetes import client, config
 
+from toolmesh.api.kube import KubeClient, KubeError, load_api_client
+from toolmesh.api.status import set_condition
 from toolmesh.registry.auth import AuthResult, bearer
 from toolmesh.registry.catalogue import Catalogue, ServerTraits
 
@@ -36,65 +35,28 @@ CONFLICT_RETRIES = 8
 AUTH_CACHE_SECONDS = 60.0
 
 
-class KubeError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(f"HTTP {status}: {message}")
-        self.status = status
-
-
-def load_api_client() -> client.ApiClient:
-    """In-cluster ServiceAccount credentials when running in a pod, else the kubeconfig."""
-    configuration = client.Configuration()
-    if os.environ.get("KUBERNETES_SERVICE_HOST") and os.path.exists(
-            "/var/run/secrets/kubernetes.io/serviceaccount/token"):
-        config.load_incluster_config(client_configuration=configuration)
-    else:
-        config.load_kube_config(client_configuration=configuration)
-    return client.ApiClient(configuration)
-
-
-class KubeApi:
+class KubeApi(KubeClient):
     """The few calls the registry makes, plain dicts in and out (blocking; run them in a thread)."""
-
-    def __init__(self, api: client.ApiClient) -> None:
-        self.api = api
-
-    def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> Any:
-        headers = {"Accept": "application/json"}
-        if body is not None:
-            headers["Content-Type"] = content_type
-        _, url, headers, body, _ = self.api.param_serialize(method=method, resource_path=path, header_params=headers,
-                                                            body=body, auth_settings=["BearerToken"])
-        response = self.api.call_api(method, url, header_params=headers, body=body, _request_timeout=15)
-        data = response.read()
-        if not 200 <= response.status < 300:
-            try:
-                message = json.loads(data).get("message", "")
-            except (ValueError, AttributeError):
-                message = data.decode(errors="replace") if isinstance(data, bytes) else str(data)
-            raise KubeError(response.status, message)
-        return json.loads(data) if data else None
 
     def token_review(self, token: str) -> dict[str, Any]:
         body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
                 "spec": {"token": token, "audiences": [AUDIENCE]}}
-        return self.request("POST", "/apis/authentication.k8s.io/v1/tokenreviews", body).get("status") or {}
+        return self.request("POST", "/apis/authentication.k8s.io/v1/tokenreviews", body=body).get("status") or {}
 
     def list_servers(self) -> list[dict[str, Any]]:
         return self.request("GET", MCPSERVERS).get("items", [])
 
     def get_server(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return self.request("GET", f"/apis/toolmesh.io/v1alpha1/namespaces/{namespace}/mcpservers/{name}")
-        except KubeError as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return self.request("GET", _server_path(namespace, name), missing_ok=True)
 
     def patch_status(self, namespace: str, name: str, status: Mapping[str, Any], resource_version: str) -> None:
         body = {"metadata": {"resourceVersion": resource_version}, "status": dict(status)}
-        self.request("PATCH", f"/apis/toolmesh.io/v1alpha1/namespaces/{namespace}/mcpservers/{name}/status",
-                     body, content_type="application/merge-patch+json")
+        self.request("PATCH", _server_path(namespace, name) + "/status", body=body,
+                     content_type="application/merge-patch+json")
+
+
+def _server_path(namespace: str, name: str) -> str:
+    return f"/apis/toolmesh.io/v1alpha1/namespaces/{namespace}/mcpservers/{name}"
 
 
 def rfc3339(t: float) -> str:
@@ -107,21 +69,6 @@ def parse_time(value: str | None) -> float | None:
     with contextlib.suppress(ValueError):
         return datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
     return None
-
-
-def set_condition(conditions: list[dict[str, Any]], new: dict[str, Any], now: str) -> list[dict[str, Any]]:
-    """`conditions` with `new` in place of its type; lastTransitionTime moves only when the status changes."""
-    out, found = [], False
-    for cond in conditions:
-        if cond.get("type") == new["type"]:
-            found = True
-            same = cond.get("status") == new["status"]
-            out.append({**new, "lastTransitionTime": cond.get("lastTransitionTime") if same else now})
-        else:
-            out.append(cond)
-    if not found:
-        out.append({**new, "lastTransitionTime": now})
-    return out
 
 
 class ClusterSync:
@@ -251,7 +198,7 @@ def attach_kube(app: web.Application) -> ClusterSync:
     """Switch a registry app to cluster mode (TokenReview auth, status sync); call before the app starts."""
     from toolmesh.registry.app import CATALOGUE, SETTINGS
 
-    sync = ClusterSync(app[CATALOGUE], KubeApi(load_api_client()))
+    sync = ClusterSync(app[CATALOGUE], KubeApi(load_api_client(), timeout=15))
     app[SETTINGS].auth = sync.auth
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
