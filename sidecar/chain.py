@@ -192,11 +192,21 @@ def compose(stages: Sequence[Stage], terminal: Handler) -> Handler:
     return handler
 
 
-def _bind(stage: Stage, call_next: Handler) -> Handler:
-    async def handler(ctx: CallContext) -> Outcome:
-        return await stage(ctx, call_next)
+class _Bound:
+    """A stage with its `call_next` fixed: calling it returns the stage's own coroutine (no wrapper frame per stage)."""
 
-    return handler
+    __slots__ = ("stage", "call_next")
+
+    def __init__(self, stage: Stage, call_next: Handler):
+        self.stage = stage
+        self.call_next = call_next
+
+    def __call__(self, ctx: CallContext) -> Awaitable[Outcome]:
+        return self.stage(ctx, self.call_next)
+
+
+def _bind(stage: Stage, call_next: Handler) -> Handler:
+    return _Bound(stage, call_next)
 
 
 # The order of the chain, written once. Each name is a module in sidecar/stages/

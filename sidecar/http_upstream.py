@@ -27,8 +27,8 @@ PROBE_PROTOCOL_VERSION = "2025-11-25"
 
 
 def relayed_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """The upstream response headers a client should see."""
-    return {k: v for k, v in headers.items() if k.lower() not in _NOT_RELAYED}
+    """The upstream response headers a client should see, from `http_wire`'s (whose names are lower-case)."""
+    return {k: v for k, v in headers.items() if k not in _NOT_RELAYED}
 
 
 class HttpUpstream:

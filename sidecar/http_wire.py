@@ -234,16 +234,17 @@ class WirePool:
             self._idle.pop().close()
 
     def _head(self, method: bytes, headers: Mapping[str, str], body: bytes | None) -> bytes:
-        lines = []
-        for name, value in headers.items():
-            if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
-                continue  # never let a value split into a second header
-            lines.append(f"{name}: {value}\r\n")
+        text = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
+        if text.count("\n") != len(headers) or text.count("\r") != len(headers):
+            # Never let a value split into a second header: such a header is left out.
+            text = "".join([f"{name}: {value}\r\n" for name, value in headers.items()
+                            if "\n" not in value and "\r" not in value and "\n" not in name and "\r" not in name])
         if body is not None:
-            lines.append(f"Content-Length: {len(body)}\r\n")
-        lines.append("\r\n")
+            text += f"Content-Length: {len(body)}\r\n\r\n"
+        else:
+            text += "\r\n"
         head = b"".join((method, b" ", self._target, b" HTTP/1.1\r\n", self._host_line,
-                         "".join(lines).encode("utf-8", "surrogateescape")))
+                         text.encode("utf-8", "surrogateescape")))
         return head + body if body else head
 
     async def request(self, method: str, headers: Mapping[str, str], body: bytes | None = None, *,

@@ -81,6 +81,22 @@ def _accepts(accept: str) -> tuple[bool, bool]:
             wildcard or "text/event-stream" in types or "text/*" in types)
 
 
+_UNJUDGED = object()
+_MAX_VERDICTS = 256
+"""Distinct (Content-Type, Accept) combinations remembered; beyond that each is judged on every call."""
+
+
+def _media_verdict(content_type: str, accept: str, need_json: bool, need_sse: bool) -> tuple[type[Refused], str] | None:
+    """None when a request with these Content-Type and Accept headers may go on, else (error class, message)."""
+    if need_json and content_type.split(";", 1)[0].strip().lower() != "application/json":
+        return UnsupportedMediaType, "unsupported media type: POST bodies must be application/json"
+    json_ok, sse_ok = _accepts(accept)
+    if (need_json and not json_ok) or (need_sse and not sse_ok):
+        wanted = "application/json and text/event-stream" if need_json else "text/event-stream"
+        return NotAcceptable, f"not acceptable: the client must accept {wanted}"
+    return None
+
+
 def _error_response(exc: Refused, request_id: Any = None) -> web.Response:
     body = dumps(error_message(request_id, exc.code, exc.message, exc.data))
     return web.Response(body=body, status=exc.status, content_type="application/json", headers=exc.headers or None)
@@ -187,6 +203,7 @@ class McpEndpoint:
         self.settings = settings
         self._allow_any_origin = "*" in settings.allowed_origins
         self._origins = frozenset(o.rstrip("/").lower() for o in settings.allowed_origins)
+        self._media_verdicts: dict[tuple[str, str, bool, bool], tuple[type[Refused], str] | None] = {}
 
     # -- checks the transport spec asks of a server ----------------------------------------
 
@@ -203,16 +220,20 @@ class McpEndpoint:
 
     def _check(self, request: web.Request, *, need_json: bool, need_sse: bool) -> None:
         headers = request.headers
-        if not self._origin_allowed(headers.get("Origin")):
+        origin = headers.get("Origin")
+        if origin is not None and not self._origin_allowed(origin):
             raise OriginNotAllowed("origin not allowed")
-        if need_json:
-            content_type = headers.get("Content-Type", "")
-            if content_type.split(";", 1)[0].strip().lower() != "application/json":
-                raise UnsupportedMediaType("unsupported media type: POST bodies must be application/json")
-        json_ok, sse_ok = _accepts(headers.get("Accept", ""))
-        if (need_json and not json_ok) or (need_sse and not sse_ok):
-            wanted = "application/json and text/event-stream" if need_json else "text/event-stream"
-            raise NotAcceptable(f"not acceptable: the client must accept {wanted}")
+        content_type = headers.get("Content-Type", "") if need_json else ""
+        accept = headers.get("Accept", "")
+        # A client sends the same few header values on every call: judge each combination once.
+        key = (content_type, accept, need_json, need_sse)
+        verdict = self._media_verdicts.get(key, _UNJUDGED)
+        if verdict is _UNJUDGED:
+            verdict = _media_verdict(content_type, accept, need_json, need_sse)
+            if len(self._media_verdicts) < _MAX_VERDICTS:
+                self._media_verdicts[key] = verdict
+        if verdict is not None:
+            raise verdict[0](verdict[1])
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.settings.max_body_bytes
