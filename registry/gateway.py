@@ -23,6 +23,15 @@ from urllib.parse import urlsplit
 import orjson
 from aiohttp import web
 
+from toolmesh.api.jsonrpc import (
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    PARSE_ERROR,
+    UPSTREAM_UNAVAILABLE,
+    error_message,
+)
 from toolmesh.registry.backend import BackendPool, BackendRefused, BackendUnavailable
 from toolmesh.registry.catalogue import Catalogue, Instance
 
@@ -32,13 +41,6 @@ SESSION_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26")
 MODERN_VERSIONS = ("2026-07-28",)
 SUBSCRIPTION_ID_KEY = "io.modelcontextprotocol/subscriptionId"
 ENVELOPE_PREFIX = "io.modelcontextprotocol/"
-
-METHOD_NOT_FOUND = -32601
-INVALID_PARAMS = -32602
-INVALID_REQUEST = -32600
-PARSE_ERROR = -32700
-INTERNAL_ERROR = -32603
-UNAVAILABLE = -32001
 
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -143,7 +145,7 @@ class Gateway:
     def guarded(self, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
         async def check_origin(request: web.Request) -> web.StreamResponse:
             if not self.origin_allowed(request.headers.get("Origin")):
-                return _json(_error(None, INVALID_REQUEST, "origin not allowed"), 403)
+                return _json(error_message(None, INVALID_REQUEST, "origin not allowed"), 403)
             return await handler(request)
 
         return check_origin
@@ -152,9 +154,9 @@ class Gateway:
         try:
             message = orjson.loads(await request.read())
         except orjson.JSONDecodeError:
-            return _json(_error(None, PARSE_ERROR, "parse error"), 400)
+            return _json(error_message(None, PARSE_ERROR, "parse error"), 400)
         if not isinstance(message, dict):
-            return _json(_error(None, INVALID_REQUEST, "one JSON-RPC message per POST"), 400)
+            return _json(error_message(None, INVALID_REQUEST, "one JSON-RPC message per POST"), 400)
         method = message.get("method")
         if not isinstance(method, str):
             return web.Response(status=202)  # a response to something we never asked: nothing to do
@@ -165,7 +167,7 @@ class Gateway:
         if session_id:
             session = self.sessions.get(session_id)
             if session is None:
-                return _json(_error(message.get("id"), INVALID_REQUEST, "unknown or ended session"), 404)
+                return _json(error_message(message.get("id"), INVALID_REQUEST, "unknown or ended session"), 404)
             session.last_used = time.monotonic()
         if "id" not in message:
             if method == "notifications/cancelled" and session is not None:
@@ -176,7 +178,7 @@ class Gateway:
         request_id = message["id"]
         params = message.get("params") or {}
         if not isinstance(params, dict):
-            return _json(_error(request_id, INVALID_PARAMS, "params must be an object"))
+            return _json(error_message(request_id, INVALID_PARAMS, "params must be an object"))
         caller = Caller(request.headers.get("Authorization"),
                         request.headers.get("Mcp-Budget-Key") or (session.id if session else None))
         if method == "ping":
@@ -189,7 +191,7 @@ class Gateway:
             return await self._listen(request, request_id, params)
         if method == "tools/call":
             return await self._tools_call(request, session, request_id, params, caller)
-        return _json(_error(request_id, METHOD_NOT_FOUND, f"method not found: {method}"))
+        return _json(error_message(request_id, METHOD_NOT_FOUND, f"method not found: {method}"))
 
     async def handle_get(self, request: web.Request) -> web.StreamResponse:
         session = self.sessions.get(request.headers.get("Mcp-Session-Id", ""))
@@ -267,7 +269,7 @@ class Gateway:
             else:
                 page, cursor = view.page_json(params.get("cursor"), self.page_size)
         except ValueError as exc:
-            return _json(_error(request_id, INVALID_PARAMS, str(exc)))
+            return _json(error_message(request_id, INVALID_PARAMS, str(exc)))
         # Assembled from pre-serialised pages: 2,000 tools are not re-encoded on every listing.
         parts = [orjson.dumps(d) for d, _ in self.local_tools.values()] if not params.get("cursor") else []
         if page:
@@ -324,7 +326,7 @@ class Gateway:
                           params: Mapping[str, Any], caller: Caller) -> web.StreamResponse:
         name = params.get("name")
         if not isinstance(name, str):
-            return _json(_error(request_id, INVALID_PARAMS, "tools/call needs a tool name"))
+            return _json(error_message(request_id, INVALID_PARAMS, "tools/call needs a tool name"))
         stream: web.StreamResponse | None = None
 
         async def notify(note: Mapping[str, Any]) -> None:
@@ -344,7 +346,7 @@ class Gateway:
                 result = {**result, "resultType": "complete"}
             answer = {"jsonrpc": "2.0", "id": request_id, "result": result}
         except ToolCallFailed as exc:
-            answer = _error(request_id, exc.code, exc.message, exc.data)
+            answer = error_message(request_id, exc.code, exc.message, exc.data)
         except asyncio.CancelledError:
             if session is not None and session.id in self.sessions and request_id in session.in_flight:
                 # Cancelled by notifications/cancelled: the spec says send nothing back.
@@ -381,7 +383,7 @@ class Gateway:
         while True:
             inst = instance or self.catalogue.pick(server)
             if inst is None or inst.instance in tried:
-                raise ToolCallFailed(UNAVAILABLE, f"no healthy instance of {server}")
+                raise ToolCallFailed(UPSTREAM_UNAVAILABLE, f"no healthy instance of {server}")
             tried.add(inst.instance)
             inst.in_flight += 1
             try:
@@ -393,7 +395,7 @@ class Gateway:
                 self.catalogue.mark_failed(inst, str(exc))
                 self.backends.forget_endpoint(inst.endpoint)
                 if instance is not None:
-                    raise ToolCallFailed(UNAVAILABLE, f"{server} unreachable: {exc}") from exc
+                    raise ToolCallFailed(UPSTREAM_UNAVAILABLE, f"{server} unreachable: {exc}") from exc
                 continue
             except BackendRefused as exc:
                 error = (exc.message or {}).get("error") or {}
@@ -463,13 +465,6 @@ def _offer(queue: asyncio.Queue[bytes], item: bytes) -> None:
     if queue.empty():
         with contextlib.suppress(asyncio.QueueFull):
             queue.put_nowait(item)
-
-
-def _error(request_id: Any, code: int, message: str, data: Any = None) -> dict[str, Any]:
-    error: dict[str, Any] = {"code": code, "message": message}
-    if data is not None:
-        error["data"] = data
-    return {"jsonrpc": "2.0", "id": request_id, "error": error}
 
 
 def _json(message: Mapping[str, Any], status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:

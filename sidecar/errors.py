@@ -8,33 +8,26 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from toolmesh.api.jsonrpc import (  # noqa: F401 - the codes are part of this module's interface
+    BUDGET_EXHAUSTED,
+    CIRCUIT_OPEN,
+    FORBIDDEN,
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    PARSE_ERROR,
+    RATE_LIMITED,
+    UNAUTHORIZED,
+    UPSTREAM_TIMEOUT,
+    UPSTREAM_UNAVAILABLE,
+    error_message,
+)
+
 if TYPE_CHECKING:
     from toolmesh.sidecar.chain import JsonRpcId, Outcome
 
 log = logging.getLogger("toolmesh.sidecar")
-
-# JSON-RPC 2.0 codes.
-PARSE_ERROR = -32700
-INVALID_REQUEST = -32600
-METHOD_NOT_FOUND = -32601
-INVALID_PARAMS = -32602
-INTERNAL_ERROR = -32603
-# Implementation-defined server errors (-32000 .. -32099) used by toolmesh.
-UPSTREAM_UNAVAILABLE = -32001
-UPSTREAM_TIMEOUT = -32002
-UNAUTHORIZED = -32003
-FORBIDDEN = -32004
-RATE_LIMITED = -32005
-CIRCUIT_OPEN = -32006
-BUDGET_EXHAUSTED = -32007
-
-
-def error_message(request_id: JsonRpcId, code: int, message: str, data: Any = None) -> dict[str, Any]:
-    """A JSON-RPC error response for `request_id`."""
-    error: dict[str, Any] = {"code": code, "message": message}
-    if data is not None:
-        error["data"] = data
-    return {"jsonrpc": "2.0", "id": request_id, "error": error}
 
 
 class ProxyError(Exception):
