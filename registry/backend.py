@@ -13,6 +13,8 @@ from typing import Any
 import aiohttp
 import orjson
 
+from toolmesh.api.jsonrpc import METHOD_NOT_FOUND, error_message
+
 log = logging.getLogger("toolmesh.registry")
 
 PROTOCOL_VERSION = "2025-11-25"
@@ -42,6 +44,12 @@ class _Session:
     headers: dict[str, str]
     session_id: str | None = None
     ready: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def request_headers(self) -> dict[str, str]:
+        """The headers of a request within the session: the caller's, plus the session id once there is one."""
+        if self.session_id:
+            return {**self.headers, "Mcp-Session-Id": self.session_id}
+        return self.headers
 
 
 async def iter_sse(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
@@ -82,7 +90,7 @@ class BackendPool:
         for s in sessions.values():
             if s.session_id:
                 with contextlib.suppress(Exception):
-                    async with self._http.delete(s.endpoint, headers={**s.headers, "Mcp-Session-Id": s.session_id},
+                    async with self._http.delete(s.endpoint, headers=s.request_headers(),
                                                  timeout=aiohttp.ClientTimeout(total=1)):
                         pass
         if self._http is not None:
@@ -94,8 +102,7 @@ class BackendPool:
             session = self._sessions.pop(key)
             if session.session_id:
                 with contextlib.suppress(Exception):
-                    async with self._http.delete(session.endpoint,
-                                                 headers={**session.headers, "Mcp-Session-Id": session.session_id},
+                    async with self._http.delete(session.endpoint, headers=session.request_headers(),
                                                  timeout=aiohttp.ClientTimeout(total=2)) as resp:
                         await resp.read()
 
@@ -156,22 +163,17 @@ class BackendPool:
                     session.session_id = resp.headers.get("Mcp-Session-Id", "")
                     version = (body.get("result") or {}).get("protocolVersion", PROTOCOL_VERSION)
                     session.headers["MCP-Protocol-Version"] = version
-                headers = dict(session.headers)
-                if session.session_id:
-                    headers["Mcp-Session-Id"] = session.session_id
                 note = orjson.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"})
-                async with self._http.post(session.endpoint, data=note, headers=headers) as resp:
+                async with self._http.post(session.endpoint, data=note, headers=session.request_headers()) as resp:
                     await resp.read()
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 session.session_id = None
                 raise BackendUnavailable(str(exc) or type(exc).__name__) from exc
 
     async def _send(self, session: _Session, message: dict[str, Any], notify: Notify | None) -> dict[str, Any]:
-        headers = session.headers
-        if session.session_id:
-            headers = {**headers, "Mcp-Session-Id": session.session_id}
         try:
-            async with self._http.post(session.endpoint, data=orjson.dumps(message), headers=headers) as resp:
+            async with self._http.post(session.endpoint, data=orjson.dumps(message),
+                                       headers=session.request_headers()) as resp:
                 if resp.status == 404 and session.session_id:
                     raise _SessionExpired
                 body = await _read_response(resp, message["id"], notify,
@@ -185,26 +187,21 @@ class BackendPool:
     async def _refuse_server_request(self, session: _Session, request: Mapping[str, Any]) -> None:
         """Sampling or elicitation asked of the caller: not relayed through the gateway, so say so at once
         (the tool then fails or falls back) instead of leaving the server waiting."""
-        error = {"jsonrpc": "2.0", "id": request.get("id"), "error": {
-            "code": -32601, "message": f"{request.get('method')} is not available through the toolmesh gateway; "
-                                       "connect to the server's sidecar directly"}}
-        headers = dict(session.headers)
-        if session.session_id:
-            headers["Mcp-Session-Id"] = session.session_id
-        with contextlib.suppress(Exception):
-            async with self._http.post(session.endpoint, data=orjson.dumps(error), headers=headers,
-                                       timeout=aiohttp.ClientTimeout(total=5)) as resp:
-                await resp.read()
+        error = error_message(request.get("id"), METHOD_NOT_FOUND,
+                              f"{request.get('method')} is not available through the toolmesh gateway; "
+                              "connect to the server's sidecar directly")
+        await self._post_quietly(session, error, timeout=5)
 
     async def _cancel(self, session: _Session, request_id: int) -> None:
         note = {"jsonrpc": "2.0", "method": "notifications/cancelled",
                 "params": {"requestId": request_id, "reason": "cancelled by the gateway's caller"}}
-        headers = dict(session.headers)
-        if session.session_id:
-            headers["Mcp-Session-Id"] = session.session_id
+        await self._post_quietly(session, note, timeout=2)
+
+    async def _post_quietly(self, session: _Session, message: Mapping[str, Any], *, timeout: float) -> None:
+        """Send a message that expects no answer; a sidecar that is away by now changes nothing for the caller."""
         with contextlib.suppress(Exception):
-            async with self._http.post(session.endpoint, data=orjson.dumps(note), headers=headers,
-                                       timeout=aiohttp.ClientTimeout(total=2)) as resp:
+            async with self._http.post(session.endpoint, data=orjson.dumps(message), headers=session.request_headers(),
+                                       timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                 await resp.read()
 
 
