@@ -39,6 +39,10 @@ class TokenIssuer:
         self.rsa_kid = "rsa-1"
         self.ec_kid = "ec-1"
 
+    def hmac_auth(self) -> dict[str, Any]:
+        """The policy's `auth` section trusting this issuer's HMAC secret."""
+        return {"issuers": [{"issuer": self.issuer, "audiences": [self.audience], "secret": self.secret}]}
+
     # -- keys -----------------------------------------------------------------
 
     def public_pem(self, kind: str = "rsa") -> str:

@@ -25,7 +25,7 @@ def issuer():
 def guarded(issuer, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lists")
     policy = {
-        "auth": {"issuers": [{"issuer": issuer.issuer, "audiences": ["toolmesh"], "secret": issuer.secret}]},
+        "auth": issuer.hmac_auth(),
         "authorization": {
             "rules": [
                 {"tools": ["db_*"], "scopes": ["db"]},

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import httpx2
-import orjson
 import pytest
 import yaml
 from mcp import Client
@@ -13,10 +12,10 @@ from mcp.shared.exceptions import MCPError
 
 from helpers import ROOT
 from helpers.mcp_servers import sdk_http_server
+from helpers.modern_calls import MODERN, post_tools_call
 from helpers.sidecar import sidecar
 from helpers.tokens import TokenIssuer
 
-MODERN = "2026-07-28"
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +32,7 @@ def limited(issuer, tmp_path_factory):
     spec["rateLimit"]["requestsPerSecond"] = 0.01
     spec["rateLimit"]["burst"] = 4
     spec["rateLimit"]["tools"][0]["tools"] = ["add"]
-    spec["auth"] = {"issuers": [{"issuer": issuer.issuer, "audiences": ["toolmesh"], "secret": issuer.secret}]}
+    spec["auth"] = issuer.hmac_auth()
     path = tmp / "policy.yaml"
     path.write_text(yaml.safe_dump(manifest))
     with sdk_http_server(log_path=tmp / "server.log") as upstream, \
@@ -42,14 +41,7 @@ def limited(issuer, tmp_path_factory):
 
 
 async def call(url: str, token: str, tool: str, arguments: dict) -> httpx2.Response:
-    meta = {"io.modelcontextprotocol/protocolVersion": MODERN, "io.modelcontextprotocol/clientCapabilities": {}}
-    message = {"jsonrpc": "2.0", "id": 9, "method": "tools/call",
-               "params": {"name": tool, "arguments": arguments, "_meta": meta}}
-    async with httpx2.AsyncClient(timeout=10) as http:
-        return await http.post(url, content=orjson.dumps(message), headers={
-            "Content-Type": "application/json", "Accept": "application/json, text/event-stream",
-            "MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/call", "Mcp-Name": tool,
-            "Authorization": f"Bearer {token}"})
+    return await post_tools_call(url, tool, arguments, token=token, request_id=9)
 
 
 async def test_each_subject_has_its_own_bucket_and_gets_429_with_retry_after(limited, issuer):

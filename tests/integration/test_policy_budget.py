@@ -41,7 +41,7 @@ def proxied(relay, issuer, tmp_path_factory):
     policy = yaml.safe_load((ROOT / "examples/policies/budget.yaml").read_text())
     policy["spec"]["budget"].update(totalTokens=20000, reservedForResponse=1000, reservedForSystem=1000)
     assert policy["spec"]["budget"]["resultFraction"] == 0.3 and policy["spec"]["budget"]["minAvailable"] == 500
-    policy["spec"]["auth"] = {"issuers": [{"issuer": issuer.issuer, "audiences": ["toolmesh"], "secret": issuer.secret}]}
+    policy["spec"]["auth"] = issuer.hmac_auth()
     path = tmp / "policy.yaml"
     path.write_text(yaml.safe_dump(policy))
     with sidecar(["--upstream", relay.url], tmp, "--policy", str(path)) as sc:

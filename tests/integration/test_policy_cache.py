@@ -38,7 +38,7 @@ def proxied(relay, issuer, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cache")
     # The cache example as shipped, plus token auth so that callers have distinct subjects.
     policy = yaml.safe_load((ROOT / "examples/policies/cache.yaml").read_text())
-    policy["spec"]["auth"] = {"issuers": [{"issuer": issuer.issuer, "audiences": ["toolmesh"], "secret": issuer.secret}]}
+    policy["spec"]["auth"] = issuer.hmac_auth()
     path = tmp / "policy.yaml"
     path.write_text(yaml.safe_dump(policy))
     with sidecar(["--upstream", relay.url], tmp, "--policy", str(path)) as sc:

@@ -12,10 +12,10 @@ import yaml
 
 from helpers import wait_until
 from helpers.mcp_servers import sdk_http_server
+from helpers.modern_calls import tools_call, tools_call_headers
 from helpers.sidecar import readyz, sidecar
 from helpers.tokens import TokenIssuer
 
-MODERN = "2026-07-28"
 FAST_POLL = {"TOOLMESH_POLICY_POLL_SECONDS": "0.05"}
 
 
@@ -36,7 +36,7 @@ def policy_text(issuer: TokenIssuer, echo_scopes: list[str], burst: int = 1000) 
         "kind": "MCPToolPolicy",
         "metadata": {"name": "reload"},
         "spec": {
-            "auth": {"issuers": [{"issuer": issuer.issuer, "audiences": ["toolmesh"], "secret": issuer.secret}]},
+            "auth": issuer.hmac_auth(),
             "authorization": {"rules": [{"tools": ["echo"], "scopes": echo_scopes}]},
             "rateLimit": {"requestsPerSecond": 1000, "burst": burst},
         },
@@ -44,13 +44,8 @@ def policy_text(issuer: TokenIssuer, echo_scopes: list[str], burst: int = 1000) 
 
 
 def call_status(url: str, token: str, tool: str = "echo") -> int:
-    meta = {"io.modelcontextprotocol/protocolVersion": MODERN, "io.modelcontextprotocol/clientCapabilities": {}}
-    message = {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
-               "params": {"name": tool, "arguments": {"text": "x"}, "_meta": meta}}
-    resp = httpx2.post(url, content=orjson.dumps(message), timeout=10, headers={
-        "Content-Type": "application/json", "Accept": "application/json, text/event-stream",
-        "MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/call", "Mcp-Name": tool,
-        "Authorization": f"Bearer {token}"})
+    resp = httpx2.post(url, content=orjson.dumps(tools_call(tool, {"text": "x"})), timeout=10,
+                       headers=tools_call_headers(tool, token))
     return resp.status_code
 
 

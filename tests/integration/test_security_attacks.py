@@ -6,15 +6,13 @@ import json
 import time
 
 import httpx2
-import orjson
 import pytest
 import yaml
 
 from helpers.mcp_servers import sdk_http_server
+from helpers.modern_calls import post_tools_call
 from helpers.sidecar import sidecar
 from helpers.tokens import JwksServer, TokenIssuer, tampered
-
-MODERN = "2026-07-28"
 
 
 @pytest.fixture(scope="module")
@@ -41,15 +39,7 @@ def guarded(issuer, tmp_path_factory):
 
 
 async def call(url: str, tool: str, token: str | None, **headers: str) -> httpx2.Response:
-    meta = {"io.modelcontextprotocol/protocolVersion": MODERN, "io.modelcontextprotocol/clientCapabilities": {}}
-    params = {"name": tool, "arguments": {"text": "x"} if tool == "echo" else {}, "_meta": meta}
-    message = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": params}
-    if token is not None:
-        headers["Authorization"] = f"Bearer {token}"
-    async with httpx2.AsyncClient(timeout=10) as http:
-        return await http.post(url, content=orjson.dumps(message), headers={
-            "Content-Type": "application/json", "Accept": "application/json, text/event-stream",
-            "MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/call", "Mcp-Name": tool, **headers})
+    return await post_tools_call(url, tool, {"text": "x"} if tool == "echo" else {}, token=token, **headers)
 
 
 def forged(issuer: TokenIssuer) -> dict[str, str]:

@@ -161,7 +161,7 @@ def fuzzed_sidecar(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fuzz")
     issuer = TokenIssuer("fuzz-issuer")
     policy = {
-        "auth": {"issuers": [{"issuer": issuer.issuer, "audiences": ["toolmesh"], "secret": issuer.secret}]},
+        "auth": issuer.hmac_auth(),
         "authorization": {"defaultScopes": ["mcp:admin"]},
         "rateLimit": {"requestsPerSecond": 100000, "burst": 100000},
     }
