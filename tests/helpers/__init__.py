@@ -90,3 +90,15 @@ def running(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: str |
                 proc.wait(timeout=stop_timeout)
         if log_path:
             out.close()
+
+
+@contextmanager
+def listening(cmd: Sequence[str], port: int, *, what: str, timeout: float = 20.0, env: dict[str, str] | None = None,
+              log_path: Path | None = None) -> Iterator[subprocess.Popen]:
+    """`running(cmd)` once it accepts connections on `port`; fails the test, with its log, if it exits first."""
+    with running(cmd, env=env, log_path=log_path) as proc:
+        wait_until(lambda: proc.poll() is not None or port_open(port), timeout=timeout, what=f"{what} to listen")
+        if proc.poll() is not None:
+            log = log_path.read_text(errors="replace") if log_path and log_path.exists() else ""
+            raise AssertionError(f"{what} exited at start-up\n{log}")
+        yield proc

@@ -38,7 +38,7 @@ class Colour(BaseModel):
 
     colour: str
 
-from helpers import VENV_BIN, free_port, port_open, running, wait_until  # noqa: E402
+from helpers import VENV_BIN, free_port, listening  # noqa: E402
 
 def build_server():
     """The SDK server behind the relay: tools with the annotations the cache, budget and retry rules look at."""
@@ -258,9 +258,7 @@ def fault_upstream(log_dir: Path) -> Iterator[FaultRelay]:
     """Run the SDK server in a subprocess and the relay in a thread; yields the relay (its `url` is the upstream)."""
     port = free_port()
     cmd = [str(VENV_BIN / "python"), __file__, "--port", str(port)]
-    with running(cmd, log_path=log_dir / "faulty-server.log") as proc:
-        wait_until(lambda: proc.poll() is not None or port_open(port), timeout=20, what="faulty SDK server to listen")
-        assert proc.poll() is None, "faulty SDK server exited at start-up"
+    with listening(cmd, port, what="faulty SDK server", log_path=log_dir / "faulty-server.log"):
         with FaultRelay(f"http://127.0.0.1:{port}/mcp") as relay:
             yield relay
 

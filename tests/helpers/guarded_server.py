@@ -17,7 +17,7 @@ if __package__ in (None, ""):
 from mcp.server import MCPServer  # noqa: E402
 from mcp.types import ListToolsResult  # noqa: E402
 
-from helpers import VENV_BIN, free_port, port_open, running, wait_until  # noqa: E402
+from helpers import VENV_BIN, free_port, listening  # noqa: E402
 
 PAGE_SIZE = 2
 TOOLS = ("db_query", "db_write", "docs_search", "public_time", "deploy")
@@ -65,9 +65,8 @@ def build_server() -> PagedServer:
 def guarded_http_server(log_path: Path | None = None) -> Iterator[str]:
     """Run the server in a subprocess; yields its `/mcp` URL once it accepts connections."""
     port = free_port()
-    with running([str(VENV_BIN / "python"), __file__, "--port", str(port)], log_path=log_path) as proc:
-        wait_until(lambda: proc.poll() is not None or port_open(port), timeout=20, what="guarded server to listen")
-        assert proc.poll() is None, "guarded test server exited at start-up"
+    with listening([str(VENV_BIN / "python"), __file__, "--port", str(port)], port, what="guarded test server",
+                   log_path=log_path):
         yield f"http://127.0.0.1:{port}/mcp"
 
 

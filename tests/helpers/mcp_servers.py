@@ -25,7 +25,7 @@ from mcp.server.mcpserver import Context  # noqa: E402
 from mcp.types import SamplingMessage, TextContent, ToolAnnotations  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
-from helpers import ROOT, VENV_BIN, free_port, port_open, running, wait_until  # noqa: E402
+from helpers import ROOT, VENV_BIN, free_port, listening  # noqa: E402
 
 
 class Answer(BaseModel):
@@ -185,9 +185,7 @@ def sdk_http_server(*, stateless: bool = False, json_response: bool = False, res
         cmd.append("--json-response")
     if resumable:
         cmd.append("--resumable")
-    with running(cmd, log_path=log_path) as proc:
-        wait_until(lambda: proc.poll() is not None or port_open(port), timeout=20, what="SDK server to listen")
-        assert proc.poll() is None, "SDK test server exited at start-up"
+    with listening(cmd, port, what="SDK test server", log_path=log_path):
         yield f"http://127.0.0.1:{port}/mcp"
 
 
@@ -200,10 +198,8 @@ def everything_http_server(*, port: int | None = None, log_path: Path | None = N
     """Run the reference server-everything in its streamableHttp mode; yields its `/mcp` URL."""
     assert EVERYTHING.exists(), f"{EVERYTHING} is missing: run `make node-deps`"
     port = port or free_port()
-    with running([str(EVERYTHING), "streamableHttp"], env={"PORT": str(port)}, log_path=log_path) as proc:
-        wait_until(lambda: proc.poll() is not None or port_open(port), timeout=30,
-                   what="server-everything to listen")
-        assert proc.poll() is None, "server-everything exited at start-up"
+    with listening([str(EVERYTHING), "streamableHttp"], port, what="server-everything", timeout=30,
+                   env={"PORT": str(port)}, log_path=log_path):
         yield f"http://127.0.0.1:{port}/mcp"
 
 

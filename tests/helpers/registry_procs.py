@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from helpers import ROOT, TOOLMESH, free_port, port_open, running, wait_until
+from helpers import ROOT, TOOLMESH, free_port, listening
 
 TOY_SERVER = ROOT / "tests" / "helpers" / "toy_mcp_server.py"
 
@@ -29,9 +29,7 @@ def registry_process(tmp_path: Path, *, interval: float = 1.0, missed: int = 3, 
     log = tmp_path / f"registry-{port}.log"
     cmd = [TOOLMESH, "registry", "--listen", f"127.0.0.1:{port}", "--heartbeat-interval", str(interval),
            "--missed-heartbeats", str(missed), *extra]
-    with running(cmd, env=env, log_path=log) as proc:
-        wait_until(lambda: port_open(port) or proc.poll() is not None, timeout=20, what="registry to listen")
-        assert proc.poll() is None, log.read_text()
+    with listening(cmd, port, what="registry", env=env, log_path=log):
         yield f"http://127.0.0.1:{port}"
 
 
@@ -40,10 +38,8 @@ def toy_server(tmp_path: Path, name: str, tools: str = "echo") -> Iterator[tuple
     """The toy SDK server as a process; yields (process, MCP URL)."""
     port = free_port()
     log = tmp_path / f"toy-{name}-{port}.log"
-    with running([sys.executable, str(TOY_SERVER), "--name", name, "--port", str(port), "--tools", tools],
-                 log_path=log) as proc:
-        wait_until(lambda: port_open(port) or proc.poll() is not None, timeout=20, what=f"toy server {name}")
-        assert proc.poll() is None, log.read_text()
+    with listening([sys.executable, str(TOY_SERVER), "--name", name, "--port", str(port), "--tools", tools],
+                   port, what=f"toy server {name}", log_path=log) as proc:
         yield proc, f"http://127.0.0.1:{port}/mcp"
 
 
