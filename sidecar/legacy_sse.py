@@ -42,7 +42,7 @@ from urllib.parse import urljoin
 import aiohttp
 
 from toolmesh.sidecar.chain import SseEvent
-from toolmesh.sidecar.errors import INVALID_REQUEST, ProxyError, UpstreamTimeout, UpstreamUnavailable, error_message
+from toolmesh.sidecar.errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
 from toolmesh.sidecar.jsonrpc import iter_sse
 from toolmesh.sidecar.multiplex import (
     ClientSession,
@@ -51,12 +51,13 @@ from toolmesh.sidecar.multiplex import (
     discover_params,
     header,
     is_modern_request,
-    json_response,
     as_modern_answer,
     modern_rejection,
     parse_body,
     serve_modern,
     serves_modern,
+    session_id_required,
+    session_not_found,
     without_envelope,
 )
 from toolmesh.sidecar.upstream import UpstreamResponse
@@ -312,7 +313,7 @@ class LegacySseUpstream:
         else:
             connection = self._connections.get(session_id)
             if connection is None or connection.session is None:
-                return _no_session(message)
+                return session_not_found(message)
             session = connection.session
             session.last_active = time.monotonic()
         await self._wait_ready(connection)
@@ -321,17 +322,17 @@ class LegacySseUpstream:
     async def get(self, headers: Mapping[str, str]) -> UpstreamResponse:
         session_id = header(headers, "Mcp-Session-Id")
         if session_id is None:
-            return json_response(400, error_message(None, INVALID_REQUEST, "Bad Request: Mcp-Session-Id required"))
+            return session_id_required()
         connection = self._connections.get(session_id)
         if connection is None or connection.session is None:
-            return _no_session(None)
+            return session_not_found(None)
         return connection.mux.open_stream(connection.session)
 
     async def delete(self, headers: Mapping[str, str]) -> UpstreamResponse:
         session_id = header(headers, "Mcp-Session-Id")
         connection = self._connections.pop(session_id, None) if session_id is not None else None
         if connection is None:
-            return _no_session(None)
+            return session_not_found(None)
         if connection.session is not None:
             await connection.mux.end_session(connection.session)
         await connection.close()  # closing the stream ends the session upstream
@@ -419,8 +420,3 @@ class LegacySseUpstream:
             await asyncio.wait_for(connection.ready.wait(), self.reconnect_wait)
         except TimeoutError:
             raise UpstreamUnavailable("upstream stream lost") from None
-
-
-def _no_session(message: Any) -> UpstreamResponse:
-    request_id = message.get("id") if isinstance(message, dict) else None
-    return json_response(404, error_message(request_id, INVALID_REQUEST, "Session not found"))

@@ -101,6 +101,17 @@ def parse_body(body: bytes) -> Any | UpstreamResponse:
         return json_response(400, error_message(None, PARSE_ERROR, "Parse error", str(exc)))
 
 
+def session_not_found(message: Any) -> UpstreamResponse:
+    """The 404 for a request naming a session the bridge does not know: the client starts a new one."""
+    request_id = message.get("id") if isinstance(message, dict) else None
+    return json_response(404, error_message(request_id, INVALID_REQUEST, "Session not found"))
+
+
+def session_id_required() -> UpstreamResponse:
+    """The 400 for a GET without `Mcp-Session-Id`: only a session has a stream to open."""
+    return json_response(400, error_message(None, INVALID_REQUEST, "Bad Request: Mcp-Session-Id required"))
+
+
 ACCEPTED = UpstreamResponse(status=202)
 
 PROTOCOL_VERSION_KEY = "io.modelcontextprotocol/protocolVersion"

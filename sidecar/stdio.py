@@ -60,7 +60,7 @@ from typing import Any
 
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION
 
-from toolmesh.sidecar.errors import INVALID_REQUEST, ProxyError, UpstreamTimeout, UpstreamUnavailable, error_message
+from toolmesh.sidecar.errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
 from toolmesh.sidecar.multiplex import (
     ACCEPTED,
     ClientSession,
@@ -75,6 +75,8 @@ from toolmesh.sidecar.multiplex import (
     as_modern_answer,
     serve_modern,
     serves_modern,
+    session_id_required,
+    session_not_found,
     without_envelope,
 )
 from toolmesh.sidecar.upstream import UpstreamResponse
@@ -232,7 +234,7 @@ class StdioUpstream:
         if session_id is not None:
             session = self._mux.sessions.get(session_id)
             if session is None:
-                return _no_session(message)
+                return session_not_found(message)
             session.last_active = time.monotonic()
         if isinstance(message, dict) and message.get("method") == "notifications/initialized":
             return ACCEPTED  # the bridge sent the one the child needs
@@ -242,10 +244,10 @@ class StdioUpstream:
     async def get(self, headers: Mapping[str, str]) -> UpstreamResponse:
         session_id = header(headers, "Mcp-Session-Id")
         if session_id is None:
-            return json_response(400, error_message(None, INVALID_REQUEST, "Bad Request: Mcp-Session-Id required"))
+            return session_id_required()
         session = self._mux.sessions.get(session_id)
         if session is None:
-            return _no_session(None)
+            return session_not_found(None)
         session.last_active = time.monotonic()
         return self._mux.open_stream(session)
 
@@ -253,7 +255,7 @@ class StdioUpstream:
         session_id = header(headers, "Mcp-Session-Id")
         session = self._mux.sessions.get(session_id) if session_id is not None else None
         if session is None:
-            return _no_session(None)
+            return session_not_found(None)
         await self._mux.end_session(session)
         return UpstreamResponse(status=200)
 
@@ -577,8 +579,3 @@ def _failure(initialize: asyncio.Future[None]) -> str | None:
 def _older_or_same(asked: Any, agreed: Any) -> bool:
     versions = HANDSHAKE_PROTOCOL_VERSIONS
     return asked in versions and agreed in versions and versions.index(asked) <= versions.index(agreed)
-
-
-def _no_session(message: Any) -> UpstreamResponse:
-    request_id = message.get("id") if isinstance(message, dict) else None
-    return json_response(404, error_message(request_id, INVALID_REQUEST, "Session not found"))
