@@ -14,7 +14,7 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from urllib.parse import urlsplit
 
 MAX_HEAD_BYTES = 64 * 1024
@@ -86,15 +86,15 @@ class WireResponse:
             self.release()
             return b""
         reader = self._conn.reader
+        timer = self._arm(reader)
         try:
-            async with asyncio.timeout(self._timeout):
-                if self._chunked:
-                    parts = [chunk async for chunk in self._chunk_stream(reader)]
-                    data = b"".join(parts)
-                elif self._length is not None:
-                    data = await reader.readexactly(self._length)
-                else:
-                    data = await reader.read()
+            if self._chunked:
+                parts = [chunk async for chunk in self._chunk_stream(reader)]
+                data = b"".join(parts)
+            elif self._length is not None:
+                data = await reader.readexactly(self._length)
+            else:
+                data = await reader.read()
         except TimeoutError:  # before OSError, of which it is a subclass
             self.close()
             raise
@@ -104,9 +104,28 @@ class WireResponse:
         except BaseException:
             self.close()
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
         self._done = True
         self.release()
         return data
+
+    def _arm(self, reader: asyncio.StreamReader) -> asyncio.TimerHandle | None:
+        """A timer failing the reads that follow with TimeoutError after the read timeout; cancel it when they are done.
+
+        Cheaper than asyncio.timeout() on every call, and the same here: reads of this connection are the only waits.
+        """
+        timeout = self._timeout
+        return None if timeout is None else asyncio.get_running_loop().call_later(timeout, _expire, reader)
+
+    async def _timed(self, reader: asyncio.StreamReader, read: Awaitable[bytes]) -> bytes:
+        timer = self._arm(reader)
+        try:
+            return await read
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives; each read may wait at most the read timeout."""
@@ -125,8 +144,7 @@ class WireResponse:
             else:
                 remaining = self._length
                 while remaining is None or remaining > 0:
-                    async with asyncio.timeout(self._timeout):
-                        chunk = await reader.read(65536 if remaining is None else min(65536, remaining))
+                    chunk = await self._timed(reader, reader.read(65536 if remaining is None else min(65536, remaining)))
                     if not chunk:
                         if remaining is None:
                             break
@@ -145,8 +163,7 @@ class WireResponse:
     async def _chunk_stream(self, reader: asyncio.StreamReader, per_read: bool = False) -> AsyncIterator[bytes]:
         while True:
             if per_read:
-                async with asyncio.timeout(self._timeout):
-                    line = await reader.readuntil(b"\r\n")
+                line = await self._timed(reader, reader.readuntil(b"\r\n"))
             else:
                 line = await reader.readuntil(b"\r\n")
             size = int(line.split(b";", 1)[0].strip(), 16)
@@ -157,8 +174,7 @@ class WireResponse:
                 self._done = True
                 return
             if per_read:
-                async with asyncio.timeout(self._timeout):
-                    data = await reader.readexactly(size + 2)
+                data = await self._timed(reader, reader.readexactly(size + 2))
             else:
                 data = await reader.readexactly(size + 2)
             yield data[:-2]
@@ -261,32 +277,34 @@ class WirePool:
     async def _exchange(self, conn: Connection, payload: bytes, method: str, timeout: float | None) -> WireResponse:
         reader = conn.reader
         body: bytes | None = None
+        # The timer fails the read it interrupts with TimeoutError: the same as asyncio.timeout() here (the
+        # reads are this exchange's only waits), for a fraction of its cost on every call.
+        timer = None if timeout is None else asyncio.get_running_loop().call_later(timeout, _expire, reader)
         try:
             conn.writer.write(payload)
-            async with asyncio.timeout(timeout):
-                while True:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                    status, headers, version = _parse_head(head)
-                    if status >= 200 or status == 101:
-                        break
-                connection = headers.get("connection")
-                keep_alive = version == b"HTTP/1.1" and (connection is None or "close" not in connection.lower())
-                encoding = headers.get("transfer-encoding")
-                chunked = encoding is not None and "chunked" in encoding.lower()
-                length: int | None = None
-                if method == "HEAD" or status in (204, 304):
-                    length = 0
-                elif not chunked:
-                    raw_length = headers.get("content-length")
-                    if raw_length is not None:
-                        length = int(raw_length)
-                        if 0 < length <= PREFETCH_BYTES and not headers.get("content-type", "").startswith(
-                                "text/event-stream"):
-                            # A small JSON answer (the usual JSON-RPC result) is read under the same timer
-                            # as its head: one timer per exchange instead of two. Streams stay event by event.
-                            body = await reader.readexactly(length)
-                    else:
-                        keep_alive = False  # the body ends when the server closes
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                status, headers, version = _parse_head(head)
+                if status >= 200 or status == 101:
+                    break
+            connection = headers.get("connection")
+            keep_alive = version == b"HTTP/1.1" and (connection is None or "close" not in connection.lower())
+            encoding = headers.get("transfer-encoding")
+            chunked = encoding is not None and "chunked" in encoding.lower()
+            length: int | None = None
+            if method == "HEAD" or status in (204, 304):
+                length = 0
+            elif not chunked:
+                raw_length = headers.get("content-length")
+                if raw_length is not None:
+                    length = int(raw_length)
+                    if 0 < length <= PREFETCH_BYTES and not headers.get("content-type", "").startswith(
+                            "text/event-stream"):
+                        # A small JSON answer (the usual JSON-RPC result) is read under the same timer
+                        # as its head: one timer per exchange instead of two. Streams stay event by event.
+                        body = await reader.readexactly(length)
+                else:
+                    keep_alive = False  # the body ends when the server closes
         except TimeoutError:  # before OSError, of which it is a subclass
             conn.close()
             raise
@@ -296,12 +314,19 @@ class WirePool:
         except BaseException:
             conn.close()
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
         response = WireResponse(self, conn, status, headers, length=length, chunked=chunked, keep_alive=keep_alive,
                                 timeout=timeout)
         if body is not None:
             response._body = body
             response._done = True  # off the socket: the connection is free again
         return response
+
+
+def _expire(reader: asyncio.StreamReader) -> None:
+    reader.set_exception(TimeoutError("upstream did not answer in time"))
 
 
 def _parse_head(head: bytes) -> tuple[int, dict[str, str], bytes]:

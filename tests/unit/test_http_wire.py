@@ -34,6 +34,12 @@ class CannedServer:
                     break
                 if response.startswith(b"STALL"):
                     await asyncio.sleep(30)
+                if response.startswith(b"PARTIAL"):
+                    # Part of an answer, then an upstream that goes silent mid-body.
+                    writer.write(response[len(b"PARTIAL"):])
+                    await writer.drain()
+                    await asyncio.sleep(30)
+                    break
                 writer.write(response)
                 await writer.drain()
                 if self.close_after:
@@ -110,4 +116,25 @@ async def test_silence_times_out_and_refused_connections_fail_fast(serve):
     closed = WirePool("http://127.0.0.1:9/mcp")
     with pytest.raises(WireError):
         await closed.request("POST", {}, b"{}")
+    pool.close()
+
+
+async def test_silence_mid_body_times_out_for_whole_and_streamed_bodies(serve):
+    json_head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 10\r\n\r\n{\"a\""
+    sse_head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"7\r\ndata: 1\r\n")
+    canned, pool = await serve([b"PARTIAL" + json_head, b"PARTIAL" + sse_head, b"PARTIAL" + sse_head])
+    with pytest.raises(TimeoutError):
+        await pool.request("POST", {}, b"{}", timeout=0.2)
+    resp = await pool.request("POST", {}, b"{}", timeout=0.2)
+    with pytest.raises(TimeoutError):
+        await resp.read()
+    resp = await pool.request("POST", {}, b"{}", timeout=0.2)
+    seen = []
+    with pytest.raises(TimeoutError):
+        async for chunk in resp.chunks():
+            seen.append(chunk)
+    assert seen == [b"data: 1"]
+    # Each timed-out connection was closed, never handed to the next request.
+    assert canned.connections == 3
     pool.close()
