@@ -19,6 +19,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import orjson
+
 from toolmesh.sidecar.errors import ClientGone, ProxyError, dumps, internal_error
 
 JsonRpcId = str | int | None
@@ -162,6 +164,17 @@ class Outcome:
         if self.message is not None:
             return dumps(self.message)
         return None
+
+    def parsed(self) -> Any:
+        """`message`, else `raw` parsed; None when there is neither or `raw` is not JSON (the stage then relays it)."""
+        if self.message is not None:
+            return self.message
+        if not self.raw:
+            return None
+        try:
+            return orjson.loads(self.raw)
+        except orjson.JSONDecodeError:
+            return None
 
     @property
     def is_error(self) -> bool:

@@ -6,8 +6,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
-import orjson
-
 from toolmesh.api.policy import AuthorizationPolicy
 from toolmesh.sidecar import stage_metrics
 from toolmesh.sidecar.audit import AuditLog, audit_log_for
@@ -143,14 +141,7 @@ class AuthorizeStage:
         )
 
     def _filter(self, outcome: Outcome, caller: Caller | None, items_key: str, name_key: str, kind: str) -> Outcome:
-        message = outcome.message
-        if message is None:
-            if not outcome.raw:
-                return outcome
-            try:
-                message = orjson.loads(outcome.raw)
-            except orjson.JSONDecodeError:
-                return outcome
+        message = outcome.parsed()
         if not isinstance(message, Mapping):
             return outcome
         result = message.get("result")

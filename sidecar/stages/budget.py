@@ -17,8 +17,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from toolmesh.api.policy import BudgetPolicy
 from toolmesh.sidecar import stage_metrics
 from toolmesh.sidecar.chain import CallContext, Handler, Outcome
@@ -182,14 +180,7 @@ class BudgetStage:
             return Outcome(message={"jsonrpc": "2.0", "id": ctx.request_id, "result": result})
 
         outcome = await call_next(ctx)
-        message = outcome.message
-        if message is None:
-            if not outcome.raw:
-                return outcome
-            try:
-                message = orjson.loads(outcome.raw)
-            except orjson.JSONDecodeError:
-                return outcome
+        message = outcome.parsed()
         result = message.get("result") if _is_map(message) else None
         if not _is_map(result):
             return outcome  # errors cost nothing: the agent sees a short error either way

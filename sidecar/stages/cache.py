@@ -155,14 +155,7 @@ def storable_result(outcome: Outcome) -> tuple[bytes, Mapping[str, Any]] | None:
     """The serialised `result` of a successful answer and the result itself, or None for errors of any kind."""
     if outcome.status != 200:
         return None
-    message = outcome.message
-    if message is None:
-        if not outcome.raw:
-            return None
-        try:
-            message = orjson.loads(outcome.raw)
-        except orjson.JSONDecodeError:
-            return None
+    message = outcome.parsed()
     if type(message) is not dict and not isinstance(message, Mapping):
         return None
     result = message.get("result")
