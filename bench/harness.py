@@ -671,7 +671,8 @@ def markdown(doc: dict) -> str:
         cpu = r["c16"]["cpu_ms_per_call"]
         rows.append(f"| {name} | {r['c1']['p50_ms']:.2f} / {r['c1']['p99_ms']:.2f} | {added} | "
                     f"{r['c16']['rps']:.0f} / {r['c64']['rps']:.0f} | {100 * d.get('c64_vs_direct', 1):.1f} % | "
-                    f"{cpu if cpu is not None else '—'} | {r['rss_idle_mb']:.0f} / {r.get('rss_load_mb', 0):.0f} | "
+                    f"{'—' if cpu is None else f'{cpu:.3f}' if cpu < 1 else f'{cpu:.1f}'} | "
+                    f"{r['rss_idle_mb']:.0f} / {r.get('rss_load_mb', 0):.0f} | "
                     f"{ready} | {kept} |")
     return "\n".join(rows)
 
