@@ -47,6 +47,12 @@ _NOT_FORWARDED = frozenset({
 # Methods whose answers the sidecar parses on the way back (stages read them; tools/list feeds the catalogue).
 _NOT_FORWARDED_WITH_IDENTITY = _NOT_FORWARDED | {"authorization"}
 
+# Header name (as spelled by clients) -> forwarded or not, without and with a verified caller.
+_FORWARDED_ANONYMOUS: dict[str, bool] = {}
+_FORWARDED_IDENTIFIED: dict[str, bool] = {}
+_MAX_VERDICTS = 1024
+"""Distinct header names remembered; beyond that a name is judged on every call (a client cannot grow memory)."""
+
 _PARSED_RESULTS = frozenset({"tools/list", "tools/call", "initialize"})
 
 _LIST_CHANGED = b"notifications/tools/list_changed"
@@ -64,8 +70,21 @@ def forward_headers(headers: Mapping[str, str], caller: Caller | None = None) ->
     if connection and connection.lower() not in ("keep-alive", "close"):
         # Headers the client named in Connection are for this hop only (RFC 9110 7.6.1).
         dropped = dropped | {name.strip().lower() for name in connection.split(",")}
-    out = {k: v for k, v in headers.items()
-           if (lowered := k.lower()) not in dropped and not lowered.startswith("x-toolmesh-")}
+        out = {k: v for k, v in headers.items()
+               if (lowered := k.lower()) not in dropped and not lowered.startswith("x-toolmesh-")}
+    else:
+        # Clients send the same few header names on every call: each name is judged once.
+        verdicts = _FORWARDED_ANONYMOUS if caller is None else _FORWARDED_IDENTIFIED
+        out = {}
+        for k, v in headers.items():
+            keep = verdicts.get(k)
+            if keep is None:
+                lowered = k.lower()
+                keep = lowered not in dropped and not lowered.startswith("x-toolmesh-")
+                if len(verdicts) < _MAX_VERDICTS:
+                    verdicts[k] = keep
+            if keep:
+                out[k] = v
     if caller is None:
         return out
     out["X-Toolmesh-Subject"] = caller.subject
