@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -89,14 +88,21 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _expire_loop(catalogue: Catalogue, gateway: Gateway, session_idle: float) -> None:
-    # Check often, so an instance leaves within a quarter second of its deadline (3 missed beats = 15 s by default).
-    period = min(0.25, max(0.05, catalogue.interval / 4))
-    last_sweep = time.monotonic()
+    # Wake exactly at the earliest heartbeat deadline, so an instance leaves at last beat + 3 intervals, not a poll
+    # later. Heartbeats only move deadlines later, and a new instance's deadline is a whole limit away, so waking
+    # at least once an interval is enough to notice instances that arrived meanwhile.
+    loop = asyncio.get_running_loop()
+    sweep_every = min(60.0, session_idle / 2)
+    next_sweep = loop.time() + sweep_every
     while True:
-        await asyncio.sleep(period)
+        wake = min(loop.time() + catalogue.interval, next_sweep)
+        due = catalogue.next_expiry_in()
+        if due is not None:
+            wake = min(wake, loop.time() + due + 0.001)  # a millisecond past, so the deadline has passed
+        await asyncio.sleep(max(0.0, wake - loop.time()))
         catalogue.expire()
-        if time.monotonic() - last_sweep > min(60.0, session_idle / 2):
-            last_sweep = time.monotonic()
+        if loop.time() >= next_sweep:
+            next_sweep = loop.time() + sweep_every
             await gateway.expire_sessions(session_idle)
 
 

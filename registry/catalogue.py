@@ -201,6 +201,11 @@ class Catalogue:
         if changed:
             self._changed()
 
+    def next_expiry_in(self) -> float | None:
+        """Seconds until the next live instance misses its heartbeat limit, or None when none is live."""
+        seen = [i.last_seen for instances in self._instances.values() for i in instances.values() if not i.expired]
+        return min(seen) + self.interval * self.missed_limit - self._clock() if seen else None
+
     def mark_failed(self, inst: Instance, reason: str) -> None:
         """The gateway could not reach an instance: treat it as unhealthy until its next heartbeat."""
         if inst.health == "ok":
