@@ -255,10 +255,6 @@ class Gateway:
                 "serverInfo": self.server_info,
                 "resultType": "complete", "ttlMs": 0, "cacheScope": "public"}
 
-    def listed_tools(self) -> tuple[list[dict[str, Any]], int]:
-        view = self.catalogue.view()
-        return [*(d for d, _ in self.local_tools.values()), *view.tools], view.version
-
     async def _tools_list(self, request_id: Any, params: Mapping[str, Any], caller: Caller, *,
                           modern: bool) -> web.Response:
         view = self.catalogue.view()
