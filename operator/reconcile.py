@@ -74,7 +74,8 @@ class Reconciler:
             rendered = render_server(server, policies, self.config)
         except ValueError as exc:
             # The schema normally stops a bad spec at the apiserver; one that slips through is reported, not retried.
-            self.update_server_status(server, lambda s: _owned(server_status(s, None, None, now(), error=str(exc))))
+            error = str(exc)
+            self.update_server_status(server, lambda s: _owned(server_status(s, None, None, now(), error=error)))
             return
         deployment = None
         for manifest in rendered.manifests:
