@@ -7,10 +7,10 @@ import asyncio
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
+from toolmesh.api.errors import UsageError
 from toolmesh.operator.render import OperatorConfig
 
 DEFAULT_SIDECAR_IMAGE = OperatorConfig.sidecar_image
@@ -18,7 +18,7 @@ DEFAULT_REGISTRY_URL = OperatorConfig.registry_url
 TLS_SECRET = "toolmesh-webhook-tls"
 
 
-class ConfigError(Exception):
+class ConfigError(UsageError):
     """The operator cannot start as configured (no cluster reachable, webhook setup refused): exit code 2."""
 
 
@@ -50,14 +50,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except ConfigError as exc:
-        print(f"toolmesh operator: {exc}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
     import kopf
 
     from toolmesh.operator import handlers  # registers the handlers with kopf

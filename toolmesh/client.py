@@ -8,6 +8,8 @@ import json
 import sys
 from typing import Any
 
+from toolmesh.api.errors import UsageError
+
 MODES = ("auto", "legacy", "2026-07-28")
 
 
@@ -26,10 +28,6 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the answer (default 300)")
 
 
-class ClientUsageError(Exception):
-    """Bad arguments: exit code 2."""
-
-
 def parse_arguments(pairs: list[str], json_arguments: str | None) -> dict[str, Any]:
     """Tool arguments from `--json` and KEY=VALUE pairs."""
     arguments: dict[str, Any] = {}
@@ -37,14 +35,14 @@ def parse_arguments(pairs: list[str], json_arguments: str | None) -> dict[str, A
         try:
             loaded = json.loads(json_arguments)
         except json.JSONDecodeError as exc:
-            raise ClientUsageError(f"--json is not JSON: {exc}") from None
+            raise UsageError(f"--json is not JSON: {exc}") from None
         if not isinstance(loaded, dict):
-            raise ClientUsageError("--json must be a JSON object")
+            raise UsageError("--json must be a JSON object")
         arguments.update(loaded)
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ClientUsageError(f"arguments are KEY=VALUE, got {pair!r}")
+            raise UsageError(f"arguments are KEY=VALUE, got {pair!r}")
         try:
             arguments[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -161,11 +159,7 @@ async def _call(args: argparse.Namespace, arguments: dict[str, Any]) -> int:
 
 def run(args: argparse.Namespace) -> int:
     command = args.command
-    try:
-        arguments = parse_arguments(args.arguments, args.json_arguments) if command == "call" else {}
-    except ClientUsageError as exc:
-        print(f"toolmesh {command}: {exc}", file=sys.stderr)
-        return 2
+    arguments = parse_arguments(args.arguments, args.json_arguments) if command == "call" else {}
     work = _call(args, arguments) if command == "call" else _tools(args)
     try:
         return asyncio.run(asyncio.wait_for(work, args.timeout))
