@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 from toolmesh.api.policy import AuthPolicy, Issuer
 from toolmesh.sidecar import stage_metrics
 from toolmesh.sidecar.audit import AuditLog, audit_log_for
-from toolmesh.sidecar.chain import Caller, CallContext, Handler, Outcome
+from toolmesh.sidecar.chain import Caller, CallContext, Handler, Outcome, derive
 from toolmesh.sidecar.errors import Unauthenticated
 from toolmesh.sidecar.jwks import JwksKeys
 from toolmesh.sidecar.jwt_verify import InvalidToken, TokenVerifier
@@ -47,7 +46,7 @@ class AuthenticateStage:
         if header is None:
             if not self.auth.required:
                 self.requests.inc("anonymous")
-                return await call_next(replace(ctx, caller=ANONYMOUS))
+                return await call_next(derive(ctx, caller=ANONYMOUS))
             self.requests.inc("missing")
             self._refuse(ctx, "no bearer token")
             raise Unauthenticated(
@@ -79,7 +78,7 @@ class AuthenticateStage:
             ) from None
         self.requests.inc("cached" if self.verifier.verifications == checked else "verified")
         # The upstream request carries this caller, never the token (see pipeline.forward_headers).
-        return await call_next(replace(ctx, caller=caller))
+        return await call_next(derive(ctx, caller=caller))
 
     def _refuse(self, ctx: CallContext, reason: str) -> None:
         if self.audit is not None:

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
 from typing import Any
 
 import orjson
 
-from toolmesh.sidecar.chain import NOTIFICATION, REQUEST, CallContext, Handler, Outcome
+from toolmesh.sidecar.chain import NOTIFICATION, REQUEST, CallContext, Handler, Outcome, derive
 from toolmesh.sidecar.errors import ProxyError
 from toolmesh.sidecar.state import SharedState
 
@@ -149,7 +148,7 @@ class Observe:
             # The upstream continues this trace: its spans become children of the sidecar's.
             outgoing: dict[str, str] = {}
             self._propagator.inject(outgoing, context=trace.set_span_in_context(span))
-            ctx = replace(ctx, params={**params, "_meta": {**meta, **outgoing}}, params_changed=True)
+            ctx = derive(ctx, params={**params, "_meta": {**meta, **outgoing}}, params_changed=True)
             try:
                 outcome = await call_next(ctx)
             except ProxyError as exc:

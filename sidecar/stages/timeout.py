@@ -17,7 +17,7 @@ from typing import Any
 
 from toolmesh.api.policy import TimeoutPolicy
 from toolmesh.sidecar import stage_metrics
-from toolmesh.sidecar.chain import NOTIFICATION, REQUEST, CallContext, Handler, Outcome, SseEvent
+from toolmesh.sidecar.chain import NOTIFICATION, REQUEST, CallContext, Handler, Outcome, SseEvent, derive
 from toolmesh.sidecar.errors import UpstreamTimeout, dumps
 from toolmesh.sidecar.state import SharedState
 
@@ -101,7 +101,7 @@ class TimeoutStage:
             async with asyncio.timeout(min(self.call_seconds, self.max_seconds)) as scope:
                 timer = _Timer(scope, hard_deadline, extension, loop)
                 token = _timer.set(timer)
-                return await call_next(replace(ctx, emit=emit))
+                return await call_next(derive(ctx, emit=emit))
         except TimeoutError:
             if scope is None or not scope.expired():
                 raise  # a timeout inside the call, not ours: already typed by the layer below

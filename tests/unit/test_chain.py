@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from toolmesh.sidecar.chain import CallContext, Outcome, compose, run_chain
+from toolmesh.sidecar.chain import Caller, CallContext, Outcome, compose, derive, run_chain
 from toolmesh.sidecar.errors import ClientGone, RetryLater, UpstreamTimeout
 from toolmesh.sidecar.pipeline import Pipeline, build_stages, forward_headers
 from toolmesh.sidecar.state import SharedState
@@ -124,3 +124,14 @@ def test_tool_stats_percentiles():
         stats.record("echo", ms / 1000, error=ms > 95)
     snap = stats.snapshot()["echo"]
     assert snap == {"count": 100, "errors": 5, "p50_ms": 50.0, "p95_ms": 95.0}
+
+
+def test_derive_is_replace_and_leaves_the_original_alone():
+    original = ctx()
+    derived = derive(original, caller=Caller("alice"), params_changed=True)
+    assert derived == dataclasses.replace(original, caller=Caller("alice"), params_changed=True)
+    assert derived.started == original.started and original.caller is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        derived.method = "x"
+    with pytest.raises(TypeError):
+        derive(original, no_such_field=1)
