@@ -21,6 +21,10 @@ PROTOCOL_VERSION = "2025-11-25"
 """The session-era revision the gateway speaks to sidecars (every upstream the sidecar fronts understands it)."""
 
 Notify = Callable[[Mapping[str, Any]], Awaitable[None]]
+Ask = Callable[[Mapping[str, Any]], Awaitable[Mapping[str, Any]]]
+"""Puts a server's request (sampling, elicitation, roots) to the caller; returns the caller's result or error."""
+CLIENT_CAPABILITIES = {"sampling": {}, "elicitation": {"form": {}, "url": {}}, "roots": {"listChanged": True}}
+"""Declared to sidecars so servers may ask; a caller that cannot answer gets its refusal relayed back."""
 
 
 class BackendUnavailable(Exception):
@@ -112,11 +116,12 @@ class BackendPool:
 
     async def request(self, endpoint: str, method: str, params: Mapping[str, Any] | None, *,
                       authorization: str | None = None, budget_key: str | None = None,
-                      notify: Notify | None = None) -> dict[str, Any]:
+                      notify: Notify | None = None, ask: Ask | None = None) -> dict[str, Any]:
         """Send one request through a session and return the JSON-RPC response (result or error).
 
         Notifications the sidecar streams before the response (progress, log
-        messages) go to `notify`. Cancelling the awaiting task tells the
+        messages) go to `notify`; requests it streams (sampling, elicitation,
+        roots) go to `ask` and its answer goes back to the sidecar. Cancelling the awaiting task tells the
         sidecar with `notifications/cancelled` and drops the stream.
         """
         key = (endpoint, authorization, budget_key)
@@ -135,7 +140,7 @@ class BackendPool:
             if params is not None:
                 message["params"] = params
             try:
-                return await self._send(session, message, notify)
+                return await self._send(session, message, notify, ask)
             except _SessionExpired:
                 # The sidecar (or its upstream) restarted and forgot the session: start a new one once.
                 session.session_id = None
@@ -153,7 +158,7 @@ class BackendPool:
             if session.session_id is not None:
                 return
             init = {"jsonrpc": "2.0", "id": next(self._ids), "method": "initialize", "params": {
-                "protocolVersion": PROTOCOL_VERSION, "capabilities": {},
+                "protocolVersion": PROTOCOL_VERSION, "capabilities": CLIENT_CAPABILITIES,
                 "clientInfo": {"name": self._client_name, "version": "1"}}}
             try:
                 async with self._http.post(session.endpoint, data=orjson.dumps(init), headers=session.headers) as resp:
@@ -170,27 +175,31 @@ class BackendPool:
                 session.session_id = None
                 raise BackendUnavailable(str(exc) or type(exc).__name__) from exc
 
-    async def _send(self, session: _Session, message: dict[str, Any], notify: Notify | None) -> dict[str, Any]:
+    async def _send(self, session: _Session, message: dict[str, Any], notify: Notify | None,
+                    ask: Ask | None) -> dict[str, Any]:
         try:
             async with self._http.post(session.endpoint, data=orjson.dumps(message),
                                        headers=session.request_headers()) as resp:
                 if resp.status == 404 and session.session_id:
                     raise _SessionExpired
                 body = await _read_response(resp, message["id"], notify,
-                                            lambda m: self._refuse_server_request(session, m))
+                                            lambda m: self._answer_server_request(session, m, ask))
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             raise BackendUnavailable(str(exc) or type(exc).__name__) from exc
         if body is None:
             raise BackendUnavailable(f"HTTP {resp.status} without a JSON-RPC response")
         return body
 
-    async def _refuse_server_request(self, session: _Session, request: Mapping[str, Any]) -> None:
-        """Sampling or elicitation asked of the caller: not relayed through the gateway, so say so at once
-        (the tool then fails or falls back) instead of leaving the server waiting."""
-        error = error_message(request.get("id"), METHOD_NOT_FOUND,
-                              f"{request.get('method')} is not available through the toolmesh gateway; "
-                              "connect to the server's sidecar directly")
-        await self._post_quietly(session, error, timeout=5)
+    async def _answer_server_request(self, session: _Session, request: Mapping[str, Any], ask: Ask | None) -> None:
+        """Sampling, elicitation or roots asked of the caller: relayed when the caller can be asked, otherwise
+        refused at once (the tool then fails or falls back) instead of leaving the server waiting."""
+        if ask is None:
+            answer: Mapping[str, Any] = error_message(
+                request.get("id"), METHOD_NOT_FOUND,
+                f"{request.get('method')} is not available through the toolmesh gateway to this caller")
+        else:
+            answer = {"jsonrpc": "2.0", "id": request.get("id"), **await ask(request)}
+        await self._post_quietly(session, answer, timeout=5)
 
     async def _cancel(self, session: _Session, request_id: int) -> None:
         note = {"jsonrpc": "2.0", "method": "notifications/cancelled",

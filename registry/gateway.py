@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 import uuid
@@ -32,8 +33,8 @@ from toolmesh.api.jsonrpc import (
     UPSTREAM_UNAVAILABLE,
     error_message,
 )
-from toolmesh.registry.backend import BackendPool, BackendRefused, BackendUnavailable
-from toolmesh.registry.catalogue import Catalogue, Instance
+from toolmesh.registry.backend import Ask, BackendPool, BackendRefused, BackendUnavailable
+from toolmesh.registry.catalogue import SEPARATOR, Catalogue, Instance
 
 log = logging.getLogger("toolmesh.registry")
 
@@ -43,6 +44,12 @@ SUBSCRIPTION_ID_KEY = "io.modelcontextprotocol/subscriptionId"
 ENVELOPE_PREFIX = "io.modelcontextprotocol/"
 
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+ASK_TIMEOUT = 600.0
+"""Seconds a server's sampling or elicitation request waits for the caller's answer (a person may be typing)."""
+LISTED = {"prompts/list": "prompts", "resources/list": "resources", "resources/templates/list": "resourceTemplates"}
+"""Listings composed from every healthy server on demand, and the key of their items."""
+CAPABILITIES = {"tools": {"listChanged": True}, "prompts": {"listChanged": False},
+                "resources": {"subscribe": True, "listChanged": False}}
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -104,6 +111,13 @@ class Gateway:
         self.local_tools: dict[str, tuple[dict[str, Any], LocalTool]] = {}
         self._visible: dict[tuple[str, str | None, int], tuple[float, frozenset[str]]] = {}
         """(sidecar endpoint, caller's Authorization, catalogue version) → (until, tool names it lists them)."""
+        self._asks: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        """Server requests put to callers, by the id the gateway gave them, waiting for the caller's answer."""
+        self._ask_ids = itertools.count(1)
+        self._prompt_owners: dict[str, str] = {}
+        """Bare prompt name → the server that answers to it (highest priority), as last listed."""
+        self._resource_owners: dict[str, str] = {}
+        """Resource URI (or template) → the server that serves it (highest priority), as last listed."""
         self._list_changed = orjson.dumps({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
         catalogue.on_change(self._announce_change)
 
@@ -159,7 +173,12 @@ class Gateway:
             return _json(error_message(None, INVALID_REQUEST, "one JSON-RPC message per POST"), 400)
         method = message.get("method")
         if not isinstance(method, str):
-            return web.Response(status=202)  # a response to something we never asked: nothing to do
+            # A caller's answer to a server's request we relayed; anything else we never asked: nothing to do.
+            waiting = self._asks.get(message.get("id")) if isinstance(message.get("id"), str) else None
+            if waiting is not None and not waiting.done():
+                waiting.set_result({k: message[k] for k in ("result", "error") if k in message}
+                                   or {"error": {"code": INVALID_REQUEST, "message": "empty answer"}})
+            return web.Response(status=202)
         session_id = request.headers.get("Mcp-Session-Id")
         session = None
         if method == "initialize":
@@ -191,6 +210,12 @@ class Gateway:
             return await self._listen(request, request_id, params)
         if method == "tools/call":
             return await self._tools_call(request, session, request_id, params, caller)
+        if method in LISTED:
+            return _json(await self._composed_list(request_id, method, caller, modern=session is None))
+        if method == "prompts/get":
+            return _json(await self._prompts_get(request_id, params, caller, modern=session is None))
+        if method in ("resources/read", "resources/subscribe", "resources/unsubscribe"):
+            return _json(await self._resource_request(request_id, method, params, caller, modern=session is None))
         return _json(error_message(request_id, METHOD_NOT_FOUND, f"method not found: {method}"))
 
     async def handle_get(self, request: web.Request) -> web.StreamResponse:
@@ -243,7 +268,7 @@ class Gateway:
         version = asked if asked in SESSION_VERSIONS else SESSION_VERSIONS[0]
         session = GatewaySession(id=uuid.uuid4().hex, protocol_version=version)
         self.sessions[session.id] = session
-        result = {"protocolVersion": version, "capabilities": {"tools": {"listChanged": True}},
+        result = {"protocolVersion": version, "capabilities": CAPABILITIES,
                   "serverInfo": self.server_info,
                   "instructions": "Tools of every healthy server behind toolmesh, named server__tool."}
         return _json({"jsonrpc": "2.0", "id": message.get("id"), "result": result},
@@ -251,7 +276,7 @@ class Gateway:
 
     def _discover(self) -> dict[str, Any]:
         return {"supportedVersions": [*MODERN_VERSIONS, *SESSION_VERSIONS],
-                "capabilities": {"tools": {"listChanged": True}},
+                "capabilities": CAPABILITIES,
                 "serverInfo": self.server_info,
                 "resultType": "complete", "ttlMs": 0, "cacheScope": "public"}
 
@@ -333,11 +358,24 @@ class Gateway:
                 await stream.prepare(request)
             await stream.write(b"event: message\ndata: " + orjson.dumps(note) + b"\n\n")
 
+        async def ask(server_request: Mapping[str, Any]) -> dict[str, Any]:
+            # The server's request goes to the caller on this call's stream under an id of ours; the caller's
+            # answer arrives as a POST (see handle_post) and goes back to the server under the server's id.
+            ask_id = f"toolmesh-{next(self._ask_ids)}"
+            waiting = self._asks[ask_id] = asyncio.get_running_loop().create_future()
+            try:
+                await notify({**server_request, "id": ask_id})
+                return await asyncio.wait_for(waiting, ASK_TIMEOUT)
+            except asyncio.TimeoutError:
+                return {"error": {"code": INTERNAL_ERROR, "message": "the caller did not answer in time"}}
+            finally:
+                self._asks.pop(ask_id, None)
+
         task = asyncio.current_task()
         if session is not None and task is not None:
             session.in_flight[request_id] = task
         try:
-            result = await self.call_tool(name, params, caller, notify)
+            result = await self.call_tool(name, params, caller, notify, ask if session is not None else None)
             if session is None and "resultType" not in result:
                 result = {**result, "resultType": "complete"}
             answer = {"jsonrpc": "2.0", "id": request_id, "result": result}
@@ -360,7 +398,8 @@ class Gateway:
         await stream.write_eof()
         return stream
 
-    async def call_tool(self, name: str, params: Mapping[str, Any], caller: Caller, notify: Notify) -> dict[str, Any]:
+    async def call_tool(self, name: str, params: Mapping[str, Any], caller: Caller, notify: Notify,
+                        ask: Ask | None = None) -> dict[str, Any]:
         """Route one `tools/call` by gateway name; returns the CallToolResult or raises ToolCallFailed."""
         local = self.local_tools.get(name)
         if local is not None:
@@ -370,10 +409,11 @@ class Gateway:
             raise ToolCallFailed(INVALID_PARAMS, f"unknown tool: {name}")
         forwarded = session_era_params(params)
         forwarded["name"] = route.tool
-        return await self.call_server(route.server, forwarded, caller, notify)
+        return await self.call_server(route.server, forwarded, caller, notify, ask=ask)
 
     async def call_server(self, server: str, params: Mapping[str, Any], caller: Caller, notify: Notify,
-                          instance: Instance | None = None) -> dict[str, Any]:
+                          instance: Instance | None = None, *, ask: Ask | None = None,
+                          method: str = "tools/call") -> dict[str, Any]:
         """Send `tools/call` to a healthy instance of `server` (a given one, or the least busy), failing over once."""
         tried: set[str] = set()
         while True:
@@ -383,9 +423,9 @@ class Gateway:
             tried.add(inst.instance)
             inst.in_flight += 1
             try:
-                response = await self.backends.request(inst.endpoint, "tools/call", params,
+                response = await self.backends.request(inst.endpoint, method, params,
                                                        authorization=caller.authorization,
-                                                       budget_key=caller.budget_key, notify=notify)
+                                                       budget_key=caller.budget_key, notify=notify, ask=ask)
             except BackendUnavailable as exc:
                 log.warning("instance %s of %s unreachable: %s", inst.instance, server, exc)
                 self.catalogue.mark_failed(inst, str(exc))
@@ -403,6 +443,102 @@ class Gateway:
                 error = response["error"]
                 raise ToolCallFailed(error.get("code", INTERNAL_ERROR), error.get("message", ""), error.get("data"))
             return response.get("result") or {}
+
+    # -- prompts and resources: composed from every healthy server on demand -------------
+
+    def _by_priority(self) -> list[str]:
+        """Servers that can answer now, the one that wins a clash of names or URIs first."""
+        servers = [s for s in self.catalogue.servers() if self.catalogue.healthy_instances(s)]
+        return sorted(servers, key=lambda s: (-self.catalogue.traits(s).priority, s))
+
+    async def _server_list(self, server: str, method: str, caller: Caller) -> list[dict[str, Any]]:
+        """Every item `server` lists for this caller (all pages); nothing when it has none or refuses."""
+        items: list[dict[str, Any]] = []
+        cursor = None
+        try:
+            for _ in range(20):
+                result = await self.call_server(server, {"cursor": cursor} if cursor else {}, caller, _ignore,
+                                                method=method)
+                items.extend(i for i in result.get(LISTED[method]) or () if isinstance(i, dict))
+                cursor = result.get("nextCursor")
+                if not cursor:
+                    break
+        except ToolCallFailed:
+            pass
+        return items
+
+    async def _composed_list(self, request_id: Any, method: str, caller: Caller, *, modern: bool) -> dict[str, Any]:
+        key = LISTED[method]
+        servers = self._by_priority()
+        listings = await asyncio.gather(*(self._server_list(s, method, caller) for s in servers))
+        composed: list[dict[str, Any]] = []
+        owners: dict[str, str] = {}
+        for server, items in zip(servers, listings):
+            for item in items:
+                if key == "prompts":
+                    # Named like tools; the bare name answers too, for the server that wins it.
+                    owners.setdefault(str(item.get("name")), server)
+                    description = item.get("description") or ""
+                    item = {**item, "name": f"{server}{SEPARATOR}{item.get('name')}",
+                            "description": f"[{server}] {description}".rstrip()}
+                else:
+                    # URIs are the resource's identity and stay as they are; on a clash, priority decides.
+                    address = str(item.get("uri") or item.get("uriTemplate"))
+                    if owners.setdefault(address, server) != server:
+                        continue
+                composed.append(item)
+        (self._prompt_owners if key == "prompts" else self._resource_owners).update(owners)
+        result: dict[str, Any] = {key: composed}
+        if modern:
+            result.update(resultType="complete", ttlMs=0, cacheScope="private")
+        return {"jsonrpc": "2.0", "id": request_id, "result": result}
+
+    async def _prompts_get(self, request_id: Any, params: Mapping[str, Any], caller: Caller, *,
+                           modern: bool) -> dict[str, Any]:
+        name = params.get("name")
+        if not isinstance(name, str):
+            return error_message(request_id, INVALID_PARAMS, "prompts/get needs a prompt name")
+        server, _, bare = name.partition(SEPARATOR)
+        if not bare or server not in self.catalogue.servers():
+            bare = name
+            if name not in self._prompt_owners:
+                await self._composed_list(None, "prompts/list", caller, modern=False)
+            server = self._prompt_owners.get(name, "")
+        if not server:
+            return error_message(request_id, INVALID_PARAMS, f"unknown prompt: {name}")
+        return await self._routed(request_id, server, "prompts/get", {**session_era_params(params), "name": bare},
+                                  caller, modern)
+
+    async def _resource_request(self, request_id: Any, method: str, params: Mapping[str, Any], caller: Caller, *,
+                                modern: bool) -> dict[str, Any]:
+        uri = params.get("uri")
+        if not isinstance(uri, str):
+            return error_message(request_id, INVALID_PARAMS, f"{method} needs a uri")
+        forwarded = session_era_params(params)
+        if uri not in self._resource_owners:
+            await self._composed_list(None, "resources/list", caller, modern=False)
+        owner = self._resource_owners.get(uri)
+        if owner is not None:
+            return await self._routed(request_id, owner, method, forwarded, caller, modern)
+        # Not a listed resource: perhaps one of a template's; the first server (by priority) that knows it answers.
+        answer = error_message(request_id, INVALID_PARAMS, f"unknown resource: {uri}")
+        for server in self._by_priority():
+            routed = await self._routed(request_id, server, method, forwarded, caller, modern)
+            if "result" in routed:
+                self._resource_owners[uri] = server
+                return routed
+            answer = routed
+        return answer
+
+    async def _routed(self, request_id: Any, server: str, method: str, params: Mapping[str, Any], caller: Caller,
+                      modern: bool) -> dict[str, Any]:
+        try:
+            result = await self.call_server(server, params, caller, _ignore, method=method)
+        except ToolCallFailed as exc:
+            return error_message(request_id, exc.code, exc.message, exc.data)
+        if modern and "resultType" not in result:
+            result = {**result, "resultType": "complete"}
+        return {"jsonrpc": "2.0", "id": request_id, "result": result}
 
     async def _listen(self, request: web.Request, request_id: Any, params: Mapping[str, Any]) -> web.StreamResponse:
         wanted = (params.get("notifications") or {})
@@ -436,6 +572,10 @@ class Gateway:
             _offer(session.outbox, self._list_changed)
         for queue in self.listeners:
             _offer(queue, b"")
+
+
+async def _ignore(_: Mapping[str, Any]) -> None:
+    return None
 
 
 def session_era_params(params: Mapping[str, Any]) -> dict[str, Any]:
