@@ -315,7 +315,10 @@ class GatewayView:
         return cls(version=version, tools=tuple(tools), routes=routes)
 
     def page_json(self, cursor: str | None, size: int) -> tuple[bytes, str | None]:
-        """Like `page`, with the tools already serialised as the inside of a JSON array (cached per page)."""
+        """One `tools/list` page, serialised as the inside of a JSON array (cached per page), and the next cursor.
+
+        The cursor is the offset tied to the version, so a change of the catalogue restarts the listing.
+        """
         start = self.offset(cursor)
         key = (start, size)
         body = self._pages.get(key)
@@ -332,16 +335,3 @@ class GatewayView:
             return int(offset) if int(version) == self.version else 0
         except ValueError:
             raise ValueError("invalid cursor") from None
-
-    def page(self, cursor: str | None, size: int) -> tuple[list[dict[str, Any]], str | None]:
-        """One `tools/list` page; the cursor is the offset, tied to the version so a change restarts listing."""
-        start = 0
-        if cursor:
-            try:
-                version, offset = cursor.split(":", 1)
-                start = int(offset) if int(version) == self.version else 0
-            except ValueError:
-                raise ValueError("invalid cursor") from None
-        end = start + size
-        next_cursor = f"{self.version}:{end}" if end < len(self.tools) else None
-        return list(self.tools[start:end]), next_cursor
