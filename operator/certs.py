@@ -15,6 +15,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from toolmesh.operator.render import MANAGED_BY
+
 VALIDITY = datetime.timedelta(days=365)
 RENEW_BEFORE = datetime.timedelta(days=30)
 
@@ -105,5 +107,5 @@ def still_good(existing: WebhookCert, hosts: Sequence[str], now: datetime.dateti
 def render_secret(name: str, namespace: str, cert: WebhookCert) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
             "metadata": {"name": name, "namespace": namespace,
-                         "labels": {"app.kubernetes.io/managed-by": "toolmesh"}},
+                         "labels": dict(MANAGED_BY)},
             "data": cert.secret_data()}

@@ -8,11 +8,11 @@ import kopf
 
 from toolmesh.api.server import GROUP, VERSION
 from toolmesh.operator.inject import InjectionError
+from toolmesh.operator.render import MANAGED_BY
 from toolmesh.operator.webhook import HANDLER_ID, injection_for, mutate
 
 SERVERS = (GROUP, VERSION, "mcpservers")
 POLICIES = (GROUP, VERSION, "mcptoolpolicies")
-MANAGED = {"app.kubernetes.io/managed-by": "toolmesh"}
 
 
 @kopf.on.resume(*SERVERS, backoff=2)
@@ -47,7 +47,7 @@ def policy_event(type: str | None, body: kopf.Body, namespace: str, memo: kopf.M
         logger.error(f"re-rendering namespace {namespace} after a policy change failed: {exc}")
 
 
-@kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
+@kopf.on.event("apps", "v1", "deployments", labels=MANAGED_BY)
 def deployment_event(type: str | None, body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     try:
         if type == "DELETED":
@@ -58,9 +58,9 @@ def deployment_event(type: str | None, body: kopf.Body, memo: kopf.Memo, logger:
         logger.warning(f"following Deployment {body.metadata.name} failed: {exc}")
 
 
-@kopf.on.event("v1", "services", labels=MANAGED)
-@kopf.on.event("v1", "configmaps", labels=MANAGED)
-@kopf.on.event("v1", "serviceaccounts", labels=MANAGED)
+@kopf.on.event("v1", "services", labels=MANAGED_BY)
+@kopf.on.event("v1", "configmaps", labels=MANAGED_BY)
+@kopf.on.event("v1", "serviceaccounts", labels=MANAGED_BY)
 def child_event(type: str | None, body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     if type != "DELETED":
         return

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from toolmesh.operator.inject import INJECT_LABEL, SidecarOptions, inject_pod, is_injected, options_from_pod
+from toolmesh.operator.render import MANAGED_BY
 
 CONFIGURATION_NAME = "toolmesh-sidecar-injector"
 HANDLER_ID = "inject-pods"
@@ -72,7 +73,7 @@ def render_webhook_configuration(endpoint: WebhookEndpoint, ca: bytes, operator_
     return {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "MutatingWebhookConfiguration",
-        "metadata": {"name": CONFIGURATION_NAME, "labels": {"app.kubernetes.io/managed-by": "toolmesh"}},
+        "metadata": {"name": CONFIGURATION_NAME, "labels": dict(MANAGED_BY)},
         "webhooks": [
             webhook("pods.inject.toolmesh.io", {"matchLabels": {INJECT_LABEL: "true"}}, []),
             webhook("namespaces.inject.toolmesh.io",
