@@ -36,12 +36,14 @@ class WireError(Exception):
 class Connection:
     """One TCP (or TLS) connection to the upstream."""
 
-    __slots__ = ("reader", "writer", "idle_since")
+    __slots__ = ("reader", "writer", "idle_since", "loop")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.reader = reader
         self.writer = writer
         self.idle_since = 0.0
+        # Kept rather than asked for per request: asyncio.get_running_loop() costs a getpid() system call.
+        self.loop = asyncio.get_running_loop()
 
     def usable(self) -> bool:
         return not self.reader.at_eof() and not self.writer.is_closing() and not self.reader.exception()
@@ -85,11 +87,12 @@ class WireResponse:
         if self._done:
             self.release()
             return b""
-        reader = self._conn.reader
-        timer = self._arm(reader)
+        conn = self._conn
+        reader = conn.reader
+        timer = self._arm(conn)
         try:
             if self._chunked:
-                parts = [chunk async for chunk in self._chunk_stream(reader)]
+                parts = [chunk async for chunk in self._chunk_stream(conn)]
                 data = b"".join(parts)
             elif self._length is not None:
                 data = await reader.readexactly(self._length)
@@ -111,16 +114,16 @@ class WireResponse:
         self.release()
         return data
 
-    def _arm(self, reader: asyncio.StreamReader) -> asyncio.TimerHandle | None:
+    def _arm(self, conn: Connection) -> asyncio.TimerHandle | None:
         """A timer failing the reads that follow with TimeoutError after the read timeout; cancel it when they are done.
 
         Cheaper than asyncio.timeout() on every call, and the same here: reads of this connection are the only waits.
         """
         timeout = self._timeout
-        return None if timeout is None else asyncio.get_running_loop().call_later(timeout, _expire, reader)
+        return None if timeout is None else conn.loop.call_later(timeout, _expire, conn.reader)
 
-    async def _timed(self, reader: asyncio.StreamReader, read: Awaitable[bytes]) -> bytes:
-        timer = self._arm(reader)
+    async def _timed(self, conn: Connection, read: Awaitable[bytes]) -> bytes:
+        timer = self._arm(conn)
         try:
             return await read
         finally:
@@ -136,15 +139,17 @@ class WireResponse:
             return
         if self._done:
             return
-        reader = self._conn.reader
+        conn = self._conn
+        reader = conn.reader
         try:
             if self._chunked:
-                async for chunk in self._chunk_stream(reader, per_read=True):
+                async for chunk in self._chunk_stream(conn, per_read=True):
                     yield chunk
             else:
                 remaining = self._length
                 while remaining is None or remaining > 0:
-                    chunk = await self._timed(reader, reader.read(65536 if remaining is None else min(65536, remaining)))
+                    size = 65536 if remaining is None else min(65536, remaining)
+                    chunk = await self._timed(conn, reader.read(size))
                     if not chunk:
                         if remaining is None:
                             break
@@ -160,10 +165,11 @@ class WireResponse:
             self.close()
             raise WireError(f"upstream broke the stream: {exc.__class__.__name__}") from None
 
-    async def _chunk_stream(self, reader: asyncio.StreamReader, per_read: bool = False) -> AsyncIterator[bytes]:
+    async def _chunk_stream(self, conn: Connection, per_read: bool = False) -> AsyncIterator[bytes]:
+        reader = conn.reader
         while True:
             if per_read:
-                line = await self._timed(reader, reader.readuntil(b"\r\n"))
+                line = await self._timed(conn, reader.readuntil(b"\r\n"))
             else:
                 line = await reader.readuntil(b"\r\n")
             size = int(line.split(b";", 1)[0].strip(), 16)
@@ -174,7 +180,7 @@ class WireResponse:
                 self._done = True
                 return
             if per_read:
-                data = await self._timed(reader, reader.readexactly(size + 2))
+                data = await self._timed(conn, reader.readexactly(size + 2))
             else:
                 data = await reader.readexactly(size + 2)
             yield data[:-2]
@@ -279,7 +285,7 @@ class WirePool:
         body: bytes | None = None
         # The timer fails the read it interrupts with TimeoutError: the same as asyncio.timeout() here (the
         # reads are this exchange's only waits), for a fraction of its cost on every call.
-        timer = None if timeout is None else asyncio.get_running_loop().call_later(timeout, _expire, reader)
+        timer = None if timeout is None else conn.loop.call_later(timeout, _expire, reader)
         try:
             conn.writer.write(payload)
             while True:
