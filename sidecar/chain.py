@@ -154,6 +154,18 @@ def derive(ctx: CallContext, **changes: Any) -> CallContext:
     return new
 
 
+def header(headers: Mapping[str, str], name: str) -> str | None:
+    """A header's value, matching the name case-insensitively whatever mapping the HTTP layer passed."""
+    value = headers.get(name)
+    if value is not None:
+        return value
+    lowered = name.lower()
+    for key, value in headers.items():
+        if key.lower() == lowered:
+            return value
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What the chain answers for one request: a JSON-RPC response, already parsed or still raw."""

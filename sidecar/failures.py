@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import orjson
 
-from toolmesh.sidecar.chain import Outcome
+from toolmesh.sidecar.chain import Outcome, header
 from toolmesh.sidecar.errors import INTERNAL_ERROR, UpstreamTimeout, UpstreamUnavailable
 
 TRANSIENT_STATUSES = frozenset({502, 503, 504})
@@ -51,10 +51,10 @@ def is_transient_outcome(outcome: Outcome) -> bool:
 
 def retry_after_seconds(outcome: Outcome) -> float | None:
     """The upstream's `Retry-After` in seconds (delta-seconds form), if it sent one."""
-    for key, value in outcome.headers.items():
-        if key.lower() == "retry-after":
-            try:
-                return max(0.0, float(value))
-            except ValueError:
-                return None
-    return None
+    value = header(outcome.headers, "Retry-After")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None

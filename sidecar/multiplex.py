@@ -46,7 +46,7 @@ from mcp.shared.inbound import (
 from mcp_types import HEADER_MISMATCH
 from mcp_types.version import LATEST_MODERN_VERSION, MODERN_PROTOCOL_VERSIONS
 
-from toolmesh.sidecar.chain import SseEvent
+from toolmesh.sidecar.chain import SseEvent, header
 from toolmesh.sidecar.errors import (
     INVALID_REQUEST,
     METHOD_NOT_FOUND,
@@ -75,18 +75,6 @@ _BACKLOG_LIMIT = 100
 
 # What a pending request's queue carries.
 _EVENT, _FINAL, _FAILED, _ENDED, _SILENT = range(5)
-
-
-def header(headers: Mapping[str, str], name: str) -> str | None:
-    """A header's value, matching the name case-insensitively whatever mapping the HTTP layer passed."""
-    value = headers.get(name)
-    if value is not None:
-        return value
-    lowered = name.lower()
-    for key, value in headers.items():
-        if key.lower() == lowered:
-            return value
-    return None
 
 
 def json_response(status: int, message: Any, headers: Mapping[str, str] | None = None) -> UpstreamResponse:

@@ -19,7 +19,7 @@ from typing import Any
 
 from toolmesh.api.policy import BudgetPolicy
 from toolmesh.sidecar import stage_metrics
-from toolmesh.sidecar.chain import CallContext, Handler, Outcome
+from toolmesh.sidecar.chain import CallContext, Handler, Outcome, header
 from toolmesh.sidecar.errors import BUDGET_EXHAUSTED, INVALID_PARAMS, Refused
 from toolmesh.sidecar.results_store import DEFAULT_PAGE_TOKENS, PREFIX, ResultNotFound, ResultsStore
 from toolmesh.sidecar.state import SharedState
@@ -119,18 +119,8 @@ def budget_key(ctx: CallContext) -> str:
     """The session's budget, or in the stateless era the subject's budget named by `Mcp-Budget-Key`."""
     if ctx.session_id:
         return _session_key(ctx.session_id)
-    key = _header(ctx.headers, BUDGET_KEY_HEADER) or ""
+    key = header(ctx.headers, BUDGET_KEY_HEADER) or ""
     return f"subject\x00{owner_of(ctx)}\x00{key}"
-
-
-def _header(headers: Mapping[str, str], name: str) -> str | None:
-    value = headers.get(name)
-    if value is None:
-        # The HTTP layer hands a case-insensitive mapping; a plain dict (tests, stdio) may not be.
-        for key, item in headers.items():
-            if key.lower() == name:
-                return item
-    return value
 
 
 class BudgetStage:
