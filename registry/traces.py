@@ -93,12 +93,13 @@ class RedFigures:
             calls.samples.popleft()
         recent = list(calls.samples)
         durations = sorted(d for _, d, _ in recent)
+        errors = sum(1 for *_, failed in recent if failed)
         return {
             "ratePerMinute": round(len(recent) * 60 / self.window, 3),
             "windowSeconds": self.window,
             "calls": len(recent),
-            "errors": sum(1 for *_, failed in recent if failed),
-            "errorRate": round(sum(1 for *_, failed in recent if failed) / len(recent), 4) if recent else 0.0,
+            "errors": errors,
+            "errorRate": round(errors / len(recent), 4) if recent else 0.0,
             "p50Ms": round(_quantile(durations, 0.50), 3),
             "p95Ms": round(_quantile(durations, 0.95), 3),
             "totalCalls": calls.total,
