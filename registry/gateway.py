@@ -33,7 +33,7 @@ from toolmesh.api.jsonrpc import (
     UPSTREAM_UNAVAILABLE,
     error_message,
 )
-from toolmesh.registry.backend import Ask, BackendPool, BackendRefused, BackendUnavailable
+from toolmesh.registry.backend import Ask, BackendPool, BackendRefused, BackendUnavailable, Notify
 from toolmesh.registry.catalogue import SEPARATOR, Catalogue, Instance
 
 log = logging.getLogger("toolmesh.registry")
@@ -63,7 +63,6 @@ class Caller:
     """`Mcp-Budget-Key`, or the gateway session id, so the sidecar keeps one budget per caller session."""
 
 
-Notify = Callable[[Mapping[str, Any]], Awaitable[None]]
 LocalTool = Callable[[Mapping[str, Any], Caller, Notify], Awaitable[dict[str, Any]]]
 """A tool the registry itself serves (e.g. `toolmesh__run_workflow`): (tools/call params, caller, notify) → CallToolResult."""
 

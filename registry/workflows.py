@@ -15,7 +15,7 @@ import asyncio
 import itertools
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,9 +23,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from toolmesh.registry.catalogue import Catalogue
-from toolmesh.registry.gateway import Caller, Gateway, ToolCallFailed
-
-Notify = Callable[[Mapping[str, Any]], Awaitable[None]]
+from toolmesh.registry.gateway import Caller, Gateway, Notify, ToolCallFailed
 
 
 class TaskSpec(BaseModel):
