@@ -80,7 +80,7 @@ class AuditLog:
 
 def audit_log_for(policy: Any, shared: SharedState) -> AuditLog | None:
     """The audit log the policy asks for, or None. Logs are kept per sink across reloads so file descriptors are not leaked."""
-    section = getattr(policy, "audit", None) if policy is not None else None
+    section = getattr(policy, "audit", None)
     if section is None or not section.enabled:
         return None
     logs: dict[str, AuditLog] = shared.stage_state.setdefault(_STATE_KEY, {})

@@ -65,7 +65,7 @@ def challenge(
 
 def metadata_document(policy: Any, headers: Mapping[str, str]) -> dict[str, Any] | None:
     """The RFC 9728 protected-resource metadata, or None when the policy has no auth."""
-    auth = getattr(policy, "auth", None) if policy is not None else None
+    auth = getattr(policy, "auth", None)
     if auth is None:
         return None
     scopes = list(auth.scopesSupported)

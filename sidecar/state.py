@@ -11,14 +11,16 @@ It returns None when the policy does not ask for that stage. Without any
 policy (no `--policy`) only `observe` is built; the policy stages are not
 imported at all. Anything that must survive a reload
 (rate buckets, cached results, breaker states, budgets) is kept in
-`shared.stage_state[<name>]`, created on first build.
+`shared.stage_state[<name>]`, made on first build by `shared.kept(<name>, make)`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,3 +110,10 @@ class SharedState:
     """The telemetry object (tracer, meters, per-tool stats for heartbeats)."""
     upstream: Any = None
     """The `Upstream` in use (for stages that must call it themselves, e.g. to refresh tools/list)."""
+
+    def kept(self, name: str, make: Callable[[], T]) -> T:
+        """The long-lived state kept under `name`, made by `make` on first use; it survives policy reloads."""
+        state = self.stage_state.get(name)
+        if state is None:
+            state = self.stage_state[name] = make()
+        return state

@@ -75,9 +75,7 @@ def ensure_listed(shared: SharedState) -> None:
     """
     if not shared.tools.stale or shared.upstream is None:
         return
-    listing = shared.stage_state.get("tool_listing")
-    if listing is None:
-        listing = shared.stage_state["tool_listing"] = _Listing()
+    listing = shared.kept("tool_listing", _Listing)
     now = time.monotonic()
     if (listing.task is not None and not listing.task.done()) or now - listing.started < RELIST_MIN_SECONDS:
         return

@@ -96,7 +96,7 @@ class AuthenticateStage:
 
 def build(policy: Any, shared: SharedState) -> AuthenticateStage | None:
     """The stage for `policy.auth`, or None without one. JWKS caches outlive reloads; verified tokens do not."""
-    auth = getattr(policy, "auth", None) if policy is not None else None
+    auth = getattr(policy, "auth", None)
     if auth is None:
         return None
     state = shared.stage_state.setdefault(NAME, {"jwks": {}})

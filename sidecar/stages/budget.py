@@ -304,12 +304,10 @@ def _text_of(item: Any) -> str | None:
 
 def build(policy: Any, shared: SharedState) -> BudgetStage | None:
     """The budget stage when the policy has a `budget` section."""
-    section = getattr(policy, "budget", None) if policy is not None else None
+    section = getattr(policy, "budget", None)
     if section is None:
         return None
-    state = shared.stage_state.get(NAME)
-    if state is None:
-        state = shared.stage_state[NAME] = BudgetState(shared=shared)
+    state = shared.kept(NAME, lambda: BudgetState(shared=shared))
     tokenizer = Tokenizer(section.encoding)
     tokenizer.preload()  # an unknown encoding is refused here, with the policy; loading goes on in the background
     return BudgetStage(section, state, tokenizer)

@@ -289,7 +289,7 @@ class CacheStage:
 
 def build(policy: Any, shared: SharedState) -> CacheStage | None:
     """The cache stage when the policy has an enabled `cache` section."""
-    section = getattr(policy, "cache", None) if policy is not None else None
+    section = getattr(policy, "cache", None)
     if section is None or not section.enabled:
         return None
     state = shared.stage_state.get(NAME)

@@ -212,10 +212,8 @@ async def _report_wait(ctx: CallContext, tool: str) -> None:
 
 def build(policy: Any, shared: SharedState) -> CircuitBreakerStage | None:
     """The breaker stage when the policy has a `circuitBreaker` section."""
-    section = getattr(policy, "circuitBreaker", None) if policy is not None else None
+    section = getattr(policy, "circuitBreaker", None)
     if section is None:
         return None
-    board = shared.stage_state.get(NAME)
-    if board is None:
-        board = shared.stage_state[NAME] = BreakerBoard(shared=shared)
+    board = shared.kept(NAME, lambda: BreakerBoard(shared=shared))
     return CircuitBreakerStage(section, board)

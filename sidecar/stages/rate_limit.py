@@ -87,11 +87,9 @@ class RateLimitStage:
 
 def build(policy: Any, shared: SharedState) -> RateLimitStage | None:
     """The stage for `policy.rateLimit`, or None without one. Buckets outlive reloads; the bound follows the policy."""
-    section = getattr(policy, "rateLimit", None) if policy is not None else None
+    section = getattr(policy, "rateLimit", None)
     if section is None:
         return None
-    buckets = shared.stage_state.get(NAME)
-    if buckets is None:
-        buckets = shared.stage_state[NAME] = Buckets(section.maxSubjects)
+    buckets = shared.kept(NAME, lambda: Buckets(section.maxSubjects))
     buckets.max_keys = section.maxSubjects
     return RateLimitStage(section, buckets, shared)

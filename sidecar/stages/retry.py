@@ -156,7 +156,7 @@ class RetryStage:
 
 def build(policy: Any, shared: SharedState) -> RetryStage | None:
     """The retry stage when the policy has a `retry` section."""
-    section = getattr(policy, "retry", None) if policy is not None else None
+    section = getattr(policy, "retry", None)
     if section is None:
         return None
     return RetryStage(section, shared.tools, spec=policy, shared=shared)

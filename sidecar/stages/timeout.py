@@ -132,7 +132,7 @@ class TimeoutStage:
 
 def build(policy: Any, shared: SharedState) -> TimeoutStage | None:
     """The timeout stage when the policy has a `timeouts` section."""
-    section = getattr(policy, "timeouts", None) if policy is not None else None
+    section = getattr(policy, "timeouts", None)
     if section is None:
         return None
     return TimeoutStage(section, shared)
