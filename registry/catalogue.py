@@ -27,6 +27,15 @@ class ServerTraits:
     max_concurrent: int = 3
     """Delegated tasks this server runs at once."""
 
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, Any]) -> ServerTraits:
+        """The traits in an MCPServer spec or a heartbeat, which spell them alike (`priority`, `maxConcurrent`...)."""
+        return cls(
+            priority=int(fields.get("priority") or 0),
+            capabilities=tuple(str(c) for c in fields.get("capabilities") or ()),
+            max_concurrent=max(1, int(fields.get("maxConcurrent") or 3)),
+        )
+
 
 @dataclass(slots=True)
 class Instance:
@@ -125,11 +134,7 @@ class Catalogue:
             raise ValueError("'tools' must be a list of tool definitions with names")
         traits = None
         if any(k in beat for k in ("priority", "capabilities", "maxConcurrent")):
-            traits = ServerTraits(
-                priority=int(beat.get("priority") or 0),
-                capabilities=tuple(str(c) for c in beat.get("capabilities") or ()),
-                max_concurrent=max(1, int(beat.get("maxConcurrent") or 3)),
-            )
+            traits = ServerTraits.from_fields(beat)
         instances = self._instances.setdefault(server, {})
         inst = instances.get(str(instance_id))
         if inst is None:

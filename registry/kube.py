@@ -118,9 +118,7 @@ class ClusterSync:
             meta, spec, status = item["metadata"], item.get("spec") or {}, item.get("status") or {}
             name, namespace = meta["name"], meta["namespace"]
             seen[name] = (namespace, item)
-            self.catalogue.declare(name, ServerTraits(
-                priority=int(spec.get("priority") or 0), capabilities=tuple(spec.get("capabilities") or ()),
-                max_concurrent=int(spec.get("maxConcurrent") or 3)))
+            self.catalogue.declare(name, ServerTraits.from_fields(spec))
             seen_at = parse_time(status.get("lastHeartbeat"))
             if status.get("endpoint") and status.get("healthyInstances") and seen_at is not None:
                 tools = [_tool_from_status(t) for t in status.get("tools") or []]
