@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from toolmesh.api.policy import AuthPolicy, Issuer
 from toolmesh.sidecar import stage_metrics
 from toolmesh.sidecar.audit import AuditLog, audit_log_for
 from toolmesh.sidecar.chain import Caller, CallContext, Handler, Outcome, derive
 from toolmesh.sidecar.errors import Unauthenticated
-from toolmesh.sidecar.jwks import JwksKeys
-from toolmesh.sidecar.jwt_verify import InvalidToken, TokenVerifier
 from toolmesh.sidecar.protected_resource import challenge
 from toolmesh.sidecar.state import SharedState
+
+if TYPE_CHECKING:
+    from toolmesh.sidecar.jwks import JwksKeys
+    from toolmesh.sidecar.jwt_verify import TokenVerifier
 
 NAME = "authenticate"
 
@@ -33,6 +35,10 @@ class AuthenticateStage:
 
     def __init__(self, auth: AuthPolicy, verifier: TokenVerifier, audit: AuditLog | None, server_name: str | None = None,
                  shared: SharedState | None = None):
+        # pyjwt and cryptography cost ~0.1 s of start-up: imported only once a policy asks for auth.
+        from toolmesh.sidecar.jwt_verify import InvalidToken
+
+        self._invalid_token = InvalidToken
         self.auth = auth
         self.verifier = verifier
         self.audit = audit
@@ -65,7 +71,7 @@ class AuthenticateStage:
         checked = self.verifier.verifications
         try:
             caller = await self.verifier.verify(token)
-        except InvalidToken as exc:
+        except self._invalid_token as exc:
             self.requests.inc("invalid")
             self._refuse(ctx, exc.reason)
             raise Unauthenticated(
@@ -99,6 +105,9 @@ def build(policy: Any, shared: SharedState) -> AuthenticateStage | None:
     auth = getattr(policy, "auth", None)
     if auth is None:
         return None
+    from toolmesh.sidecar.jwks import JwksKeys
+    from toolmesh.sidecar.jwt_verify import TokenVerifier
+
     state = shared.stage_state.setdefault(NAME, {"jwks": {}})
     jwks_cache: dict[str, JwksKeys] = state["jwks"]
 
