@@ -11,7 +11,6 @@ from mcp.shared.exceptions import MCPError
 from mcp.types import ResourceLink, TextContent
 
 from helpers import ROOT
-from helpers.fault_upstream import fault_upstream
 from helpers.sidecar import sidecar
 from helpers.tokens import TokenIssuer
 
@@ -26,12 +25,6 @@ def words(count: int, prefix: str = "w") -> str:
 @pytest.fixture(scope="module")
 def issuer():
     return TokenIssuer("budget-tests")
-
-
-@pytest.fixture(scope="module")
-def relay(tmp_path_factory):
-    with fault_upstream(tmp_path_factory.mktemp("faulty")) as relay:
-        yield relay
 
 
 @pytest.fixture(scope="module")

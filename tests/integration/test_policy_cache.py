@@ -15,7 +15,7 @@ from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.types import TextContent
 
 from helpers import ROOT, async_wait_until
-from helpers.fault_upstream import Fault, fault_upstream
+from helpers.fault_upstream import Fault
 from helpers.sidecar import http_get, sidecar
 from helpers.tokens import TokenIssuer
 
@@ -25,12 +25,6 @@ MODERN = "2026-07-28"
 @pytest.fixture(scope="module")
 def issuer():
     return TokenIssuer("cache-tests")
-
-
-@pytest.fixture(scope="module")
-def relay(tmp_path_factory):
-    with fault_upstream(tmp_path_factory.mktemp("faulty")) as relay:
-        yield relay
 
 
 @pytest.fixture(scope="module")

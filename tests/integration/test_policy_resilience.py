@@ -12,18 +12,12 @@ from mcp.shared.exceptions import MCPError
 from mcp.types import ElicitResult, TextContent
 
 from helpers import ROOT, async_wait_until
-from helpers.fault_upstream import Fault, fault_upstream
+from helpers.fault_upstream import Fault
 from helpers.sidecar import http_get, sidecar
 
 MODERN = "2026-07-28"
 CIRCUIT_OPEN = -32006
 UPSTREAM_TIMEOUT = -32002
-
-
-@pytest.fixture(scope="module")
-def relay(tmp_path_factory):
-    with fault_upstream(tmp_path_factory.mktemp("faulty")) as relay:
-        yield relay
 
 
 @pytest.fixture(scope="module")
