@@ -95,9 +95,10 @@ class PolicyWatcher:
         self.on_change = on_change
         self.interval = interval
         self.current: MCPToolPolicySpec = load_policy(self.path)
+        """The policy in force."""
         seen = read_policy_bytes(self.path)
         self._content = seen[1] if seen is not None else None
-        """The policy in force."""
+        """The bytes last read, valid or not: only a change of them is parsed again."""
         self.reloads = 0
         """Policies swapped in since start."""
         self.rejected = 0
