@@ -115,8 +115,6 @@ class Heartbeat:
         self._ready = ready
         self._policy = policy
         self.interval = settings.interval
-        self.beats = 0
-        """Heartbeats the registry accepted."""
         self.listing_error: str | None = "tools not listed yet"
         self._since_listing = 0
 
@@ -171,7 +169,6 @@ class Heartbeat:
         reply = orjson.loads(body) if body else {}
         if isinstance(reply, dict) and isinstance(reply.get("interval"), (int, float)) and reply["interval"] > 0:
             self.interval = float(reply["interval"])
-        self.beats += 1
 
     async def leave(self, http: aiohttp.ClientSession) -> None:
         """Tell the registry this instance is going, so its tools leave now rather than after missed beats."""
