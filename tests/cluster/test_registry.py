@@ -64,7 +64,9 @@ async def test_heartbeats_need_a_registry_token_and_status_follows_the_sidecar(c
                 return await tool_names(registry) == ["alpha__echo"]
 
             await async_wait_until(listed, timeout=30, what="alpha's tools via a TokenReview-checked heartbeat")
-            (server,) = (await get_json(f"{registry}/v1/servers"))["servers"]
+            # MCPServers of other tests in this cluster are listed too (unhealthy): pick ours.
+            servers = (await get_json(f"{registry}/v1/servers"))["servers"]
+            (server,) = [s for s in servers if s["name"] == "alpha"]
             assert (server["priority"], server["capabilities"], server["maxConcurrent"]) == (4, ["echoing"], 2)
 
             def written():
