@@ -48,6 +48,10 @@ class _Session:
     headers: dict[str, str]
     session_id: str | None = None
     ready: asyncio.Lock = field(default_factory=asyncio.Lock)
+    asks: list[Ask] = field(default_factory=list)
+    """How to put a question to the caller of each call in flight that can be asked, latest last."""
+    listener: asyncio.Task | None = None
+    """Reads the session's GET stream, where servers may send their requests instead of on the call's stream."""
 
     def request_headers(self) -> dict[str, str]:
         """The headers of a request within the session: the caller's, plus the session id once there is one."""
@@ -92,6 +96,8 @@ class BackendPool:
     async def close(self) -> None:
         sessions, self._sessions = self._sessions, {}
         for s in sessions.values():
+            if s.listener is not None:
+                s.listener.cancel()
             if s.session_id:
                 with contextlib.suppress(Exception):
                     async with self._http.delete(s.endpoint, headers=s.request_headers(),
@@ -104,6 +110,8 @@ class BackendPool:
         """End the sidecar sessions opened for one caller session (it was deleted or went idle)."""
         for key in [k for k in self._sessions if k[2] == budget_key]:
             session = self._sessions.pop(key)
+            if session.listener is not None:
+                session.listener.cancel()
             if session.session_id:
                 with contextlib.suppress(Exception):
                     async with self._http.delete(session.endpoint, headers=session.request_headers(),
@@ -112,7 +120,9 @@ class BackendPool:
 
     def forget_endpoint(self, endpoint: str) -> None:
         for key in [k for k in self._sessions if k[0] == endpoint]:
-            del self._sessions[key]
+            session = self._sessions.pop(key)
+            if session.listener is not None:
+                session.listener.cancel()
 
     async def request(self, endpoint: str, method: str, params: Mapping[str, Any] | None, *,
                       authorization: str | None = None, budget_key: str | None = None,
@@ -133,8 +143,20 @@ class BackendPool:
             if budget_key:
                 headers["Mcp-Budget-Key"] = budget_key
             session = self._sessions[key] = _Session(endpoint, headers)
+        if ask is not None:
+            session.asks.append(ask)
+        try:
+            return await self._request(session, method, params, notify, ask)
+        finally:
+            if ask is not None:
+                session.asks.remove(ask)
+
+    async def _request(self, session: _Session, method: str, params: Mapping[str, Any] | None,
+                       notify: Notify | None, ask: Ask | None) -> dict[str, Any]:
         for attempt in range(2):
             await self._ensure_ready(session)
+            if ask is not None and (session.listener is None or session.listener.done()):
+                session.listener = asyncio.get_running_loop().create_task(self._listen(session, session.session_id))
             request_id = next(self._ids)
             message = {"jsonrpc": "2.0", "id": request_id, "method": method}
             if params is not None:
@@ -200,6 +222,34 @@ class BackendPool:
         else:
             answer = {"jsonrpc": "2.0", "id": request.get("id"), **await ask(request)}
         await self._post_quietly(session, answer, timeout=5)
+
+    async def _listen(self, session: _Session, session_id: str | None) -> None:
+        """Answer the requests a server sends on the session's GET stream through the caller of a call in flight.
+
+        Servers (the Python SDK's among them) send a request that no request of
+        theirs relates to on this stream; only the gateway session of a call in
+        flight can answer it, which is why sidecar sessions are per caller.
+        """
+        answering: set[asyncio.Task] = set()
+        try:
+            async with self._http.get(session.endpoint, headers={**session.request_headers(),
+                                                                 "Accept": "text/event-stream"}) as resp:
+                if resp.status != 200 or not resp.headers.get("Content-Type", "").startswith("text/event-stream"):
+                    return
+                async for data in iter_sse(resp.content):
+                    if session.session_id != session_id:
+                        return
+                    msg = None
+                    with contextlib.suppress(orjson.JSONDecodeError):
+                        msg = orjson.loads(data) if data else None
+                    if isinstance(msg, dict) and "method" in msg and "id" in msg:
+                        # Answered aside, so a slow person does not hold up the next request on the stream.
+                        task = asyncio.get_running_loop().create_task(
+                            self._answer_server_request(session, msg, session.asks[-1] if session.asks else None))
+                        answering.add(task)
+                        task.add_done_callback(answering.discard)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            pass  # opened again by the next call that can ask
 
     async def _cancel(self, session: _Session, request_id: int) -> None:
         note = {"jsonrpc": "2.0", "method": "notifications/cancelled",
