@@ -102,3 +102,16 @@ def listening(cmd: Sequence[str], port: int, *, what: str, timeout: float = 20.0
             log = log_path.read_text(errors="replace") if log_path and log_path.exists() else ""
             raise AssertionError(f"{what} exited at start-up\n{log}")
         yield proc
+
+
+async def yield_until(predicate: Callable[[], object], limit: int = 1000, what: str = "condition"):
+    """Let other tasks on this event loop run until `predicate` holds; fail after `limit` turns of the loop.
+
+    For in-process stage tests with fake clocks: no wall time passes, so a bound on loop turns replaces a deadline.
+    """
+    for _ in range(limit):
+        value = predicate()
+        if value:
+            return value
+        await asyncio.sleep(0)
+    raise AssertionError(f"{what} did not hold after {limit} turns of the event loop")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+from helpers import yield_until
+
 import orjson
 import pytest
 
@@ -138,13 +140,11 @@ async def test_calls_during_a_trial_wait_for_its_verdict_and_report_progress():
     upstream.failing = False
     upstream.gate = asyncio.Event()
     trial = asyncio.create_task(stage(call(), upstream))
-    for _ in range(3):
-        await asyncio.sleep(0)
+    await yield_until(lambda: upstream.calls == 4, what="the trial call reaching the upstream")
     assert board.states()["lookup"] == "half_open"
     events: list = []
     waiter = asyncio.create_task(stage(call(events=events, token="t"), upstream))
-    for _ in range(3):
-        await asyncio.sleep(0)
+    await yield_until(lambda: events, what="the waiting call reporting progress")
     assert upstream.calls == 4  # only the trial reached the upstream
     assert events and events[0]["method"] == "notifications/progress"
     upstream.gate.set()
