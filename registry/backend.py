@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from toolmesh.api.jsonrpc import METHOD_NOT_FOUND, error_message
+from toolmesh.api.jsonrpc import INTERNAL_ERROR, METHOD_NOT_FOUND, error_message
 
 log = logging.getLogger("toolmesh.registry")
 
@@ -208,6 +208,12 @@ class BackendPool:
                                             lambda m: self._answer_server_request(session, m, ask))
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             raise BackendUnavailable(str(exc) or type(exc).__name__) from exc
+        if body is None and resp.status < 500:
+            # The sidecar is there and answered, only not with a response (e.g. a stream the server closed early):
+            # this call fails, the instance stays in service.
+            raise BackendRefused(resp.status, error_message(message["id"], INTERNAL_ERROR,
+                                                            "the server ended the answer without a response"),
+                                 resp.headers)
         if body is None:
             raise BackendUnavailable(f"HTTP {resp.status} without a JSON-RPC response")
         return body

@@ -23,6 +23,13 @@ from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import web
+from mcp.shared.inbound import (
+    ERROR_CODE_HTTP_STATUS,
+    InboundLadderRejection,
+    classify_inbound_request,
+    find_duplicated_routing_header,
+)
+from mcp_types import HEADER_MISMATCH
 
 from toolmesh.api.jsonrpc import (
     INTERNAL_ERROR,
@@ -42,13 +49,17 @@ SESSION_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26")
 MODERN_VERSIONS = ("2026-07-28",)
 SUBSCRIPTION_ID_KEY = "io.modelcontextprotocol/subscriptionId"
 ENVELOPE_PREFIX = "io.modelcontextprotocol/"
+PROTOCOL_VERSION_KEY = "io.modelcontextprotocol/protocolVersion"
+REMOVED_IN_STATELESS_ERA = frozenset({"initialize", "ping", "logging/setLevel", "resources/subscribe",
+                                      "resources/unsubscribe"})
+"""Methods a 2026-07-28 server no longer has: over HTTP, unknown methods (404)."""
 
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 ASK_TIMEOUT = 600.0
 """Seconds a server's sampling or elicitation request waits for the caller's answer (a person may be typing)."""
 LISTED = {"prompts/list": "prompts", "resources/list": "resources", "resources/templates/list": "resourceTemplates"}
 """Listings composed from every healthy server on demand, and the key of their items."""
-CAPABILITIES = {"tools": {"listChanged": True}, "prompts": {"listChanged": False},
+CAPABILITIES = {"tools": {"listChanged": True}, "prompts": {"listChanged": False}, "logging": {}, "completions": {},
                 "resources": {"subscribe": True, "listChanged": False}}
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -171,6 +182,22 @@ class Gateway:
         if not isinstance(message, dict):
             return _json(error_message(None, INVALID_REQUEST, "one JSON-RPC message per POST"), 400)
         method = message.get("method")
+        if (not isinstance(method, str) or "id" not in message or request.headers.get("Mcp-Session-Id")
+                or not _is_modern(message, request.headers)):
+            return await self._dispatch(request, message, method)
+        # A 2026-07-28 request: checked before dispatch as an SDK server checks it, and every error answer
+        # carries the HTTP status that era gives its code.
+        answer = _modern_rejection(message, request.headers)
+        if answer is None:
+            answer = await self._dispatch(request, message, method)
+        body = answer.body if isinstance(answer, web.Response) and answer.status == 200 else None
+        if isinstance(body, bytes) and b'"error":{"code":' in body[:256]:
+            with contextlib.suppress(orjson.JSONDecodeError, KeyError, TypeError):
+                code = orjson.loads(answer.body)["error"]["code"]
+                answer.set_status(ERROR_CODE_HTTP_STATUS.get(code, 200))
+        return answer
+
+    async def _dispatch(self, request: web.Request, message: dict[str, Any], method: Any) -> web.StreamResponse:
         if not isinstance(method, str):
             # A caller's answer to a server's request we relayed; anything else we never asked: nothing to do.
             waiting = self._asks.get(message.get("id")) if isinstance(message.get("id"), str) else None
@@ -213,6 +240,10 @@ class Gateway:
             return _json(await self._composed_list(request_id, method, caller, modern=session is None))
         if method == "prompts/get":
             return _json(await self._prompts_get(request_id, params, caller, modern=session is None))
+        if method == "logging/setLevel":
+            return _json(await self._set_level(request_id, params, caller))
+        if method == "completion/complete":
+            return _json(await self._complete(request_id, params, caller, modern=session is None))
         if method in ("resources/read", "resources/subscribe", "resources/unsubscribe"):
             return _json(await self._resource_request(request_id, method, params, caller, modern=session is None))
         return _json(error_message(request_id, METHOD_NOT_FOUND, f"method not found: {method}"))
@@ -529,6 +560,35 @@ class Gateway:
             answer = routed
         return answer
 
+    async def _set_level(self, request_id: Any, params: Mapping[str, Any], caller: Caller) -> dict[str, Any]:
+        """Every server logs to this caller at the level asked (each keeps the level per sidecar session)."""
+        forwarded = session_era_params(params)
+        await asyncio.gather(*(self._routed(None, s, "logging/setLevel", forwarded, caller, False)
+                               for s in self._by_priority()))
+        return {"jsonrpc": "2.0", "id": request_id, "result": {}}
+
+    async def _complete(self, request_id: Any, params: Mapping[str, Any], caller: Caller, *,
+                        modern: bool) -> dict[str, Any]:
+        """Completion of a prompt's or a resource template's argument, asked of the server that offers it."""
+        ref = params.get("ref") if isinstance(params.get("ref"), Mapping) else {}
+        forwarded = session_era_params(params)
+        server = None
+        if ref.get("type") == "ref/prompt" and isinstance(ref.get("name"), str):
+            prefix, _, bare = ref["name"].partition(SEPARATOR)
+            if bare and prefix in self.catalogue.servers():
+                server, forwarded["ref"] = prefix, {**ref, "name": bare}
+            else:
+                if ref["name"] not in self._prompt_owners:
+                    await self._composed_list(None, "prompts/list", caller, modern=False)
+                server = self._prompt_owners.get(ref["name"])
+        elif isinstance(ref.get("uri"), str):
+            if ref["uri"] not in self._resource_owners:
+                await self._composed_list(None, "resources/templates/list", caller, modern=False)
+            server = self._resource_owners.get(ref["uri"])
+        if server is None:
+            return error_message(request_id, INVALID_PARAMS, "unknown prompt or resource template in ref")
+        return await self._routed(request_id, server, "completion/complete", forwarded, caller, modern)
+
     async def _routed(self, request_id: Any, server: str, method: str, params: Mapping[str, Any], caller: Caller,
                       modern: bool) -> dict[str, Any]:
         try:
@@ -593,6 +653,30 @@ def session_era_params(params: Mapping[str, Any]) -> dict[str, Any]:
         else:
             forwarded.pop("_meta")
     return forwarded
+
+
+def _is_modern(message: Mapping[str, Any], headers: Mapping[str, str]) -> bool:
+    """A 2026-07-28 request: the MCP-Protocol-Version header names that era, or the body carries its envelope."""
+    if headers.get("MCP-Protocol-Version") in MODERN_VERSIONS:
+        return True
+    params = message.get("params")
+    meta = params.get("_meta") if isinstance(params, Mapping) else None
+    return isinstance(meta, Mapping) and PROTOCOL_VERSION_KEY in meta
+
+
+def _modern_rejection(message: Mapping[str, Any], headers: Mapping[str, str]) -> web.Response | None:
+    """What a 2026-07-28 server answers before dispatch: removed methods, routing headers, a bad envelope."""
+    request_id = message.get("id")
+    if message.get("method") in REMOVED_IN_STATELESS_ERA:
+        return _json(error_message(request_id, METHOD_NOT_FOUND, "Method not found", message.get("method")), 404)
+    duplicated = find_duplicated_routing_header(headers.items())
+    if duplicated is not None:
+        return _json(error_message(request_id, HEADER_MISMATCH, f"{duplicated} header appears more than once"), 400)
+    verdict = classify_inbound_request(message, headers={k.lower(): v for k, v in headers.items()})
+    if isinstance(verdict, InboundLadderRejection):
+        return _json(error_message(request_id, verdict.code, verdict.message, verdict.data),
+                     ERROR_CODE_HTTP_STATUS.get(verdict.code, 200))
+    return None
 
 
 def _offer(queue: asyncio.Queue[bytes], item: bytes) -> None:
