@@ -68,3 +68,50 @@ def test_an_encoding_that_is_not_bundled_is_refused_with_the_policy():
 
     with pytest.raises(TokenizerUnavailable, match="not available offline"):
         Tokenizer("p50k_base").preload()
+
+
+# Loads the vocabulary the way the sidecar does (in the background) and reports the RSS it added, in MB.
+_MEMORY_PROBE = r"""
+import asyncio
+from toolmesh.sidecar.tokenizer import Tokenizer
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) // 1024
+t = Tokenizer()
+before = rss()
+t.preload()
+asyncio.run(t.ready())
+t.count("hello world " * 1000)
+print(rss() - before)
+"""
+
+
+def test_the_loaded_vocabulary_costs_under_60_mb_of_rss(tmp_path):
+    # tiktoken's Rust encoder alone holds about 40 MB; keeping its Python copy of the
+    # ranks and the parsing garbage took the total to about 76 MB.
+    env = {"PYTHONSAFEPATH": "1", "TIKTOKEN_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    for _ in range(2):  # the first run also fills the cache; the second loads from it, as a restarted sidecar does
+        proc = subprocess.run([sys.executable, "-c", _MEMORY_PROBE], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert int(proc.stdout) < 60, f"loading o200k_base added {proc.stdout.strip()} MB"
+
+
+def test_counts_match_an_encoding_tiktoken_builds_itself():
+    import tiktoken
+    from tiktoken_ext import openai_public
+
+    t = Tokenizer()
+    t.load()  # also points TIKTOKEN_CACHE_DIR at the offline vocabulary tiktoken reads below
+    reference = tiktoken.Encoding(**openai_public.o200k_base())
+    assert reference is not tiktoken.get_encoding("o200k_base")
+    samples = [
+        "The quick brown fox jumps over the lazy dog.",
+        "def f(x):\n    return {'a': [1, 2, 3]}  # comment\n\n\n",
+        "Ünïcödé — 東京タワー 🚀🚀 مرحبا بالعالم " * 20,
+        " ".join(f"w{i}" for i in range(2000)),
+        "<|endoftext|> is counted as text",
+    ]
+    for text in samples:
+        assert t.encode(text) == reference.encode_ordinary(text)
+        assert t.count(text) == len(reference.encode_ordinary(text))
+    assert t.decode(t.encode(samples[2])) == samples[2]
