@@ -23,6 +23,8 @@ PROTOCOL_VERSION = "2025-11-25"
 Notify = Callable[[Mapping[str, Any]], Awaitable[None]]
 Ask = Callable[[Mapping[str, Any]], Awaitable[Mapping[str, Any]]]
 """Puts a server's request (sampling, elicitation, roots) to the caller; returns the caller's result or error."""
+LISTEN_OPEN_TIMEOUT = 2.0
+"""Seconds a call that may be asked waits for its session's GET stream to open before going out anyway."""
 CLIENT_CAPABILITIES = {"sampling": {}, "elicitation": {"form": {}, "url": {}}, "roots": {"listChanged": True}}
 """Declared to sidecars so servers may ask; a caller that cannot answer gets its refusal relayed back."""
 
@@ -156,7 +158,12 @@ class BackendPool:
         for attempt in range(2):
             await self._ensure_ready(session)
             if ask is not None and (session.listener is None or session.listener.done()):
-                session.listener = asyncio.get_running_loop().create_task(self._listen(session, session.session_id))
+                # Listening before the call goes out: a server's request sent while no GET stream is open is lost.
+                opened = asyncio.Event()
+                session.listener = asyncio.get_running_loop().create_task(
+                    self._listen(session, session.session_id, opened))
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(opened.wait(), LISTEN_OPEN_TIMEOUT)
             request_id = next(self._ids)
             message = {"jsonrpc": "2.0", "id": request_id, "method": method}
             if params is not None:
@@ -229,7 +236,7 @@ class BackendPool:
             answer = {"jsonrpc": "2.0", "id": request.get("id"), **await ask(request)}
         await self._post_quietly(session, answer, timeout=5)
 
-    async def _listen(self, session: _Session, session_id: str | None) -> None:
+    async def _listen(self, session: _Session, session_id: str | None, opened: asyncio.Event) -> None:
         """Answer the requests a server sends on the session's GET stream through the caller of a call in flight.
 
         Servers (the Python SDK's among them) send a request that no request of
@@ -240,6 +247,7 @@ class BackendPool:
         try:
             async with self._http.get(session.endpoint, headers={**session.request_headers(),
                                                                  "Accept": "text/event-stream"}) as resp:
+                opened.set()
                 if resp.status != 200 or not resp.headers.get("Content-Type", "").startswith("text/event-stream"):
                     return
                 async for data in iter_sse(resp.content):
@@ -256,6 +264,8 @@ class BackendPool:
                         task.add_done_callback(answering.discard)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             pass  # opened again by the next call that can ask
+        finally:
+            opened.set()
 
     async def _cancel(self, session: _Session, request_id: int) -> None:
         note = {"jsonrpc": "2.0", "method": "notifications/cancelled",

@@ -59,6 +59,8 @@ ASK_TIMEOUT = 600.0
 """Seconds a server's sampling or elicitation request waits for the caller's answer (a person may be typing)."""
 LISTED = {"prompts/list": "prompts", "resources/list": "resources", "resources/templates/list": "resourceTemplates"}
 """Listings composed from every healthy server on demand, and the key of their items."""
+CACHEABLE = frozenset({"resources/read", "prompts/get"})
+"""Results a 2026-07-28 caller may cache, so they carry cache hints."""
 CAPABILITIES = {"tools": {"listChanged": True}, "prompts": {"listChanged": False}, "logging": {}, "completions": {},
                 "resources": {"subscribe": True, "listChanged": False}}
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -595,8 +597,11 @@ class Gateway:
             result = await self.call_server(server, params, caller, _ignore, method=method)
         except ToolCallFailed as exc:
             return error_message(request_id, exc.code, exc.message, exc.data)
-        if modern and "resultType" not in result:
-            result = {**result, "resultType": "complete"}
+        if modern:
+            result = {"resultType": "complete", **result}
+            if method in CACHEABLE:
+                # Answers composed per caller, from servers that may change at any heartbeat: never shared, not kept.
+                result = {"ttlMs": 0, "cacheScope": "private", **result}
         return {"jsonrpc": "2.0", "id": request_id, "result": result}
 
     async def _listen(self, request: web.Request, request_id: Any, params: Mapping[str, Any]) -> web.StreamResponse:
