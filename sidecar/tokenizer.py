@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
-import gc
 import gzip
 import hashlib
 import os
@@ -107,17 +105,18 @@ def _release_python_vocabulary(enc: tiktoken.Encoding) -> None:
     # it rather than emptying it makes any later reader fail loudly instead of quietly
     # seeing an empty vocabulary.
     enc.__dict__.pop("_mergeable_ranks", None)
-    gc.collect()
+    # Dropping the dict frees it by reference count (a gc.collect() here freed nothing
+    # more and would pause a serving event loop during a policy reload).
     _return_free_memory()
 
 
 def _return_free_memory() -> None:
     """Ask glibc to give freed heap pages back to the operating system (elsewhere: nothing to do)."""
-    # glibc keeps freed memory in its arenas for reuse, so the ranks just dropped and the
-    # lines parsed to build them would stay in the process's RSS; malloc_trim releases it.
-    # The loading thread has its own arena, which malloc_trim also covers.
-    path = ctypes.util.find_library("c")
-    trim = getattr(ctypes.CDLL(path), "malloc_trim", None) if path else None
+    # glibc keeps freed memory in its arenas for reuse; malloc_trim hands back the whole
+    # free pages among them (a few MB after loading in a running sidecar). The free space
+    # at the top of the loading thread's own arena stays: glibc trims only the main one's.
+    # CDLL(None) is the process's own symbol table, where the C library's functions are.
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
     if trim is not None:
         trim(0)
 
