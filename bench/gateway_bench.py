@@ -5,7 +5,8 @@
 
 Processes: bench/upstream.py (a minimal aiohttp MCP server), `toolmesh sidecar` in front of it, `toolmesh registry`.
 Latency is measured at concurrency 1 by an aiohttp client speaking the session era. Results are merged into the
-output file under "tools_call", "tools_list" and "workflow", keeping what other runs wrote there.
+output file under "tools_call", "tools_list", "workflow" and "expiry" (how soon a killed sidecar's tools leave
+with the default 5 s heartbeat; `--only expiry` measures just that), keeping what other runs wrote there.
 """
 
 from __future__ import annotations
@@ -194,6 +195,48 @@ async def measure(args: argparse.Namespace, logs: Path) -> dict:
             stop(proc)
 
 
+async def measure_expiry(rounds: int, logs: Path) -> dict:
+    """A killed sidecar's tools leave after missed heartbeats: seconds from its last heartbeat and from the kill,
+    with the registry's default 5 s interval and limit of 3 (so 15 s after the last beat is the target)."""
+    since_beat, since_kill = [], []
+    for n in range(rounds):
+        up_port, sc_port, reg_port = free_port(), free_port(), free_port()
+        registry = f"http://127.0.0.1:{reg_port}"
+        upstream = start([sys.executable, str(BENCH / "upstream.py"), "--port", str(up_port)], logs / "upstream.log")
+        reg = start([str(BIN / "toolmesh"), "registry", "--listen", f"127.0.0.1:{reg_port}"], logs / "registry.log")
+        sidecar = start([str(BIN / "toolmesh"), "sidecar", "--upstream", f"http://127.0.0.1:{up_port}/mcp", "--listen",
+                         f"127.0.0.1:{sc_port}", "--server-name", "bench", "--registry", registry],
+                        logs / "sidecar.log")
+        try:
+            async with aiohttp.ClientSession() as http:
+                async def names() -> list[str]:
+                    async with http.get(f"{registry}/v1/tools") as resp:
+                        return [t["name"] for t in (await resp.json())["tools"]]
+
+                async def listed() -> bool:
+                    return "bench__echo" in await names()
+
+                await wait_for(listed, "the sidecar's heartbeat")
+                await asyncio.sleep(n * 1.7 % 5)  # kills land at different points of the heartbeat cycle
+                os.killpg(sidecar.pid, signal.SIGKILL)
+                killed = time.time()
+                deadline = time.monotonic() + 30
+                while "bench__echo" in await names() and time.monotonic() < deadline:
+                    await asyncio.sleep(0.005)
+                gone = time.time()
+                async with http.get(f"{registry}/v1/servers") as resp:
+                    (server,) = (await resp.json())["servers"]
+                since_beat.append(gone - server["instances"][0]["lastHeartbeat"])
+                since_kill.append(gone - killed)
+        finally:
+            for proc in (sidecar, reg, upstream):
+                stop(proc)
+    return {"heartbeat_interval_s": 5.0, "missed_limit": 3, "rounds": rounds,
+            "gone_after_last_heartbeat_s": [round(x, 3) for x in since_beat],
+            "gone_after_kill_s": [round(x, 3) for x in since_kill],
+            "max_gone_after_kill_s": round(max(since_kill), 3)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=1000)
@@ -203,6 +246,8 @@ def main() -> int:
     parser.add_argument("--servers", type=int, default=100)
     parser.add_argument("--tools", type=int, default=20)
     parser.add_argument("--list-calls", type=int, default=200)
+    parser.add_argument("--expiry-rounds", type=int, default=3)
+    parser.add_argument("--only", choices=("expiry",), help="measure only this part (merged into --out)")
     parser.add_argument("--out", type=Path, default=BENCH / "results" / "gateway.json")
     args = parser.parse_args()
     logs = BENCH / "tmp" / "gateway-bench"
@@ -212,10 +257,13 @@ def main() -> int:
         uvloop.install()
     except ImportError:
         pass
-    measured = asyncio.run(measure(args, logs))
-    measured["measured_by"] = "bench/gateway_bench.py"
-    measured["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    measured["loadavg_at_end"] = list(os.getloadavg())
+    measured = {} if args.only else asyncio.run(measure(args, logs))
+    expiry = asyncio.run(measure_expiry(args.expiry_rounds, logs))
+    measured["expiry"] = {**expiry, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if not args.only:
+        measured["measured_by"] = "bench/gateway_bench.py"
+        measured["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        measured["loadavg_at_end"] = list(os.getloadavg())
     doc = json.loads(args.out.read_text()) if args.out.exists() else {}
     doc.update(measured)
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
