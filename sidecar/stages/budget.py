@@ -309,5 +309,7 @@ def build(policy: Any, shared: SharedState) -> BudgetStage | None:
         return None
     state = shared.kept(NAME, lambda: BudgetState(shared=shared))
     tokenizer = Tokenizer(section.encoding)
-    tokenizer.preload()  # an unknown encoding is refused here, with the policy; loading goes on in the background
+    # An unknown encoding is refused here, with the policy. The vocabulary loads now at start-up
+    # and in the background on a reload while serving; calls wait for it either way.
+    tokenizer.preload()
     return BudgetStage(section, state, tokenizer)
