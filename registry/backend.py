@@ -52,6 +52,8 @@ class _Session:
     ready: asyncio.Lock = field(default_factory=asyncio.Lock)
     asks: list[Ask] = field(default_factory=list)
     """How to put a question to the caller of each call in flight that can be asked, latest last."""
+    relay: Notify | None = None
+    """Where notifications on the GET stream go (resource updates, list changes): the caller's session."""
     listener: asyncio.Task | None = None
     """Reads the session's GET stream, where servers may send their requests instead of on the call's stream."""
 
@@ -128,7 +130,8 @@ class BackendPool:
 
     async def request(self, endpoint: str, method: str, params: Mapping[str, Any] | None, *,
                       authorization: str | None = None, budget_key: str | None = None,
-                      notify: Notify | None = None, ask: Ask | None = None) -> dict[str, Any]:
+                      notify: Notify | None = None, ask: Ask | None = None,
+                      relay: Notify | None = None) -> dict[str, Any]:
         """Send one request through a session and return the JSON-RPC response (result or error).
 
         Notifications the sidecar streams before the response (progress, log
@@ -145,6 +148,8 @@ class BackendPool:
             if budget_key:
                 headers["Mcp-Budget-Key"] = budget_key
             session = self._sessions[key] = _Session(endpoint, headers)
+        if relay is not None:
+            session.relay = relay
         if ask is not None:
             session.asks.append(ask)
         try:
@@ -157,7 +162,8 @@ class BackendPool:
                        notify: Notify | None, ask: Ask | None) -> dict[str, Any]:
         for attempt in range(2):
             await self._ensure_ready(session)
-            if ask is not None and (session.listener is None or session.listener.done()):
+            if (ask is not None or session.relay is not None) and (session.listener is None
+                                                                    or session.listener.done()):
                 # Listening before the call goes out: a server's request sent while no GET stream is open is lost.
                 opened = asyncio.Event()
                 session.listener = asyncio.get_running_loop().create_task(
@@ -256,7 +262,10 @@ class BackendPool:
                     msg = None
                     with contextlib.suppress(orjson.JSONDecodeError):
                         msg = orjson.loads(data) if data else None
-                    if isinstance(msg, dict) and "method" in msg and "id" in msg:
+                    if isinstance(msg, dict) and "method" in msg and "id" not in msg:
+                        if session.relay is not None and msg["method"] != "notifications/tools/list_changed":
+                            await session.relay(msg)  # the catalogue announces tool changes itself
+                    elif isinstance(msg, dict) and "method" in msg and "id" in msg:
                         # Answered aside, so a slow person does not hold up the next request on the stream.
                         task = asyncio.get_running_loop().create_task(
                             self._answer_server_request(session, msg, session.asks[-1] if session.asks else None))

@@ -247,7 +247,7 @@ class Gateway:
         if method == "completion/complete":
             return _json(await self._complete(request_id, params, caller, modern=session is None))
         if method in ("resources/read", "resources/subscribe", "resources/unsubscribe"):
-            return _json(await self._resource_request(request_id, method, params, caller, modern=session is None))
+            return _json(await self._resource_request(request_id, method, params, caller, session))
         return _json(error_message(request_id, METHOD_NOT_FOUND, f"method not found: {method}"))
 
     async def handle_get(self, request: web.Request) -> web.StreamResponse:
@@ -407,7 +407,8 @@ class Gateway:
         if session is not None and task is not None:
             session.in_flight[request_id] = task
         try:
-            result = await self.call_tool(name, params, caller, notify, ask if session is not None else None)
+            result = await self.call_tool(name, params, caller, notify, ask if session is not None else None,
+                                          self._relay_to(session) if session is not None else None)
             if session is None and "resultType" not in result:
                 result = {**result, "resultType": "complete"}
             answer = {"jsonrpc": "2.0", "id": request_id, "result": result}
@@ -431,7 +432,7 @@ class Gateway:
         return stream
 
     async def call_tool(self, name: str, params: Mapping[str, Any], caller: Caller, notify: Notify,
-                        ask: Ask | None = None) -> dict[str, Any]:
+                        ask: Ask | None = None, relay: Notify | None = None) -> dict[str, Any]:
         """Route one `tools/call` by gateway name; returns the CallToolResult or raises ToolCallFailed."""
         local = self.local_tools.get(name)
         if local is not None:
@@ -441,11 +442,11 @@ class Gateway:
             raise ToolCallFailed(INVALID_PARAMS, f"unknown tool: {name}")
         forwarded = session_era_params(params)
         forwarded["name"] = route.tool
-        return await self.call_server(route.server, forwarded, caller, notify, ask=ask)
+        return await self.call_server(route.server, forwarded, caller, notify, ask=ask, relay=relay)
 
     async def call_server(self, server: str, params: Mapping[str, Any], caller: Caller, notify: Notify,
                           instance: Instance | None = None, *, ask: Ask | None = None,
-                          method: str = "tools/call") -> dict[str, Any]:
+                          method: str = "tools/call", relay: Notify | None = None) -> dict[str, Any]:
         """Send `tools/call` to a healthy instance of `server` (a given one, or the least busy), failing over once."""
         tried: set[str] = set()
         while True:
@@ -457,7 +458,8 @@ class Gateway:
             try:
                 response = await self.backends.request(inst.endpoint, method, params,
                                                        authorization=caller.authorization,
-                                                       budget_key=caller.budget_key, notify=notify, ask=ask)
+                                                       budget_key=caller.budget_key, notify=notify, ask=ask,
+                                                       relay=relay)
             except BackendUnavailable as exc:
                 log.warning("instance %s of %s unreachable: %s", inst.instance, server, exc)
                 self.catalogue.mark_failed(inst, str(exc))
@@ -475,6 +477,15 @@ class Gateway:
                 error = response["error"]
                 raise ToolCallFailed(error.get("code", INTERNAL_ERROR), error.get("message", ""), error.get("data"))
             return response.get("result") or {}
+
+    def _relay_to(self, session: GatewaySession) -> Notify:
+        """Notifications a server sends outside any call (resource updates, list changes) → the session's GET stream."""
+        async def relay(note: Mapping[str, Any]) -> None:
+            if session.id in self.sessions:
+                with contextlib.suppress(asyncio.QueueFull):
+                    session.outbox.put_nowait(orjson.dumps(note))
+
+        return relay
 
     # -- prompts and resources: composed from every healthy server on demand -------------
 
@@ -541,8 +552,10 @@ class Gateway:
         return await self._routed(request_id, server, "prompts/get", {**session_era_params(params), "name": bare},
                                   caller, modern)
 
-    async def _resource_request(self, request_id: Any, method: str, params: Mapping[str, Any], caller: Caller, *,
-                                modern: bool) -> dict[str, Any]:
+    async def _resource_request(self, request_id: Any, method: str, params: Mapping[str, Any], caller: Caller,
+                                session: GatewaySession | None) -> dict[str, Any]:
+        modern = session is None
+        relay = self._relay_to(session) if session is not None and method == "resources/subscribe" else None
         uri = params.get("uri")
         if not isinstance(uri, str):
             return error_message(request_id, INVALID_PARAMS, f"{method} needs a uri")
@@ -551,11 +564,11 @@ class Gateway:
             await self._composed_list(None, "resources/list", caller, modern=False)
         owner = self._resource_owners.get(uri)
         if owner is not None:
-            return await self._routed(request_id, owner, method, forwarded, caller, modern)
+            return await self._routed(request_id, owner, method, forwarded, caller, modern, relay)
         # Not a listed resource: perhaps one of a template's; the first server (by priority) that knows it answers.
         answer = error_message(request_id, INVALID_PARAMS, f"unknown resource: {uri}")
         for server in self._by_priority():
-            routed = await self._routed(request_id, server, method, forwarded, caller, modern)
+            routed = await self._routed(request_id, server, method, forwarded, caller, modern, relay)
             if "result" in routed:
                 self._resource_owners[uri] = server
                 return routed
@@ -592,9 +605,9 @@ class Gateway:
         return await self._routed(request_id, server, "completion/complete", forwarded, caller, modern)
 
     async def _routed(self, request_id: Any, server: str, method: str, params: Mapping[str, Any], caller: Caller,
-                      modern: bool) -> dict[str, Any]:
+                      modern: bool, relay: Notify | None = None) -> dict[str, Any]:
         try:
-            result = await self.call_server(server, params, caller, _ignore, method=method)
+            result = await self.call_server(server, params, caller, _ignore, method=method, relay=relay)
         except ToolCallFailed as exc:
             return error_message(request_id, exc.code, exc.message, exc.data)
         if modern:

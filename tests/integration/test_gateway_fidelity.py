@@ -13,6 +13,7 @@ from helpers.registry_procs import get_json, list_tools_of, registry_process
 from helpers.sidecar import sidecar
 
 FIXTURE = ROOT / "tests" / "conformance" / "fixture_server.py"
+NOTIFYING = ROOT / "tests" / "helpers" / "notifying_server.py"
 SECRET = "heartbeat-secret"
 
 
@@ -124,3 +125,39 @@ async def test_logging_and_progress_of_a_call_reach_the_caller(gateway):
         await client.call_tool("fix__test_tool_with_logging", {})
         await client.call_tool("fix__test_tool_with_progress", {}, progress_callback=on_progress)
     assert logged and progressed
+
+
+@pytest.fixture(scope="module")
+def notifying(tmp_path_factory):
+    """The gateway URL in front of a sidecar in front of a server that announces changes outside calls."""
+    tmp = tmp_path_factory.mktemp("notifying")
+    port = free_port()
+    env = {"TOOLMESH_REGISTRY_SECRET": SECRET}
+    with (listening([sys.executable, str(NOTIFYING), "--port", str(port)], port, what="notifying server",
+                    log_path=tmp / "notifying.log"),
+          registry_process(tmp, secret=SECRET) as registry,
+          sidecar(["--upstream", f"http://127.0.0.1:{port}/mcp"], tmp, "--server-name", "news", "--registry",
+                  registry, env=env)):
+        yield registry
+
+
+async def test_resource_updates_and_list_changes_sent_outside_calls_reach_the_subscriber(notifying):
+    async def news_listed():
+        return any(t["name"] == "news__change" for t in (await get_json(f"{notifying}/v1/tools"))["tools"])
+
+    await async_wait_until(news_listed, timeout=20, what="the notifying server in the catalogue")
+    seen = []
+
+    async def on_message(message):
+        root = getattr(message, "root", message)
+        seen.append((getattr(root, "method", None), str(getattr(getattr(root, "params", None), "uri", ""))))
+
+    async with Client(f"{notifying}/mcp", mode="legacy", message_handler=on_message) as client:
+        assert text_of(await client.call_tool("news__change", {})) == "changed"
+
+        async def announced():
+            return {("notifications/resources/updated", "test://watched"),
+                    ("notifications/prompts/list_changed", ""),
+                    ("notifications/resources/list_changed", "")} <= set(seen)
+
+        await async_wait_until(announced, timeout=10, what=f"the server's announcements relayed (seen {seen})")
