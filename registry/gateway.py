@@ -61,8 +61,8 @@ LISTED = {"prompts/list": "prompts", "resources/list": "resources", "resources/t
 """Listings composed from every healthy server on demand, and the key of their items."""
 CACHEABLE = frozenset({"resources/read", "prompts/get"})
 """Results a 2026-07-28 caller may cache, so they carry cache hints."""
-CAPABILITIES = {"tools": {"listChanged": True}, "prompts": {"listChanged": False}, "logging": {}, "completions": {},
-                "resources": {"subscribe": True, "listChanged": False}}
+CAPABILITIES = {"tools": {"listChanged": True}, "prompts": {"listChanged": True}, "logging": {}, "completions": {},
+                "resources": {"subscribe": True, "listChanged": True}}
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
