@@ -50,6 +50,9 @@ MODERN_VERSIONS = ("2026-07-28",)
 SUBSCRIPTION_ID_KEY = "io.modelcontextprotocol/subscriptionId"
 ENVELOPE_PREFIX = "io.modelcontextprotocol/"
 PROTOCOL_VERSION_KEY = "io.modelcontextprotocol/protocolVersion"
+SERVER_INFO_KEY = "io.modelcontextprotocol/serverInfo"
+LOG_LEVEL_KEY = "io.modelcontextprotocol/logLevel"
+LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
 REMOVED_IN_STATELESS_ERA = frozenset({"initialize", "ping", "logging/setLevel", "resources/subscribe",
                                       "resources/unsubscribe"})
 """Methods a 2026-07-28 server no longer has: over HTTP, unknown methods (404)."""
@@ -310,7 +313,8 @@ class Gateway:
         return {"supportedVersions": [*MODERN_VERSIONS, *SESSION_VERSIONS],
                 "capabilities": CAPABILITIES,
                 "serverInfo": self.server_info,
-                "resultType": "complete", "ttlMs": 0, "cacheScope": "public"}
+                "resultType": "complete", "ttlMs": 0, "cacheScope": "public",
+                "_meta": {SERVER_INFO_KEY: self.server_info}}
 
     async def _tools_list(self, request_id: Any, params: Mapping[str, Any], caller: Caller, *,
                           modern: bool) -> web.Response:
@@ -332,7 +336,8 @@ class Gateway:
             extra["nextCursor"] = cursor
         if modern:
             # Stateless-era clients cache by these hints; the catalogue changes at any heartbeat.
-            extra.update(resultType="complete", ttlMs=0, cacheScope="private")
+            extra.update(resultType="complete", ttlMs=0, cacheScope="private",
+                         _meta={SERVER_INFO_KEY: self.server_info})
         tail = orjson.dumps(extra)[1:-1]
         body = b"".join([b'{"jsonrpc":"2.0","id":', orjson.dumps(request_id), b',"result":{"tools":[',
                          b",".join(parts), b"]", b"," + tail if tail else b"", b"}}"])
@@ -382,9 +387,14 @@ class Gateway:
             return _json(error_message(request_id, INVALID_PARAMS, "tools/call needs a tool name"))
         stream: web.StreamResponse | None = None
 
+        log_levels = _log_levels(params) if session is None else None
+
         async def notify(note: Mapping[str, Any]) -> None:
             # The first notification commits the answer to an SSE stream; a quick result stays plain JSON.
             nonlocal stream
+            if log_levels is not None and note.get("method") == "notifications/message" \
+                    and (note.get("params") or {}).get("level") not in log_levels:
+                return  # a 2026-07-28 caller gets only the log levels its request asked for
             if stream is None:
                 stream = web.StreamResponse(headers=SSE_HEADERS)
                 await stream.prepare(request)
@@ -410,7 +420,7 @@ class Gateway:
             result = await self.call_tool(name, params, caller, notify, ask if session is not None else None,
                                           self._relay_to(session) if session is not None else None)
             if session is None and "resultType" not in result:
-                result = {**result, "resultType": "complete"}
+                result = _stamped({**result, "resultType": "complete"}, self.server_info)
             answer = {"jsonrpc": "2.0", "id": request_id, "result": result}
         except ToolCallFailed as exc:
             answer = error_message(request_id, exc.code, exc.message, exc.data)
@@ -533,7 +543,7 @@ class Gateway:
         (self._prompt_owners if key == "prompts" else self._resource_owners).update(owners)
         result: dict[str, Any] = {key: composed}
         if modern:
-            result.update(resultType="complete", ttlMs=0, cacheScope="private")
+            result.update(resultType="complete", ttlMs=0, cacheScope="private", _meta={SERVER_INFO_KEY: self.server_info})
         return {"jsonrpc": "2.0", "id": request_id, "result": result}
 
     async def _prompts_get(self, request_id: Any, params: Mapping[str, Any], caller: Caller, *,
@@ -611,7 +621,7 @@ class Gateway:
         except ToolCallFailed as exc:
             return error_message(request_id, exc.code, exc.message, exc.data)
         if modern:
-            result = {"resultType": "complete", **result}
+            result = _stamped({"resultType": "complete", **result}, self.server_info)
             if method in CACHEABLE:
                 # Answers composed per caller, from servers that may change at any heartbeat: never shared, not kept.
                 result = {"ttlMs": 0, "cacheScope": "private", **result}
@@ -671,6 +681,21 @@ def session_era_params(params: Mapping[str, Any]) -> dict[str, Any]:
         else:
             forwarded.pop("_meta")
     return forwarded
+
+
+def _log_levels(params: Mapping[str, Any]) -> frozenset[str]:
+    """The log levels a 2026-07-28 request asked for (`logLevel` in its `_meta`): that one and above, else none."""
+    meta = params.get("_meta")
+    requested = meta.get(LOG_LEVEL_KEY) if isinstance(meta, Mapping) else None
+    return frozenset(LOG_LEVELS[LOG_LEVELS.index(requested):]) if requested in LOG_LEVELS else frozenset()
+
+
+def _stamped(result: dict[str, Any], server_info: Mapping[str, Any]) -> dict[str, Any]:
+    """A 2026-07-28 result naming its server in `_meta`, as that era's servers do (a server's own stamp is kept)."""
+    meta = result.get("_meta")
+    if meta is None or (isinstance(meta, Mapping) and SERVER_INFO_KEY not in meta):
+        result["_meta"] = {**(meta or {}), SERVER_INFO_KEY: server_info}
+    return result
 
 
 def _is_modern(message: Mapping[str, Any], headers: Mapping[str, str]) -> bool:

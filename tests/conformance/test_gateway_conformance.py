@@ -31,8 +31,6 @@ TASKS = "the tasks extension's tools are listed to 2026-07-28 clients only, and 
 RESUME = ("a stream the server closes early is not resumed (Last-Event-ID) by the gateway, and the gateway's own "
           "streams send no priming event or retry field")
 CACHING = "resources/read answers carry no ttlMs/cacheScope hints from the gateway"
-SERVER_META = "the gateway names itself in the result body only, not in the result's _meta"
-LOG_LEVEL = "a server's log messages during a call are relayed whatever log level the stateless caller asked"
 LIST_CHANGED = "subscriptions/listen at the gateway relays tools/list_changed only when the catalogue changes"
 EXPECTED_DIFFERENCES: dict[str, str] = {
     "caching/sep-2549-resources-read-caching-hints": CACHING,
@@ -74,8 +72,6 @@ EXPECTED_DIFFERENCES: dict[str, str] = {
     "server-sse-polling/server-sse-retry-field": RESUME,
     "server-stateless/sep-2575-http-server-no-independent-requests-on-stream": NAMED,
     "server-stateless/sep-2575-missing-capability-http-400": NAMED,
-    "server-stateless/sep-2575-server-identifies-in-result-meta": SERVER_META,
-    "server-stateless/sep-2575-server-no-log-without-loglevel": LOG_LEVEL,
     "server-stateless/sep-2575-server-rejects-undeclared-capability": STATELESS_ERA_ASKS,
     "server-stateless/sep-2575-server-sends-prompts-list-changed-on-subscription": LIST_CHANGED,
     "server-stateless/sep-2575-server-sends-tools-list-changed-on-subscription": LIST_CHANGED,
@@ -87,7 +83,7 @@ EXPECTED_DIFFERENCES: dict[str, str] = {
 }
 """Checks that pass through the sidecar alone but not through the gateway → why."""
 
-FLOOR = 0.74
+FLOOR = 0.76
 """The least fraction of the sidecar's passing checks the gateway keeps."""
 
 
