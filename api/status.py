@@ -23,15 +23,6 @@ class ConditionStatus(str, Enum):
     unknown = "Unknown"
 
 
-class ConditionType(str, Enum):
-    """The conditions toolmesh sets on an MCPServer (and `Accepted` on an MCPToolPolicy)."""
-
-    ready = "Ready"
-    policy_applied = "PolicyApplied"
-    healthy = "Healthy"
-    accepted = "Accepted"
-
-
 class Condition(StatusModel):
     """One observation about the resource, in the Kubernetes condition convention."""
 
