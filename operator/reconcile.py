@@ -50,26 +50,42 @@ class Reconciler:
     """(namespace, server) -> (status, message) of the Ready condition last written: Deployment events that
     change nothing a user sees cost no API call."""
     lock: threading.Lock = field(default_factory=threading.Lock)
+    """Guards the dicts above and the two below."""
+    namespace_locks: dict[str, threading.Lock] = field(default_factory=dict)
+    server_locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict)
+
+    # kopf runs these handlers on a pool of threads, so two events of one namespace reconcile at once. A reconcile
+    # that read the policies or servers before another one must not write after it: its older view would stay.
+    # So work that reads lists holds its namespace's lock and reads them inside it, and a server is rendered and
+    # written under its own lock with lists read after the previous holder finished. Servers of one namespace
+    # still reconcile in parallel.
+
+    def namespace_lock(self, namespace: str) -> threading.Lock:
+        with self.lock:
+            return self.namespace_locks.setdefault(namespace, threading.Lock())
+
+    def server_lock(self, namespace: str, name: str) -> threading.Lock:
+        with self.lock:
+            return self.server_locks.setdefault((namespace, name), threading.Lock())
 
     # --- MCPServer ---------------------------------------------------------------------------------------------
 
     def server_changed(self, server: Mapping[str, Any]) -> None:
         """An MCPServer was created, changed or found on start-up: reconcile it, then the policies' server lists."""
-        namespace = server["metadata"]["namespace"]
-        bodies = self.kube.list("MCPToolPolicy", namespace)
-        policies = [PolicySource.from_body(b) for b in bodies]
-        self.reconcile_server(server, policies)
-        if bodies:  # one list of servers per change, and only where policies need it
-            self.write_policy_statuses(namespace, bodies, policies, self.kube.list("MCPServer", namespace))
+        meta = server["metadata"]
+        with self.server_lock(meta["namespace"], meta["name"]):
+            self.reconcile_server(server, self.policies(meta["namespace"]))
+        self.refresh_policy_statuses(meta["namespace"])
 
     def policies(self, namespace: str) -> list[PolicySource]:
         return [PolicySource.from_body(p) for p in self.kube.list("MCPToolPolicy", namespace)]
 
-    def reconcile_server(self, server: Mapping[str, Any], policies: Iterable[PolicySource] | None = None) -> None:
-        """Render one MCPServer, apply the manifests whose rendering changed, write its status."""
+    def reconcile_server(self, server: Mapping[str, Any], policies: Iterable[PolicySource]) -> None:
+        """Render one MCPServer, apply the manifests whose rendering changed, write its status.
+
+        The caller holds the server's lock and read `policies` while holding it.
+        """
         meta = server["metadata"]
-        if policies is None:
-            policies = self.policies(meta["namespace"])
         try:
             rendered = render_server(server, policies, self.config)
         except ValueError as exc:
@@ -102,6 +118,7 @@ class Reconciler:
             for key in [k for k in self.applied if k[1] == namespace and k[2] in (name, f"{name}-policy")]:
                 del self.applied[key]
             self.readiness.pop((namespace, name), None)
+            self.server_locks.pop((namespace, name), None)
 
     def update_server_status(self, server: Mapping[str, Any],
                              compute: Callable[[Mapping[str, Any]], dict[str, Any]]) -> None:
@@ -142,9 +159,14 @@ class Reconciler:
         """Someone deleted a child the operator manages: put it back, unless its MCPServer is going too."""
         with self.lock:
             self.applied.pop(_key(child), None)
-        server = self.owner_of(child)
-        if server is not None:
-            self.reconcile_server(server)
+        owner = self.owner_of(child)
+        if owner is None:
+            return
+        meta = owner["metadata"]
+        with self.server_lock(meta["namespace"], meta["name"]):
+            server = self.owner_of(child)  # read again: the server may have changed while we waited
+            if server is not None:
+                self.reconcile_server(server, self.policies(meta["namespace"]))
 
     def deployment_changed(self, deployment: Mapping[str, Any]) -> None:
         """A Deployment the operator owns changed: refresh its MCPServer's Ready condition."""
@@ -172,20 +194,31 @@ class Reconciler:
     # --- MCPToolPolicy -------------------------------------------------------------------------------------------
 
     def reconcile_namespace(self, namespace: str) -> None:
-        """After a policy changed: re-render every server of the namespace, then each policy's status."""
-        bodies = self.kube.list("MCPToolPolicy", namespace)
-        policies = [PolicySource.from_body(b) for b in bodies]
-        servers = self.kube.list("MCPServer", namespace)
-        for server in servers:
-            self.reconcile_server(server, policies)
-        self.write_policy_statuses(namespace, bodies, policies, servers)
+        """After a policy changed: re-render every server of the namespace, then each policy's status.
+
+        Policy events of one namespace run one after the other, each reading the lists afresh, so the last event's
+        view of the policies is the one left applied.
+        """
+        with self.namespace_lock(namespace):
+            bodies = self.kube.list("MCPToolPolicy", namespace)
+            policies = [PolicySource.from_body(b) for b in bodies]
+            servers = self.kube.list("MCPServer", namespace)
+            for listed in servers:
+                meta = listed["metadata"]
+                with self.server_lock(namespace, meta["name"]):
+                    # The listed body may predate a change a server handler applied while we waited: read it again.
+                    server = self.kube.get("MCPServer", meta["name"], namespace)
+                    if server is not None and not server["metadata"].get("deletionTimestamp"):
+                        self.reconcile_server(server, policies)
+            self.write_policy_statuses(namespace, bodies, policies, servers)
 
     def refresh_policy_statuses(self, namespace: str) -> None:
-        """After a server came or went: the policies' lists of servers."""
-        bodies = self.kube.list("MCPToolPolicy", namespace)
-        if bodies:
-            servers = self.kube.list("MCPServer", namespace)
-            self.write_policy_statuses(namespace, bodies, [PolicySource.from_body(b) for b in bodies], servers)
+        """After a server came, changed or went: the policies' lists of servers."""
+        with self.namespace_lock(namespace):
+            bodies = self.kube.list("MCPToolPolicy", namespace)
+            if bodies:  # a list of servers only where policies need it
+                servers = self.kube.list("MCPServer", namespace)
+                self.write_policy_statuses(namespace, bodies, [PolicySource.from_body(b) for b in bodies], servers)
 
     def write_policy_statuses(self, namespace: str, bodies: list[dict[str, Any]], policies: list[PolicySource],
                               servers: list[dict[str, Any]]) -> None:
