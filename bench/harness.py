@@ -293,6 +293,11 @@ def gateway_chain(upstream: str, port: int) -> list[str]:
                           f"--server-name bench"]
 
 
+def fastmcp_proxy(*extra: str) -> Callable[[str, int], list[str]]:
+    return lambda upstream, port: [str(FASTMCP_PY), str(BENCH / "fastmcp_proxy.py"), "--upstream", upstream,
+                                   "--port", str(port), *extra]
+
+
 STATELESS_LOAD = {"MCP_ERA": "stateless"}
 
 TARGETS: dict[str, Target] = {
@@ -311,12 +316,15 @@ TARGETS: dict[str, Target] = {
                                                    "--listen", f"127.0.0.1:{port}"], "/readyz", [TOOLMESH], stdio=True),
     "gateway-call": Target("agent -> gateway -> sidecar -> upstream (CPU and memory of registry + sidecar)",
                            gateway_chain, None, [TOOLMESH]),
-    "fastmcp": Target("FastMCP 4.2.3 create_proxy(url)",
-                      lambda u, p: [str(FASTMCP_PY), str(BENCH / "fastmcp_proxy.py"), "--upstream", u, "--port", str(p)],
-                      None, [FASTMCP_PY]),
-    "fastmcp-connected": Target("FastMCP 4.2.3 proxy sharing one connected client",
-                                lambda u, p: [str(FASTMCP_PY), str(BENCH / "fastmcp_proxy.py"), "--upstream", u,
-                                              "--port", str(p), "--connected"], None, [FASTMCP_PY]),
+    "fastmcp": Target("FastMCP 4.2.3 create_proxy(url)", fastmcp_proxy(), None, [FASTMCP_PY]),
+    "fastmcp-connected": Target("FastMCP 4.2.3 proxy sharing one connected client", fastmcp_proxy("--connected"),
+                                None, [FASTMCP_PY]),
+    "fastmcp-middleware": Target("FastMCP 4.2.3 connected proxy with its response cache and retry middleware, "
+                                 "every call a cache miss", fastmcp_proxy("--connected", "--middleware"), None,
+                                 [FASTMCP_PY], load_env={"MCP_VARY": "1"}),
+    "fastmcp-middleware-hit": Target("FastMCP 4.2.3 connected proxy with its response cache and retry middleware, "
+                                     "every call after the first a cache hit",
+                                     fastmcp_proxy("--connected", "--middleware"), None, [FASTMCP_PY]),
     "mcp-proxy": Target("mcp-proxy 0.13.0, HTTP -> stdio -> HTTP (two processes)",
                         lambda u, p: [str(MCP_PROXY), "--port", str(p), "--log-level", "WARNING", "--",
                                       str(MCP_PROXY), "--transport", "streamablehttp", "--log-level", "WARNING", u],
