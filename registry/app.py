@@ -116,11 +116,12 @@ async def post_heartbeat(request: web.Request) -> web.Response:
         beat = orjson.loads(await request.read())
         if not isinstance(beat, dict):
             raise ValueError("a heartbeat is a JSON object")
-        if beat.get("leaving"):
-            request.app[CATALOGUE].forget(str(beat.get("server")), str(beat.get("instance") or beat.get("endpoint")))
-            return web.json_response({"ok": True})
         if verdict.namespace is not None:
             beat["namespace"] = verdict.namespace
+        if beat.get("leaving"):
+            request.app[CATALOGUE].forget(str(beat.get("server")), str(beat.get("instance") or beat.get("endpoint")),
+                                          namespace=verdict.namespace)
+            return web.json_response({"ok": True})
         request.app[CATALOGUE].heartbeat(beat)
     except (orjson.JSONDecodeError, ValueError, TypeError) as exc:
         return web.json_response({"error": str(exc)}, status=400)
@@ -131,10 +132,13 @@ async def get_servers(request: web.Request) -> web.Response:
     catalogue = request.app[CATALOGUE]
     servers = []
     for name in catalogue.servers():
+        key = catalogue.key(name)
         traits = catalogue.traits(name)
         instances = catalogue.instances(name)
         servers.append({
             "name": name,
+            "namespace": key.namespace if key else None,
+            "mcpServer": key.name if key else name,
             "healthy": any(i.healthy for i in instances),
             "priority": traits.priority,
             "capabilities": list(traits.capabilities),
@@ -156,11 +160,13 @@ async def get_tools(request: web.Request) -> web.Response:
     tools = []
     for listed in view.tools:
         route = view.routes[listed["name"]]
+        key = catalogue.key(route.server)
         stats = {}
         for inst in catalogue.healthy_instances(route.server):
             stats = inst.stats.get(route.tool) or stats
-        tools.append({**listed, "server": route.server, "tool": route.tool, "stats": stats,
-                      "red": red.figures(route.server, route.tool)})
+        # Spans name the MCPServer, not its namespace: figures are shown only where that name is unambiguous.
+        tools.append({**listed, "server": route.server, "namespace": key.namespace if key else None,
+                      "tool": route.tool, "stats": stats, "red": red.figures(route.server, route.tool)})
     return _json({"tools": tools, "version": view.version})
 
 

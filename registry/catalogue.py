@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
+log = logging.getLogger("toolmesh.registry")
+
 SEPARATOR = "__"
 """Joins server and tool in the gateway's names: `time__get_current_time`."""
+NAMESPACE_SEPARATOR = "_"
+"""Joins namespace and name when one MCPServer name exists in several namespaces: `team-a_search`.
+
+Kubernetes names and namespaces never contain it, and it is among the characters every LLM
+function-calling API accepts in a tool name.
+"""
 
 DEFAULT_INTERVAL = 5.0
 DEFAULT_MISSED_LIMIT = 3
@@ -35,6 +44,13 @@ class ServerTraits:
             capabilities=tuple(str(c) for c in fields.get("capabilities") or ()),
             max_concurrent=max(1, int(fields.get("maxConcurrent") or 3)),
         )
+
+
+class ServerKey(NamedTuple):
+    """A server's identity in the registry: its MCPServer's namespace (None in local mode) and name."""
+
+    namespace: str | None
+    name: str
 
 
 @dataclass(slots=True)
@@ -80,6 +96,11 @@ class Instance:
 class Catalogue:
     """Every instance by server, the gateway's tool names, and change notification.
 
+    Servers are keyed by (namespace, name). Each has a gateway name: its
+    MCPServer name, or `<namespace>_<name>` while another namespace the
+    registry knows has a server of that name. Methods that read take either
+    a gateway name or a `ServerKey`.
+
     An instance missing `missed_limit` heartbeats (of `interval` seconds) is
     unhealthy and its tools leave; a server is healthy while one instance is.
     Listeners run synchronously after each change of the healthy tool set.
@@ -90,10 +111,16 @@ class Catalogue:
         self.interval = interval
         self.missed_limit = missed_limit
         self._clock = clock
-        self._instances: dict[str, dict[str, Instance]] = {}
-        self._declared: dict[str, ServerTraits] = {}
+        self._instances: dict[ServerKey, dict[str, Instance]] = {}
+        self._declared: dict[ServerKey, ServerTraits] = {}
         self._listeners: list[Callable[[], None]] = []
-        self._rr: dict[str, int] = {}
+        self._rr: dict[ServerKey, int] = {}
+        self._names: dict[ServerKey, str] = {}
+        """Server → its gateway name; recomputed only when a server appears or leaves."""
+        self._keys: dict[str, ServerKey] = {}
+        """Gateway name → server."""
+        self._clashes: frozenset[str] = frozenset()
+        """MCPServer names present in several namespaces now (each clash is logged once)."""
         self.version = 0
         """Bumped whenever the healthy tool set changes."""
         self._view: GatewayView | None = None
@@ -101,16 +128,21 @@ class Catalogue:
 
     # -- servers and their traits ------------------------------------------------
 
-    def declare(self, server: str, traits: ServerTraits) -> None:
+    def declare(self, server: str, traits: ServerTraits, *, namespace: str | None = None) -> None:
         """Record an MCPServer's spec (from manifests or the Kubernetes API); it overrides heartbeat traits."""
-        if self._declared.get(server) != traits:
-            self._declared[server] = traits
+        key = ServerKey(namespace, server)
+        if self._declared.get(key) != traits:
+            known = key in self._names
+            self._declared[key] = traits
+            if not known:
+                self._rename()
             self._changed()
 
-    def traits(self, server: str) -> ServerTraits:
-        if server in self._declared:
-            return self._declared[server]
-        for inst in self._instances.get(server, {}).values():
+    def traits(self, server: str | ServerKey) -> ServerTraits:
+        key = self._resolve(server)
+        if key in self._declared:
+            return self._declared[key]
+        for inst in self._instances.get(key, {}).values():
             if inst.traits is not None:
                 return inst.traits
         return ServerTraits()
@@ -135,10 +167,12 @@ class Catalogue:
         traits = None
         if any(k in beat for k in ("priority", "capabilities", "maxConcurrent")):
             traits = ServerTraits.from_fields(beat)
-        instances = self._instances.setdefault(server, {})
+        namespace = beat.get("namespace") if isinstance(beat.get("namespace"), str) else None
+        instances = self._server_instances(ServerKey(namespace, server))
         inst = instances.get(str(instance_id))
         if inst is None:
-            inst = instances[str(instance_id)] = Instance(server=server, instance=str(instance_id), endpoint=endpoint)
+            inst = instances[str(instance_id)] = Instance(server=server, instance=str(instance_id), endpoint=endpoint,
+                                                          namespace=namespace)
             relevant = True
         else:
             relevant = False
@@ -157,8 +191,6 @@ class Catalogue:
         inst.expired = False
         inst.remote = False
         inst.caller_filtered = beat.get("callerFiltered") is True
-        if isinstance(beat.get("namespace"), str):
-            inst.namespace = beat["namespace"]
         if relevant:
             self._changed()
         return inst
@@ -168,7 +200,7 @@ class Catalogue:
         """An instance known only from MCPServer.status: alive until the heartbeat deadline after `seen_wall`."""
         # Kept even while our own sidecars beat: when they stop, the server is served from here without a gap.
         # Our own heartbeats still win while they last (see `_serving`).
-        instances = self._instances.setdefault(server, {})
+        instances = self._server_instances(ServerKey(namespace, server))
         key = f"status:{namespace}/{server}"
         inst = instances.get(key)
         tools = tuple(tools)
@@ -185,13 +217,16 @@ class Catalogue:
         if relevant:
             self._changed()
 
-    def forget(self, server: str, instance: str | None = None) -> None:
+    def forget(self, server: str, instance: str | None = None, *, namespace: str | None = None) -> None:
         """Drop a server (deleted MCPServer) or one of its instances (a sidecar shutting down)."""
+        key = ServerKey(namespace, server)
         if instance is None:
-            self._instances.pop(server, None)
-            self._declared.pop(server, None)
+            self._instances.pop(key, None)
+            self._declared.pop(key, None)
+            self._rr.pop(key, None)
+            self._rename()
         else:
-            self._instances.get(server, {}).pop(instance, None)
+            self._instances.get(key, {}).pop(instance, None)
         self._changed()
 
     def expire(self) -> None:
@@ -220,42 +255,85 @@ class Catalogue:
     # -- reading -----------------------------------------------------------------
 
     def servers(self) -> list[str]:
-        return sorted(set(self._instances) | set(self._declared))
+        """Gateway names of every known server, sorted."""
+        return sorted(self._keys)
 
-    def instances(self, server: str) -> list[Instance]:
-        return list(self._instances.get(server, {}).values())
+    def keys(self) -> list[ServerKey]:
+        """Every known server as (namespace, name)."""
+        return list(self._names)
 
-    def healthy_instances(self, server: str) -> list[Instance]:
-        return [i for i in self._instances.get(server, {}).values() if i.healthy]
+    def key(self, server: str) -> ServerKey | None:
+        """The server a gateway name stands for."""
+        return self._keys.get(server)
 
-    def _serving(self, server: str) -> list[Instance]:
+    def gateway_name(self, key: ServerKey) -> str | None:
+        return self._names.get(key)
+
+    def instances(self, server: str | ServerKey) -> list[Instance]:
+        return list(self._instances.get(self._resolve(server), {}).values())
+
+    def healthy_instances(self, server: str | ServerKey) -> list[Instance]:
+        return [i for i in self._instances.get(self._resolve(server), {}).values() if i.healthy]
+
+    def _resolve(self, server: str | ServerKey) -> ServerKey | None:
+        return server if isinstance(server, ServerKey) else self._keys.get(server)
+
+    def _server_instances(self, key: ServerKey) -> dict[str, Instance]:
+        instances = self._instances.get(key)
+        if instances is None:
+            instances = self._instances[key] = {}
+            if key not in self._names:
+                self._rename()
+                self._changed()  # other servers may have a new gateway name now
+        return instances
+
+    def _rename(self) -> None:
+        """Give every server its gateway name: bare, or namespace-qualified while its name exists elsewhere too."""
+        namespaces: dict[str, list[str | None]] = {}
+        for key in sorted(set(self._instances) | set(self._declared), key=lambda k: (k.name, k.namespace or "")):
+            namespaces.setdefault(key.name, []).append(key.namespace)
+        names: dict[ServerKey, str] = {}
+        for name, spaces in namespaces.items():
+            for namespace in spaces:
+                qualified = len(spaces) > 1 and namespace is not None
+                names[ServerKey(namespace, name)] = f"{namespace}{NAMESPACE_SEPARATOR}{name}" if qualified else name
+        clashes = frozenset(name for name, spaces in namespaces.items() if len(spaces) > 1)
+        for name in sorted(clashes - self._clashes):
+            log.warning("MCPServer %r exists in namespaces %s: its tools are listed as <namespace>%s%s%s<tool>",
+                        name, ", ".join(str(n) for n in namespaces[name]), NAMESPACE_SEPARATOR, name, SEPARATOR)
+        self._clashes = clashes
+        self._names = names
+        self._keys = {gateway: key for key, gateway in names.items()}
+
+    def _serving(self, server: str | ServerKey) -> list[Instance]:
         """Healthy instances that heartbeat to us; only when there are none, those known from MCPServer.status."""
         healthy = self.healthy_instances(server)
         own = [i for i in healthy if not i.remote]
         return own or healthy
 
-    def caller_filtered(self, server: str) -> Instance | None:
+    def caller_filtered(self, server: str | ServerKey) -> Instance | None:
         """An instance to ask for a caller's view of `server`'s tools, when its listing depends on the caller."""
         serving = self._serving(server)
         filtered = [i for i in serving if i.caller_filtered]
         return max(filtered, key=lambda i: i.last_seen) if filtered else None
 
-    def server_tools(self, server: str) -> tuple[Mapping[str, Any], ...]:
+    def server_tools(self, server: str | ServerKey) -> tuple[Mapping[str, Any], ...]:
         """The tools of a healthy server: from its most recently seen healthy instance."""
         serving = self._serving(server)
         if not serving:
             return ()
         return max(serving, key=lambda i: i.last_seen).tools
 
-    def pick(self, server: str) -> Instance | None:
+    def pick(self, server: str | ServerKey) -> Instance | None:
         """A healthy instance for the next call: least in-flight first, round robin among equals."""
-        healthy = self._serving(server)
+        key = self._resolve(server)
+        healthy = self._serving(key) if key is not None else []
         if not healthy:
             return None
         least = min(i.in_flight for i in healthy)
         candidates = sorted((i for i in healthy if i.in_flight == least), key=lambda i: i.instance)
-        turn = self._rr.get(server, 0)
-        self._rr[server] = turn + 1
+        turn = self._rr.get(key, 0)
+        self._rr[key] = turn + 1
         return candidates[turn % len(candidates)]
 
     def view(self) -> GatewayView:
@@ -282,7 +360,9 @@ class Route:
     """Where a gateway tool name leads."""
 
     server: str
+    """The server's gateway name."""
     tool: str
+    """The tool's name at its server."""
 
 
 @dataclass(frozen=True, slots=True)

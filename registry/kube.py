@@ -24,7 +24,7 @@ from aiohttp import web
 from toolmesh.api.kube import KubeClient, KubeError, load_api_client
 from toolmesh.api.status import set_condition
 from toolmesh.registry.auth import AuthResult, bearer
-from toolmesh.registry.catalogue import Catalogue, ServerTraits
+from toolmesh.registry.catalogue import Catalogue, ServerKey, ServerTraits
 
 log = logging.getLogger("toolmesh.registry")
 
@@ -80,8 +80,8 @@ class ClusterSync:
         self._verdicts: dict[str, tuple[float, AuthResult]] = {}
         self._written: dict[tuple[str, str], tuple[Any, float]] = {}
         """(namespace, name) → (what we last wrote, when), to write only what changed (and time once per interval)."""
-        self.known: dict[str, tuple[str, dict[str, Any]]] = {}
-        """Server name → (namespace, MCPServer) as last listed."""
+        self.known: dict[ServerKey, dict[str, Any]] = {}
+        """(namespace, name) → MCPServer as last listed."""
 
     async def auth(self, header: str | None) -> AuthResult:
         token = bearer(header)
@@ -113,30 +113,30 @@ class ClusterSync:
     async def read_servers(self) -> None:
         """Declare every MCPServer's traits; serve servers that beat elsewhere from their status; drop deleted ones."""
         items = await asyncio.to_thread(self.api.list_servers)
-        seen = {}
+        seen: dict[ServerKey, dict[str, Any]] = {}
         for item in items:
             meta, spec, status = item["metadata"], item.get("spec") or {}, item.get("status") or {}
             name, namespace = meta["name"], meta["namespace"]
-            seen[name] = (namespace, item)
-            self.catalogue.declare(name, ServerTraits.from_fields(spec))
+            seen[ServerKey(namespace, name)] = item
+            self.catalogue.declare(name, ServerTraits.from_fields(spec), namespace=namespace)
             seen_at = parse_time(status.get("lastHeartbeat"))
             if status.get("endpoint") and status.get("healthyInstances") and seen_at is not None:
                 tools = [_tool_from_status(t) for t in status.get("tools") or []]
                 self.catalogue.observe_remote(name, namespace, status["endpoint"], tools, seen_at)
-        for name in set(self.known) - set(seen):
-            self.catalogue.forget(name)
+        for key in set(self.known) - set(seen):
+            self.catalogue.forget(key.name, namespace=key.namespace)
         self.known = seen
 
     async def write_statuses(self) -> None:
         """Write tools, health and lastHeartbeat of the servers this replica hears from."""
-        for name in self.catalogue.servers():
-            local = [i for i in self.catalogue.instances(name) if not i.remote and i.namespace]
-            if not local:
+        for key in self.catalogue.keys():
+            namespace, name = key
+            local = [i for i in self.catalogue.instances(key) if not i.remote]
+            if namespace is None or not local:
                 continue
-            namespace = local[0].namespace
             healthy = [i for i in local if i.healthy]
             last = max(i.last_seen_wall for i in local)
-            tools = self.catalogue.server_tools(name) if healthy else ()
+            tools = self.catalogue.server_tools(key) if healthy else ()
             wanted = {
                 "toolCount": len(tools),
                 "tools": [_tool_status(t) for t in tools],

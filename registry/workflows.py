@@ -1,7 +1,7 @@
 """Delegation: workflows of tasks run on the servers that offer a capability, in parallel where dependencies allow.
 
-A task names a `capability` (any healthy server declaring it) or a fixed
-`server`, a `tool` (default `execute_task`), `arguments`, `dependsOn` and
+A task names a `capability` (any healthy server declaring it, in any
+namespace) or a fixed `server` (its gateway name), a `tool` (default `execute_task`), `arguments`, `dependsOn` and
 `timeoutSeconds`. Independent tasks start together; each goes to the
 least-loaded healthy server with a free slot (`maxConcurrent`), waiting for
 one up to its timeout. Results of dependencies arrive as `arguments.context`;
@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from toolmesh.registry.catalogue import Catalogue
+from toolmesh.registry.catalogue import Catalogue, ServerKey
 from toolmesh.registry.gateway import Caller, Gateway, Notify, ToolCallFailed
 
 
@@ -147,8 +147,8 @@ class Delegation:
         self.catalogue = catalogue
         self.gateway = gateway
         self.runs: dict[str, WorkflowRun] = {}
-        self.running: dict[str, int] = {}
-        """Delegated tasks running per server now."""
+        self.running: dict[ServerKey, int] = {}
+        """Delegated tasks running per server now (by key: a gateway name may change while a task runs)."""
         self._slots = asyncio.Condition()
         self._keep = keep
         self._background: set[asyncio.Task] = set()
@@ -212,7 +212,7 @@ class Delegation:
         t0 = time.perf_counter()
         task.state = "waiting"
         try:
-            server = await self._acquire(spec, deadline)
+            server, key = await self._acquire(spec, deadline)
         except TimeoutError as exc:
             task.state, task.error = "failed", str(exc)
             return
@@ -235,7 +235,7 @@ class Delegation:
             task.state, task.error = "failed", exc.message
             return
         finally:
-            await self._release(server)
+            await self._release(key)
         text = "\n".join(c.get("text", "") for c in result.get("content") or [] if c.get("type") == "text")
         if result.get("isError"):
             task.state, task.error = "failed", text or "the tool reported an error"
@@ -253,25 +253,30 @@ class Delegation:
         task.state = "succeeded"
 
     def _candidates(self, spec: TaskSpec) -> list[str]:
+        """Gateway names of the healthy servers that may run the task (capabilities match across namespaces)."""
         if spec.server is not None:
             names = [spec.server]
         else:
             names = [s for s in self.catalogue.servers() if spec.capability in self.catalogue.traits(s).capabilities]
         return [s for s in names if self.catalogue.healthy_instances(s)]
 
-    async def _acquire(self, spec: TaskSpec, deadline: float) -> str:
+    async def _acquire(self, spec: TaskSpec, deadline: float) -> tuple[str, ServerKey]:
+        """A slot on the least-loaded candidate: its gateway name and key."""
         async with self._slots:
             while True:
                 free = []
                 for server in self._candidates(spec):
-                    limit = self.catalogue.traits(server).max_concurrent
-                    busy = self.running.get(server, 0)
+                    key = self.catalogue.key(server)
+                    if key is None:
+                        continue
+                    limit = self.catalogue.traits(key).max_concurrent
+                    busy = self.running.get(key, 0)
                     if busy < limit:
-                        free.append((busy / limit, busy, server))
+                        free.append((busy / limit, busy, server, key))
                 if free:
-                    _, _, server = min(free)
-                    self.running[server] = self.running.get(server, 0) + 1
-                    return server
+                    _, _, server, key = min(free)
+                    self.running[key] = self.running.get(key, 0) + 1
+                    return server, key
                 remaining = deadline - time.monotonic()
                 what = f"server {spec.server}" if spec.server else f"a server with capability {spec.capability!r}"
                 if remaining <= 0:
@@ -281,9 +286,9 @@ class Delegation:
                 except asyncio.TimeoutError:
                     raise TimeoutError(f"no free healthy {what} within {spec.timeoutSeconds:g}s") from None
 
-    async def _release(self, server: str) -> None:
+    async def _release(self, key: ServerKey) -> None:
         async with self._slots:
-            self.running[server] = max(0, self.running.get(server, 0) - 1)
+            self.running[key] = max(0, self.running.get(key, 0) - 1)
             self._slots.notify_all()
 
     def _catalogue_changed(self) -> None:
