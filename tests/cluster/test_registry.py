@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import yaml
 
 from helpers import TOOLMESH, async_wait_until, free_port, port_open, running, wait_until
 from helpers.operator_proc import install_crds
-from helpers.registry_procs import get_json, post_heartbeat, toy_server
+from helpers.registry_procs import beating, get_json, list_tools_of, post_heartbeat, toy_server
 from helpers.sidecar import sidecar
 
 pytestmark = pytest.mark.cluster
@@ -162,3 +163,59 @@ async def test_two_replicas_agree_through_the_api(cluster, namespace, tmp_path):
                 result = await client.call_tool("gamma__echo", {"message": "via A"})
             assert [c.text for c in result.content] == ["gamma:via A"]
         assert proc_a.poll() is None and proc_b.poll() is None
+
+
+async def test_one_name_in_two_namespaces_is_two_servers(cluster, namespace, tmp_path):
+    install_crds(cluster)
+    other = f"{namespace[:50]}-b{uuid.uuid4().hex[:4]}"
+    cluster.kubectl("create", "namespace", other)
+    try:
+        for ns in (namespace, other):
+            apply_server(cluster, ns, "search")
+        tokens = {ns: cluster.token_for(ns, "search", "toolmesh-registry") for ns in (namespace, other)}
+        port, registry_proc = kube_registry(cluster, tmp_path, "registry", interval=1)
+        registry = f"http://127.0.0.1:{port}"
+        with registry_proc as proc, toy_server(tmp_path, "search-a") as (_, url_a), \
+                toy_server(tmp_path, "search-b", tools="echo,fail") as (_, url_b):
+            wait_until(lambda: port_open(port) or proc.poll() is not None, timeout=30, what="registry")
+            beats = {namespace: {"server": "search", "endpoint": url_a, "tools": await list_tools_of(url_a)},
+                     other: {"server": "search", "endpoint": url_b, "tools": await list_tools_of(url_b)}}
+            async with beating(registry, beats[namespace], secret=tokens[namespace], interval=0.2), \
+                    beating(registry, beats[other], secret=tokens[other], interval=0.2):
+                a, b = f"{namespace}_search", f"{other}_search"
+                expected = sorted([f"{a}__echo", f"{b}__echo", f"{b}__fail"])
+
+                async def listed():
+                    return sorted(n for n in await tool_names(registry) if "_search__" in n) == expected
+
+                await async_wait_until(listed, timeout=30, what="both namespaces' search under qualified names")
+                tools = {t["name"]: t for t in (await get_json(f"{registry}/v1/tools"))["tools"]}
+                assert (tools[f"{b}__fail"]["namespace"], tools[f"{b}__fail"]["server"]) == (other, b)
+                assert tools[f"{a}__echo"]["description"].startswith(f"[{a}] ")
+                servers = {s["name"]: s for s in (await get_json(f"{registry}/v1/servers"))["servers"]}
+                assert (servers[a]["namespace"], servers[a]["mcpServer"], servers[a]["tools"]) == \
+                    (namespace, "search", ["echo"])
+                assert "search" not in servers
+
+                from mcp.client import Client
+
+                async with Client(f"{registry}/mcp", mode="legacy") as client:
+                    for _ in range(3):  # never round-robined to the other namespace's server
+                        result_a = await client.call_tool(f"{a}__echo", {"message": "hi"})
+                        result_b = await client.call_tool(f"{b}__echo", {"message": "hi"})
+                        assert ([c.text for c in result_a.content], [c.text for c in result_b.content]) == \
+                            (["search-a:hi"], ["search-b:hi"])
+
+                def statuses():
+                    found = {ns: status_of(cluster, ns, "search") for ns in (namespace, other)}
+                    return all(healthy_condition(s) == "True" for s in found.values()) and found
+
+                found = cluster.wait_for(statuses, timeout=30, what="each namespace's MCPServer.status")
+                assert [t["name"] for t in found[namespace]["tools"]] == ["echo"]
+                assert found[namespace]["toolCount"] == 1
+                assert sorted(t["name"] for t in found[other]["tools"]) == ["echo", "fail"]
+                assert found[other]["toolCount"] == 2
+                assert found[namespace]["tools"][0]["description"] == "Echo a message back, prefixed with search-a"
+            assert proc.poll() is None
+    finally:
+        cluster.kubectl("delete", "namespace", other, "--wait=false", check=False)
