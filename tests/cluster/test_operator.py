@@ -100,6 +100,11 @@ def test_every_example_becomes_a_working_picture(cluster, namespace, operator):
     assert rows["time"]["ENDPOINT"] == f"http://time.{namespace}.svc:7400/mcp"
     short = cluster.kubectl("get", "mcps", "-n", namespace, "-o", "wide").stdout.splitlines()[0].split()
     assert "TRANSPORT" in short and "HEALTHY" in short
+    # The README's troubleshooting command: each condition with its reason and message.
+    described = cluster.kubectl("describe", "mcpserver", "time", "-n", namespace).stdout
+    for line in ("Type:", "Reason:", "Message:"):
+        assert line in described, described
+    assert "PolicyApplied" in described and "Ready" in described, described
 
 
 def test_example_policies_are_accepted_and_reported(cluster, namespace, operator):
