@@ -72,6 +72,17 @@ class ToolStatus(StatusModel):
     """`annotations.readOnlyHint` as listed."""
 
 
+class RegistryReport(StatusModel):
+    """What one registry replica hears of a server's sidecars (each replica writes only its own entry)."""
+
+    replica: str = Field(min_length=1)
+    """The registry replica (its pod name)."""
+    lastHeartbeat: str
+    """When this replica last heard from one of the server's sidecars (RFC 3339)."""
+    healthyInstances: int = 0
+    """How many of the server's sidecars this replica considers healthy."""
+
+
 class MCPServerStatus(StatusModel):
     """What the operator and the registry know about one MCPServer."""
 
@@ -92,7 +103,10 @@ class MCPServerStatus(StatusModel):
     lastHeartbeat: str | None = None
     """When the registry last heard from one of the server's sidecars (RFC 3339)."""
     healthyInstances: int | None = None
-    """How many sidecars of this server the registry considers healthy."""
+    """How many sidecars of this server the registry replicas consider healthy, summed over fresh reports."""
+    reports: list[RegistryReport] = Field(default_factory=list, json_schema_extra={
+        "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["replica"]})
+    """Each registry replica's own view; Healthy and healthyInstances are computed from those still fresh."""
 
 
 class MCPToolPolicyStatus(StatusModel):

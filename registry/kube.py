@@ -1,11 +1,15 @@
 """Cluster mode: heartbeats authenticated by TokenReview, MCPServer specs read and status written through the API.
 
-Every replica writes what its own sidecars report into `MCPServer.status`
-(tools, toolCount, lastHeartbeat, healthyInstances, the Healthy condition)
-with optimistic concurrency (merge patch pinned to the resourceVersion,
-re-read on 409), and reads every MCPServer back: servers that beat to
-another replica, or to this one before a restart, are served from their
-status until their own heartbeats arrive. Nothing is shared but the API.
+Every replica writes its own report of what its sidecars say into
+`MCPServer.status.reports` (one entry per replica), and from the reports still
+fresh the summary: healthyInstances (their sum), lastHeartbeat (the latest),
+the Healthy condition, and the tools of a replica that hears a healthy sidecar.
+Writes use optimistic concurrency (merge patch pinned to the resourceVersion,
+re-read on 409), so no replica's report is lost and one replica losing its
+sidecars never marks a server unhealthy that another still hears. Every
+replica reads every MCPServer back: servers that beat to another replica, or to
+this one before a restart, are served from their status until their own
+heartbeats arrive. Nothing is shared but the API.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import contextlib
 import datetime
 import hashlib
 import logging
+import os
+import socket
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -33,6 +39,14 @@ AUDIENCE = "toolmesh-registry"
 MCPSERVERS = "/apis/toolmesh.io/v1alpha1/mcpservers"
 CONFLICT_RETRIES = 8
 AUTH_CACHE_SECONDS = 60.0
+REPORT_KEPT = 10
+"""A replica's report older than this many heartbeat deadlines is dropped (the replica is gone)."""
+
+
+def replica_name() -> str:
+    """This registry replica in MCPServer.status.reports: the pod's name in a cluster (its hostname), plus the
+    process id so that replicas sharing a host (local runs, tests) stay apart."""
+    return os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
 
 
 class KubeApi(KubeClient):
@@ -80,6 +94,10 @@ class ClusterSync:
         self._verdicts: dict[str, tuple[float, AuthResult]] = {}
         self._written: dict[tuple[str, str], tuple[Any, float]] = {}
         """(namespace, name) → (what we last wrote, when), to write only what changed (and time once per interval)."""
+        self._recheck: dict[tuple[str, str], float] = {}
+        """(namespace, name) → when to write again although nothing changed here: other replicas' reports kept
+        the server healthy, and theirs may stop."""
+        self.replica = replica_name()
         self.known: dict[ServerKey, dict[str, Any]] = {}
         """(namespace, name) → MCPServer as last listed."""
 
@@ -128,7 +146,8 @@ class ClusterSync:
         self.known = seen
 
     async def write_statuses(self) -> None:
-        """Write tools, health and lastHeartbeat of the servers this replica hears from."""
+        """Write this replica's report of the servers it hears from, and the status all fresh reports add up to."""
+        now = time.time()
         for key in self.catalogue.keys():
             namespace, name = key
             local = [i for i in self.catalogue.instances(key) if not i.remote]
@@ -137,46 +156,63 @@ class ClusterSync:
             healthy = [i for i in local if i.healthy]
             last = max(i.last_seen_wall for i in local)
             tools = self.catalogue.server_tools(key) if healthy else ()
-            wanted = {
-                "toolCount": len(tools),
-                "tools": [_tool_status(t) for t in tools],
-                "healthyInstances": len(healthy),
-            }
+            wanted = {"tools": [_tool_status(t) for t in tools], "healthyInstances": len(healthy)}
             previous = self._written.get((namespace, name))
-            if previous and previous[0] == wanted and last - previous[1] < self.catalogue.interval:
+            if previous and previous[0] == wanted and last - previous[1] < self.catalogue.interval \
+                    and now < self._recheck.get((namespace, name), float("inf")):
                 continue
             try:
-                await asyncio.to_thread(self._write, namespace, name, wanted, last, bool(healthy))
+                recheck = await asyncio.to_thread(self._write, namespace, name, wanted, last)
                 self._written[(namespace, name)] = (wanted, last)
+                if recheck is None:
+                    self._recheck.pop((namespace, name), None)
+                else:
+                    self._recheck[(namespace, name)] = recheck
             except Exception as exc:  # noqa: BLE001 - retried on the next round
                 log.warning("cannot write status of MCPServer %s/%s: %s", namespace, name, exc)
 
-    def _write(self, namespace: str, name: str, wanted: Mapping[str, Any], last: float, healthy: bool) -> None:
+    def _write(self, namespace: str, name: str, wanted: Mapping[str, Any], last: float) -> float | None:
+        """Put our report in and recompute the summary; returns when to look again if other replicas' reports
+        are what keeps the server healthy (they may stop), else None."""
         deadline = self.catalogue.interval * self.catalogue.missed_limit
+        ours = {"replica": self.replica, "lastHeartbeat": rfc3339(last), "healthyInstances": wanted["healthyInstances"]}
         for _ in range(CONFLICT_RETRIES):
             server = self.api.get_server(namespace, name)
             if server is None:
-                return
+                return None
             status = server.get("status") or {}
-            written_at = parse_time(status.get("lastHeartbeat"))
-            if written_at is not None and written_at > last and time.time() - written_at < deadline:
-                # Another replica heard from this server more recently than we did: it speaks for it now.
-                if not healthy:
-                    return
-                last = written_at
+            now = time.time()
+            reports = [ours]
+            for report in status.get("reports") or []:
+                seen = parse_time(report.get("lastHeartbeat"))
+                if report.get("replica") != self.replica and seen is not None and now - seen < REPORT_KEPT * deadline:
+                    reports.append(report)
+            fresh = [r for r in reports if now - (parse_time(r["lastHeartbeat"]) or 0.0) < deadline or r is ours]
+            count = sum(int(r.get("healthyInstances") or 0) for r in fresh)
+            healthy = count > 0
+            others = [parse_time(r["lastHeartbeat"]) or 0.0 for r in fresh
+                      if r is not ours and int(r.get("healthyInstances") or 0) > 0]
             condition = {"type": "Healthy", "status": "True" if healthy else "False",
                          "reason": "HeartbeatsReceived" if healthy else "HeartbeatsMissed",
-                         "message": f"{wanted['healthyInstances']} healthy sidecar(s) report to the registry"
+                         "message": f"{count} healthy sidecar(s) report to the registry"
                          if healthy else "no sidecar of this server reported within the heartbeat deadline",
                          "observedGeneration": server["metadata"].get("generation")}
-            patch = {**wanted, "lastHeartbeat": rfc3339(last),
-                     "conditions": set_condition(status.get("conditions") or [], condition, rfc3339(time.time()))}
+            patch: dict[str, Any] = {
+                "reports": sorted(reports, key=lambda r: r["replica"]),
+                "healthyInstances": count,
+                "lastHeartbeat": max(r["lastHeartbeat"] for r in reports),  # RFC 3339 UTC sorts as time
+                "conditions": set_condition(status.get("conditions") or [], condition, rfc3339(now)),
+            }
+            if wanted["healthyInstances"] or not healthy:
+                # The tools are those our sidecars list; while only other replicas hear the server, theirs stay.
+                patch.update(tools=wanted["tools"], toolCount=len(wanted["tools"]))
             try:
                 self.api.patch_status(namespace, name, patch, server["metadata"]["resourceVersion"])
-                return
             except KubeError as exc:
                 if exc.status != 409:
                     raise
+                continue
+            return max(others) + deadline if others and not wanted["healthyInstances"] else None
         raise KubeError(409, f"status of MCPServer {namespace}/{name} kept changing under us")
 
 

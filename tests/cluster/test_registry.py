@@ -145,6 +145,11 @@ async def test_two_replicas_agree_through_the_api(cluster, namespace, tmp_path):
                     return await tool_names(registry) == ["gamma__echo"]
 
                 await async_wait_until(listed, timeout=30, what=f"gamma at {registry}")
+            # Each replica reports what it hears; the status adds the reports up.
+            both = cluster.wait_for(lambda: (s := status_of(cluster, namespace, "gamma"))
+                                    and len(s.get("reports") or []) == 2 and s.get("healthyInstances") == 2 and s,
+                                    timeout=30, what="a report from each replica, two healthy sidecars in all")
+            assert [r["healthyInstances"] for r in both["reports"]] == [1, 1], both["reports"]
             # The sidecar reporting to replica A goes away; B still hears gamma, and says so in the status.
             to_a.proc.kill()
             to_a.proc.wait(timeout=10)
@@ -157,11 +162,19 @@ async def test_two_replicas_agree_through_the_api(cluster, namespace, tmp_path):
                 assert served == ["gamma__echo"], (status, await get_json(f"{replica_a}/v1/servers"))  # from B's status
                 await asyncio.sleep(0.5)
             assert not any(seen_false)
+            assert status_of(cluster, namespace, "gamma")["healthyInstances"] == 1, "A's report says it lost its own"
             from mcp.client import Client
 
             async with Client(f"{replica_a}/mcp", mode="legacy") as client:
                 result = await client.call_tool("gamma__echo", {"message": "via A"})
             assert [c.text for c in result.content] == ["gamma:via A"]
+            # Then B's sidecar goes too: nobody hears gamma, and the status says so.
+            to_b.proc.kill()
+            to_b.proc.wait(timeout=10)
+            gone = cluster.wait_for(lambda: (s := status_of(cluster, namespace, "gamma"))
+                                    and healthy_condition(s) == "False" and s,
+                                    timeout=30, what="Healthy=False once no replica hears a sidecar")
+            assert gone["healthyInstances"] == 0 and gone["tools"] == [], gone
         assert proc_a.poll() is None and proc_b.poll() is None
 
 
