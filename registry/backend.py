@@ -1,4 +1,5 @@
-"""The gateway's MCP client side: sessions to sidecars, one per endpoint and caller, and calls that stream notifications back."""
+"""The gateway's MCP client side: session-era sessions to sidecars (one per endpoint and caller) and 2026-07-28
+stateless requests, both streaming notifications back."""
 
 from __future__ import annotations
 
@@ -12,19 +13,22 @@ from typing import Any
 
 import aiohttp
 import orjson
+from mcp.shared.inbound import NAME_BEARING_METHODS, encode_header_value
 
 from toolmesh.api.jsonrpc import INTERNAL_ERROR, METHOD_NOT_FOUND, error_message
 
 log = logging.getLogger("toolmesh.registry")
 
 PROTOCOL_VERSION = "2025-11-25"
-"""The session-era revision the gateway speaks to sidecars (every upstream the sidecar fronts understands it)."""
+"""The session-era revision of the gateway's sidecar sessions (every upstream the sidecar fronts understands it)."""
 
 Notify = Callable[[Mapping[str, Any]], Awaitable[None]]
 Ask = Callable[[Mapping[str, Any]], Awaitable[Mapping[str, Any]]]
 """Puts a server's request (sampling, elicitation, roots) to the caller; returns the caller's result or error."""
 LISTEN_OPEN_TIMEOUT = 2.0
 """Seconds a call that may be asked waits for its session's GET stream to open before going out anyway."""
+PROTOCOL_VERSION_KEY = "io.modelcontextprotocol/protocolVersion"
+"""The `params._meta` key of a 2026-07-28 request's envelope: the era it speaks."""
 CLIENT_CAPABILITIES = {"sampling": {}, "elicitation": {"form": {}, "url": {}}, "roots": {"listChanged": True}}
 """Declared to sidecars so servers may ask; a caller that cannot answer gets its refusal relayed back."""
 
@@ -92,6 +96,9 @@ class BackendPool:
         self._sessions: dict[tuple[str, str | None, str | None], _Session] = {}
         self._ids = itertools.count(1)
         self._client_name = client_name
+        self._session_only: set[str] = set()
+        """Endpoints that answered a 2026-07-28 request as a server of the session era only does; asked again
+        after they were unreachable (a restarted sidecar may front another server)."""
 
     async def start(self) -> None:
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=3),
@@ -123,6 +130,7 @@ class BackendPool:
                         await resp.read()
 
     def forget_endpoint(self, endpoint: str) -> None:
+        self._session_only.discard(endpoint)
         for key in [k for k in self._sessions if k[0] == endpoint]:
             session = self._sessions.pop(key)
             if session.listener is not None:
@@ -157,6 +165,56 @@ class BackendPool:
         finally:
             if ask is not None:
                 session.asks.remove(ask)
+
+    def speaks_stateless(self, endpoint: str) -> bool:
+        """Whether 2026-07-28 requests go to `endpoint` as they are (true until it answered one as session-only)."""
+        return endpoint not in self._session_only
+
+    async def request_stateless(self, endpoint: str, method: str, params: Mapping[str, Any], *,
+                                authorization: str | None = None, budget_key: str | None = None,
+                                headers: Mapping[str, str] | None = None,
+                                notify: Notify | None = None) -> dict[str, Any] | None:
+        """Send one 2026-07-28 request as it is (its `_meta` envelope carries the caller's era, capabilities and
+        client) and return the JSON-RPC response: a result, `input_required` included, or an error.
+
+        None when the sidecar answers as a server of the session era only does
+        (HTTP 400 without a response to this request: it never ran it); the
+        endpoint is remembered as such, and the caller goes the session way.
+        Notifications streamed before the response (progress, log messages) go
+        to `notify`. Cancelling the awaiting task closes the response stream,
+        which is this era's cancellation.
+        """
+        request_id = next(self._ids)
+        message = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
+        meta = params.get("_meta") or {}
+        out = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json",
+               "MCP-Protocol-Version": str(meta.get(PROTOCOL_VERSION_KEY)), "Mcp-Method": method, **(headers or {})}
+        named = params.get(NAME_BEARING_METHODS.get(method, ""))
+        if isinstance(named, str):
+            out["Mcp-Name"] = encode_header_value(named)
+        if authorization:
+            out["Authorization"] = authorization
+        if budget_key:
+            out["Mcp-Budget-Key"] = budget_key
+        try:
+            async with self._http.post(endpoint, data=orjson.dumps(message), headers=out) as resp:
+                body = await _read_response(resp, request_id, notify)
+                if resp.status >= 400 and (body is None or body.get("id") != request_id):
+                    if resp.status == 400:
+                        log.info("%s does not serve the 2026-07-28 protocol (%s): its stateless callers go through "
+                                 "sessions", endpoint, ((body or {}).get("error") or {}).get("message", "HTTP 400"))
+                        self._session_only.add(endpoint)
+                        return None
+                    raise BackendRefused(resp.status, body, resp.headers)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise BackendUnavailable(str(exc) or type(exc).__name__) from exc
+        if body is None and resp.status < 500:
+            raise BackendRefused(resp.status, error_message(request_id, INTERNAL_ERROR,
+                                                            "the server ended the answer without a response"),
+                                 resp.headers)
+        if body is None:
+            raise BackendUnavailable(f"HTTP {resp.status} without a JSON-RPC response")
+        return body
 
     async def _request(self, session: _Session, method: str, params: Mapping[str, Any] | None,
                        notify: Notify | None, ask: Ask | None) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 Session era (2025-06-18, 2025-11-25): `initialize` opens a gateway session
 (`Mcp-Session-Id`); `notifications/tools/list_changed` goes out on the
 session's GET stream. Stateless era (2026-07-28): `server/discover`, then
-self-contained POSTs; `subscriptions/listen` is the notification stream.
+self-contained POSTs, passed on in that era to sidecars whose servers speak
+it; `subscriptions/listen` is the notification stream.
 Calls go to a healthy sidecar with the caller's own bearer token, so the
 sidecar's policy still decides: the gateway is never a bypass.
 """
@@ -77,6 +78,8 @@ class Caller:
     """The caller's `Authorization` header, forwarded as is."""
     budget_key: str | None
     """`Mcp-Budget-Key`, or the gateway session id, so the sidecar keeps one budget per caller session."""
+    param_headers: tuple[tuple[str, str], ...] = ()
+    """The `Mcp-Param-*` headers of a 2026-07-28 request, passed on with it as that era asks of intermediaries."""
 
 
 LocalTool = Callable[[Mapping[str, Any], Caller, Notify], Awaitable[dict[str, Any]]]
@@ -230,7 +233,9 @@ class Gateway:
         if not isinstance(params, dict):
             return _json(error_message(request_id, INVALID_PARAMS, "params must be an object"))
         caller = Caller(request.headers.get("Authorization"),
-                        request.headers.get("Mcp-Budget-Key") or (session.id if session else None))
+                        request.headers.get("Mcp-Budget-Key") or (session.id if session else None),
+                        () if session else tuple((k, v) for k, v in request.headers.items()
+                                                 if k.lower().startswith("mcp-param-")))
         if method == "ping":
             return _json({"jsonrpc": "2.0", "id": request_id, "result": {}})
         if method == "server/discover":
@@ -419,8 +424,8 @@ class Gateway:
         try:
             result = await self.call_tool(name, params, caller, notify, ask if session is not None else None,
                                           self._relay_to(session) if session is not None else None)
-            if session is None and "resultType" not in result:
-                result = _stamped({**result, "resultType": "complete"}, self.server_info)
+            if session is None:
+                result = _stamped(result, self.server_info)
             answer = {"jsonrpc": "2.0", "id": request_id, "result": result}
         except ToolCallFailed as exc:
             answer = error_message(request_id, exc.code, exc.message, exc.data)
@@ -450,14 +455,22 @@ class Gateway:
         route = self.catalogue.view().routes.get(name)
         if route is None:
             raise ToolCallFailed(INVALID_PARAMS, f"unknown tool: {name}")
-        forwarded = session_era_params(params)
-        forwarded["name"] = route.tool
-        return await self.call_server(route.server, forwarded, caller, notify, ask=ask, relay=relay)
+        return await self.call_server(route.server, {**params, "name": route.tool}, caller, notify, ask=ask,
+                                      relay=relay)
 
     async def call_server(self, server: str, params: Mapping[str, Any], caller: Caller, notify: Notify,
                           instance: Instance | None = None, *, ask: Ask | None = None,
                           method: str = "tools/call", relay: Notify | None = None) -> dict[str, Any]:
-        """Send `tools/call` to a healthy instance of `server` (a given one, or the least busy), failing over once."""
+        """Send `method` (`tools/call` unless said) to a healthy instance of `server` (a given one, or the least
+        busy), failing over once.
+
+        A request in the 2026-07-28 envelope goes to the sidecar as it is, so
+        the server sees the caller's capabilities and may answer
+        `input_required`; to a sidecar whose server speaks only the session
+        era it goes, without the envelope, through a session as every other
+        request does.
+        """
+        stateless = _is_stateless(params)
         tried: set[str] = set()
         while True:
             inst = instance or self.catalogue.pick(server)
@@ -466,10 +479,17 @@ class Gateway:
             tried.add(inst.instance)
             inst.in_flight += 1
             try:
-                response = await self.backends.request(inst.endpoint, method, params,
-                                                       authorization=caller.authorization,
-                                                       budget_key=caller.budget_key, notify=notify, ask=ask,
-                                                       relay=relay)
+                response = None
+                if stateless and self.backends.speaks_stateless(inst.endpoint):
+                    response = await self.backends.request_stateless(
+                        inst.endpoint, method, params, authorization=caller.authorization,
+                        budget_key=caller.budget_key, headers=dict(caller.param_headers), notify=notify)
+                if response is None:
+                    response = await self.backends.request(inst.endpoint, method,
+                                                           session_era_params(params) if stateless else params,
+                                                           authorization=caller.authorization,
+                                                           budget_key=caller.budget_key, notify=notify, ask=ask,
+                                                           relay=relay)
             except BackendUnavailable as exc:
                 log.warning("instance %s of %s unreachable: %s", inst.instance, server, exc)
                 self.catalogue.mark_failed(inst, str(exc))
@@ -559,8 +579,7 @@ class Gateway:
             server = self._prompt_owners.get(name, "")
         if not server:
             return error_message(request_id, INVALID_PARAMS, f"unknown prompt: {name}")
-        return await self._routed(request_id, server, "prompts/get", {**session_era_params(params), "name": bare},
-                                  caller, modern)
+        return await self._routed(request_id, server, "prompts/get", {**params, "name": bare}, caller, modern)
 
     async def _resource_request(self, request_id: Any, method: str, params: Mapping[str, Any], caller: Caller,
                                 session: GatewaySession | None) -> dict[str, Any]:
@@ -569,7 +588,7 @@ class Gateway:
         uri = params.get("uri")
         if not isinstance(uri, str):
             return error_message(request_id, INVALID_PARAMS, f"{method} needs a uri")
-        forwarded = session_era_params(params)
+        forwarded = dict(params)
         if uri not in self._resource_owners:
             await self._composed_list(None, "resources/list", caller, modern=False)
         owner = self._resource_owners.get(uri)
@@ -596,7 +615,7 @@ class Gateway:
                         modern: bool) -> dict[str, Any]:
         """Completion of a prompt's or a resource template's argument, asked of the server that offers it."""
         ref = params.get("ref") if isinstance(params.get("ref"), Mapping) else {}
-        forwarded = session_era_params(params)
+        forwarded = dict(params)
         server = None
         if ref.get("type") == "ref/prompt" and isinstance(ref.get("name"), str):
             prefix, _, bare = ref["name"].partition(SEPARATOR)
@@ -620,10 +639,11 @@ class Gateway:
             result = await self.call_server(server, params, caller, _ignore, method=method, relay=relay)
         except ToolCallFailed as exc:
             return error_message(request_id, exc.code, exc.message, exc.data)
-        if modern:
-            result = _stamped({"resultType": "complete", **result}, self.server_info)
+        if modern and result.get("resultType", "complete") == "complete":
+            result = _stamped(result, self.server_info)
             if method in CACHEABLE:
-                # Answers composed per caller, from servers that may change at any heartbeat: never shared, not kept.
+                # Routed per caller to servers that may change at any heartbeat: unless the server itself gave hints
+                # (a stateless answer), never shared, not kept.
                 result = {"ttlMs": 0, "cacheScope": "private", **result}
         return {"jsonrpc": "2.0", "id": request_id, "result": result}
 
@@ -668,8 +688,9 @@ async def _ignore(_: Mapping[str, Any]) -> None:
 def session_era_params(params: Mapping[str, Any]) -> dict[str, Any]:
     """`params` without the 2026-07-28 envelope (`io.modelcontextprotocol/*` in `_meta`).
 
-    The gateway speaks the session era to sidecars, whatever era its caller
-    speaks, and session-era servers refuse requests that carry the envelope.
+    What goes through a sidecar session (a session-era caller's request, a
+    listing, or any request to a server of the session era only) goes
+    without it: session-era servers refuse requests that carry the envelope.
     Everything else in `_meta` (progressToken, trace context) goes on.
     """
     forwarded = dict(params)
@@ -691,11 +712,23 @@ def _log_levels(params: Mapping[str, Any]) -> frozenset[str]:
 
 
 def _stamped(result: dict[str, Any], server_info: Mapping[str, Any]) -> dict[str, Any]:
-    """A 2026-07-28 result naming its server in `_meta`, as that era's servers do (a server's own stamp is kept)."""
+    """A complete 2026-07-28 result naming the gateway in `_meta`, as that era's servers name themselves.
+
+    The caller speaks to the gateway, so the gateway names itself in place of
+    the server behind it. An `input_required` result is the server's own
+    question and its state, and goes back untouched.
+    """
+    if result.get("resultType", "complete") != "complete":
+        return result
     meta = result.get("_meta")
-    if meta is None or (isinstance(meta, Mapping) and SERVER_INFO_KEY not in meta):
-        result["_meta"] = {**(meta or {}), SERVER_INFO_KEY: server_info}
-    return result
+    return {**result, "resultType": "complete",
+            "_meta": {**(meta if isinstance(meta, Mapping) else {}), SERVER_INFO_KEY: server_info}}
+
+
+def _is_stateless(params: Mapping[str, Any]) -> bool:
+    """Params in the 2026-07-28 envelope: the request goes to the sidecar in that era."""
+    meta = params.get("_meta")
+    return isinstance(meta, Mapping) and PROTOCOL_VERSION_KEY in meta
 
 
 def _is_modern(message: Mapping[str, Any], headers: Mapping[str, str]) -> bool:
