@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how long a client may take to send a request body before 408 (default 30)")
     parser.add_argument("--sse-keepalive", type=float, default=15.0, metavar="SECONDS",
                         help="keep-alive comment on a silent server stream after this long (default 15; 0 = off)")
+    parser.add_argument("--sse-resume-grace", type=float, default=30.0, metavar="SECONDS",
+                        help="stdio/legacy SSE upstreams: how long a call whose client lost its SSE stream keeps "
+                             "running for a resume (GET + Last-Event-ID) before it is cancelled (default 30; 0 = at once)")
     parser.add_argument("--upstream-timeout", type=float, default=300.0, metavar="SECONDS",
                         help="how long the upstream may stay silent on a request before 504 (default 300)")
     parser.add_argument("--probe-interval", type=float, default=5.0, metavar="SECONDS",
@@ -75,16 +78,17 @@ def make_upstream(args: argparse.Namespace) -> Any:
         if not command:
             raise ConfigError("--upstream-command is empty")
         stdio = _optional_module("toolmesh.sidecar.stdio", "the stdio bridge")
-        return stdio.StdioUpstream(command, timeout=args.upstream_timeout)
+        return stdio.StdioUpstream(command, timeout=args.upstream_timeout, resume_grace=args.sse_resume_grace)
     if args.upstream_fifo_dir:
         stdio = _optional_module("toolmesh.sidecar.stdio", "the stdio bridge")
-        return stdio.StdioUpstream.attach(args.upstream_fifo_dir, timeout=args.upstream_timeout)
+        return stdio.StdioUpstream.attach(args.upstream_fifo_dir, timeout=args.upstream_timeout,
+                                          resume_grace=args.sse_resume_grace)
     url = args.upstream
     if not url.startswith(("http://", "https://")):
         raise ConfigError(f"--upstream must be an http(s) URL, got {url!r}")
     if args.upstream_transport == "sse":
         legacy = _optional_module("toolmesh.sidecar.legacy_sse", "the legacy HTTP+SSE upstream")
-        return legacy.LegacySseUpstream(url, timeout=args.upstream_timeout)
+        return legacy.LegacySseUpstream(url, timeout=args.upstream_timeout, resume_grace=args.sse_resume_grace)
     from toolmesh.sidecar.http_upstream import HttpUpstream
 
     return HttpUpstream(url, timeout=args.upstream_timeout)

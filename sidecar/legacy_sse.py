@@ -1,12 +1,14 @@
 """Fronts a server on the legacy HTTP+SSE transport (GET /sse, POST /messages) as a Streamable HTTP upstream.
 
     LegacySseUpstream(url, session=None, *, timeout=300.0, connect_timeout=5.0,
-                      reconnect_backoff=(0.2, 5.0), reconnect_wait=10.0)
+                      reconnect_backoff=(0.2, 5.0), reconnect_wait=10.0, resume_grace=30.0)
         `url` is the server's SSE endpoint (e.g. http://host:8000/sse);
         `session` an aiohttp client session to share (one is made otherwise);
         `timeout` bounds each message POST and the silence on a request before
         JSON-RPC error -32002 (504; progress resets it); `connect_timeout`
-        bounds opening the stream and receiving its `endpoint` event.
+        bounds opening the stream and receiving its `endpoint` event;
+        `resume_grace` is how long a call whose client lost its SSE stream
+        keeps running for a GET with Last-Event-ID before it is cancelled.
 
 Each client session gets an upstream SSE connection of its own: the client's
 `initialize` opens it (GET `url`, whose first event, `endpoint`, names the
@@ -95,7 +97,7 @@ class _Connection:
         self._owner = owner
         self.modern = modern
         """True for the connection settled in the 2026-07-28 era by a server/discover (no session, no initialize)."""
-        self.mux = Multiplexer(self._post_message, timeout=owner.silence_timeout)
+        self.mux = Multiplexer(self._post_message, timeout=owner.silence_timeout, resume_grace=owner.resume_grace)
         self.schemas = ToolSchemas(self.mux, owner.connect_timeout)
         self.init_params = init_params
         """The `initialize` params replayed after a reconnect (None until the session is established)."""
@@ -240,8 +242,10 @@ class LegacySseUpstream:
 
     def __init__(self, url: str, session: aiohttp.ClientSession | None = None, *, timeout: float = 300.0,
                  connect_timeout: float = 5.0, reconnect_backoff: tuple[float, float] = (0.2, 5.0),
-                 reconnect_wait: float = 10.0, max_connections: int = 256, session_idle_timeout: float = 1800.0):
+                 reconnect_wait: float = 10.0, max_connections: int = 256, session_idle_timeout: float = 1800.0,
+                 resume_grace: float = 30.0):
         self.url = url
+        self.resume_grace = resume_grace
         self._given_session = session
         self._http: aiohttp.ClientSession | None = session
         self.message_timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
@@ -326,6 +330,9 @@ class LegacySseUpstream:
         connection = self._connections.get(session_id)
         if connection is None or connection.session is None:
             return session_not_found(None)
+        last_event_id = header(headers, "Last-Event-ID")
+        if last_event_id is not None:
+            return connection.mux.resume(connection.session, last_event_id)
         return connection.mux.open_stream(connection.session)
 
     async def delete(self, headers: Mapping[str, str]) -> UpstreamResponse:

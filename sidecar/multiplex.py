@@ -13,7 +13,12 @@ messages over a single ordered channel. A `Multiplexer` sits on that channel:
   final response is the first thing to arrive and with SSE events otherwise;
 - notifications not tied to a request go to every session's GET stream;
 - a client's `notifications/cancelled` names its own id and is rewritten; a
-  client that goes away (release, or its task cancelled) cancels upstream too;
+  client that goes away before anything was streamed cancels upstream too;
+- a session's SSE streams are resumable (`resumable.py`): a priming event
+  first, an id on every event, and a client that lost a POST's stream
+  reconnects with GET + Last-Event-ID to get what it missed and the rest of
+  the call; a call whose client does not come back within `resume_grace`
+  seconds is cancelled upstream;
 - `fail_all` ends every in-flight request with one typed error, never a hang.
 
 A stdio channel carries no link between a server request and the client
@@ -56,6 +61,7 @@ from toolmesh.sidecar.errors import (
     dumps,
     error_message,
 )
+from toolmesh.sidecar.resumable import GET_STREAM, MAX_BYTES, MAX_EVENTS, EventLog, ResumeRefused
 from toolmesh.sidecar.upstream import UpstreamResponse
 
 log = logging.getLogger("toolmesh.sidecar.multiplex")
@@ -294,38 +300,45 @@ class ClientSession:
     """One client's MCP session as the bridge presents it (its own `Mcp-Session-Id`)."""
 
     __slots__ = ("id", "capabilities", "protocol_version", "pending", "stream", "backlog", "last_active",
-                 "subscriptions")
+                 "subscriptions", "events", "live")
 
-    def __init__(self, session_id: str, capabilities: Mapping[str, Any], protocol_version: str | None):
+    def __init__(self, session_id: str, capabilities: Mapping[str, Any], protocol_version: str | None,
+                 events: EventLog | None = None):
         self.id = session_id
         self.capabilities = capabilities
         """The client's declared capabilities (sampling, elicitation, roots, ...)."""
         self.protocol_version = protocol_version
         self.pending: dict[Any, _Pending] = {}
         """In-flight requests by the client's own id (for notifications/cancelled)."""
-        self.stream: asyncio.Queue[bytes | None] | None = None
+        self.stream: asyncio.Queue[SseEvent | None] | None = None
         """The open GET stream, if any; None ends it."""
-        self.backlog: deque[bytes] = deque(maxlen=_BACKLOG_LIMIT)
+        self.backlog: deque[SseEvent] = deque(maxlen=_BACKLOG_LIMIT)
         self.last_active = time.monotonic()
         self.subscriptions: set[str] = set()
         """Resource URIs this client subscribed to; their updates go to it alone."""
+        self.events = events if events is not None else EventLog()
+        """The session's recent SSE events, for clients resuming a stream with Last-Event-ID."""
+        self.live: dict[int, _Pending] = {}
+        """Requests answered with SSE and still running, by stream number (what a resume attaches to)."""
 
     def push(self, data: bytes) -> None:
         """Send a message on the session's GET stream (kept briefly when none is open)."""
+        event = self.events.record(GET_STREAM, data)
         stream = self.stream
         if stream is None:
-            self.backlog.append(data)
+            self.backlog.append(event)
             return
         if stream.qsize() >= _STREAM_LIMIT:
             stream.get_nowait()
             log.warning("session %s reads its stream too slowly; dropped its oldest event", self.id)
-        stream.put_nowait(data)
+        stream.put_nowait(event)
 
 
 class _Pending:
     """A client request forwarded upstream and not yet answered."""
 
-    __slots__ = ("upstream_id", "client_id", "session", "method", "token", "queue", "started", "batch")
+    __slots__ = ("upstream_id", "client_id", "session", "method", "token", "queue", "started", "batch", "stream",
+                 "grace")
 
     def __init__(self, upstream_id: int, client_id: Any, session: ClientSession | None, method: str, batch: bool):
         self.upstream_id = upstream_id
@@ -336,23 +349,55 @@ class _Pending:
         self.queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
         self.started = time.monotonic()
         self.batch = batch
+        self.stream: int | None = None
+        """The session stream number once the answer is SSE (its events are then logged for resumption)."""
+        self.grace: asyncio.TimerHandle | None = None
+        """The timer cancelling the request upstream when its client left and has not resumed yet."""
 
     def deliver(self, data: bytes) -> None:
         """An event for this request's client: on its response stream, or its session's stream for batches."""
         if self.batch:
             if self.session is not None:
                 self.session.push(data)
-        else:
+        elif self.stream is None:
             self.queue.put_nowait((_EVENT, data))
+        else:
+            self.queue.put_nowait((_EVENT, self.session.events.record(self.stream, data)))
+
+    def settle(self, kind: int, payload: Any = None) -> None:
+        """The request is over: its answer (_FINAL), its failure (_FAILED) or no answer at all (_ENDED)."""
+        stream = self.stream
+        if stream is not None:
+            self.stop_streaming()
+            if kind == _FAILED:
+                kind, payload = _FINAL, dumps(error_message(self.client_id, payload.code, payload.message,
+                                                            payload.data))
+            if kind == _FINAL:
+                payload = self.session.events.record(stream, payload)
+        self.queue.put_nowait((kind, payload))
+
+    def stop_streaming(self) -> None:
+        """Nothing more will come on this request's stream: a resume gets what was logged, and no grace timer runs."""
+        self.session.live.pop(self.stream, None)
+        if self.grace is not None:
+            self.grace.cancel()
+            self.grace = None
 
 
 class Multiplexer:
     """JSON-RPC routing between client sessions and one upstream channel; `send` writes one message upstream."""
 
-    def __init__(self, send: Callable[[bytes], Awaitable[None]], *, timeout: float | None = None):
+    def __init__(self, send: Callable[[bytes], Awaitable[None]], *, timeout: float | None = None,
+                 resume_grace: float = 30.0, resume_events: int = MAX_EVENTS, resume_bytes: int = MAX_BYTES):
         self._send = send
         self.timeout = timeout
         """Longest silence (seconds) allowed on a request before it fails with UpstreamTimeout; progress resets it."""
+        self.resume_grace = resume_grace
+        """Seconds a request whose client lost its SSE stream keeps running for a resume; then it is cancelled."""
+        self.resume_events = resume_events
+        """Events each session keeps for resumption."""
+        self.resume_bytes = resume_bytes
+        """Bytes of events each session keeps for resumption."""
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._tokens: dict[int, _Pending] = {}
@@ -372,22 +417,32 @@ class Multiplexer:
             session_id or uuid.uuid4().hex,
             capabilities if isinstance(capabilities, Mapping) else {},
             version if isinstance(version, str) else None,
+            EventLog(self.resume_events, self.resume_bytes),
         )
         self.sessions[session.id] = session
         return session
 
-    def open_stream(self, session: ClientSession) -> UpstreamResponse:
-        """The session's server-initiated SSE stream (the client's GET); a newer GET supersedes an older one."""
+    def open_stream(self, session: ClientSession, replay: list[SseEvent] | None = None) -> UpstreamResponse:
+        """The session's server-initiated SSE stream (the client's GET); a newer GET supersedes an older one.
+
+        `replay` (a resume): the events after the client's Last-Event-ID come first instead of a priming event.
+        """
         if session.stream is not None:
             session.stream.put_nowait(None)
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
-        while session.backlog:
-            queue.put_nowait(session.backlog.popleft())
+        queue: asyncio.Queue[SseEvent | None] = asyncio.Queue()
+        if replay is None:
+            opening = [session.events.priming(GET_STREAM)]
+            opening.extend(session.backlog)
+        else:
+            opening = replay
+        session.backlog.clear()  # logged too: a replay holds those after the client's last event
         session.stream = queue
 
         async def events() -> AsyncIterator[SseEvent]:
-            while (data := await queue.get()) is not None:
-                yield SseEvent(data=data)
+            for event in opening:
+                yield event
+            while (event := await queue.get()) is not None:
+                yield event
 
         async def release() -> None:
             if session.stream is queue:
@@ -401,7 +456,7 @@ class Multiplexer:
         self.sessions.pop(session.id, None)
         for pending in list(session.pending.values()):
             await self._abandon(pending, "session ended")
-            pending.queue.put_nowait((_ENDED, None))
+            pending.settle(_ENDED)
         for uri in session.subscriptions:
             if not self._subscribers(uri):
                 # The last subscriber left: the upstream may stop watching.
@@ -468,6 +523,8 @@ class Multiplexer:
             return False
         if pending.token is not None:
             self._tokens.pop(pending.upstream_id, None)
+        if pending.stream is not None:
+            pending.stop_streaming()
         if pending.session is not None:
             pending.session.pending.pop(pending.client_id, None)
         return True
@@ -521,12 +578,90 @@ class Multiplexer:
             raise payload
         if kind == _ENDED:
             return ACCEPTED
-        return UpstreamResponse(status=200, headers=SSE_HEADERS, events=self._events(pending, payload),
-                                release=lambda: self._abandon(pending, "client disconnected"))
+        if session is None:
+            # No session, no GET to resume with: a client leaving ends the call.
+            return UpstreamResponse(status=200, headers=SSE_HEADERS, events=self._events(pending, payload),
+                                    release=lambda: self._abandon(pending, "client disconnected"))
+        return self._stream(pending, session, payload)
 
-    async def _next(self, pending: _Pending) -> tuple[int, Any]:
-        """The request's next message; a silence longer than the timeout gives up on it (and cancels it upstream)."""
+    def _stream(self, pending: _Pending, session: ClientSession, first: bytes) -> UpstreamResponse:
+        """Answer with a resumable SSE stream: a priming event, then every event with an id, logged for replay."""
+        stream, priming = session.events.open_stream()
         queue = pending.queue
+        early: list[tuple[int, Any]] = []
+        while not queue.empty():
+            early.append(queue.get_nowait())
+        pending.stream = stream
+        if self._pending.get(pending.upstream_id) is pending:
+            session.live[stream] = pending
+        opening = [priming, session.events.record(stream, first)]
+        for kind, payload in early:
+            # What arrived with the first event goes through the log too, in order.
+            if kind == _EVENT:
+                pending.deliver(payload)
+            elif kind != _SILENT:
+                pending.settle(kind, payload)
+        return UpstreamResponse(status=200, headers=SSE_HEADERS, events=self._stream_events(pending, queue, opening),
+                                release=lambda: self._detach(pending, queue))
+
+    def resume(self, session: ClientSession, last_event_id: str) -> UpstreamResponse:
+        """A GET with Last-Event-ID: the stream's events after it, then (while its call runs) the rest as it comes."""
+        try:
+            stream, missed = session.events.after(last_event_id)
+        except ResumeRefused as exc:
+            return json_response(400, error_message(None, INVALID_REQUEST, f"Bad Request: {exc}"))
+        if stream == GET_STREAM:
+            return self.open_stream(session, replay=missed)
+        pending = session.live.get(stream)
+        if pending is None:
+            # The call is over (its answer, if any, is among the missed events).
+            return UpstreamResponse(status=200, headers=SSE_HEADERS, events=_replay(missed))
+        if pending.grace is not None:
+            pending.grace.cancel()
+            pending.grace = None
+        # The resumed stream takes the call over; whoever still reads the old one is told it ended.
+        old, queue = pending.queue, asyncio.Queue()
+        pending.queue = queue
+        old.put_nowait((_ENDED, None))
+        return UpstreamResponse(status=200, headers=SSE_HEADERS, events=self._stream_events(pending, queue, missed),
+                                release=lambda: self._detach(pending, queue))
+
+    async def _detach(self, pending: _Pending, queue: asyncio.Queue[tuple[int, Any]]) -> None:
+        """A POST stream's client is gone: the call runs on `resume_grace` seconds for a resume, then is cancelled."""
+        if pending.queue is not queue or self._pending.get(pending.upstream_id) is not pending:
+            return  # a resume took it over, or it was answered
+        if self.resume_grace <= 0:
+            await self._abandon(pending, "client disconnected")
+            return
+        pending.grace = asyncio.get_running_loop().call_later(self.resume_grace, self._give_up, pending, queue)
+
+    def _give_up(self, pending: _Pending, queue: asyncio.Queue[tuple[int, Any]]) -> None:
+        pending.grace = None
+        if pending.queue is queue:
+            task = asyncio.get_running_loop().create_task(self._abandon(pending, "client did not resume its stream"))
+            self._answers.add(task)
+            task.add_done_callback(self._answers.discard)
+
+    async def _stream_events(self, pending: _Pending, queue: asyncio.Queue[tuple[int, Any]],
+                             first: list[SseEvent]) -> AsyncIterator[SseEvent]:
+        for event in first:
+            yield event
+        while True:
+            kind, payload = await self._next(pending, queue)
+            if kind == _EVENT:
+                yield payload
+            elif kind == _FINAL:
+                yield payload
+                return
+            elif kind == _FAILED:
+                pending.settle(_FAILED, payload)  # logged, and next out of the queue
+            else:
+                return
+
+    async def _next(self, pending: _Pending, queue: asyncio.Queue[tuple[int, Any]] | None = None) -> tuple[int, Any]:
+        """The request's next message; a silence longer than the timeout gives up on it (and cancels it upstream)."""
+        if queue is None:
+            queue = pending.queue
         while True:
             if not queue.empty() or self.timeout is None or pending.method == "subscriptions/listen":
                 # (a listen stream is a standing subscription: it may rightly stay silent for hours)
@@ -570,7 +705,7 @@ class Multiplexer:
                 return  # nothing of this client's is in flight under that id
             params["requestId"] = pending.upstream_id
             await self._send(dumps(message))
-            pending.queue.put_nowait((_ENDED, None))
+            pending.settle(_ENDED)
             return
         await self._send(raw if raw is not None else dumps(message))
 
@@ -672,7 +807,10 @@ class Multiplexer:
             return
         self._forget(pending)
         message["id"] = pending.client_id
-        pending.queue.put_nowait((_FINAL, dumps(message)))
+        if pending.stream is None:
+            pending.queue.put_nowait((_FINAL, dumps(message)))
+        else:
+            pending.settle(_FINAL, dumps(message))
 
     def _on_progress(self, message: dict[str, Any]) -> None:
         params = message.get("params")
@@ -788,10 +926,14 @@ class Multiplexer:
         for pending in pendings:
             if pending.session is not None:
                 pending.session.pending.pop(pending.client_id, None)
-            pending.queue.put_nowait((_FAILED, error))
+            pending.settle(_FAILED, error)
         own = list(self._own.values())
         self._own.clear()
         for future in own:
             if not future.done():
                 future.set_exception(error)
 
+
+async def _replay(events: list[SseEvent]) -> AsyncIterator[SseEvent]:
+    for event in events:
+        yield event

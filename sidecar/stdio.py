@@ -2,11 +2,13 @@
 
     StdioUpstream(command, *, env=None, cwd=None, restart_backoff=(0.2, 5.0),
                   start_timeout=30.0, ready_timeout=10.0, timeout=300.0,
-                  max_line_bytes=32 MiB, session_idle_timeout=1800.0)
+                  max_line_bytes=32 MiB, session_idle_timeout=1800.0, resume_grace=30.0)
         Spawns `command` (a list, or a string split like a shell would) in its
         own process group; `env` is added to the sidecar's environment. Used
         for `--upstream-command "CMD ARGS"`. `timeout` is the longest silence
         on a request (progress resets it) before JSON-RPC error -32002 (504).
+        `resume_grace` is how long a call whose client lost its SSE stream
+        keeps running for a GET with Last-Event-ID before it is cancelled.
 
     StdioUpstream.attach(fifo_dir, **same options)
         Kubernetes: the server container runs `sh -c 'CMD <in.fifo >out.fifo'`
@@ -147,7 +149,7 @@ class StdioUpstream:
                  restart_backoff: tuple[float, float] = (0.2, 5.0), start_timeout: float = 30.0,
                  ready_timeout: float = 10.0, probe_timeout: float = 5.0, timeout: float | None = 300.0,
                  max_line_bytes: int = 32 << 20,
-                 session_idle_timeout: float = 1800.0, era: str = "handshake"):
+                 session_idle_timeout: float = 1800.0, era: str = "handshake", resume_grace: float = 30.0):
         self.command = shlex.split(command) if isinstance(command, str) else list(command)
         if bool(self.command) == (fifo_dir is not None):
             raise ValueError("a stdio upstream needs either a command or a FIFO directory")
@@ -165,7 +167,7 @@ class StdioUpstream:
         self._modern: StdioUpstream | None = None
         self._modern_lock = asyncio.Lock()
         self._modern_unsupported = self._fifo_dir is not None or era != "handshake"
-        self._mux = Multiplexer(self._write, timeout=timeout)
+        self._mux = Multiplexer(self._write, timeout=timeout, resume_grace=resume_grace)
         self._schemas = ToolSchemas(self._mux, probe_timeout)
         self._link: _Link | None = None
         self._ready = asyncio.Event()
@@ -249,6 +251,9 @@ class StdioUpstream:
         if session is None:
             return session_not_found(None)
         session.last_active = time.monotonic()
+        last_event_id = header(headers, "Last-Event-ID")
+        if last_event_id is not None:
+            return self._mux.resume(session, last_event_id)
         return self._mux.open_stream(session)
 
     async def delete(self, headers: Mapping[str, str]) -> UpstreamResponse:

@@ -16,7 +16,7 @@ from helpers import ROOT, VENV_BIN
 SERVERS = Path(__file__).resolve().parent / "servers"
 STDIO_TOOLS = [sys.executable, str(SERVERS / "tools_server.py")]
 """Official-SDK stdio server: echo, whoami, count (progress), ask_model (sampling), crash, wait_forever, slow,
-garbage, grow (list_changed), shout (stderr)."""
+garbage, grow (list_changed), shout (stderr), gated/open_gate/wait_cancelled (a call held mid-way)."""
 
 
 def sse_tools_server(port: int) -> list[str]:
@@ -84,6 +84,8 @@ class UpstreamClient:
         assert response.events is not None, response
         try:
             async for event in response.events:
+                if not event.data:
+                    continue  # a priming event: an id to resume after, nothing to read
                 incoming = orjson.loads(event.data)
                 if "method" in incoming and "id" in incoming:
                     await self._answer(incoming)
@@ -132,7 +134,8 @@ async def collect_stream(response: Any, into: list[dict[str, Any]], stop: asynci
                 event = waiter.result()
             except StopAsyncIteration:
                 break
-            into.append(orjson.loads(event.data))
+            if event.data:  # (a priming event carries only an id)
+                into.append(orjson.loads(event.data))
     finally:
         await response.release()
 

@@ -18,6 +18,13 @@ from toolmesh.sidecar.upstream import UpstreamResponse
 LINE = st.binary(max_size=300).map(lambda b: b.replace(b"\n", b"."))
 
 
+async def next_message(events):
+    """The next message on an SSE stream, past the priming event (an id to resume after, no data)."""
+    while not (event := await anext(events)).data:
+        pass
+    return orjson.loads(event.data)
+
+
 async def _framed(chunks: list[bytes], max_bytes: int) -> list[bytes]:
     reader = asyncio.StreamReader()
     for chunk in chunks:
@@ -93,7 +100,7 @@ async def test_progress_turns_the_answer_into_a_stream_under_the_clients_token()
     mux.receive(orjson.dumps({"jsonrpc": "2.0", "id": sent["id"], "result": {}}))
     response = await call
     assert response.body is None and response.headers["Content-Type"] == "text/event-stream"
-    events = [orjson.loads(event.data) async for event in response.events]
+    events = [orjson.loads(event.data) async for event in response.events if event.data]
     assert events == [{"jsonrpc": "2.0", "method": "notifications/progress",
                        "params": {"progressToken": "mine", "progress": 1}},
                       {"jsonrpc": "2.0", "id": "r", "result": {}}]
@@ -109,7 +116,7 @@ async def test_server_requests_go_to_a_session_that_can_answer_them():
     await channel.next()
     mux.receive(b'{"jsonrpc":"2.0","id":"s1","method":"sampling/createMessage","params":{}}')
     stream = (await able_call).events
-    assert orjson.loads((await anext(stream)).data)["id"] == "s1"
+    assert (await next_message(stream))["id"] == "s1"
     assert not unable_call.done()
     await mux.post({"jsonrpc": "2.0", "id": "s1", "result": {"ok": True}}, able)
     assert await channel.next() == {"jsonrpc": "2.0", "id": "s1", "result": {"ok": True}}
@@ -174,8 +181,7 @@ async def test_resource_updates_reach_subscribers_only_and_the_last_unsubscribe_
     assert mux.subscribed_uris() == {"file:///a"}
     mux.receive(b'{"jsonrpc":"2.0","method":"notifications/resources/updated","params":{"uri":"file:///a"}}')
     for session in (first, second):
-        event = await anext(streams[session.id].events)
-        assert orjson.loads(event.data)["params"]["uri"] == "file:///a"
+        assert (await next_message(streams[session.id].events))["params"]["uri"] == "file:///a"
     assert other.stream.empty()
 
     # The first unsubscribe is answered by the proxy: the second session still watches the resource.

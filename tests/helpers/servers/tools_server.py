@@ -126,6 +126,47 @@ async def shout(text: str) -> str:
     return "shouted"
 
 
+_GATES: dict[str, anyio.Event] = {}
+_CANCELLED: dict[str, anyio.Event] = {}
+
+
+def _event(events: dict[str, anyio.Event], name: str) -> anyio.Event:
+    return events.setdefault(name, anyio.Event())
+
+
+@server.tool()
+async def gated(name: str, before: int, after: int, ctx: Context, size: int = 0) -> str:
+    """Report `before` progress steps, wait until `open_gate(name)`, report `after` more, then answer.
+
+    Each step's message is `size` bytes long; a cancellation is told to `wait_cancelled(name)`.
+    """
+    total = before + after
+    try:
+        for step in range(1, before + 1):
+            await ctx.report_progress(step, total, "x" * size)
+        await _event(_GATES, name).wait()
+        for step in range(before + 1, total + 1):
+            await ctx.report_progress(step, total, "x" * size)
+    except anyio.get_cancelled_exc_class():
+        _event(_CANCELLED, name).set()
+        raise
+    return f"gated {name} done"
+
+
+@server.tool()
+async def open_gate(name: str) -> str:
+    """Let `gated(name)` go on."""
+    _event(_GATES, name).set()
+    return f"opened {name}"
+
+
+@server.tool()
+async def wait_cancelled(name: str) -> str:
+    """Answer once a `gated(name)` call has been cancelled."""
+    await _event(_CANCELLED, name).wait()
+    return f"{name} was cancelled"
+
+
 if __name__ == "__main__":
     print("stdio-tools starting", file=sys.stderr, flush=True)
     if sys.argv[1:2] == ["sse"]:
