@@ -11,10 +11,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import orjson
 from mcp.shared.inbound import NAME_BEARING_METHODS, encode_header_value
 
+from toolmesh.api.http_wire import Headers, WireClient, WireError, WireResponse, lines
 from toolmesh.api.jsonrpc import INTERNAL_ERROR, METHOD_NOT_FOUND, error_message
 
 log = logging.getLogger("toolmesh.registry")
@@ -31,6 +31,29 @@ PROTOCOL_VERSION_KEY = "io.modelcontextprotocol/protocolVersion"
 """The `params._meta` key of a 2026-07-28 request's envelope: the era it speaks."""
 CLIENT_CAPABILITIES = {"sampling": {}, "elicitation": {"form": {}, "url": {}}, "roots": {"listChanged": True}}
 """Declared to sidecars so servers may ask; a caller that cannot answer gets its refusal relayed back."""
+
+
+TRANSPORT_ERRORS = (WireError, asyncio.TimeoutError, OSError)
+"""How a sidecar that cannot be reached, or breaks the connection, shows."""
+CONNECT_TIMEOUT = 3.0
+
+
+class _Answer:
+    """One HTTP answer from a sidecar: status, headers by any spelling, the body whole or line by line."""
+
+    __slots__ = ("status", "headers", "_response")
+
+    def __init__(self, response: WireResponse):
+        self.status = response.status
+        self.headers = Headers(response.headers)
+        self._response = response
+
+    async def read(self) -> bytes:
+        return await self._response.read()
+
+    @property
+    def content(self) -> AsyncIterator[bytes]:
+        return lines(self._response)
 
 
 class BackendUnavailable(Exception):
@@ -68,7 +91,7 @@ class _Session:
         return self.headers
 
 
-async def iter_sse(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+async def iter_sse(content: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """The data of each Server-Sent Event, as it arrives."""
     data: list[bytes] = []
     async for raw in content:
@@ -92,7 +115,7 @@ class BackendPool:
     """
 
     def __init__(self, *, client_name: str = "toolmesh-gateway") -> None:
-        self._http: aiohttp.ClientSession = None  # type: ignore[assignment]  # opened by start(), inside the loop
+        self._http = WireClient(connect_timeout=CONNECT_TIMEOUT)
         self._sessions: dict[tuple[str, str | None, str | None], _Session] = {}
         self._ids = itertools.count(1)
         self._client_name = client_name
@@ -101,8 +124,17 @@ class BackendPool:
         after they were unreachable (a restarted sidecar may front another server)."""
 
     async def start(self) -> None:
-        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=3),
-                                           connector=aiohttp.TCPConnector(limit=0))
+        """Nothing to open: connections are made on first use and kept alive per endpoint."""
+
+    @contextlib.asynccontextmanager
+    async def _exchange(self, method: str, endpoint: str, headers: Mapping[str, str],
+                        body: bytes | None = None) -> AsyncIterator[_Answer]:
+        """One request to a sidecar; the connection goes back to the pool if the answer was read to its end."""
+        response = await self._http.request(method, endpoint, headers, body)
+        try:
+            yield _Answer(response)
+        finally:
+            response.release()
 
     async def close(self) -> None:
         sessions, self._sessions = self._sessions, {}
@@ -111,11 +143,9 @@ class BackendPool:
                 s.listener.cancel()
             if s.session_id:
                 with contextlib.suppress(Exception):
-                    async with self._http.delete(s.endpoint, headers=s.request_headers(),
-                                                 timeout=aiohttp.ClientTimeout(total=1)):
+                    async with asyncio.timeout(1), self._exchange("DELETE", s.endpoint, s.request_headers()):
                         pass
-        if self._http is not None:
-            await self._http.close()
+        self._http.close()
 
     async def end_sessions(self, budget_key: str) -> None:
         """End the sidecar sessions opened for one caller session (it was deleted or went idle)."""
@@ -125,12 +155,13 @@ class BackendPool:
                 session.listener.cancel()
             if session.session_id:
                 with contextlib.suppress(Exception):
-                    async with self._http.delete(session.endpoint, headers=session.request_headers(),
-                                                 timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                    async with asyncio.timeout(2), \
+                            self._exchange("DELETE", session.endpoint, session.request_headers()) as resp:
                         await resp.read()
 
     def forget_endpoint(self, endpoint: str) -> None:
         self._session_only.discard(endpoint)
+        self._http.forget(endpoint)
         for key in [k for k in self._sessions if k[0] == endpoint]:
             session = self._sessions.pop(key)
             if session.listener is not None:
@@ -197,7 +228,7 @@ class BackendPool:
         if budget_key:
             out["Mcp-Budget-Key"] = budget_key
         try:
-            async with self._http.post(endpoint, data=orjson.dumps(message), headers=out) as resp:
+            async with self._exchange("POST", endpoint, out, orjson.dumps(message)) as resp:
                 body = await _read_response(resp, request_id, notify)
                 if resp.status >= 400 and (body is None or body.get("id") != request_id):
                     if resp.status == 400:
@@ -206,7 +237,7 @@ class BackendPool:
                         self._session_only.add(endpoint)
                         return None
                     raise BackendRefused(resp.status, body, resp.headers)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except TRANSPORT_ERRORS as exc:
             raise BackendUnavailable(str(exc) or type(exc).__name__) from exc
         if body is None and resp.status < 500:
             raise BackendRefused(resp.status, error_message(request_id, INTERNAL_ERROR,
@@ -254,7 +285,7 @@ class BackendPool:
                 "protocolVersion": PROTOCOL_VERSION, "capabilities": CLIENT_CAPABILITIES,
                 "clientInfo": {"name": self._client_name, "version": "1"}}}
             try:
-                async with self._http.post(session.endpoint, data=orjson.dumps(init), headers=session.headers) as resp:
+                async with self._exchange("POST", session.endpoint, session.headers, orjson.dumps(init)) as resp:
                     body = await _read_response(resp, init["id"], None)
                     if resp.status >= 400 or body is None or "error" in body:
                         raise BackendRefused(resp.status, body, resp.headers)
@@ -262,22 +293,22 @@ class BackendPool:
                     version = (body.get("result") or {}).get("protocolVersion", PROTOCOL_VERSION)
                     session.headers["MCP-Protocol-Version"] = version
                 note = orjson.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"})
-                async with self._http.post(session.endpoint, data=note, headers=session.request_headers()) as resp:
+                async with self._exchange("POST", session.endpoint, session.request_headers(), note) as resp:
                     await resp.read()
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            except TRANSPORT_ERRORS as exc:
                 session.session_id = None
                 raise BackendUnavailable(str(exc) or type(exc).__name__) from exc
 
     async def _send(self, session: _Session, message: dict[str, Any], notify: Notify | None,
                     ask: Ask | None) -> dict[str, Any]:
         try:
-            async with self._http.post(session.endpoint, data=orjson.dumps(message),
-                                       headers=session.request_headers()) as resp:
+            async with self._exchange("POST", session.endpoint, session.request_headers(),
+                                      orjson.dumps(message)) as resp:
                 if resp.status == 404 and session.session_id:
                     raise _SessionExpired
                 body = await _read_response(resp, message["id"], notify,
                                             lambda m: self._answer_server_request(session, m, ask))
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except TRANSPORT_ERRORS as exc:
             raise BackendUnavailable(str(exc) or type(exc).__name__) from exc
         if body is None and resp.status < 500:
             # The sidecar is there and answered, only not with a response (e.g. a stream the server closed early):
@@ -309,8 +340,8 @@ class BackendPool:
         """
         answering: set[asyncio.Task] = set()
         try:
-            async with self._http.get(session.endpoint, headers={**session.request_headers(),
-                                                                 "Accept": "text/event-stream"}) as resp:
+            async with self._exchange("GET", session.endpoint, {**session.request_headers(),
+                                                                "Accept": "text/event-stream"}) as resp:
                 opened.set()
                 if resp.status != 200 or not resp.headers.get("Content-Type", "").startswith("text/event-stream"):
                     return
@@ -329,7 +360,7 @@ class BackendPool:
                             self._answer_server_request(session, msg, session.asks[-1] if session.asks else None))
                         answering.add(task)
                         task.add_done_callback(answering.discard)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except TRANSPORT_ERRORS:
             pass  # opened again by the next call that can ask
         finally:
             opened.set()
@@ -342,8 +373,8 @@ class BackendPool:
     async def _post_quietly(self, session: _Session, message: Mapping[str, Any], *, timeout: float) -> None:
         """Send a message that expects no answer; a sidecar that is away by now changes nothing for the caller."""
         with contextlib.suppress(Exception):
-            async with self._http.post(session.endpoint, data=orjson.dumps(message), headers=session.request_headers(),
-                                       timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            async with asyncio.timeout(timeout), \
+                    self._exchange("POST", session.endpoint, session.request_headers(), orjson.dumps(message)) as resp:
                 await resp.read()
 
 
@@ -351,7 +382,7 @@ class _SessionExpired(Exception):
     pass
 
 
-async def _read_response(resp: aiohttp.ClientResponse, request_id: Any, notify: Notify | None,
+async def _read_response(resp: _Answer, request_id: Any, notify: Notify | None,
                          refuse: Notify | None = None) -> dict[str, Any] | None:
     """The JSON-RPC response to `request_id` from a JSON body or an SSE stream; notifications go to `notify`,
     requests from the server (sampling, elicitation) to `refuse`."""

@@ -11,7 +11,7 @@ import orjson
 
 from toolmesh.sidecar.chain import SseEvent
 from toolmesh.sidecar.errors import UpstreamTimeout, UpstreamUnavailable
-from toolmesh.sidecar.http_wire import WireError, WirePool, WireResponse
+from toolmesh.api.http_wire import WireError, WirePool, WireResponse
 from toolmesh.sidecar.jsonrpc import iter_sse
 from toolmesh.sidecar.upstream import UpstreamResponse
 

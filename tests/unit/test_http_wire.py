@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from toolmesh.sidecar.http_wire import WireError, WirePool
+from toolmesh.api.http_wire import WireError, WirePool
 
 
 class CannedServer:

@@ -1,11 +1,12 @@
-"""A lean HTTP/1.1 client for the one upstream a sidecar talks to: pooled keep-alive connections, JSON or streamed bodies.
+"""A lean HTTP/1.1 client for the hot paths: a sidecar to its upstream, the gateway to its sidecars.
 
-A general-purpose client (aiohttp's) spends ~150 µs of CPU per request on
-things a sidecar never needs (cookie jars, URL objects, redirects, tracing
-hooks); this one writes the request in one buffer and reads the answer with
-Content-Length, chunked or close-delimited framing. One host, plain HTTP or
-TLS. Requests are never re-sent: whether a failed call may be repeated is the
-retry stage's decision.
+Pooled keep-alive connections, JSON or streamed bodies. A general-purpose
+client (aiohttp's) spends ~150 µs of CPU per request on things these paths never
+need (cookie jars, URL objects, redirects, tracing hooks); this one writes the
+request in one buffer and reads the answer with Content-Length, chunked or
+close-delimited framing. One pool per URL, plain HTTP or TLS. Requests are never
+re-sent: whether a failed call may be repeated is the caller's decision (the
+sidecar's retry stage, the gateway's fail-over).
 """
 
 from __future__ import annotations
@@ -357,3 +358,61 @@ def _parse_head(head: bytes) -> tuple[int, dict[str, str], bytes]:
         else:
             headers[key] = value
     return status, headers, version.encode()
+
+
+class Headers(dict):
+    """Response headers (stored lower-case, as `WireResponse` has them) read by any spelling of their names."""
+
+    def get(self, name: str, default=None):  # type: ignore[override]
+        return super().get(name.lower(), default)
+
+    def __getitem__(self, name: str) -> str:
+        return super().__getitem__(name.lower())
+
+    def __contains__(self, name: object) -> bool:
+        return super().__contains__(name.lower() if isinstance(name, str) else name)
+
+
+class WireClient:
+    """A `WirePool` per URL, for a client that talks to many endpoints (the gateway to its sidecars)."""
+
+    def __init__(self, *, connect_timeout: float = 5.0, max_pools: int = 4096):
+        self.connect_timeout = connect_timeout
+        self.max_pools = max_pools
+        self._pools: dict[str, WirePool] = {}
+
+    def pool(self, url: str) -> WirePool:
+        pool = self._pools.get(url)
+        if pool is None:
+            if len(self._pools) >= self.max_pools:  # endpoints come and go: drop the oldest pool's idle connections
+                self._pools.pop(next(iter(self._pools))).close()
+            pool = self._pools[url] = WirePool(url, connect_timeout=self.connect_timeout)
+        return pool
+
+    def forget(self, url: str) -> None:
+        pool = self._pools.pop(url, None)
+        if pool is not None:
+            pool.close()
+
+    async def request(self, method: str, url: str, headers: Mapping[str, str], body: bytes | None = None, *,
+                      timeout: float | None = None) -> WireResponse:
+        return await self.pool(url).request(method, headers, body, timeout=timeout)
+
+    def close(self) -> None:
+        pools, self._pools = self._pools, {}
+        for pool in pools.values():
+            pool.close()
+
+
+async def lines(response: WireResponse) -> AsyncIterator[bytes]:
+    """The body line by line (each with its line break), as it arrives: for reading Server-Sent Events."""
+    pending = b""
+    async for chunk in response.chunks():
+        pending += chunk
+        start = 0
+        while (end := pending.find(b"\n", start)) >= 0:
+            yield pending[start:end + 1]
+            start = end + 1
+        pending = pending[start:]
+    if pending:
+        yield pending
