@@ -107,6 +107,12 @@ def load_policy(path: str | None) -> tuple[Any, Any]:
         raise ConfigError(f"cannot load policy {path}: {exc}") from None
 
 
+def replay_is_safe(policy: Any) -> bool:
+    """Whether a bridged stream's logged answers may be replayed to a resuming client under `policy`: not when it
+    authenticates callers, filters what they see, or budgets results (the log holds answers before the chain)."""
+    return policy is None or not any(getattr(policy, section, None) for section in ("auth", "authorization", "budget"))
+
+
 def build_app(args: argparse.Namespace):
     from toolmesh.sidecar.app import READINESS, SHARED, create_app
 
@@ -126,9 +132,16 @@ def build_app(args: argparse.Namespace):
     upstream = make_upstream(args)
     policy, source = load_policy(args.policy)
     app = create_app(settings, upstream, policy=policy)
-    if source is not None and hasattr(source, "attach"):
-        from toolmesh.sidecar.app import PIPELINE
+    from toolmesh.sidecar.app import PIPELINE
 
+    if hasattr(upstream, "resumable"):
+        # Bridged streams replay answers as the server sent them: only while the policy changes none of them.
+        def follow(policy: Any) -> None:
+            upstream.resumable = replay_is_safe(policy)
+
+        follow(policy)
+        app[PIPELINE].on_swap(follow)
+    if source is not None and hasattr(source, "attach"):
         source.attach(app, args.policy, app[PIPELINE])
     if args.registry:
         heartbeat = _optional_module("toolmesh.sidecar.heartbeat", "heartbeats")

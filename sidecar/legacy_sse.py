@@ -98,6 +98,7 @@ class _Connection:
         self.modern = modern
         """True for the connection settled in the 2026-07-28 era by a server/discover (no session, no initialize)."""
         self.mux = Multiplexer(self._post_message, timeout=owner.silence_timeout, resume_grace=owner.resume_grace)
+        self.mux.resumable = owner.resumable
         self.schemas = ToolSchemas(self.mux, owner.connect_timeout)
         self.init_params = init_params
         """The `initialize` params replayed after a reconnect (None until the session is established)."""
@@ -246,6 +247,7 @@ class LegacySseUpstream:
                  resume_grace: float = 30.0):
         self.url = url
         self.resume_grace = resume_grace
+        self._resumable = True
         self._given_session = session
         self._http: aiohttp.ClientSession | None = session
         self.message_timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
@@ -263,6 +265,18 @@ class LegacySseUpstream:
         self._own_lock = asyncio.Lock()
         self._modern: _Connection | None = None
         self._modern_unsupported = False
+
+    @property
+    def resumable(self) -> bool:
+        """Whether clients may resume SSE streams with Last-Event-ID (see `Multiplexer.resumable`)."""
+        return self._resumable
+
+    @resumable.setter
+    def resumable(self, value: bool) -> None:
+        self._resumable = value
+        for connection in (*self._connections.values(), self._own, self._modern):
+            if connection is not None:
+                connection.mux.resumable = value
 
     @property
     def http(self) -> aiohttp.ClientSession:

@@ -394,6 +394,11 @@ class Multiplexer:
         """Longest silence (seconds) allowed on a request before it fails with UpstreamTimeout; progress resets it."""
         self.resume_grace = resume_grace
         """Seconds a request whose client lost its SSE stream keeps running for a resume; then it is cancelled."""
+        self.resumable = True
+        """False while the policy in force authenticates callers, filters what they see or budgets results: the
+        log holds answers as the server sent them, before the policy chain, so replaying one could hand a caller
+        what the chain would not (an untruncated result, another caller's answer). Streams then end with their
+        client, as they do without a session."""
         self.resume_events = resume_events
         """Events each session keeps for resumption."""
         self.resume_bytes = resume_bytes
@@ -578,8 +583,8 @@ class Multiplexer:
             raise payload
         if kind == _ENDED:
             return ACCEPTED
-        if session is None:
-            # No session, no GET to resume with: a client leaving ends the call.
+        if session is None or not self.resumable:
+            # No session, no GET to resume with (or resuming is off): a client leaving ends the call.
             return UpstreamResponse(status=200, headers=SSE_HEADERS, events=self._events(pending, payload),
                                     release=lambda: self._abandon(pending, "client disconnected"))
         return self._stream(pending, session, payload)
@@ -606,6 +611,9 @@ class Multiplexer:
 
     def resume(self, session: ClientSession, last_event_id: str) -> UpstreamResponse:
         """A GET with Last-Event-ID: the stream's events after it, then (while its call runs) the rest as it comes."""
+        if not self.resumable:
+            return json_response(400, error_message(None, INVALID_REQUEST, "Bad Request: streams are not resumable "
+                                                    "while the policy authenticates callers or budgets results"))
         try:
             stream, missed = session.events.after(last_event_id)
         except ResumeRefused as exc:

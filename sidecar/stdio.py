@@ -187,6 +187,17 @@ class StdioUpstream:
 
     # -- Upstream ---------------------------------------------------------------------------------------------
 
+
+    @property
+    def resumable(self) -> bool:
+        """Whether clients may resume SSE streams with Last-Event-ID (see `Multiplexer.resumable`)."""
+        return self._mux.resumable
+
+    @resumable.setter
+    def resumable(self, value: bool) -> None:
+        self._mux.resumable = value
+        if self._modern is not None:
+            self._modern.resumable = value
     async def start(self) -> None:
         if self._fifo_dir is not None:
             # The FIFOs exist once start() returns, so the server container can open its ends.

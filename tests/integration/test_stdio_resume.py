@@ -22,7 +22,7 @@ import aiohttp
 import orjson
 import pytest
 
-from helpers import free_port, port_open, running, wait_until
+from helpers import async_wait_until, free_port, port_open, running, wait_until
 from helpers.sidecar import SidecarProcess, sidecar
 from helpers.stdio_servers import STDIO_TOOLS, sse_tools_server
 
@@ -286,3 +286,45 @@ async def test_a_call_whose_client_never_comes_back_is_cancelled_upstream_after_
 async def _all(reader: SseReader):
     while (event := await reader.next()) is not None:
         yield event
+
+
+@pytest.mark.parametrize("kind", ["stdio", "legacy-sse"])
+async def test_no_replay_while_the_policy_budgets_results(tmp_path, kind):
+    """Logged answers are the server's, before the policy chain: under a budget a resume would hand out an
+    untruncated, unbudgeted result. So the stream ends with its client, the call is cancelled, and a resume is
+    refused, until a policy without auth, authorization or budget is in force again."""
+    policy = tmp_path / "policy.yaml"
+    budgeted = {"apiVersion": "toolmesh.io/v1alpha1", "kind": "MCPToolPolicy", "metadata": {"name": "budgeted"},
+                "spec": {"budget": {"totalTokens": 100000}}}
+    policy.write_text(orjson.dumps(budgeted).decode())  # JSON is YAML
+    name = uuid.uuid4().hex
+    with bridged(kind, tmp_path, "--sse-resume-grace", "120", "--policy", str(policy)) as sc:
+        async with aiohttp.ClientSession() as http:
+            client = await RawClient(http, sc.url).open()
+            call = await client.start_call(11, "gated", {"name": name, "before": 1, "after": 1})
+            (progress,) = await call.messages_until(lambda ev: len(ev) == 1)
+            assert progress.id is None, "no event ids: nothing to resume from"
+            call.response.close()
+            # A 120 s grace would keep it running: the budget policy ends it with its client instead.
+            assert await client.call("wait_cancelled", {"name": name}) == f"{name} was cancelled"
+            async with await client.resume("1-1") as response:
+                assert response.status == 400
+                assert "not resumable" in orjson.loads(await response.read())["error"]["message"]
+
+            # A policy without auth, authorization or budget: resuming works again.
+            policy.write_text(orjson.dumps({**budgeted, "spec": {"cache": {"ttlSeconds": 5}}}).decode())
+
+            async def reloaded():
+                return "policy reloaded" in sc.log()
+
+            await async_wait_until(reloaded, timeout=30, what="the sidecar to load the new policy")
+            again = await client.start_call(12, "gated", {"name": name + "-2", "before": 1, "after": 1})
+            assert (await again.next()).retry == 1000, "a priming event: the stream is resumable"
+            (seen,) = await again.messages_until(lambda ev: len(ev) == 1)
+            again.response.close()
+            resumed = await client.resume(seen.id)
+            assert resumed.status == 200
+            assert await client.call("open_gate", {"name": name + "-2"}) == f"opened {name}-2"
+            rest = await SseReader(resumed).messages_until(lambda ev: answers_to(ev, 12))
+            resumed.close()
+        assert answers_to(rest, 12)[0]["result"]["content"][0]["text"] == f"gated {name}-2 done"
