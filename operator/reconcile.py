@@ -74,8 +74,10 @@ class Reconciler:
         """An MCPServer was created, changed or found on start-up: reconcile it, then the policies' server lists."""
         meta = server["metadata"]
         with self.server_lock(meta["namespace"], meta["name"]):
-            self.reconcile_server(server, self.policies(meta["namespace"]))
-        self.refresh_policy_statuses(meta["namespace"])
+            policies = self.policies(meta["namespace"])
+            self.reconcile_server(server, policies)
+        if policies:  # a policy created since lists this server itself: its own event re-reads the servers
+            self.refresh_policy_statuses(meta["namespace"])
 
     def policies(self, namespace: str) -> list[PolicySource]:
         return [PolicySource.from_body(p) for p in self.kube.list("MCPToolPolicy", namespace)]
