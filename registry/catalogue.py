@@ -21,6 +21,9 @@ Kubernetes names and namespaces never contain it, and it is among the characters
 function-calling API accepts in a tool name.
 """
 
+STATUS_LAG = 2
+"""Heartbeat intervals by which MCPServer.status may trail the heartbeat it reports (one to write, one to read)."""
+
 DEFAULT_INTERVAL = 5.0
 DEFAULT_MISSED_LIMIT = 3
 
@@ -213,7 +216,7 @@ class Catalogue:
         inst.endpoint, inst.tools, inst.health = endpoint, tools, "ok"
         inst.last_seen_wall = seen_wall
         inst.last_seen = self._clock() - max(0.0, time.time() - seen_wall)
-        inst.expired = inst.last_seen < self._clock() - self.interval * self.missed_limit
+        inst.expired = inst.last_seen < self._clock() - self.deadline(inst)
         if relevant:
             self._changed()
 
@@ -229,13 +232,19 @@ class Catalogue:
             self._instances.get(key, {}).pop(instance, None)
         self._changed()
 
+    def deadline(self, inst: Instance) -> float:
+        """Seconds after its last heartbeat an instance stays alive: `missed_limit` intervals, and `STATUS_LAG` more
+        for an instance known from MCPServer.status (its replica writes it at most once an interval, and this
+        one reads it once an interval)."""
+        return self.interval * (self.missed_limit + (STATUS_LAG if inst.remote else 0))
+
     def expire(self) -> None:
         """Mark instances that missed the heartbeat limit; called periodically."""
-        deadline = self._clock() - self.interval * self.missed_limit
+        now = self._clock()
         changed = False
         for instances in self._instances.values():
             for inst in instances.values():
-                if not inst.expired and inst.last_seen < deadline:
+                if not inst.expired and inst.last_seen < now - self.deadline(inst):
                     inst.expired = True
                     changed = True
         if changed:
@@ -243,8 +252,9 @@ class Catalogue:
 
     def next_expiry_in(self) -> float | None:
         """Seconds until the next live instance misses its heartbeat limit, or None when none is live."""
-        seen = [i.last_seen for instances in self._instances.values() for i in instances.values() if not i.expired]
-        return min(seen) + self.interval * self.missed_limit - self._clock() if seen else None
+        ends = [i.last_seen + self.deadline(i) for instances in self._instances.values()
+                for i in instances.values() if not i.expired]
+        return min(ends) - self._clock() if ends else None
 
     def mark_failed(self, inst: Instance, reason: str) -> None:
         """The gateway could not reach an instance: treat it as unhealthy until its next heartbeat."""

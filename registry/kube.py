@@ -30,7 +30,7 @@ from aiohttp import web
 from toolmesh.api.kube import KubeClient, KubeError, load_api_client
 from toolmesh.api.status import set_condition
 from toolmesh.registry.auth import AuthResult, bearer
-from toolmesh.registry.catalogue import Catalogue, ServerKey, ServerTraits
+from toolmesh.registry.catalogue import STATUS_LAG, Catalogue, ServerKey, ServerTraits
 
 log = logging.getLogger("toolmesh.registry")
 
@@ -174,7 +174,8 @@ class ClusterSync:
     def _write(self, namespace: str, name: str, wanted: Mapping[str, Any], last: float) -> float | None:
         """Put our report in and recompute the summary; returns when to look again if other replicas' reports
         are what keeps the server healthy (they may stop), else None."""
-        deadline = self.catalogue.interval * self.catalogue.missed_limit
+        interval = self.catalogue.interval
+        deadline = interval * self.catalogue.missed_limit
         ours = {"replica": self.replica, "lastHeartbeat": rfc3339(last), "healthyInstances": wanted["healthyInstances"]}
         for _ in range(CONFLICT_RETRIES):
             server = self.api.get_server(namespace, name)
@@ -187,7 +188,9 @@ class ClusterSync:
                 seen = parse_time(report.get("lastHeartbeat"))
                 if report.get("replica") != self.replica and seen is not None and now - seen < REPORT_KEPT * deadline:
                     reports.append(report)
-            fresh = [r for r in reports if now - (parse_time(r["lastHeartbeat"]) or 0.0) < deadline or r is ours]
+            # Another replica's report trails its heartbeats by up to STATUS_LAG intervals (it writes, we read).
+            slack = deadline + STATUS_LAG * interval
+            fresh = [r for r in reports if now - (parse_time(r["lastHeartbeat"]) or 0.0) < slack or r is ours]
             count = sum(int(r.get("healthyInstances") or 0) for r in fresh)
             healthy = count > 0
             others = [parse_time(r["lastHeartbeat"]) or 0.0 for r in fresh
@@ -212,7 +215,7 @@ class ClusterSync:
                 if exc.status != 409:
                     raise
                 continue
-            return max(others) + deadline if others and not wanted["healthyInstances"] else None
+            return max(others) + slack if others and not wanted["healthyInstances"] else None
         raise KubeError(409, f"status of MCPServer {namespace}/{name} kept changing under us")
 
 
