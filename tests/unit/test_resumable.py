@@ -7,31 +7,9 @@ import asyncio
 import orjson
 import pytest
 
+from helpers.mux import Channel, request
 from toolmesh.sidecar.multiplex import Multiplexer
 from toolmesh.sidecar.resumable import GET_STREAM, RETRY_MS, EventLog, ResumeRefused
-
-
-
-class Channel:
-    """The upstream side of a multiplexer: what it sent, in order."""
-
-    def __init__(self) -> None:
-        self.sent: list[dict] = []
-        self.arrived = asyncio.Event()
-
-    async def send(self, data: bytes) -> None:
-        self.sent.append(orjson.loads(data))
-        self.arrived.set()
-
-    async def next(self) -> dict:
-        while not self.sent:
-            self.arrived.clear()
-            await asyncio.wait_for(self.arrived.wait(), 5)
-        return self.sent.pop(0)
-
-
-def request(request_id, method="tools/call", **params) -> dict:
-    return {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
 
 
 def test_every_stream_has_its_own_numbered_ids_and_a_priming_event_with_retry():

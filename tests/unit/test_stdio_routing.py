@@ -10,10 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers.mux import Channel, request
 from toolmesh.sidecar.errors import UpstreamUnavailable
 from toolmesh.sidecar.multiplex import Multiplexer, is_modern_request, modern_rejection, with_error_status
 from toolmesh.sidecar.stdio import read_lines
 from toolmesh.sidecar.upstream import UpstreamResponse
+
 
 LINE = st.binary(max_size=300).map(lambda b: b.replace(b"\n", b"."))
 
@@ -48,28 +50,6 @@ def test_lines_survive_any_chunking_and_oversized_ones_are_dropped_whole(lines, 
 
 async def test_a_last_line_without_newline_still_counts():
     assert await _framed([b'{"a":1}\n{"b"', b":2}"], 100) == [b'{"a":1}', b'{"b":2}']
-
-
-class Channel:
-    """The upstream end of a multiplexer: what was sent, as parsed messages."""
-
-    def __init__(self) -> None:
-        self.sent: list[dict] = []
-        self.arrived = asyncio.Event()
-
-    async def send(self, data: bytes) -> None:
-        self.sent.append(orjson.loads(data))
-        self.arrived.set()
-
-    async def next(self) -> dict:
-        while not self.sent:
-            self.arrived.clear()
-            await asyncio.wait_for(self.arrived.wait(), 5)
-        return self.sent.pop(0)
-
-
-def request(request_id, method="tools/call", **params) -> dict:
-    return {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
 
 
 async def test_colliding_client_ids_get_distinct_upstream_ids_and_come_back_as_they_were():
