@@ -1,7 +1,9 @@
-"""JSON-RPC error codes and the error answer toolmesh sends, the same from the sidecar and from the gateway."""
+"""JSON-RPC error codes, the error answer toolmesh sends, and the 2026-07-28 envelope: the same from the sidecar
+and from the gateway."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 # JSON-RPC 2.0 codes.
@@ -26,3 +28,31 @@ def error_message(request_id: Any, code: int, message: str, data: Any = None) ->
     if data is not None:
         error["data"] = data
     return {"jsonrpc": "2.0", "id": request_id, "error": error}
+
+
+# The 2026-07-28 (stateless era) envelope: keys in a request's `params._meta`.
+ENVELOPE_PREFIX = "io.modelcontextprotocol/"
+PROTOCOL_VERSION_KEY = ENVELOPE_PREFIX + "protocolVersion"
+"""The envelope key naming the protocol version a request speaks; its presence marks a 2026-07-28 request."""
+SUBSCRIPTION_ID_KEY = ENVELOPE_PREFIX + "subscriptionId"
+"""The `_meta` key tagging every frame of a `subscriptions/listen` stream with the listen request's id."""
+
+
+def has_envelope(params: Any) -> bool:
+    """Whether request `params` carry the 2026-07-28 envelope."""
+    meta = params.get("_meta") if isinstance(params, Mapping) else None
+    return isinstance(meta, Mapping) and PROTOCOL_VERSION_KEY in meta
+
+
+def strip_envelope(params: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of `params` as a session-era server takes them: `_meta` without the envelope's keys (and without
+    `_meta` when nothing else was in it). Everything else in `_meta` (progressToken, trace context) stays."""
+    forwarded = dict(params)
+    meta = forwarded.get("_meta")
+    if isinstance(meta, Mapping):
+        kept = {k: v for k, v in meta.items() if not k.startswith(ENVELOPE_PREFIX)}
+        if kept:
+            forwarded["_meta"] = kept
+        else:
+            del forwarded["_meta"]
+    return forwarded

@@ -15,7 +15,7 @@ import orjson
 from mcp.shared.inbound import NAME_BEARING_METHODS, encode_header_value
 
 from toolmesh.api.http_wire import Headers, WireClient, WireError, WireResponse, lines
-from toolmesh.api.jsonrpc import INTERNAL_ERROR, METHOD_NOT_FOUND, error_message
+from toolmesh.api.jsonrpc import INTERNAL_ERROR, METHOD_NOT_FOUND, PROTOCOL_VERSION_KEY, error_message
 
 log = logging.getLogger("toolmesh.registry")
 
@@ -27,8 +27,6 @@ Ask = Callable[[Mapping[str, Any]], Awaitable[Mapping[str, Any]]]
 """Puts a server's request (sampling, elicitation, roots) to the caller; returns the caller's result or error."""
 LISTEN_OPEN_TIMEOUT = 2.0
 """Seconds a call that may be asked waits for its session's GET stream to open before going out anyway."""
-PROTOCOL_VERSION_KEY = "io.modelcontextprotocol/protocolVersion"
-"""The `params._meta` key of a 2026-07-28 request's envelope: the era it speaks."""
 CLIENT_CAPABILITIES = {"sampling": {}, "elicitation": {"form": {}, "url": {}}, "roots": {"listChanged": True}}
 """Declared to sidecars so servers may ask; a caller that cannot answer gets its refusal relayed back."""
 

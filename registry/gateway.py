@@ -38,8 +38,11 @@ from toolmesh.api.jsonrpc import (
     INVALID_REQUEST,
     METHOD_NOT_FOUND,
     PARSE_ERROR,
+    SUBSCRIPTION_ID_KEY,
     UPSTREAM_UNAVAILABLE,
     error_message,
+    has_envelope,
+    strip_envelope,
 )
 from toolmesh.registry.backend import Ask, BackendPool, BackendRefused, BackendUnavailable, Notify
 from toolmesh.registry.catalogue import SEPARATOR, Catalogue, Instance
@@ -48,9 +51,6 @@ log = logging.getLogger("toolmesh.registry")
 
 SESSION_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26")
 MODERN_VERSIONS = ("2026-07-28",)
-SUBSCRIPTION_ID_KEY = "io.modelcontextprotocol/subscriptionId"
-ENVELOPE_PREFIX = "io.modelcontextprotocol/"
-PROTOCOL_VERSION_KEY = "io.modelcontextprotocol/protocolVersion"
 SERVER_INFO_KEY = "io.modelcontextprotocol/serverInfo"
 LOG_LEVEL_KEY = "io.modelcontextprotocol/logLevel"
 LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
@@ -470,7 +470,7 @@ class Gateway:
         era it goes, without the envelope, through a session as every other
         request does.
         """
-        stateless = _is_stateless(params)
+        stateless = has_envelope(params)
         tried: set[str] = set()
         while True:
             inst = instance or self.catalogue.pick(server)
@@ -486,7 +486,7 @@ class Gateway:
                         budget_key=caller.budget_key, headers=dict(caller.param_headers), notify=notify)
                 if response is None:
                     response = await self.backends.request(inst.endpoint, method,
-                                                           session_era_params(params) if stateless else params,
+                                                           strip_envelope(params) if stateless else params,
                                                            authorization=caller.authorization,
                                                            budget_key=caller.budget_key, notify=notify, ask=ask,
                                                            relay=relay)
@@ -606,7 +606,7 @@ class Gateway:
 
     async def _set_level(self, request_id: Any, params: Mapping[str, Any], caller: Caller) -> dict[str, Any]:
         """Every server logs to this caller at the level asked (each keeps the level per sidecar session)."""
-        forwarded = session_era_params(params)
+        forwarded = strip_envelope(params)
         await asyncio.gather(*(self._routed(None, s, "logging/setLevel", forwarded, caller, False)
                                for s in self._by_priority()))
         return {"jsonrpc": "2.0", "id": request_id, "result": {}}
@@ -685,25 +685,6 @@ async def _ignore(_: Mapping[str, Any]) -> None:
     return None
 
 
-def session_era_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    """`params` without the 2026-07-28 envelope (`io.modelcontextprotocol/*` in `_meta`).
-
-    What goes through a sidecar session (a session-era caller's request, a
-    listing, or any request to a server of the session era only) goes
-    without it: session-era servers refuse requests that carry the envelope.
-    Everything else in `_meta` (progressToken, trace context) goes on.
-    """
-    forwarded = dict(params)
-    meta = forwarded.get("_meta")
-    if isinstance(meta, Mapping):
-        kept = {k: v for k, v in meta.items() if not k.startswith(ENVELOPE_PREFIX)}
-        if kept:
-            forwarded["_meta"] = kept
-        else:
-            forwarded.pop("_meta")
-    return forwarded
-
-
 def _log_levels(params: Mapping[str, Any]) -> frozenset[str]:
     """The log levels a 2026-07-28 request asked for (`logLevel` in its `_meta`): that one and above, else none."""
     meta = params.get("_meta")
@@ -725,19 +706,11 @@ def _stamped(result: dict[str, Any], server_info: Mapping[str, Any]) -> dict[str
             "_meta": {**(meta if isinstance(meta, Mapping) else {}), SERVER_INFO_KEY: server_info}}
 
 
-def _is_stateless(params: Mapping[str, Any]) -> bool:
-    """Params in the 2026-07-28 envelope: the request goes to the sidecar in that era."""
-    meta = params.get("_meta")
-    return isinstance(meta, Mapping) and PROTOCOL_VERSION_KEY in meta
-
-
 def _is_modern(message: Mapping[str, Any], headers: Mapping[str, str]) -> bool:
     """A 2026-07-28 request: the MCP-Protocol-Version header names that era, or the body carries its envelope."""
     if headers.get("MCP-Protocol-Version") in MODERN_VERSIONS:
         return True
-    params = message.get("params")
-    meta = params.get("_meta") if isinstance(params, Mapping) else None
-    return isinstance(meta, Mapping) and PROTOCOL_VERSION_KEY in meta
+    return has_envelope(message.get("params"))
 
 
 def _modern_rejection(message: Mapping[str, Any], headers: Mapping[str, str]) -> web.Response | None:

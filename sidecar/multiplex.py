@@ -51,6 +51,7 @@ from mcp.shared.inbound import (
 from mcp_types import HEADER_MISMATCH
 from mcp_types.version import LATEST_MODERN_VERSION, MODERN_PROTOCOL_VERSIONS
 
+from toolmesh.api.jsonrpc import PROTOCOL_VERSION_KEY, SUBSCRIPTION_ID_KEY, has_envelope, strip_envelope
 from toolmesh.sidecar.chain import SseEvent, header
 from toolmesh.sidecar.errors import (
     INVALID_REQUEST,
@@ -108,12 +109,6 @@ def session_id_required() -> UpstreamResponse:
 
 ACCEPTED = UpstreamResponse(status=202)
 
-PROTOCOL_VERSION_KEY = "io.modelcontextprotocol/protocolVersion"
-"""The `params._meta` key that marks a 2026-07-28 (stateless era) request."""
-
-
-SUBSCRIPTION_ID_KEY = "io.modelcontextprotocol/subscriptionId"
-"""The `_meta` key tagging every frame of a `subscriptions/listen` stream with the listen request's id."""
 
 
 def is_modern_request(message: Any, headers: Mapping[str, str] | None = None) -> bool:
@@ -124,9 +119,7 @@ def is_modern_request(message: Any, headers: Mapping[str, str] | None = None) ->
         return False
     if message.get("method") == "server/discover":
         return True
-    params = message.get("params")
-    meta = params.get("_meta") if isinstance(params, dict) else None
-    return isinstance(meta, dict) and PROTOCOL_VERSION_KEY in meta
+    return has_envelope(message.get("params"))
 
 
 def modern_rejection(message: Any, headers: Mapping[str, str]) -> UpstreamResponse | None:
@@ -235,13 +228,8 @@ def needs_param_check(message: Any, headers: Mapping[str, str]) -> str | None:
 def without_envelope(message: dict[str, Any]) -> dict[str, Any]:
     """A 2026-07-28 request as a handshake-era server takes it: `_meta` without the era's `io.modelcontextprotocol/*`."""
     params = message.get("params")
-    meta = params.get("_meta") if isinstance(params, dict) else None
-    if isinstance(meta, dict):
-        kept = {k: v for k, v in meta.items() if not k.startswith("io.modelcontextprotocol/")}
-        if kept:
-            params["_meta"] = kept
-        else:
-            del params["_meta"]
+    if isinstance(params, dict):
+        message["params"] = strip_envelope(params)
     return message
 
 

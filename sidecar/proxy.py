@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from multidict import CIMultiDict
 
+from toolmesh.api.jsonrpc import PROTOCOL_VERSION_KEY
 from toolmesh.sidecar.chain import (
     REQUEST,
     SESSION_END,
@@ -36,7 +37,6 @@ from toolmesh.sidecar.settings import SidecarSettings
 log = logging.getLogger("toolmesh.sidecar.proxy")
 
 _LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
-_PROTOCOL_META_KEY = "io.modelcontextprotocol/protocolVersion"
 # Our own headers on a response: never taken from the upstream's.
 _OWN = frozenset({"content-type", "content-length", "cache-control"})
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache, no-transform",
@@ -258,7 +258,7 @@ class McpEndpoint:
         if version is None and params:
             meta = params.get("_meta")
             if type(meta) is dict:
-                version = meta.get(_PROTOCOL_META_KEY)
+                version = meta.get(PROTOCOL_VERSION_KEY)
             if version is None and method == "initialize":
                 version = params.get("protocolVersion")
         return CallContext(
