@@ -237,13 +237,7 @@ class BackendPool:
                     raise BackendRefused(resp.status, body, resp.headers)
         except TRANSPORT_ERRORS as exc:
             raise BackendUnavailable(str(exc) or type(exc).__name__) from exc
-        if body is None and resp.status < 500:
-            raise BackendRefused(resp.status, error_message(request_id, INTERNAL_ERROR,
-                                                            "the server ended the answer without a response"),
-                                 resp.headers)
-        if body is None:
-            raise BackendUnavailable(f"HTTP {resp.status} without a JSON-RPC response")
-        return body
+        return _response(resp, body, request_id)
 
     async def _request(self, session: _Session, method: str, params: Mapping[str, Any] | None,
                        notify: Notify | None, ask: Ask | None) -> dict[str, Any]:
@@ -308,15 +302,7 @@ class BackendPool:
                                             lambda m: self._answer_server_request(session, m, ask))
         except TRANSPORT_ERRORS as exc:
             raise BackendUnavailable(str(exc) or type(exc).__name__) from exc
-        if body is None and resp.status < 500:
-            # The sidecar is there and answered, only not with a response (e.g. a stream the server closed early):
-            # this call fails, the instance stays in service.
-            raise BackendRefused(resp.status, error_message(message["id"], INTERNAL_ERROR,
-                                                            "the server ended the answer without a response"),
-                                 resp.headers)
-        if body is None:
-            raise BackendUnavailable(f"HTTP {resp.status} without a JSON-RPC response")
-        return body
+        return _response(resp, body, message["id"])
 
     async def _answer_server_request(self, session: _Session, request: Mapping[str, Any], ask: Ask | None) -> None:
         """Sampling, elicitation or roots asked of the caller: relayed when the caller can be asked, otherwise
@@ -378,6 +364,19 @@ class BackendPool:
 
 class _SessionExpired(Exception):
     pass
+
+
+def _response(resp: _Answer, body: dict[str, Any] | None, request_id: Any) -> dict[str, Any]:
+    """The JSON-RPC response a sidecar's answer carried, or the failure its absence means."""
+    if body is not None:
+        return body
+    if resp.status < 500:
+        # The sidecar is there and answered, only not with a response (e.g. a stream the server closed early):
+        # this call fails, the instance stays in service.
+        raise BackendRefused(resp.status, error_message(request_id, INTERNAL_ERROR,
+                                                        "the server ended the answer without a response"),
+                             resp.headers)
+    raise BackendUnavailable(f"HTTP {resp.status} without a JSON-RPC response")
 
 
 async def _read_response(resp: _Answer, request_id: Any, notify: Notify | None,
