@@ -33,6 +33,11 @@ def _owned(status: dict[str, Any]) -> dict[str, Any]:
     return status
 
 
+def _owner_reference(child: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The owner reference naming the MCPServer a child belongs to."""
+    return next((o for o in child["metadata"].get("ownerReferences") or [] if o.get("kind") == "MCPServer"), None)
+
+
 def _key(manifest: Mapping[str, Any]) -> tuple[str, str, str]:
     meta = manifest["metadata"]
     return manifest["kind"], meta.get("namespace", ""), meta["name"]
@@ -147,7 +152,7 @@ class Reconciler:
     def owner_of(self, child: Mapping[str, Any]) -> dict[str, Any] | None:
         """The live MCPServer that owns `child`, unless it is gone or going."""
         meta = child["metadata"]
-        owner = next((o for o in meta.get("ownerReferences") or [] if o.get("kind") == "MCPServer"), None)
+        owner = _owner_reference(child)
         if owner is None:
             return None
         server = self.kube.get("MCPServer", owner["name"], meta["namespace"])
@@ -161,14 +166,14 @@ class Reconciler:
         """Someone deleted a child the operator manages: put it back, unless its MCPServer is going too."""
         with self.lock:
             self.applied.pop(_key(child), None)
-        owner = self.owner_of(child)
+        owner = _owner_reference(child)
         if owner is None:
             return
-        meta = owner["metadata"]
-        with self.server_lock(meta["namespace"], meta["name"]):
-            server = self.owner_of(child)  # read again: the server may have changed while we waited
+        namespace = child["metadata"]["namespace"]
+        with self.server_lock(namespace, owner["name"]):
+            server = self.owner_of(child)  # read inside the lock: the server may have changed while we waited
             if server is not None:
-                self.reconcile_server(server, self.policies(meta["namespace"]))
+                self.reconcile_server(server, self.policies(namespace))
 
     def deployment_changed(self, deployment: Mapping[str, Any]) -> None:
         """A Deployment the operator owns changed: refresh its MCPServer's Ready condition."""
