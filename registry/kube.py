@@ -183,18 +183,18 @@ class ClusterSync:
                 return None
             status = server.get("status") or {}
             now = time.time()
-            reports = [ours]
-            for report in status.get("reports") or []:
-                seen = parse_time(report.get("lastHeartbeat"))
-                if report.get("replica") != self.replica and seen is not None and now - seen < REPORT_KEPT * deadline:
-                    reports.append(report)
+            # Other replicas' reports, with when each last heard a sidecar; those of replicas long gone are dropped.
+            theirs = [(report, seen) for report in status.get("reports") or []
+                      if report.get("replica") != self.replica
+                      and (seen := parse_time(report.get("lastHeartbeat"))) is not None
+                      and now - seen < REPORT_KEPT * deadline]
+            reports = [ours, *(report for report, _ in theirs)]
             # Another replica's report trails its heartbeats by up to STATUS_LAG intervals (it writes, we read).
             slack = deadline + STATUS_LAG * interval
-            fresh = [r for r in reports if now - (parse_time(r["lastHeartbeat"]) or 0.0) < slack or r is ours]
-            count = sum(int(r.get("healthyInstances") or 0) for r in fresh)
+            fresh = [(report, seen) for report, seen in theirs if now - seen < slack]
+            count = wanted["healthyInstances"] + sum(int(r.get("healthyInstances") or 0) for r, _ in fresh)
             healthy = count > 0
-            others = [parse_time(r["lastHeartbeat"]) or 0.0 for r in fresh
-                      if r is not ours and int(r.get("healthyInstances") or 0) > 0]
+            others = [seen for report, seen in fresh if int(report.get("healthyInstances") or 0) > 0]
             condition = {"type": "Healthy", "status": "True" if healthy else "False",
                          "reason": "HeartbeatsReceived" if healthy else "HeartbeatsMissed",
                          "message": f"{count} healthy sidecar(s) report to the registry"
