@@ -18,6 +18,12 @@ VENV_BIN = Path(sys.executable).parent
 TOOLMESH = str(VENV_BIN / "toolmesh")
 
 
+def toolmesh_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """`toolmesh ARGS...` as a user types it, with a bare environment; its exit code and output."""
+    return subprocess.run([TOOLMESH, *args], capture_output=True, text=True, timeout=timeout,
+                          env={"PYTHONSAFEPATH": "1", "PATH": "/usr/bin:/bin"})
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (the kernel picks it)."""
     with socket.socket() as s:

@@ -6,21 +6,14 @@ one that lacks the scope, and with none.
 
 from __future__ import annotations
 
-import subprocess
-
 import yaml
 
-from helpers import TOOLMESH, async_wait_until
+from helpers import async_wait_until, toolmesh_cli
 from helpers.registry_procs import get_json, registry_process, toy_server
 from helpers.sidecar import sidecar
 from helpers.tokens import TokenIssuer
 
 SECRET = "heartbeat-secret"
-
-
-def toolmesh(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([TOOLMESH, *args], capture_output=True, text=True, timeout=timeout,
-                          env={"PYTHONSAFEPATH": "1", "PATH": "/usr/bin:/bin"})
 
 
 async def test_tools_and_call_through_the_gateway_with_a_token(tmp_path):
@@ -43,19 +36,19 @@ async def test_tools_and_call_through_the_gateway_with_a_token(tmp_path):
         allowed = issuer.token("alice", "echo:call", alg="HS256")
         denied = issuer.token("mallory", "other:scope", alg="HS256")
 
-        tools = toolmesh("tools", gateway, "--token", allowed)
+        tools = toolmesh_cli("tools", gateway, "--token", allowed)
         assert tools.returncode == 0, tools.stderr
         assert any(line.startswith("alpha__echo ") for line in tools.stdout.splitlines()), tools.stdout
-        call = toolmesh("call", gateway, "alpha__echo", "message=hello", "--token", allowed)
+        call = toolmesh_cli("call", gateway, "alpha__echo", "message=hello", "--token", allowed)
         assert call.returncode == 0, call.stderr
         assert call.stdout.strip() == "alpha:hello"
 
         # Without the scope the tool is not listed, and a call by name is refused with the reason.
-        tools = toolmesh("tools", gateway, "--token", denied)
+        tools = toolmesh_cli("tools", gateway, "--token", denied)
         assert tools.returncode == 0, tools.stderr
         assert "alpha__echo" not in tools.stdout
-        call = toolmesh("call", gateway, "alpha__echo", "message=no", "--token", denied)
+        call = toolmesh_cli("call", gateway, "alpha__echo", "message=no", "--token", denied)
         assert call.returncode == 1 and "scope" in call.stderr.lower(), (call.stdout, call.stderr)
         # Without a token the sidecar asks for one.
-        call = toolmesh("call", gateway, "alpha__echo", "message=anonymous")
+        call = toolmesh_cli("call", gateway, "alpha__echo", "message=anonymous")
         assert call.returncode == 1 and ("token" in call.stderr.lower() or "401" in call.stderr), call.stderr

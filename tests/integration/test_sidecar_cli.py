@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 
-from helpers import TOOLMESH
+from helpers import toolmesh_cli
 from helpers.mcp_servers import sdk_http_server
 from helpers.sidecar import sidecar
-
-
-def toolmesh(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([TOOLMESH, *args], capture_output=True, text=True, timeout=timeout,
-                          env={"PYTHONSAFEPATH": "1", "PATH": "/usr/bin:/bin"})
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +17,7 @@ def proxied(tmp_path_factory):
 
 
 def test_tools_lists_names_descriptions_and_hints(proxied):
-    done = toolmesh("tools", proxied.url)
+    done = toolmesh_cli("tools", proxied.url)
     assert done.returncode == 0, done.stderr
     echo = next(line for line in done.stdout.splitlines() if line.startswith("echo "))
     assert "Return the text unchanged." in echo and "read-only" in echo and "idempotent" in echo
@@ -32,23 +25,23 @@ def test_tools_lists_names_descriptions_and_hints(proxied):
 
 @pytest.mark.parametrize("mode", ["legacy", "2026-07-28", "auto"])
 def test_call_prints_the_result(proxied, mode):
-    done = toolmesh("call", proxied.url, "add", "a=40", "b=2", "--mode", mode)
+    done = toolmesh_cli("call", proxied.url, "add", "a=40", "b=2", "--mode", mode)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "42"
 
 
 def test_call_with_json_arguments_and_tool_error(proxied):
-    done = toolmesh("call", proxied.url, "echo", "--json", '{"text": "from json"}')
+    done = toolmesh_cli("call", proxied.url, "echo", "--json", '{"text": "from json"}')
     assert done.stdout.strip() == "from json"
-    failed = toolmesh("call", proxied.url, "fail", "reason=bad")
+    failed = toolmesh_cli("call", proxied.url, "fail", "reason=bad")
     assert failed.returncode == 1
     assert "Error executing tool fail" in failed.stderr
 
 
 def test_call_reports_bad_arguments_and_unreachable_servers():
-    bad = toolmesh("call", "http://127.0.0.1:9/mcp", "add", "a")
+    bad = toolmesh_cli("call", "http://127.0.0.1:9/mcp", "add", "a")
     assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr
-    down = toolmesh("call", "http://127.0.0.1:9/mcp", "add", "a=1")
+    down = toolmesh_cli("call", "http://127.0.0.1:9/mcp", "add", "a=1")
     assert down.returncode == 1 and "127.0.0.1:9" in down.stderr
 
 
@@ -58,6 +51,6 @@ def test_call_reports_bad_arguments_and_unreachable_servers():
     (["--upstream", "http://127.0.0.1:9/mcp", "--max-body-bytes", "0"], "positive"),
 ])
 def test_sidecar_refuses_bad_configuration_with_exit_2(args, reason):
-    done = toolmesh("sidecar", *args)
+    done = toolmesh_cli("sidecar", *args)
     assert done.returncode == 2
     assert reason in done.stderr
