@@ -33,6 +33,11 @@ def _owned(status: dict[str, Any]) -> dict[str, Any]:
     return status
 
 
+def _namespace_terminating(exc: KubeError) -> bool:
+    """The API refused to create in a namespace that is being deleted (403 NamespaceTerminating)."""
+    return exc.status == 403 and "being terminated" in str(exc)
+
+
 def _owner_reference(child: Mapping[str, Any]) -> dict[str, Any] | None:
     """The owner reference naming the MCPServer a child belongs to."""
     return next((o for o in child["metadata"].get("ownerReferences") or [] if o.get("kind") == "MCPServer"), None)
@@ -101,10 +106,17 @@ class Reconciler:
             self.update_server_status(server, lambda s: _owned(server_status(s, None, None, now(), error=error)))
             return
         deployment = None
-        for manifest in rendered.manifests:
-            result = self.apply_if_changed(manifest)
-            if manifest["kind"] == "Deployment":
-                deployment = result or self.kube.get("Deployment", meta["name"], meta["namespace"])
+        try:
+            for manifest in rendered.manifests:
+                result = self.apply_if_changed(manifest)
+                if manifest["kind"] == "Deployment":
+                    deployment = result or self.kube.get("Deployment", meta["name"], meta["namespace"])
+        except KubeError as exc:
+            if not _namespace_terminating(exc):
+                raise
+            # The server goes with its namespace: nothing to create there any more, and nothing to retry.
+            log.info("MCPServer %s/%s: its namespace is being deleted", meta["namespace"], meta["name"])
+            return
         self.update_server_status(server, lambda s: _owned(server_status(s, rendered, deployment, now())))
         self.remember_ready(meta, ready_condition(deployment, None))
 

@@ -1,4 +1,4 @@
-"""Concurrent reconciles of one namespace: the view read last is the one left applied.
+"""The reconciler against an in-memory API: concurrent reconciles of one namespace, and a namespace going away.
 
 kopf runs handlers on a thread pool, so policy events of one namespace reconcile at once. These tests hold one
 reconcile inside its read of the policies while another runs, the interleaving that left a server with an old
@@ -10,8 +10,10 @@ from __future__ import annotations
 import copy
 import threading
 
+import pytest
 import yaml
 
+from toolmesh.operator.kube import KubeError
 from toolmesh.operator.reconcile import Reconciler
 from toolmesh.operator.render import OperatorConfig
 
@@ -147,3 +149,29 @@ def test_policy_statuses_list_servers_created_at_once():
 
     race(kube, lambda: reconciler.server_changed(kube.get("MCPServer", "one")), second, kind="MCPServer")
     assert kube.get("MCPToolPolicy", "low")["status"]["servers"] == ["one", "two"]
+
+
+class RefusingKube(MemoryKube):
+    """An API that refuses every apply with `error`."""
+
+    def __init__(self, error: KubeError) -> None:
+        super().__init__()
+        self.error = error
+
+    def apply(self, manifest: dict) -> dict:
+        raise self.error
+
+
+def test_a_server_whose_namespace_is_being_deleted_is_left_alone():
+    kube = RefusingKube(KubeError(403, 'configmaps "s-policy" is forbidden: unable to create new content in '
+                                       'namespace team because it is being terminated'))
+    kube.put(server("s"))
+    Reconciler(kube=kube, config=OperatorConfig()).server_changed(kube.get("MCPServer", "s"))
+    assert "status" not in kube.get("MCPServer", "s"), "nothing written for a server that goes with its namespace"
+
+
+def test_any_other_refusal_still_fails_the_reconcile_so_kopf_retries_it():
+    kube = RefusingKube(KubeError(403, 'configmaps is forbidden: User "system:serviceaccount:x:y" cannot patch'))
+    kube.put(server("s"))
+    with pytest.raises(KubeError, match="cannot patch"):
+        Reconciler(kube=kube, config=OperatorConfig()).server_changed(kube.get("MCPServer", "s"))
