@@ -3,8 +3,12 @@ and from the gateway."""
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Mapping
 from typing import Any
+
+import orjson
 
 # JSON-RPC 2.0 codes.
 PARSE_ERROR = -32700
@@ -56,3 +60,34 @@ def strip_envelope(params: Mapping[str, Any]) -> dict[str, Any]:
         else:
             del forwarded["_meta"]
     return forwarded
+
+
+# --- JSON as sent: integers of any size stay exact -------------------------------------------
+
+_WIDE_INTEGER = re.compile(rb"\d{20}")
+"""Twenty digits in a row: perhaps an integer beyond 64 bits, which orjson would read as a float."""
+
+
+def loads(data: bytes) -> Any:
+    """Parse JSON (orjson.JSONDecodeError when it is not), keeping integers beyond 64 bits exact.
+
+    orjson reads an integer beyond unsigned 64 bits as a float (`1180591620717411303424` →
+    `1.1805916207174113e+21`): re-serialised, the upstream would get another number, and two
+    arguments would share a cache key. A body with such a run of digits anywhere (rare) is
+    parsed again by the standard library, which keeps every integer exact.
+    """
+    value = orjson.loads(data)
+    if len(data) >= 20 and _WIDE_INTEGER.search(data) is not None:
+        return json.loads(data)
+    return value
+
+
+def dumps(value: Any, *, sort_keys: bool = False) -> bytes:
+    """Serialise compact UTF-8 JSON; integers beyond 64 bits (from `loads`) are written exactly."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS if sort_keys else None)
+    except orjson.JSONEncodeError as exc:
+        if "64-bit" not in str(exc):
+            raise
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, sort_keys=sort_keys,
+                          allow_nan=False).encode()

@@ -9,6 +9,8 @@ from typing import Any
 
 import orjson
 
+from toolmesh.api.sessions import session_ref
+
 from toolmesh.sidecar.state import SharedState
 
 log = logging.getLogger("toolmesh.sidecar.audit")
@@ -63,7 +65,8 @@ class AuditLog:
         if prompt is not None:
             entry["prompt"] = prompt
         if session_id is not None:
-            entry["sessionId"] = session_id
+            # A session id is a bearer secret: whoever reads the audit log must not be able to act in it.
+            entry["sessionRef"] = session_ref(session_id)
         if server is not None:
             entry["server"] = server
         try:

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from toolmesh.api.jsonrpc import loads
 from toolmesh.sidecar.errors import ClientGone, ProxyError, dumps, internal_error
 
 JsonRpcId = str | int | None
@@ -202,7 +203,7 @@ class Outcome:
         if not self.raw:
             return None
         try:
-            return orjson.loads(self.raw)
+            return loads(self.raw)
         except orjson.JSONDecodeError:
             return None
 

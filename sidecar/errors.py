@@ -23,6 +23,7 @@ from toolmesh.api.jsonrpc import (  # noqa: F401 - the codes are part of this mo
     UPSTREAM_UNAVAILABLE,
     error_message,
 )
+from toolmesh.api.jsonrpc import dumps as _dumps
 
 if TYPE_CHECKING:
     from toolmesh.sidecar.chain import JsonRpcId, Outcome
@@ -64,6 +65,13 @@ class Unauthenticated(Refused):
 
     status = 401
     code = UNAUTHORIZED
+
+
+class SessionNotFound(Refused):
+    """Give up on this session and open a new one: it ended, or it was never this caller's (HTTP 404)."""
+
+    status = 404
+    code = INVALID_REQUEST
 
 
 class Forbidden(Refused):
@@ -116,5 +124,5 @@ def internal_error(request_id: JsonRpcId, exc: BaseException) -> Outcome:
 
 
 def dumps(message: Any) -> bytes:
-    """Serialise a JSON-RPC message (compact, UTF-8)."""
-    return orjson.dumps(message)
+    """Serialise a JSON-RPC message (compact, UTF-8; integers of any size exact)."""
+    return _dumps(message)

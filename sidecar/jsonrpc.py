@@ -11,6 +11,8 @@ from typing import Any
 
 import orjson
 
+from toolmesh.api.jsonrpc import dumps as _dumps
+from toolmesh.api.jsonrpc import loads as _loads
 from toolmesh.sidecar.chain import NOTIFICATION, REQUEST, RESPONSE, SseEvent
 from toolmesh.sidecar.errors import INVALID_REQUEST, PARSE_ERROR, Refused
 
@@ -32,7 +34,7 @@ class InvalidRequest(Refused):
 def loads(body: bytes) -> Any:
     """Parse a body as JSON; ParseError when it is not."""
     try:
-        return orjson.loads(body)
+        return _loads(body)
     except orjson.JSONDecodeError as exc:
         raise ParseError(f"parse error: {exc}") from None
 
@@ -80,7 +82,7 @@ def serialise_request(method: str, request_id: Any, params: Mapping[str, Any], *
         message["id"] = request_id
     if params:
         message["params"] = params
-    return orjson.dumps(message)
+    return _dumps(message)
 
 
 # --- Server-Sent Events ------------------------------------------------------------------

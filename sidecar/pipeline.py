@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from toolmesh.api.jsonrpc import loads
 from toolmesh.sidecar.chain import (
     NOTIFICATION,
     REQUEST,
@@ -130,7 +131,7 @@ class UpstreamCall:
                 # Cheap test first: only a message without "method" can be our response.
                 if data and b'"method"' not in data:
                     try:
-                        message = orjson.loads(data)
+                        message = loads(data)
                     except orjson.JSONDecodeError:
                         message = None
                     if type(message) is dict and message.get("id") == request_id and (
@@ -151,7 +152,7 @@ class UpstreamCall:
         if ctx.method in _PARSED_RESULTS and body and resp.status == 200:
             if message is None:
                 try:
-                    message = orjson.loads(body)
+                    message = loads(body)
                 except orjson.JSONDecodeError:
                     message = None
             if type(message) is dict:

@@ -1,14 +1,24 @@
-"""Authenticate stage: turns the bearer token into a verified `Caller`, or answers 401 with a `WWW-Authenticate` challenge."""
+"""Authenticate stage: turns the bearer token into a verified `Caller`, or answers 401 with a `WWW-Authenticate` challenge.
+
+It also binds every session to the principal that opened it (`toolmesh.api.sessions`):
+the session id the upstream (an HTTP server, or the stdio/SSE bridge) gives an
+`initialize` is recorded with the verified caller, and any later request naming
+that session (POST, GET stream or resumption, DELETE) from another principal, or
+naming a session not opened through this sidecar, is answered 404 as an unknown
+session before it reaches the upstream.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 from toolmesh.api.policy import AuthPolicy, Issuer
+from toolmesh.api.sessions import ANONYMOUS as ANONYMOUS_PRINCIPAL
+from toolmesh.api.sessions import SessionBindings, verified_principal
 from toolmesh.sidecar import stage_metrics
 from toolmesh.sidecar.audit import AuditLog, audit_log_for
-from toolmesh.sidecar.chain import Caller, CallContext, Handler, Outcome, derive
-from toolmesh.sidecar.errors import Unauthenticated
+from toolmesh.sidecar.chain import REQUEST, SESSION_END, Caller, CallContext, Handler, Outcome, derive, header
+from toolmesh.sidecar.errors import SessionNotFound, Unauthenticated
 from toolmesh.sidecar.protected_resource import challenge
 from toolmesh.sidecar.state import SharedState
 
@@ -20,6 +30,16 @@ NAME = "authenticate"
 
 ANONYMOUS = Caller(subject="anonymous")
 """The caller of a request without a token when the policy does not require one."""
+
+SESSION_BINDINGS = "session_bindings"
+"""`SharedState.stage_state` key of the session → principal table; it outlives policy reloads."""
+
+
+def principal_of(caller: Caller) -> str:
+    """Whom a session belongs to: the verified issuer and subject, or the anonymous principal."""
+    if caller is ANONYMOUS:
+        return ANONYMOUS_PRINCIPAL
+    return verified_principal(caller.issuer, caller.subject)
 
 
 def bearer_token(headers: Any) -> str | None:
@@ -34,7 +54,7 @@ class AuthenticateStage:
     """Verifies the bearer token of every request and puts the caller into the context."""
 
     def __init__(self, auth: AuthPolicy, verifier: TokenVerifier, audit: AuditLog | None, server_name: str | None = None,
-                 shared: SharedState | None = None):
+                 shared: SharedState | None = None, sessions: SessionBindings | None = None):
         # pyjwt and cryptography cost ~0.1 s of start-up: imported only once a policy asks for auth.
         from toolmesh.sidecar.jwt_verify import InvalidToken
 
@@ -43,6 +63,7 @@ class AuthenticateStage:
         self.verifier = verifier
         self.audit = audit
         self.server_name = server_name
+        self.sessions = sessions if sessions is not None else SessionBindings()
         self.requests = stage_metrics.counter(
             shared, "toolmesh_auth_requests_total",
             "Requests by authentication result (verified, cached, anonymous, missing, invalid).", ("result",))
@@ -52,7 +73,7 @@ class AuthenticateStage:
         if header is None:
             if not self.auth.required:
                 self.requests.inc("anonymous")
-                return await call_next(derive(ctx, caller=ANONYMOUS))
+                return await self._in_session(derive(ctx, caller=ANONYMOUS), call_next)
             self.requests.inc("missing")
             self._refuse(ctx, "no bearer token")
             raise Unauthenticated(
@@ -84,17 +105,48 @@ class AuthenticateStage:
             ) from None
         self.requests.inc("cached" if self.verifier.verifications == checked else "verified")
         # The upstream request carries this caller, never the token (see pipeline.forward_headers).
-        return await call_next(derive(ctx, caller=caller))
+        return await self._in_session(derive(ctx, caller=caller), call_next)
 
-    def _refuse(self, ctx: CallContext, reason: str) -> None:
+    async def _in_session(self, ctx: CallContext, call_next: Handler) -> Outcome:
+        """Run the call if its session (if any) is the caller's; bind the session an initialize opens."""
+        principal = principal_of(ctx.caller)
+        session_id = ctx.session_id
+        if ctx.kind == REQUEST and ctx.method == "initialize":
+            sessions = self.sessions
+
+            async def start_stream(headers: Any) -> None:
+                # A streamed answer hands the client its session id before the chain returns: bind it first.
+                opened = header(headers, "Mcp-Session-Id")
+                if opened:
+                    sessions.bind(opened, principal)
+                await ctx.start_stream(headers)
+
+            outcome = await call_next(derive(ctx, start_stream=start_stream))
+            opened = header(outcome.headers, "Mcp-Session-Id")
+            if opened and outcome.status < 400:
+                sessions.bind(opened, principal)
+            return outcome
+        if session_id is None:
+            return await call_next(ctx)
+        if not self.sessions.admits(session_id, principal):
+            # Another principal's session, or one never opened here: the same answer as a session that
+            # does not exist, so a guessed or leaked id tells an attacker nothing.
+            self._refuse(ctx, "session not bound to this caller", ctx.caller.subject)
+            raise SessionNotFound("Session not found")
+        outcome = await call_next(ctx)
+        if ctx.kind == SESSION_END and outcome.status < 400:
+            self.sessions.forget(session_id)
+        return outcome
+
+    def _refuse(self, ctx: CallContext, reason: str, subject: str | None = None) -> None:
         if self.audit is not None:
             self.audit.record(
                 request_id=ctx.request_id,
-                subject=None,
+                subject=subject,
                 method=ctx.method,
                 tool=ctx.tool,
                 allowed=False,
-                reason=f"unauthenticated: {reason}",
+                reason=reason if subject is not None else f"unauthenticated: {reason}",
                 session_id=ctx.session_id,
                 server=self.server_name,
             )
@@ -120,4 +172,5 @@ def build(policy: Any, shared: SharedState) -> AuthenticateStage | None:
         return keys
 
     verifier = TokenVerifier(auth, jwks_for)
-    return AuthenticateStage(auth, verifier, audit_log_for(policy, shared), shared.server_name, shared)
+    sessions = shared.kept(SESSION_BINDINGS, SessionBindings)
+    return AuthenticateStage(auth, verifier, audit_log_for(policy, shared), shared.server_name, shared, sessions)

@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from toolmesh.api.jsonrpc import dumps
 from toolmesh.api.policy import CachePolicy, match_tool_rule
 from toolmesh.sidecar import stage_metrics
 from toolmesh.sidecar.chain import CallContext, Handler, Outcome
@@ -222,7 +223,7 @@ class CacheStage:
             return await call_next(ctx)
         arguments = ctx.params.get("arguments") or {}
         try:
-            canonical = orjson.dumps(arguments, option=orjson.OPT_SORT_KEYS)
+            canonical = dumps(arguments, sort_keys=True)
         except TypeError:
             return await call_next(ctx)
         caller = ctx.caller

@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from toolmesh.api.sessions import session_ref
 from toolmesh.sidecar.chain import NOTIFICATION, REQUEST, CallContext, Handler, Outcome, derive
 from toolmesh.sidecar.errors import ProxyError
 from toolmesh.sidecar.state import SharedState
@@ -114,7 +115,7 @@ class Observe:
                 trace_id = _incoming_trace_id(ctx)
             log.log(level, "%s %s", ctx.method, tool or "", extra={
                 "event": "request", "method": ctx.method, "tool": tool, "request_id": ctx.request_id,
-                "session_id": ctx.session_id, "trace_id": trace_id, "outcome": label, "error_type": error_type,
+                "session_ref": session_ref(ctx.session_id), "trace_id": trace_id, "outcome": label, "error_type": error_type,
                 "duration_ms": round(seconds * 1000, 3),
             })
 
@@ -136,7 +137,8 @@ class Observe:
         if ctx.request_id is not None:
             attributes["jsonrpc.request.id"] = str(ctx.request_id)
         if ctx.session_id is not None:
-            attributes["mcp.session.id"] = ctx.session_id
+            # Spans leave the pod: they name the session by a digest, never by the id that grants access to it.
+            attributes["mcp.session.id"] = session_ref(ctx.session_id)
         if ctx.protocol_version is not None:
             attributes["mcp.protocol.version"] = ctx.protocol_version
         name = f"{ctx.method} {tool}" if tool else ctx.method
