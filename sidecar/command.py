@@ -13,7 +13,7 @@ import signal
 import sys
 from typing import Any
 
-from toolmesh.sidecar.settings import DEFAULT_MAX_BODY_BYTES, SidecarSettings
+from toolmesh.sidecar.settings import DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_BYTES, SidecarSettings
 
 log = logging.getLogger("toolmesh.sidecar")
 
@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="send heartbeats to this registry")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                         help="largest request body accepted (413 beyond; default 4 MiB)")
+    parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, metavar="N",
+                        help="most messages in one JSON-RPC batch (a bigger batch is refused whole; default 100)")
     parser.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
                         help="browser Origin allowed to call (repeatable; default: localhost origins only; * = any)")
     parser.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
@@ -47,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sse-resume-grace", type=float, default=30.0, metavar="SECONDS",
                         help="stdio/legacy SSE upstreams: how long a call whose client lost its SSE stream keeps "
                              "running for a resume (GET + Last-Event-ID) before it is cancelled (default 30; 0 = at once)")
+    parser.add_argument("--max-sessions", type=int, default=10_000, metavar="N",
+                        help="stdio/legacy SSE upstreams: most client sessions at once; a new one ends the least "
+                             "recently used idle session, or gets 503 when all are busy (default 10000)")
     parser.add_argument("--upstream-timeout", type=float, default=300.0, metavar="SECONDS",
                         help="how long the upstream may stay silent on a request before 504 (default 300)")
     parser.add_argument("--probe-interval", type=float, default=5.0, metavar="SECONDS",
@@ -73,22 +78,25 @@ def _optional_module(name: str, what: str) -> Any:
 
 def make_upstream(args: argparse.Namespace) -> Any:
     """The `Upstream` the flags ask for."""
+    if args.max_sessions <= 0:
+        raise ConfigError("--max-sessions must be positive")
+    bridged = {"timeout": args.upstream_timeout, "resume_grace": args.sse_resume_grace,
+               "max_sessions": args.max_sessions}
     if args.upstream_command:
         command = shlex.split(args.upstream_command)
         if not command:
             raise ConfigError("--upstream-command is empty")
         stdio = _optional_module("toolmesh.sidecar.stdio", "the stdio bridge")
-        return stdio.StdioUpstream(command, timeout=args.upstream_timeout, resume_grace=args.sse_resume_grace)
+        return stdio.StdioUpstream(command, **bridged)
     if args.upstream_fifo_dir:
         stdio = _optional_module("toolmesh.sidecar.stdio", "the stdio bridge")
-        return stdio.StdioUpstream.attach(args.upstream_fifo_dir, timeout=args.upstream_timeout,
-                                          resume_grace=args.sse_resume_grace)
+        return stdio.StdioUpstream.attach(args.upstream_fifo_dir, **bridged)
     url = args.upstream
     if not url.startswith(("http://", "https://")):
         raise ConfigError(f"--upstream must be an http(s) URL, got {url!r}")
     if args.upstream_transport == "sse":
         legacy = _optional_module("toolmesh.sidecar.legacy_sse", "the legacy HTTP+SSE upstream")
-        return legacy.LegacySseUpstream(url, timeout=args.upstream_timeout, resume_grace=args.sse_resume_grace)
+        return legacy.LegacySseUpstream(url, **bridged)
     from toolmesh.sidecar.http_upstream import HttpUpstream
 
     return HttpUpstream(url, timeout=args.upstream_timeout)
@@ -119,11 +127,14 @@ def build_app(args: argparse.Namespace):
     host, port = parse_listen(args.listen)
     if args.max_body_bytes <= 0:
         raise ConfigError("--max-body-bytes must be positive")
+    if args.max_batch <= 0:
+        raise ConfigError("--max-batch must be positive")
     if args.upstream_timeout <= 0 or args.probe_interval <= 0 or args.body_timeout <= 0:
         raise ConfigError("--upstream-timeout, --probe-interval and --body-timeout must be positive")
     transport = "stdio" if (args.upstream_command or args.upstream_fifo_dir) else args.upstream_transport
     settings = SidecarSettings(
         server_name=args.server_name, max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout,
+        max_batch=args.max_batch,
         sse_keepalive=max(0.0, args.sse_keepalive),
         allowed_origins=tuple(args.allowed_origin), upstream_timeout=args.upstream_timeout,
         probe_interval=args.probe_interval, ready_window=max(3 * args.probe_interval, args.probe_interval + 5.0),

@@ -59,6 +59,12 @@ _PARSED_RESULTS = frozenset({"tools/list", "tools/call", "initialize"})
 _LIST_CHANGED = b"notifications/tools/list_changed"
 
 
+def _ours(lowered: str) -> bool:
+    """An identity header of ours, however spelled: CGI and WSGI servers read `X_Toolmesh_Subject` as
+    `X-Toolmesh-Subject`, so an underscore spelling is as much a spoof as the real one."""
+    return lowered.replace("_", "-").startswith("x-toolmesh-")
+
+
 def forward_headers(headers: Mapping[str, str], caller: Caller | None = None) -> dict[str, str]:
     """The client's headers as the upstream gets them: everything end-to-end, Mcp-* included.
 
@@ -71,8 +77,7 @@ def forward_headers(headers: Mapping[str, str], caller: Caller | None = None) ->
     if connection and connection.lower() not in ("keep-alive", "close"):
         # Headers the client named in Connection are for this hop only (RFC 9110 7.6.1).
         dropped = dropped | {name.strip().lower() for name in connection.split(",")}
-        out = {k: v for k, v in headers.items()
-               if (lowered := k.lower()) not in dropped and not lowered.startswith("x-toolmesh-")}
+        out = {k: v for k, v in headers.items() if (lowered := k.lower()) not in dropped and not _ours(lowered)}
     else:
         # Clients send the same few header names on every call: each name is judged once.
         verdicts = _FORWARDED_ANONYMOUS if caller is None else _FORWARDED_IDENTIFIED
@@ -81,7 +86,7 @@ def forward_headers(headers: Mapping[str, str], caller: Caller | None = None) ->
             keep = verdicts.get(k)
             if keep is None:
                 lowered = k.lower()
-                keep = lowered not in dropped and not lowered.startswith("x-toolmesh-")
+                keep = lowered not in dropped and not _ours(lowered)
                 if len(verdicts) < _MAX_VERDICTS:
                     verdicts[k] = keep
             if keep:

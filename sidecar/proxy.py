@@ -166,6 +166,9 @@ class ClientStream:
         return self.response
 
 
+_BATCH_SLICE = 16
+"""Batch messages run between two yields to the event loop."""
+
 _ROUTING_HEADERS_SINCE = "2026-07-28"
 _NAME_PARAM = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 
@@ -311,13 +314,19 @@ class McpEndpoint:
         """Each message of a batch runs through the chain on its own; the answers go back together."""
         if not messages:
             raise InvalidRequest("invalid request: empty batch")
+        if len(messages) > self.settings.max_batch:
+            raise InvalidRequest(f"invalid request: a batch of {len(messages)} messages is over the limit of "
+                                 f"{self.settings.max_batch} (--max-batch); send fewer at a time")
         stream = ClientStream(request)
         answers: list[Outcome] = []
         # Stateless-era upstreams check that Mcp-Method/Mcp-Name match each message they get.
         version = request.headers.get("MCP-Protocol-Version", "")
         routed = "Mcp-Method" in request.headers or version >= _ROUTING_HEADERS_SINCE
         handler = self.pipeline.handler
-        for message in messages:
+        for position, message in enumerate(messages):
+            if position and not position % _BATCH_SLICE:
+                # Messages a stage answers itself never wait on I/O: let other clients' calls run between slices.
+                await asyncio.sleep(0)
             try:
                 kind, method, request_id, params = classify(message)
             except InvalidRequest as exc:
@@ -330,6 +339,10 @@ class McpEndpoint:
                 outcome = await run_chain(handler, ctx)
             except ClientGone:
                 return stream.response or web.Response(status=499)
+            if outcome.status == 401 and stream.response is None:
+                # Every message of a batch carries the same credentials: one refusal answers them all, and
+                # the rest are neither run nor audited.
+                return _plain_response(outcome, outcome.body())
             if outcome.body() is not None and (kind == REQUEST or outcome.status >= 400):
                 answers.append(outcome)
             elif kind != REQUEST and outcome.headers:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_BATCH = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,6 +16,8 @@ class SidecarSettings:
     """The MCPServer this sidecar fronts (`--server-name`); in metrics, spans and heartbeats."""
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     """Largest request body accepted; bigger ones get 413."""
+    max_batch: int = DEFAULT_MAX_BATCH
+    """Most messages in one JSON-RPC batch; a bigger batch is refused whole (400) before any message runs."""
     allowed_origins: tuple[str, ...] = ()
     """Browser origins allowed to call (`--allowed-origin`); empty means localhost origins only. "*" allows any."""
     body_timeout: float = 30.0

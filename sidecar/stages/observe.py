@@ -61,11 +61,16 @@ def _outcome_label(outcome: Outcome) -> tuple[str, str | None]:
     return "ok", None
 
 
+UNLISTED_TOOL = "_unlisted"
+"""The metric label of a call to a tool the upstream never listed: made-up names must not grow the label set."""
+
+
 class Observe:
     """Counts, times and traces each request; never changes an answer."""
 
     def __init__(self, shared: SharedState):
         self.telemetry = shared.telemetry
+        self.listed = shared.tools
         self.transport = getattr(self.telemetry, "network_transport", "tcp")
         self._propagator = None
         if self.telemetry.tracer is not None:
@@ -101,14 +106,15 @@ class Observe:
     def _finish(self, ctx: CallContext, started: float, label: str, error_type: str | None, trace_id: str | None) -> None:
         seconds = time.perf_counter() - started
         tool = ctx.tool
+        metric_tool = tool if tool is None or tool in self.listed else UNLISTED_TOOL
         attributes = None
         if self.telemetry.otel_duration is not None:
             attributes = {"mcp.method.name": ctx.method, "network.transport": self.transport}
-            if tool is not None:
-                attributes["gen_ai.tool.name"] = tool
+            if metric_tool is not None:
+                attributes["gen_ai.tool.name"] = metric_tool
             if error_type is not None:
                 attributes["error.type"] = error_type
-        self.telemetry.record(ctx.method, tool, label, seconds, attributes)
+        self.telemetry.record(ctx.method, metric_tool, label, seconds, attributes)
         level = logging.INFO if label != "ok" else logging.DEBUG
         if log.isEnabledFor(level):
             if trace_id is None:
