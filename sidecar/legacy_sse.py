@@ -1,7 +1,8 @@
 """Fronts a server on the legacy HTTP+SSE transport (GET /sse, POST /messages) as a Streamable HTTP upstream.
 
     LegacySseUpstream(url, session=None, *, timeout=300.0, connect_timeout=5.0,
-                      reconnect_backoff=(0.2, 5.0), reconnect_wait=10.0, resume_grace=30.0)
+                      reconnect_backoff=(0.2, 5.0), reconnect_wait=10.0, resume_grace=30.0,
+                      session_idle_timeout=1800.0, max_sessions=10_000)
         `url` is the server's SSE endpoint (e.g. http://host:8000/sse);
         `session` an aiohttp client session to share (one is made otherwise);
         `timeout` bounds each message POST and the silence on a request before
@@ -9,11 +10,15 @@
         bounds opening the stream and receiving its `endpoint` event;
         `resume_grace` is how long a call whose client lost its SSE stream
         keeps running for a GET with Last-Event-ID before it is cancelled.
+        Sessions are swept and capped as on the stdio bridge: one unused for
+        `session_idle_timeout` seconds with nothing in flight and no stream
+        open is closed by a timer; at `max_sessions` an `initialize` closes the
+        least recently used such session, or gets HTTP 503.
 
 Each client session gets an upstream SSE connection of its own: the client's
 `initialize` opens it (GET `url`, whose first event, `endpoint`, names the
 POST URL `/messages?session_id=…`), is forwarded there, and its answer carries
-a fresh `Mcp-Session-Id` minted by the adapter. Every client message is then
+a fresh, unguessable `Mcp-Session-Id` minted by the adapter. Every client message is then
 POSTed to that URL (the server answers 202) and every answer arrives on the
 stream, where the `Multiplexer` matches it to the waiting request by id;
 progress, server requests and logging during a request go out on that
@@ -36,15 +41,15 @@ import asyncio
 import contextlib
 import contextvars
 import logging
-import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import urljoin
 
 import aiohttp
 
+from toolmesh.api.sessions import session_ref
 from toolmesh.sidecar.chain import SseEvent
-from toolmesh.sidecar.errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
+from toolmesh.sidecar.errors import UPSTREAM_UNAVAILABLE, ProxyError, UpstreamTimeout, UpstreamUnavailable, error_message
 from toolmesh.sidecar.jsonrpc import iter_sse
 from toolmesh.sidecar.multiplex import (
     ClientSession,
@@ -54,6 +59,7 @@ from toolmesh.sidecar.multiplex import (
     header,
     is_modern_request,
     as_modern_answer,
+    json_response,
     modern_rejection,
     parse_body,
     serve_modern,
@@ -244,7 +250,7 @@ class LegacySseUpstream:
     def __init__(self, url: str, session: aiohttp.ClientSession | None = None, *, timeout: float = 300.0,
                  connect_timeout: float = 5.0, reconnect_backoff: tuple[float, float] = (0.2, 5.0),
                  reconnect_wait: float = 10.0, max_connections: int = 256, session_idle_timeout: float = 1800.0,
-                 resume_grace: float = 30.0):
+                 resume_grace: float = 30.0, max_sessions: int = 10_000):
         self.url = url
         self.resume_grace = resume_grace
         self._resumable = True
@@ -259,7 +265,10 @@ class LegacySseUpstream:
         self.reconnect_wait = reconnect_wait
         self._max_connections = max_connections
         self.session_idle_timeout = session_idle_timeout
-        self._swept = time.monotonic()
+        self.max_sessions = max_sessions
+        """Most client sessions (each one upstream SSE connection) open at once (`--max-sessions`)."""
+        self._sweeper: asyncio.Task[None] | None = None
+        self._opening = 0
         self._connections: dict[str, _Connection] = {}
         self._own: _Connection | None = None
         self._own_lock = asyncio.Lock()
@@ -289,8 +298,16 @@ class LegacySseUpstream:
     async def start(self) -> None:
         if self._http is None:
             self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self._max_connections))
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep_idle_sessions(), name="legacy SSE session sweep",
+                                                context=contextvars.Context())
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
         connections = list(self._connections.values())
         self._connections.clear()
         for own in (self._own, self._modern):
@@ -333,7 +350,7 @@ class LegacySseUpstream:
             if connection is None or connection.session is None:
                 return session_not_found(message)
             session = connection.session
-            session.last_active = time.monotonic()
+            connection.mux.touch(session)
         await self._wait_ready(connection)
         return await connection.mux.post(message, session, body)
 
@@ -371,7 +388,24 @@ class LegacySseUpstream:
     # -- connections ------------------------------------------------------------------------------------------
 
     async def _open_session(self, message: dict[str, Any], body: bytes) -> UpstreamResponse:
-        await self._forget_idle_sessions()
+        if len(self._connections) + self._opening >= self.max_sessions:
+            room = self._least_recently_used_idle()
+            if room is None:
+                log.warning("refused a new session: all %d sessions are busy", self.max_sessions)
+                return json_response(503, error_message(
+                    message["id"], UPSTREAM_UNAVAILABLE,
+                    f"too many sessions: this bridge holds at most {self.max_sessions} (--max-sessions) and every one "
+                    "has a call in flight or a stream open; retry later", {"maxSessions": self.max_sessions}))
+            log.info("session limit %d reached: closed session %s, the least recently used idle one",
+                     self.max_sessions, session_ref(room))
+            await self._connections.pop(room).close()
+        self._opening += 1  # (a slot held while the stream opens, so concurrent initializes stay within the cap)
+        try:
+            return await self._connect_session(message, body)
+        finally:
+            self._opening -= 1
+
+    async def _connect_session(self, message: dict[str, Any], body: bytes) -> UpstreamResponse:
         connection = _Connection(self, None)
         await connection.connect()
         session = connection.mux.new_session(message.get("params"))
@@ -391,16 +425,22 @@ class LegacySseUpstream:
         answer.headers = {**answer.headers, "Mcp-Session-Id": session.id}
         return answer
 
-    async def _forget_idle_sessions(self) -> None:
-        """Close the upstream streams of sessions whose clients left without a DELETE."""
-        now = time.monotonic()
-        if now - self._swept < min(60.0, self.session_idle_timeout):
-            return
-        self._swept = now
-        for session_id, connection in list(self._connections.items()):
-            if connection.session is not None and connection.mux.idle_sessions(self.session_idle_timeout):
-                del self._connections[session_id]
-                await connection.close()
+    def _least_recently_used_idle(self) -> str | None:
+        idle = [(c.session.last_active, session_id) for session_id, c in self._connections.items()
+                if c.session is not None and c.mux.least_recently_used_idle() is not None]
+        return min(idle)[1] if idle else None
+
+    async def _sweep_idle_sessions(self) -> None:
+        """Close, on a timer, the upstream streams of sessions whose clients left without a DELETE."""
+        every = max(0.01, min(60.0, self.session_idle_timeout / 2))
+        while True:
+            await asyncio.sleep(every)
+            for session_id, connection in list(self._connections.items()):
+                if connection.session is not None and connection.mux.idle_sessions(self.session_idle_timeout):
+                    log.debug("closed session %s: idle for %gs", session_ref(session_id), self.session_idle_timeout)
+                    if self._connections.get(session_id) is connection:
+                        del self._connections[session_id]
+                    await connection.close()
 
     async def _own_connection(self) -> _Connection:
         """The adapter's handshake-era connection, for probes and session-less requests."""

@@ -26,7 +26,14 @@ request it serves, so the bridge routes sampling/elicitation/roots requests to
 the session of the most recently started in-flight call (tools/call,
 prompts/get, resources/read preferred) whose client declared the capability.
 With one call in flight this is exact; with several sessions calling at once
-it is the best available guess.
+it is the best available guess. Whichever session it goes to, it goes under an
+id the bridge mints (`unguessable_id`), and only that session's answer to that
+id reaches the upstream, under the server's own id: a server's small integer
+ids would otherwise let any caller answer another's sampling request.
+
+Everything a client names is looked up in its own session: a cancellation's
+`requestId` among that session's requests, a `Last-Event-ID` in that session's
+event log. Session ids are unguessable; logs name sessions by `session_ref()`.
 """
 
 from __future__ import annotations
@@ -35,7 +42,6 @@ import asyncio
 import itertools
 import logging
 import time
-import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
@@ -52,6 +58,7 @@ from mcp_types import HEADER_MISMATCH
 from mcp_types.version import LATEST_MODERN_VERSION, MODERN_PROTOCOL_VERSIONS
 
 from toolmesh.api.jsonrpc import PROTOCOL_VERSION_KEY, SUBSCRIPTION_ID_KEY, has_envelope, strip_envelope
+from toolmesh.api.sessions import session_ref, unguessable_id
 from toolmesh.sidecar.chain import SseEvent, header
 from toolmesh.sidecar.errors import (
     INVALID_REQUEST,
@@ -318,7 +325,7 @@ class ClientSession:
             return
         if stream.qsize() >= _STREAM_LIMIT:
             stream.get_nowait()
-            log.warning("session %s reads its stream too slowly; dropped its oldest event", self.id)
+            log.warning("session %s reads its stream too slowly; dropped its oldest event", session_ref(self.id))
         stream.put_nowait(event)
 
 
@@ -394,10 +401,14 @@ class Multiplexer:
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._tokens: dict[int, _Pending] = {}
-        self._server_requests: dict[Any, ClientSession] = {}
+        self._server_requests: dict[str, tuple[ClientSession, Any]] = {}
+        """Server requests sent to a client, by the id the bridge gave them: (the session, the server's own id)."""
+        self._server_ids: dict[Any, str] = {}
+        """The server's id of each server request in flight -> the bridge's id (for the server's cancellations)."""
         self._own: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._answers: set[asyncio.Task[None]] = set()
         self.sessions: dict[str, ClientSession] = {}
+        """Open sessions, least recently used first (`touch` moves a session last)."""
 
     # -- sessions ---------------------------------------------------------------------------------------------
 
@@ -407,7 +418,7 @@ class Multiplexer:
         capabilities = params.get("capabilities")
         version = params.get("protocolVersion")
         session = ClientSession(
-            session_id or uuid.uuid4().hex,
+            session_id or unguessable_id(),
             capabilities if isinstance(capabilities, Mapping) else {},
             version if isinstance(version, str) else None,
             EventLog(self.resume_events, self.resume_bytes),
@@ -440,7 +451,7 @@ class Multiplexer:
         async def release() -> None:
             if session.stream is queue:
                 session.stream = None
-                session.last_active = time.monotonic()
+                self.touch(session)
 
         return UpstreamResponse(status=200, headers=SSE_HEADERS, events=events(), release=release)
 
@@ -456,17 +467,37 @@ class Multiplexer:
                 self._answer_upstream({"jsonrpc": "2.0", "id": next(self._ids), "method": "resources/unsubscribe",
                                        "params": {"uri": uri}})
         session.subscriptions.clear()
-        for request_id in [rid for rid, owner in self._server_requests.items() if owner is session]:
-            del self._server_requests[request_id]
+        for bridge_id in [bid for bid, (owner, _) in self._server_requests.items() if owner is session]:
+            self._server_ids.pop(self._server_requests.pop(bridge_id)[1], None)
         if session.stream is not None:
             session.stream.put_nowait(None)
             session.stream = None
 
+    def touch(self, session: ClientSession) -> None:
+        """The session was just used: it becomes the most recently used (sweeps and eviction read from the other end)."""
+        session.last_active = time.monotonic()
+        if self.sessions.get(session.id) is session:
+            del self.sessions[session.id]
+            self.sessions[session.id] = session
+
+    @staticmethod
+    def _idle(session: ClientSession) -> bool:
+        return not session.pending and session.stream is None
+
     def idle_sessions(self, idle_seconds: float) -> list[ClientSession]:
         """Sessions unused for `idle_seconds`, with nothing in flight and no stream open (clients that never DELETE)."""
-        now = time.monotonic()
-        return [s for s in self.sessions.values()
-                if not s.pending and s.stream is None and now - s.last_active > idle_seconds]
+        cutoff = time.monotonic() - idle_seconds
+        idle = []
+        for session in self.sessions.values():
+            if session.last_active >= cutoff:
+                break  # the rest were used more recently still
+            if self._idle(session):
+                idle.append(session)
+        return idle
+
+    def least_recently_used_idle(self) -> ClientSession | None:
+        """The session to end for room for a new one: used longest ago, nothing in flight, no stream open."""
+        return next((s for s in self.sessions.values() if self._idle(s)), None)
 
     def end_streams(self) -> None:
         """End every GET stream (the upstream is going away for good)."""
@@ -489,7 +520,7 @@ class Multiplexer:
             await self.notify(message, session, raw)
             return ACCEPTED
         if "id" in message and ("result" in message or "error" in message):
-            await self.respond(message, raw)
+            await self.respond(message, session)
             return ACCEPTED
         return json_response(400, error_message(message.get("id"), INVALID_REQUEST, "Invalid Request"))
 
@@ -696,7 +727,8 @@ class Multiplexer:
         if message.get("method") == "notifications/cancelled":
             params = message.get("params")
             request_id = params.get("requestId") if isinstance(params, dict) else None
-            pending = session.pending.get(request_id) if session is not None else None
+            # Looked up among this session's own requests only: another session's request is never named here.
+            pending = session.pending.get(request_id) if session is not None and _is_key(request_id) else None
             if pending is None or not self._forget(pending):
                 return  # nothing of this client's is in flight under that id
             params["requestId"] = pending.upstream_id
@@ -705,10 +737,21 @@ class Multiplexer:
             return
         await self._send(raw if raw is not None else dumps(message))
 
-    async def respond(self, message: dict[str, Any], raw: bytes | None = None) -> None:
-        """Forward a client's answer to a server request (the upstream chose that id; it needs no rewriting)."""
-        self._server_requests.pop(message.get("id"), None)
-        await self._send(raw if raw is not None else dumps(message))
+    async def respond(self, message: dict[str, Any], session: ClientSession | None) -> None:
+        """Forward a client's answer to a server request, under the server's id, if that request went to `session`.
+
+        An answer from any other session, or to an id the bridge never issued, is dropped: it is no answer.
+        """
+        bridge_id = message.get("id")
+        sent = self._server_requests.get(bridge_id) if isinstance(bridge_id, str) else None
+        if sent is None or session is None or sent[0] is not session:
+            log.debug("dropped an answer from session %s: no server request awaits it there",
+                      session_ref(session.id) if session is not None else None)
+            return
+        del self._server_requests[bridge_id]
+        self._server_ids.pop(sent[1], None)
+        message["id"] = sent[1]
+        await self._send(dumps(message))
 
     async def _batch(self, messages: list[Any], session: ClientSession | None) -> UpstreamResponse:
         pendings: list[_Pending] = []
@@ -728,7 +771,7 @@ class Multiplexer:
             elif "method" in message:
                 await self.notify(message, session)
             else:
-                await self.respond(message)
+                await self.respond(message, session)
         try:
             for pending in pendings:
                 kind, payload = await self._next(pending)
@@ -785,7 +828,7 @@ class Multiplexer:
         if method is None:
             self._on_response(message)
         elif "id" in message:
-            self._on_server_request(message, raw or dumps(message))
+            self._on_server_request(message)
         elif method == "notifications/progress":
             self._on_progress(message)
         else:
@@ -823,9 +866,11 @@ class Multiplexer:
             # The upstream withdrawing one of its own requests to a client.
             params = message.get("params")
             request_id = params.get("requestId") if isinstance(params, dict) else None
-            session = self._server_requests.pop(request_id, None)
-            if session is not None:
-                self._to_session(session, raw)
+            bridge_id = self._server_ids.pop(request_id, None) if _is_key(request_id) else None
+            if bridge_id is not None:
+                session = self._server_requests.pop(bridge_id)[0]
+                params["requestId"] = bridge_id
+                self._to_session(session, dumps(message))
             return
         meta = message.get("params", {}).get("_meta") if isinstance(message.get("params"), dict) else None
         if isinstance(meta, dict) and SUBSCRIPTION_ID_KEY in meta:
@@ -858,23 +903,31 @@ class Multiplexer:
         else:
             session.push(data)
 
-    def _on_server_request(self, message: dict[str, Any], raw: bytes) -> None:
+    def _on_server_request(self, message: dict[str, Any]) -> None:
         method = message["method"]
+        server_id = message["id"]
         if method == "ping":
-            self._answer_upstream({"jsonrpc": "2.0", "id": message["id"], "result": {}})
+            self._answer_upstream({"jsonrpc": "2.0", "id": server_id, "result": {}})
+            return
+        if not _is_key(server_id):
+            log.warning("dropped a server request whose id is neither a string nor a number: %r", server_id)
             return
         capability = _CAPABILITY_OF.get(method)
         pending = self._pick_pending(capability)
         session = pending.session if pending is not None else self._pick_session(capability)
         if session is None:
             what = f"the {capability} capability" if capability else f"{method}"
-            self._answer_upstream(error_message(message["id"], METHOD_NOT_FOUND, f"no connected client supports {what}"))
+            self._answer_upstream(error_message(server_id, METHOD_NOT_FOUND, f"no connected client supports {what}"))
             return
-        self._server_requests[message["id"]] = session
+        # The client sees an id of the bridge's: the server's small integers are easy to guess from another session.
+        bridge_id = unguessable_id("srv-")
+        self._server_requests[bridge_id] = (session, server_id)
+        self._server_ids[server_id] = bridge_id
+        message["id"] = bridge_id
         if pending is not None:
-            pending.deliver(raw)
+            pending.deliver(dumps(message))
         else:
-            session.push(raw)
+            session.push(dumps(message))
 
     def _pick_pending(self, capability: str | None) -> _Pending | None:
         best: _Pending | None = None
@@ -919,6 +972,7 @@ class Multiplexer:
         self._pending.clear()
         self._tokens.clear()
         self._server_requests.clear()
+        self._server_ids.clear()
         for pending in pendings:
             if pending.session is not None:
                 pending.session.pending.pop(pending.client_id, None)
@@ -928,6 +982,11 @@ class Multiplexer:
         for future in own:
             if not future.done():
                 future.set_exception(error)
+
+
+def _is_key(value: Any) -> bool:
+    """Whether a JSON-RPC id can key a route (a string or a number; not a list or object a broken peer sent)."""
+    return isinstance(value, (str, int, float))
 
 
 async def _replay(events: list[SseEvent]) -> AsyncIterator[SseEvent]:

@@ -2,13 +2,18 @@
 
     StdioUpstream(command, *, env=None, cwd=None, restart_backoff=(0.2, 5.0),
                   start_timeout=30.0, ready_timeout=10.0, timeout=300.0,
-                  max_line_bytes=32 MiB, session_idle_timeout=1800.0, resume_grace=30.0)
+                  max_line_bytes=32 MiB, session_idle_timeout=1800.0, resume_grace=30.0,
+                  max_sessions=10_000)
         Spawns `command` (a list, or a string split like a shell would) in its
         own process group; `env` is added to the sidecar's environment. Used
         for `--upstream-command "CMD ARGS"`. `timeout` is the longest silence
         on a request (progress resets it) before JSON-RPC error -32002 (504).
         `resume_grace` is how long a call whose client lost its SSE stream
         keeps running for a GET with Last-Event-ID before it is cancelled.
+        A session unused for `session_idle_timeout` seconds, with nothing in
+        flight and no stream open, is ended by a timer. At `max_sessions`
+        (`--max-sessions`) an `initialize` ends the least recently used such
+        session, or is refused with HTTP 503 when every session is busy.
 
     StdioUpstream.attach(fifo_dir, **same options)
         Kubernetes: the server container runs `sh -c 'CMD <in.fifo >out.fifo'`
@@ -23,7 +28,7 @@ The child speaks newline-delimited JSON-RPC. The bridge performs the one
 upstream `initialize` itself (declaring sampling, elicitation and roots so the
 child may use them; a session whose client lacks one gets a JSON-RPC error
 on that client's behalf), answers each client's `initialize` from the cached
-result with a fresh `Mcp-Session-Id`, and swallows the clients'
+result with a fresh, unguessable `Mcp-Session-Id`, and swallows the clients'
 `notifications/initialized`. Ids and progress tokens are rewritten by the
 `Multiplexer` so sessions never collide. A stdio server serves one protocol
 era per process, so 2026-07-28 requests (no `Mcp-Session-Id`, the era's
@@ -62,7 +67,8 @@ from typing import Any
 
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION
 
-from toolmesh.sidecar.errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
+from toolmesh.api.sessions import session_ref
+from toolmesh.sidecar.errors import UPSTREAM_UNAVAILABLE, ProxyError, UpstreamTimeout, UpstreamUnavailable, error_message
 from toolmesh.sidecar.multiplex import (
     ACCEPTED,
     ClientSession,
@@ -92,6 +98,8 @@ _STABLE_AFTER = 10.0
 """A child that ran this long (seconds) before exiting restarts after the shortest backoff again."""
 _CLIENT_INFO = {"name": "toolmesh-sidecar", "version": "0.1.0"}
 _CAPABILITIES = {"sampling": {}, "elicitation": {"form": {}, "url": {}}, "roots": {"listChanged": True}}
+_SWEEP_EVERY = 60.0
+"""Most seconds between two sweeps of idle sessions (a sweep also runs every half idle timeout, if that is sooner)."""
 
 
 async def read_lines(reader: asyncio.StreamReader, on_line: Callable[[bytes], None], max_bytes: int,
@@ -148,8 +156,8 @@ class StdioUpstream:
                  env: Mapping[str, str] | None = None, cwd: str | os.PathLike[str] | None = None,
                  restart_backoff: tuple[float, float] = (0.2, 5.0), start_timeout: float = 30.0,
                  ready_timeout: float = 10.0, probe_timeout: float = 5.0, timeout: float | None = 300.0,
-                 max_line_bytes: int = 32 << 20,
-                 session_idle_timeout: float = 1800.0, era: str = "handshake", resume_grace: float = 30.0):
+                 max_line_bytes: int = 32 << 20, session_idle_timeout: float = 1800.0, era: str = "handshake",
+                 resume_grace: float = 30.0, max_sessions: int = 10_000):
         self.command = shlex.split(command) if isinstance(command, str) else list(command)
         if bool(self.command) == (fifo_dir is not None):
             raise ValueError("a stdio upstream needs either a command or a FIFO directory")
@@ -163,7 +171,9 @@ class StdioUpstream:
         self.max_line_bytes = max_line_bytes
         self._era = era
         self.session_idle_timeout = session_idle_timeout
-        self._swept = time.monotonic()
+        self.max_sessions = max_sessions
+        """Most client sessions open at once (`--max-sessions`)."""
+        self._sweeper: asyncio.Task[None] | None = None
         self._modern: StdioUpstream | None = None
         self._modern_lock = asyncio.Lock()
         self._modern_unsupported = self._fifo_dir is not None or era != "handshake"
@@ -199,6 +209,7 @@ class StdioUpstream:
         if self._modern is not None:
             self._modern.resumable = value
     async def start(self) -> None:
+        self._sweeper = asyncio.create_task(self._sweep_idle_sessions(), name="stdio session sweep")
         if self._fifo_dir is not None:
             # The FIFOs exist once start() returns, so the server container can open its ends.
             for name in ("in.fifo", "out.fifo"):
@@ -217,10 +228,11 @@ class StdioUpstream:
         self._closing = True
         if self._modern is not None:
             await self._modern.close()
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
+        for task in (self._sweeper, self._supervisor):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self._mux.fail_all(UpstreamUnavailable("upstream closed"))
         self._mux.end_streams()
 
@@ -248,7 +260,7 @@ class StdioUpstream:
             session = self._mux.sessions.get(session_id)
             if session is None:
                 return session_not_found(message)
-            session.last_active = time.monotonic()
+            self._mux.touch(session)
         if isinstance(message, dict) and message.get("method") == "notifications/initialized":
             return ACCEPTED  # the bridge sent the one the child needs
         await self._wait_ready()
@@ -261,7 +273,7 @@ class StdioUpstream:
         session = self._mux.sessions.get(session_id)
         if session is None:
             return session_not_found(None)
-        session.last_active = time.monotonic()
+        self._mux.touch(session)
         last_event_id = header(headers, "Last-Event-ID")
         if last_event_id is not None:
             return self._mux.resume(session, last_event_id)
@@ -330,7 +342,17 @@ class StdioUpstream:
 
     async def _open_session(self, message: dict[str, Any]) -> UpstreamResponse:
         await self._wait_ready()
-        await self._forget_idle_sessions()
+        if len(self._mux.sessions) >= self.max_sessions:
+            room = self._mux.least_recently_used_idle()
+            if room is None:
+                log.warning("refused a new session: all %d sessions are busy", self.max_sessions)
+                return json_response(503, error_message(
+                    message["id"], UPSTREAM_UNAVAILABLE,
+                    f"too many sessions: this bridge holds at most {self.max_sessions} (--max-sessions) and every one "
+                    "has a call in flight or a stream open; retry later", {"maxSessions": self.max_sessions}))
+            log.info("session limit %d reached: ended session %s, the least recently used idle one",
+                     self.max_sessions, session_ref(room.id))
+            await self._mux.end_session(room)
         params = message.get("params")
         session = self._mux.new_session(params)
         result = dict(self._init_result)
@@ -341,13 +363,14 @@ class StdioUpstream:
         return json_response(200, {"jsonrpc": "2.0", "id": message["id"], "result": result},
                              {"Mcp-Session-Id": session.id})
 
-    async def _forget_idle_sessions(self) -> None:
-        now = time.monotonic()
-        if now - self._swept < min(60.0, self.session_idle_timeout):
-            return
-        self._swept = now
-        for session in self._mux.idle_sessions(self.session_idle_timeout):
-            await self._mux.end_session(session)
+    async def _sweep_idle_sessions(self) -> None:
+        """End sessions whose clients left without a DELETE, on a timer (not only when a new one opens)."""
+        every = max(0.01, min(_SWEEP_EVERY, self.session_idle_timeout / 2))
+        while True:
+            await asyncio.sleep(every)
+            for session in self._mux.idle_sessions(self.session_idle_timeout):
+                log.debug("ended session %s: idle for %gs", session_ref(session.id), self.session_idle_timeout)
+                await self._mux.end_session(session)
 
     async def _wait_ready(self) -> None:
         if self._ready.is_set():

@@ -96,9 +96,10 @@ async def test_server_requests_go_to_a_session_that_can_answer_them():
     await channel.next()
     mux.receive(b'{"jsonrpc":"2.0","id":"s1","method":"sampling/createMessage","params":{}}')
     stream = (await able_call).events
-    assert (await next_message(stream))["id"] == "s1"
+    asked = await next_message(stream)
+    assert asked["method"] == "sampling/createMessage" and asked["id"] != "s1", "under an id of the bridge's"
     assert not unable_call.done()
-    await mux.post({"jsonrpc": "2.0", "id": "s1", "result": {"ok": True}}, able)
+    await mux.post({"jsonrpc": "2.0", "id": asked["id"], "result": {"ok": True}}, able)
     assert await channel.next() == {"jsonrpc": "2.0", "id": "s1", "result": {"ok": True}}
     unable_call.cancel()
 
