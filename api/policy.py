@@ -2,16 +2,21 @@
 
 Every section is optional: a section left out (None) switches its stage off.
 Rules that name tools take fnmatch globs (`query_*`, `*`) and the first rule
-that matches a name wins, so specific rules go before broad ones.
+that matches a name wins, so specific rules go before broad ones. Resource
+rules take path globs (`*` within one segment, `**` across segments) matched
+against the normalised URI (`normalise_resource_uri`).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from enum import Enum
 from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import unquote_to_bytes
 
 from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
@@ -109,6 +114,170 @@ ScopeList = Annotated[list[str], AfterValidator(_check_scopes)]
 """OAuth scope names (no whitespace)."""
 
 
+# ---------------------------------------------------------------------------
+# Resource URIs: the one form resource rules see, and what is refused rather than guessed at
+
+
+class AmbiguousUri(ValueError):
+    """A resource URI a server might resolve to another resource than the rules see: refused, never guessed at."""
+
+
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
+_HEX = frozenset("0123456789abcdefABCDEF")
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_DEFAULT_PORTS = {"http": ":80", "https": ":443", "ws": ":80", "wss": ":443"}
+
+
+def normalise_resource_uri(uri: str) -> str:
+    """The form resource rules match (RFC 3986 §6.2.2), or AmbiguousUri.
+
+    Normalised: scheme and host lowercased, a default port dropped, escapes of unreserved
+    characters decoded (`%2e` → `.`), the hex of other escapes uppercased, and `file:/x` and
+    `file://localhost/x` written `file:///x` (RFC 8089). Refused: control characters (raw or
+    escaped), backslashes, escaped `/` or `\\`, escapes that are malformed, double-encoded or
+    not UTF-8, escapes in the authority, empty path segments (`//`), and `.` or `..` segments
+    anywhere after the authority (also as `..;x`): a server could resolve those to another
+    resource than the rules see, so they are refused rather than removed (RFC 3986 §5.2.4).
+    """
+    if not uri.isprintable() or "\\" in uri:
+        raise AmbiguousUri("control characters or backslashes in the URI")
+    match = _SCHEME.match(uri)
+    if match is None:
+        scheme, rest = "", uri
+    else:
+        scheme, rest = uri[: match.end() - 1].lower(), uri[match.end():]
+    authority: str | None = None
+    if rest.startswith("//"):
+        end = len(rest)
+        for delimiter in "/?#":
+            found = rest.find(delimiter, 2)
+            if found != -1 and found < end:
+                end = found
+        authority, rest = rest[2:end], rest[end:]
+        if "%" in authority:
+            raise AmbiguousUri("percent-encoding in the authority")
+        userinfo, at, host = authority.rpartition("@")
+        host = host.lower()
+        port = _DEFAULT_PORTS.get(scheme)
+        if port and host.endswith(port):
+            host = host[: -len(port)]
+        authority = userinfo + at + host
+    if scheme == "file" and authority in (None, "localhost") and rest.startswith("/"):
+        authority = ""
+    if "%" in rest:
+        rest = _normalise_escapes(rest)
+    path_end = len(rest)
+    for delimiter in "?#":
+        found = rest.find(delimiter)
+        if found != -1 and found < path_end:
+            path_end = found
+    if "//" in rest[:path_end]:
+        raise AmbiguousUri("empty path segment ('//')")
+    if "." in rest:
+        for piece in rest.split("/"):
+            if piece[:1] == "." and _segment(piece) in (".", ".."):
+                raise AmbiguousUri("'.' or '..' path segment")
+    head = f"{scheme}:" if scheme else ""
+    return head + rest if authority is None else f"{head}//{authority}{rest}"
+
+
+def _segment(piece: str) -> str:
+    """A `/`-separated piece up to its query, fragment or `;` parameters (servers that ignore `;x` see `..`)."""
+    for stop in "?#;":
+        found = piece.find(stop)
+        if found != -1:
+            piece = piece[:found]
+    return piece
+
+
+def _normalise_escapes(text: str) -> str:
+    parts = text.split("%")
+    out = [parts[0]]
+    high = False
+    for part in parts[1:]:
+        pair = part[:2]
+        if len(pair) < 2 or pair[0] not in _HEX or pair[1] not in _HEX:
+            raise AmbiguousUri("'%' not followed by two hex digits")
+        byte = int(pair, 16)
+        char = chr(byte)
+        if char in _UNRESERVED:
+            out.append(char + part[2:])
+            continue
+        if byte < 0x20 or byte == 0x7F:
+            raise AmbiguousUri("percent-encoded control character")
+        if char == "/" or char == "\\":
+            raise AmbiguousUri("percent-encoded '/' or '\\'")
+        if byte == 0x25 and len(part) >= 4 and part[2] in _HEX and part[3] in _HEX:
+            raise AmbiguousUri("double percent-encoding")
+        high = high or byte >= 0x80
+        out.append("%" + pair.upper() + part[2:])
+    normal = "".join(out)
+    if high:
+        try:
+            # Overlong forms (`%C0%AE` for `.`) are what lenient decoders turn into path syntax.
+            unquote_to_bytes(normal).decode("utf-8")
+        except UnicodeDecodeError:
+            raise AmbiguousUri("percent-encoded bytes that are not UTF-8") from None
+    return normal
+
+
+@functools.lru_cache(maxsize=4096)
+def resource_glob(pattern: str) -> re.Pattern[str]:
+    """The compiled resource glob: `*` and `?` stay within one path segment, `**` crosses segments (`**/` also none)."""
+    return re.compile(_translate(normalise_resource_uri(pattern)))
+
+
+def _translate(pattern: str) -> str:
+    out = []
+    i, n = 0, len(pattern)
+    while i < n:
+        char = pattern[i]
+        i += 1
+        if char == "*":
+            if i < n and pattern[i] == "*":
+                while i < n and pattern[i] == "*":
+                    i += 1
+                if i < n and pattern[i] == "/":
+                    out.append("(?:.*/)?")
+                    i += 1
+                else:
+                    out.append(".*")
+            else:
+                out.append("[^/]*")
+        elif char == "?":
+            out.append("[^/]")
+        elif char == "[":
+            j = i + 1 if pattern[i:i + 1] == "!" else i
+            j += 1 if pattern[j:j + 1] == "]" else 0
+            j = pattern.find("]", j)
+            if j == -1:
+                out.append(re.escape(char))
+                continue
+            body, i = pattern[i:j], j + 1
+            negate = body.startswith("!")
+            body = body[1:] if negate else body
+            body = "".join("\\" + c if c in "\\[^&~|" else c for c in body)
+            out.append(f"(?!/)[{'^' if negate else ''}{body}]")
+        else:
+            out.append(re.escape(char))
+    return "(?s:" + "".join(out) + r")\Z"
+
+
+def _resource_globs(value: list[str]) -> list[str]:
+    for pattern in value:
+        try:
+            resource_glob(pattern)
+        except AmbiguousUri as exc:
+            raise ValueError(f"resource glob {pattern!r} could never match: {exc}") from None
+        except re.error as exc:
+            raise ValueError(f"resource glob {pattern!r} is not a glob: {exc}") from None
+    return value
+
+
+ResourceGlobList = Annotated[list[str], AfterValidator(_non_empty_globs), AfterValidator(_resource_globs)]
+"""At least one resource URI or path glob."""
+
+
 class ToolMatch(SpecModel):
     """Base for per-tool rules: which tools the rule applies to."""
 
@@ -145,6 +314,8 @@ class Issuer(SpecModel):
     """How long a fetched JWKS is trusted before it is fetched again, in seconds. Default 300."""
     jwksMinRefreshSeconds: float = Field(default=10.0, ge=0)
     """Least time between two JWKS fetches caused by unknown `kid`s (stops a flood of bad tokens hammering the issuer). Default 10."""
+    scopeClaim: str | None = Field(default=None, min_length=1)
+    """The claim holding the caller's scopes, as a space-separated string (RFC 6749 §3.3: split on spaces only) or a list of strings, e.g. `scopes` or `permissions`; only that claim is read. Default: `scope`, then `scp` (both read)."""
 
     @field_validator("jwksUrl")
     @classmethod
@@ -211,7 +382,9 @@ class AuthPolicy(SpecModel):
     issuers: list[Issuer] = Field(min_length=1)
     """Trusted issuers; a token is checked against the one whose `issuer` equals its `iss` (required, at least one)."""
     resource: str | None = None
-    """This server's resource URL in the RFC 9728 metadata. Default: derived from the request (`<scheme>://<host>/mcp`)."""
+    """This server's resource URL in the RFC 9728 metadata and the base of the `resource_metadata` URL in challenges. Default: derived from the request (`<scheme>://<host>/mcp`, see `trustForwardedHeaders`)."""
+    trustForwardedHeaders: bool = False
+    """Derive the resource URL from `X-Forwarded-Proto`/`X-Forwarded-Host` when `resource` is not set; only for a sidecar behind a proxy that sets them (a client could otherwise point the metadata elsewhere). Default false: `http://<Host>`."""
     required: bool = True
     """When true a request without a token gets 401; when false it runs as subject "anonymous" with no scopes. Default true."""
     scopesSupported: list[str] = Field(default_factory=list)
@@ -246,12 +419,24 @@ class ToolScopeRule(ToolMatch):
 
 
 class ResourceScopeRule(SpecModel):
-    """Scopes a caller needs to read the matching resources (any one of them suffices)."""
+    """Scopes a caller needs to use the matching resources (any one of them suffices).
 
-    resources: GlobList
-    """Resource URIs or fnmatch globs (`file:///docs/*`); required, at least one."""
+    URIs are normalised before they are matched (scheme and host lowercased, `%2e` read as `.`,
+    `file:/x` and `file://localhost/x` as `file:///x`), and a URI a server could resolve to another
+    resource than the rules see is refused with INVALID_PARAMS (HTTP 400) whatever the rules say:
+    `.` or `..` segments (also encoded, or as `..;x`), empty segments (`//`), encoded `/` or `\\`,
+    backslashes, control characters, double or malformed percent-encoding. The upstream still gets
+    the URI exactly as the client sent it.
+    """
+
+    resources: ResourceGlobList
+    """Resource URIs or path globs, matched against the normalised URI: `*` and `?` stay within one path segment (`file:///docs/*` is `file:///docs/a.md`, not `file:///docs/a/b.md`), `**` crosses segments (`file:///docs/**`, `file:///**/*.md`; `**/` also matches no segment), `[abc]` as in fnmatch. `**` alone matches every URI. Required, at least one."""
     scopes: ScopeList = Field(default_factory=list)
     """Any-of: the caller needs at least one. An empty list lets any authenticated caller in. Default []."""
+
+    def matches(self, normal_uri: str) -> bool:
+        """True when one of the globs matches `normal_uri` (a `normalise_resource_uri` result)."""
+        return any(resource_glob(pattern).match(normal_uri) for pattern in self.resources)
 
 
 class PromptScopeRule(SpecModel):
@@ -271,9 +456,9 @@ class AuthorizationPolicy(SpecModel):
     defaultScopes: ScopeList = Field(default_factory=lambda: ["mcp:admin"])
     """Scopes (any-of) for tools, resources and prompts no rule names. Default ["mcp:admin"]."""
     resourceRules: list[ResourceScopeRule] = Field(default_factory=list)
-    """Rules for `resources/read` and `resources/subscribe` by URI, first match wins. Default []."""
+    """Rules for `resources/read`, `resources/subscribe`/`unsubscribe`, `completion/complete` on a resource (template) and `resources/list`/`resources/templates/list` filtering, by normalised URI; first match wins. Default []."""
     promptRules: list[PromptScopeRule] = Field(default_factory=list)
-    """Rules for `prompts/get` by prompt name, first match wins. Default []."""
+    """Rules for `prompts/get` and `completion/complete` on a prompt, by prompt name; first match wins. Default []."""
     filterLists: bool = True
     """Remove from `tools/list`, `resources/list` and `prompts/list` what the caller may not use. Default true."""
 
@@ -283,9 +468,12 @@ class AuthorizationPolicy(SpecModel):
         return rule.scopes if rule is not None else self.defaultScopes
 
     def resource_scopes(self, uri: str) -> list[str]:
-        """Scopes (any-of) needed to read the resource at `uri`."""
-        rule = match_rule(self.resourceRules, uri, "resources")
-        return rule.scopes if rule is not None else self.defaultScopes
+        """Scopes (any-of) needed to use the resource at `uri`, matched in its normal form; AmbiguousUri when it has none."""
+        normal = normalise_resource_uri(uri)
+        for rule in self.resourceRules:
+            if rule.matches(normal):
+                return rule.scopes
+        return self.defaultScopes
 
     def prompt_scopes(self, prompt: str) -> list[str]:
         """Scopes (any-of) needed to get the prompt `prompt`."""

@@ -35,16 +35,24 @@ class InvalidToken(Exception):
         self.reason = reason
 
 
-def scopes_of(claims: Mapping[str, Any]) -> frozenset[str]:
-    """Scopes from `scope` (space-separated string, RFC 8693) or `scp` (list, or string)."""
+_DEFAULT_SCOPE_CLAIMS = ("scope", "scp")
+
+
+def scopes_of(claims: Mapping[str, Any], claim: str | None = None) -> frozenset[str]:
+    """Scopes from `claim` when given, else from `scope` and `scp`; each a space-separated string or a list of strings.
+
+    A string splits on the space character only (RFC 6749 §3.3): a tab or a no-break space is part of
+    a scope, and a scope with such a character (or any other unprintable one) is dropped, never split
+    into scopes the issuer did not grant.
+    """
     scopes: set[str] = set()
-    for claim in ("scope", "scp"):
-        value = claims.get(claim)
+    for name in (claim,) if claim else _DEFAULT_SCOPE_CLAIMS:
+        value = claims.get(name)
         if isinstance(value, str):
-            scopes.update(value.split())
+            scopes.update(value.split(" "))
         elif isinstance(value, list):
-            scopes.update(item for item in value if isinstance(item, str) and item and not any(c.isspace() for c in item))
-    return frozenset(scope for scope in scopes if scope.isprintable())
+            scopes.update(item for item in value if isinstance(item, str) and " " not in item)
+    return frozenset(scope for scope in scopes if scope and scope.isprintable())
 
 
 class _IssuerKeys:
@@ -169,5 +177,5 @@ class TokenVerifier:
             # It travels upstream in a header and into audit lines.
             raise InvalidToken("token subject has control characters")
         exp = float(claims["exp"])  # pyjwt has checked it is a number
-        caller = Caller(subject=subject, scopes=scopes_of(claims), issuer=issuer.issuer, expires_at=exp)
+        caller = Caller(subject=subject, scopes=scopes_of(claims, issuer.scopeClaim), issuer=issuer.issuer, expires_at=exp)
         return caller, exp + issuer.leewaySeconds

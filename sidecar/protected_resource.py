@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 METADATA_PATH = "/.well-known/oauth-protected-resource"
 MCP_PATH = "/mcp"
+
+# What a challenge may carry of a value: printable ASCII (no control characters, which would break the
+# header, and no non-ASCII, which HTTP cannot carry unencoded).
+_UNQUOTABLE = re.compile(r"[^\x20-\x7e]")
+# A host[:port] as the URL of the metadata may name it: reg-name or IP literal, nothing that changes the URL's shape.
+_HOST = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+,;=-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
@@ -18,15 +25,24 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
 
 
 def base_url(auth: Any, headers: Mapping[str, str]) -> str:
-    """scheme://host[:port] clients reach this server at: from `auth.resource` when set, else from the request."""
+    """scheme://host[:port] clients reach this server at: `auth.resource` when set, else from the request.
+
+    `X-Forwarded-Proto`/`X-Forwarded-Host` count only when `auth.trustForwardedHeaders` says a proxy
+    in front sets them; otherwise anyone could make the challenge send clients to their own metadata.
+    """
     resource = getattr(auth, "resource", None)
     if resource:
         parts = urlsplit(resource)
         return f"{parts.scheme}://{parts.netloc}"
-    proto = (_header(headers, "X-Forwarded-Proto") or "http").split(",")[0].strip() or "http"
-    host = (_header(headers, "X-Forwarded-Host") or _header(headers, "Host") or "localhost").split(",")[0].strip()
+    proto, host = "http", None
+    if getattr(auth, "trustForwardedHeaders", False):
+        proto = (_header(headers, "X-Forwarded-Proto") or "http").split(",")[0].strip().lower()
+        host = _header(headers, "X-Forwarded-Host")
+    host = (host or _header(headers, "Host") or "localhost").split(",")[0].strip()
     if proto not in ("http", "https"):
         proto = "http"
+    if not _HOST.fullmatch(host):
+        host = "localhost"
     return f"{proto}://{host}"
 
 
@@ -41,6 +57,8 @@ def metadata_url(auth: Any, headers: Mapping[str, str]) -> str:
 
 
 def _quoted(value: str) -> str:
+    """An RFC 9110 quoted-string: `\\` and `"` escaped, every character outside printable ASCII left out."""
+    value = _UNQUOTABLE.sub("", value)
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
