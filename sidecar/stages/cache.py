@@ -162,7 +162,7 @@ def storable_result(outcome: Outcome) -> tuple[bytes, Mapping[str, Any]] | None:
     result = message.get("result")
     if type(result) is not dict and not isinstance(result, Mapping):
         return None
-    return orjson.dumps(result), result
+    return dumps(result), result
 
 
 class CacheMetrics:
