@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 import orjson
 from aiohttp import web
 
-from toolmesh.registry.auth import HeartbeatAuth, shared_secret
+from toolmesh.registry.auth import HeartbeatAuth, nobody
 from toolmesh.registry.backend import BackendPool
-from toolmesh.registry.catalogue import Catalogue
+from toolmesh.registry.catalogue import SEPARATOR, Catalogue
 from toolmesh.registry.gateway import Caller, Gateway
 from toolmesh.registry.traces import RedFigures, TraceReceiver
 from toolmesh.registry.workflows import Delegation, install, parse_workflow
@@ -31,14 +31,20 @@ class RegistrySettings:
     """Heartbeats an instance may miss before its tools leave the catalogue."""
     page_size: int = 1000
     """Tools per `tools/list` page at the gateway."""
-    auth: HeartbeatAuth = field(default_factory=lambda: shared_secret(None))
-    """Checks each heartbeat's Authorization header."""
+    auth: HeartbeatAuth = nobody
+    """Checks the Authorization header of each heartbeat and catalogue read (`/v1/servers`, `/v1/tools`)."""
     otlp_relay: str | None = None
     """Base URL of a further OTLP/HTTP collector to pass received traces on to."""
     red_window: float = 300.0
     """Seconds of tool calls the RED figures cover."""
     session_idle: float = 3600.0
     """Gateway sessions unused this long (no call, no open stream) are ended."""
+    anonymous_session_idle: float = 300.0
+    """Gateway sessions opened without a credential are ended sooner: unused this long."""
+    max_sessions: int = 10_000
+    """Gateway sessions in all; when full, the least recently used idle one is ended, else `initialize` gets 503."""
+    max_sessions_per_caller: int = 100
+    """Gateway sessions one credential (or all anonymous callers together) may hold; beyond, `initialize` gets 429."""
     allowed_origins: tuple[str, ...] = ()
     """Browser origins allowed to call the gateway (default: localhost only; "*" = any)."""
 
@@ -57,11 +63,13 @@ def create_app(settings: RegistrySettings | None = None, catalogue: Catalogue | 
     app[CATALOGUE] = catalogue or Catalogue(interval=settings.heartbeat_interval,
                                             missed_limit=settings.missed_heartbeats)
     app[GATEWAY] = Gateway(app[CATALOGUE], BackendPool(), page_size=settings.page_size,
-                           allowed_origins=settings.allowed_origins)
+                           allowed_origins=settings.allowed_origins, max_sessions=settings.max_sessions,
+                           max_sessions_per_caller=settings.max_sessions_per_caller)
     app.add_routes(app[GATEWAY].routes("/mcp"))
     app[DELEGATION] = Delegation(app[CATALOGUE], app[GATEWAY])
     install(app[GATEWAY], app[DELEGATION])
-    app[TRACES] = TraceReceiver(RedFigures(settings.red_window), settings.otlp_relay)
+    app[TRACES] = TraceReceiver(RedFigures(settings.red_window, known=_catalogued(app[CATALOGUE])),
+                                settings.otlp_relay)
     app.add_routes(app[TRACES].routes())
     app.router.add_post("/v1/workflows", post_workflow)
     app.router.add_get("/v1/workflows/{id}", get_workflow)
@@ -76,7 +84,9 @@ def create_app(settings: RegistrySettings | None = None, catalogue: Catalogue | 
 async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     gateway = app[GATEWAY]
     await gateway.backends.start()
-    expiry = asyncio.create_task(_expire_loop(app[CATALOGUE], gateway, app[SETTINGS].session_idle))
+    settings = app[SETTINGS]
+    expiry = asyncio.create_task(_expire_loop(app[CATALOGUE], gateway, settings.session_idle,
+                                              settings.anonymous_session_idle))
     yield
     expiry.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -87,12 +97,12 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     await gateway.backends.close()
 
 
-async def _expire_loop(catalogue: Catalogue, gateway: Gateway, session_idle: float) -> None:
+async def _expire_loop(catalogue: Catalogue, gateway: Gateway, session_idle: float, anonymous_idle: float) -> None:
     # Wake exactly at the earliest heartbeat deadline, so an instance leaves at last beat + 3 intervals, not a poll
     # later. Heartbeats only move deadlines later, and a new instance's deadline is a whole limit away, so waking
     # at least once an interval is enough to notice instances that arrived meanwhile.
     loop = asyncio.get_running_loop()
-    sweep_every = min(60.0, session_idle / 2)
+    sweep_every = min(60.0, session_idle / 2, anonymous_idle / 2)
     next_sweep = loop.time() + sweep_every
     while True:
         wake = min(loop.time() + catalogue.interval, next_sweep)
@@ -103,15 +113,29 @@ async def _expire_loop(catalogue: Catalogue, gateway: Gateway, session_idle: flo
         catalogue.expire()
         if loop.time() >= next_sweep:
             next_sweep = loop.time() + sweep_every
-            await gateway.expire_sessions(session_idle)
+            await gateway.expire_sessions(session_idle, anonymous_idle)
+
+
+def _catalogued(catalogue: Catalogue):
+    """Whether spans naming (server, tool) count: only tools the gateway serves under that name, so what anyone
+    posts to /v1/traces never grows the figures beyond the catalogue."""
+    def known(server: str, tool: str) -> bool:
+        route = catalogue.view().routes.get(f"{server}{SEPARATOR}{tool}")
+        return route is not None and route.server == server and route.tool == tool
+
+    return known
+
+
+def _refused(reason: str) -> web.Response:
+    return web.json_response({"error": reason}, status=401,
+                             headers={"WWW-Authenticate": 'Bearer realm="toolmesh-registry"'})
 
 
 async def post_heartbeat(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     verdict = await settings.auth(request.headers.get("Authorization"))
     if not verdict.allowed:
-        return web.json_response({"error": verdict.reason}, status=401,
-                                 headers={"WWW-Authenticate": 'Bearer realm="toolmesh-registry"'})
+        return _refused(verdict.reason)
     try:
         beat = orjson.loads(await request.read())
         if not isinstance(beat, dict):
@@ -129,6 +153,10 @@ async def post_heartbeat(request: web.Request) -> web.Response:
 
 
 async def get_servers(request: web.Request) -> web.Response:
+    """Every server with its instances (endpoints, health, load): for those holding a heartbeat credential."""
+    verdict = await request.app[SETTINGS].auth(request.headers.get("Authorization"))
+    if not verdict.allowed:
+        return _refused(verdict.reason)
     catalogue = request.app[CATALOGUE]
     servers = []
     for name in catalogue.servers():
@@ -154,6 +182,11 @@ async def get_servers(request: web.Request) -> web.Response:
 
 
 async def get_tools(request: web.Request) -> web.Response:
+    """Every tool of the catalogue with its stats and RED figures, whoever may call it: for those holding a
+    heartbeat credential (callers see their own tools through the gateway's `tools/list`)."""
+    verdict = await request.app[SETTINGS].auth(request.headers.get("Authorization"))
+    if not verdict.allowed:
+        return _refused(verdict.reason)
     catalogue = request.app[CATALOGUE]
     red = request.app[TRACES].red
     view = catalogue.view()

@@ -1,4 +1,4 @@
-"""Who may send heartbeats: a shared secret locally, a ServiceAccount token checked by TokenReview in a cluster."""
+"""Who may send heartbeats and read the catalogue: a shared secret, TokenReview in a cluster, anyone if --insecure."""
 
 from __future__ import annotations
 
@@ -28,12 +28,25 @@ def bearer(header: str | None) -> str | None:
     return None
 
 
-def shared_secret(secret: str | None) -> HeartbeatAuth:
-    """Accept heartbeats carrying `Bearer <secret>`; with no secret configured, accept any (loopback development)."""
+async def nobody(header: str | None) -> AuthResult:
+    """No credential configured: refuse every heartbeat (a registry must be told whom to trust)."""
+    return AuthResult(False, reason="the registry has no heartbeat credential configured")
+
+
+async def anyone(header: str | None) -> AuthResult:
+    """`--insecure`: accept every heartbeat and catalogue read, from anyone who can connect (loopback development).
+
+    A rogue heartbeat then routes callers, and their bearer tokens, to any endpoint it names.
+    """
+    return AuthResult(True, "anonymous")
+
+
+def shared_secret(secret: str) -> HeartbeatAuth:
+    """Accept heartbeats carrying `Bearer <secret>` (local mode)."""
+    if not secret:
+        raise ValueError("an empty shared secret would let anyone report servers")
 
     async def check(header: str | None) -> AuthResult:
-        if not secret:
-            return AuthResult(True, "anonymous")
         token = bearer(header)
         if token is None:
             return AuthResult(False, reason="missing bearer token")

@@ -30,6 +30,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--otlp-relay", metavar="URL", help="pass received OTLP traces on to this collector too")
     parser.add_argument("--kube", action="store_true",
                         help="cluster mode: TokenReview heartbeat auth, MCPServer specs and status through the API")
+    parser.add_argument("--insecure", action="store_true",
+                        help="run without a heartbeat credential: anyone who can connect may report servers (and so "
+                             "receive callers' tokens) and read the catalogue; for loopback development only")
+    parser.add_argument("--max-sessions", type=int, default=10_000, metavar="N",
+                        help="gateway sessions in all; when full the least recently used idle one ends, else new "
+                             "sessions are refused with 503 (default 10000)")
+    parser.add_argument("--max-sessions-per-caller", type=int, default=100, metavar="N",
+                        help="gateway sessions one credential (all anonymous callers together count as one) may hold; "
+                             "beyond, initialize is refused with 429 (default 100)")
+    parser.add_argument("--session-idle", type=float, default=3600.0, metavar="SECONDS",
+                        help="gateway sessions unused this long end (default 3600)")
+    parser.add_argument("--anonymous-session-idle", type=float, default=300.0, metavar="SECONDS",
+                        help="gateway sessions opened without a credential end after this long unused (default 300)")
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -45,21 +58,36 @@ def parse_listen(value: str) -> tuple[str, int]:
 def run(args: argparse.Namespace) -> int:
     from toolmesh.api.errors import UsageError
     from toolmesh.registry.app import RegistrySettings, create_app
-    from toolmesh.registry.auth import shared_secret
+    from toolmesh.registry.auth import anyone, nobody, shared_secret
     from toolmesh.registry.manifests import declare_from_files
 
     host, port = parse_listen(args.listen)
     if args.heartbeat_interval <= 0 or args.missed_heartbeats < 1 or args.page_size < 1:
         raise UsageError("--heartbeat-interval, --missed-heartbeats and --page-size must be positive")
+    if args.max_sessions < 1 or args.max_sessions_per_caller < 1 or args.session_idle <= 0 \
+            or args.anonymous_session_idle <= 0:
+        raise UsageError("--max-sessions, --max-sessions-per-caller, --session-idle and --anonymous-session-idle "
+                         "must be positive")
     secret = os.environ.get("TOOLMESH_REGISTRY_SECRET")
     if args.registry_secret_file:
         try:
             secret = args.registry_secret_file.read_text().strip()
         except OSError as exc:
             raise UsageError(f"cannot read --registry-secret-file: {exc}") from None
+    if secret:
+        auth = shared_secret(secret)
+    elif args.insecure:
+        auth = anyone
+    elif args.kube:
+        auth = nobody  # replaced by TokenReview below
+    else:
+        raise UsageError("no heartbeat credential: set $TOOLMESH_REGISTRY_SECRET or --registry-secret-file (the secret "
+                         "sidecars present), or run --kube (TokenReview); --insecure accepts heartbeats from anyone")
     settings = RegistrySettings(heartbeat_interval=args.heartbeat_interval, missed_heartbeats=args.missed_heartbeats,
-                                page_size=args.page_size, auth=shared_secret(secret), otlp_relay=args.otlp_relay,
-                                allowed_origins=tuple(args.allowed_origin))
+                                page_size=args.page_size, auth=auth, otlp_relay=args.otlp_relay,
+                                allowed_origins=tuple(args.allowed_origin), session_idle=args.session_idle,
+                                anonymous_session_idle=args.anonymous_session_idle, max_sessions=args.max_sessions,
+                                max_sessions_per_caller=args.max_sessions_per_caller)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.kube:
         from toolmesh.registry.kube import attach_kube
@@ -72,8 +100,9 @@ def run(args: argparse.Namespace) -> int:
         declare_from_files(app, args.manifests)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if not secret and not args.kube:
-        logging.getLogger("toolmesh.registry").warning("no shared secret: accepting heartbeats from anyone who can connect")
+    if auth is anyone and not args.kube:
+        logging.getLogger("toolmesh.registry").warning(
+            "--insecure: accepting heartbeats and catalogue reads from anyone who can connect")
     try:
         import uvloop
     except ImportError:  # pragma: no cover - non-Linux development machines

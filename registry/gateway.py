@@ -7,16 +7,34 @@ self-contained POSTs, passed on in that era to sidecars whose servers speak
 it; `subscriptions/listen` is the notification stream.
 Calls go to a healthy sidecar with the caller's own bearer token, so the
 sidecar's policy still decides: the gateway is never a bypass.
+
+A gateway session belongs to the principal that opened it. The gateway does
+not verify tokens (its sidecars do), so that principal is the exact
+credential presented at `initialize` (`credential_principal`: a digest of the
+whole `Authorization` value, or "anonymous"). Every later request naming the
+session — calls, cancellations, answers to a server's questions, the GET
+stream, DELETE — must present the same credential, or the session is answered
+as unknown (404), exactly as one that never existed. A client that refreshes
+or changes its token therefore opens a new session (an MCP client does on
+404). A server's question to the caller goes out under an unguessable id kept
+in the session it was put to, and only that session's principal can answer it.
+
+Sessions are bounded: at most `max_sessions` in all and `max_sessions_per_caller`
+per principal. A principal at its cap is refused a new one (HTTP 429, naming
+the cap); when the gateway is full, the least recently used session with no
+call in flight and no open stream is ended to make room, else the newcomer is
+refused (HTTP 503). Anonymous sessions idle sooner (`expire_sessions`).
+Session ids never appear in logs: `session_ref()` names them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
+import secrets
 import time
-import uuid
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,12 +56,14 @@ from toolmesh.api.jsonrpc import (
     INVALID_REQUEST,
     METHOD_NOT_FOUND,
     PARSE_ERROR,
+    RATE_LIMITED,
     SUBSCRIPTION_ID_KEY,
     UPSTREAM_UNAVAILABLE,
     error_message,
     has_envelope,
     strip_envelope,
 )
+from toolmesh.api.sessions import ANONYMOUS, credential_principal, session_ref, unguessable_id
 from toolmesh.registry.backend import Ask, BackendPool, BackendRefused, BackendUnavailable, Notify
 from toolmesh.registry.catalogue import SEPARATOR, Catalogue, Instance
 
@@ -68,6 +88,11 @@ CACHEABLE = frozenset({"resources/read", "prompts/get"})
 CAPABILITIES = {"tools": {"listChanged": True}, "prompts": {"listChanged": True}, "logging": {}, "completions": {},
                 "resources": {"subscribe": True, "listChanged": True}}
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+OUTBOX_SIZE = 64
+"""Server-initiated messages kept for a session's GET stream; beyond, list changes are coalesced and others dropped."""
+UNKNOWN_SESSION = "unknown or ended session"
+REFUSAL_LOG_EVERY = 60.0
+"""Seconds between two log lines about refused sessions (a flood must not flood the log too)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +102,7 @@ class Caller:
     authorization: str | None
     """The caller's `Authorization` header, forwarded as is."""
     budget_key: str | None
-    """`Mcp-Budget-Key`, or the gateway session id, so the sidecar keeps one budget per caller session."""
+    """`Mcp-Budget-Key`, or one derived from the gateway session, so the sidecar keeps one budget per caller session."""
     param_headers: tuple[tuple[str, str], ...] = ()
     """The `Mcp-Param-*` headers of a 2026-07-28 request, passed on with it as that era asks of intermediaries."""
 
@@ -96,20 +121,60 @@ class ToolCallFailed(Exception):
         self.data = data
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class GatewaySession:
-    """One session-era client of the gateway."""
+    """One session-era client of the gateway; what only some sessions need is made on first use (sessions are many)."""
 
     id: str
+    """The `Mcp-Session-Id`: a bearer secret, never logged (see `session_ref`)."""
     protocol_version: str
-    outbox: asyncio.Queue[bytes] = field(default_factory=lambda: asyncio.Queue(maxsize=64))
-    """Server-initiated messages waiting for (or flowing to) the GET stream."""
+    principal: str
+    """Who opened it (`credential_principal` of its `Authorization`); only they may name it."""
+    outbox: asyncio.Queue[bytes] | None = None
+    """Server-initiated messages waiting for (or flowing to) the GET stream; made when first needed."""
+    list_changed: bool = False
+    """A tools list change is to be announced once the outbox exists (no queue is made just for that)."""
     in_flight: dict[Any, asyncio.Task] = field(default_factory=dict)
     """Running requests by the client's JSON-RPC id, so `notifications/cancelled` can stop them."""
+    asks: dict[str, asyncio.Future[dict[str, Any]]] | None = None
+    """Server requests put to this session's caller, by the unguessable id the gateway gave them."""
     last_used: float = field(default_factory=time.monotonic)
     """When the client last sent anything; idle sessions are ended."""
     streams: int = 0
     """Open GET streams (a client listening is never idle)."""
+    called: bool = False
+    """It sent something a sidecar saw, so ending it ends sessions with sidecars too."""
+
+    @property
+    def budget_key(self) -> str:
+        """What sidecars know this session by (`Mcp-Budget-Key` when the caller sets none): never the id itself."""
+        return "gateway-session:" + (session_ref(self.id) or "")
+
+    @property
+    def busy(self) -> bool:
+        """A call in flight or a stream open: never ended for room or idleness."""
+        return bool(self.in_flight or self.streams)
+
+    def outbox_queue(self) -> asyncio.Queue[bytes]:
+        if self.outbox is None:
+            self.outbox = asyncio.Queue(maxsize=OUTBOX_SIZE)
+        return self.outbox
+
+    def wake(self) -> None:
+        """Wake the GET stream, if one listens, to see that the session is gone."""
+        if self.outbox is not None:
+            with contextlib.suppress(asyncio.QueueFull):
+                self.outbox.put_nowait(b"")
+
+
+class SessionRefused(Exception):
+    """No room for a new gateway session: the caller should retry later, or end sessions it no longer uses."""
+
+    def __init__(self, status: int, message: str, retry_after: int):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.retry_after = retry_after
 
 
 class Gateway:
@@ -117,26 +182,35 @@ class Gateway:
 
     def __init__(self, catalogue: Catalogue, backends: BackendPool, *, page_size: int = 1000,
                  server_name: str = "toolmesh-gateway", version: str = "0",
-                 allowed_origins: tuple[str, ...] = ()) -> None:
+                 allowed_origins: tuple[str, ...] = (), max_sessions: int = 10_000,
+                 max_sessions_per_caller: int = 100) -> None:
         self.catalogue = catalogue
         self._any_origin = "*" in allowed_origins
         self._origins = frozenset(o.rstrip("/").lower() for o in allowed_origins)
         self.backends = backends
         self.page_size = page_size
         self.server_info = {"name": server_name, "version": version}
-        self.sessions: dict[str, GatewaySession] = {}
+        self.sessions: OrderedDict[str, GatewaySession] = OrderedDict()
+        """Session-era sessions by id, least recently used first."""
+        self.max_sessions = max_sessions
+        """Sessions kept in all; beyond, the least recently used idle one goes, or the newcomer is refused."""
+        self.max_sessions_per_caller = max_sessions_per_caller
+        """Sessions one principal may hold; beyond, its `initialize` is refused."""
+        self._held: Counter[str] = Counter()
+        """Principal → sessions it holds."""
+        self._refused = 0
+        self._refusal_logged = 0.0
         self.listeners: set[asyncio.Queue[bytes]] = set()
         self.local_tools: dict[str, tuple[dict[str, Any], LocalTool]] = {}
         self._visible: dict[tuple[str, str | None, int], tuple[float, frozenset[str]]] = {}
         """(sidecar endpoint, caller's Authorization, catalogue version) → (until, tool names it lists them)."""
-        self._asks: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        """Server requests put to callers, by the id the gateway gave them, waiting for the caller's answer."""
-        self._ask_ids = itertools.count(1)
         self._prompt_owners: dict[str, str] = {}
         """Bare prompt name → the server that answers to it (highest priority), as last listed."""
         self._resource_owners: dict[str, str] = {}
         """Resource URI (or template) → the server that serves it (highest priority), as last listed."""
         self._list_changed = orjson.dumps({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
+        self._closing: set[asyncio.Task] = set()
+        """Sidecar sessions of evicted gateway sessions being closed in the background."""
         catalogue.on_change(self._announce_change)
 
     def close(self) -> None:
@@ -144,11 +218,13 @@ class Gateway:
         sessions, listeners = list(self.sessions.values()), list(self.listeners)
         self.sessions.clear()
         self.listeners.clear()
+        self._held.clear()
+        for task in self._closing:
+            task.cancel()
         for session in sessions:
             for task in session.in_flight.values():
                 task.cancel()
-            with contextlib.suppress(asyncio.QueueFull):
-                session.outbox.put_nowait(b"")
+            session.wake()
         for queue in listeners:
             with contextlib.suppress(asyncio.QueueFull):
                 queue.put_nowait(b"")
@@ -185,6 +261,9 @@ class Gateway:
     async def handle_post(self, request: web.Request) -> web.StreamResponse:
         try:
             message = orjson.loads(await request.read())
+        except web.HTTPRequestEntityTooLarge:
+            return _json(error_message(None, INVALID_REQUEST,
+                                       f"request body larger than {request.app._client_max_size} bytes"), 413)
         except orjson.JSONDecodeError:
             return _json(error_message(None, PARSE_ERROR, "parse error"), 400)
         if not isinstance(message, dict):
@@ -206,22 +285,26 @@ class Gateway:
         return answer
 
     async def _dispatch(self, request: web.Request, message: dict[str, Any], method: Any) -> web.StreamResponse:
+        if method == "initialize":
+            return await self._initialize(request, message)
+        session = None
+        if "Mcp-Session-Id" in request.headers:
+            session = self.session_of(request)
+            if session is None:
+                request_id = message.get("id") if isinstance(method, str) else None
+                return _json(error_message(request_id, INVALID_REQUEST, UNKNOWN_SESSION), 404)
         if not isinstance(method, str):
-            # A caller's answer to a server's request we relayed; anything else we never asked: nothing to do.
-            waiting = self._asks.get(message.get("id")) if isinstance(message.get("id"), str) else None
+            # A caller's answer to a server's request we relayed: only the session it was put to can answer it, and
+            # only from the principal that opened that session (both checked above). Anything else: nothing to do.
+            answer_id = message.get("id")
+            waiting = session.asks.get(answer_id) if session is not None and session.asks and \
+                isinstance(answer_id, str) else None
             if waiting is not None and not waiting.done():
                 waiting.set_result({k: message[k] for k in ("result", "error") if k in message}
                                    or {"error": {"code": INVALID_REQUEST, "message": "empty answer"}})
             return web.Response(status=202)
-        session_id = request.headers.get("Mcp-Session-Id")
-        session = None
-        if method == "initialize":
-            return self._initialize(message)
-        if session_id:
-            session = self.sessions.get(session_id)
-            if session is None:
-                return _json(error_message(message.get("id"), INVALID_REQUEST, "unknown or ended session"), 404)
-            session.last_used = time.monotonic()
+        if session is not None and method not in ("ping", "notifications/initialized"):
+            session.called = True
         if "id" not in message:
             if method == "notifications/cancelled" and session is not None:
                 task = session.in_flight.get((message.get("params") or {}).get("requestId"))
@@ -233,7 +316,7 @@ class Gateway:
         if not isinstance(params, dict):
             return _json(error_message(request_id, INVALID_PARAMS, "params must be an object"))
         caller = Caller(request.headers.get("Authorization"),
-                        request.headers.get("Mcp-Budget-Key") or (session.id if session else None),
+                        request.headers.get("Mcp-Budget-Key") or (session.budget_key if session else None),
                         () if session else tuple((k, v) for k, v in request.headers.items()
                                                  if k.lower().startswith("mcp-param-")))
         if method == "ping":
@@ -259,55 +342,145 @@ class Gateway:
         return _json(error_message(request_id, METHOD_NOT_FOUND, f"method not found: {method}"))
 
     async def handle_get(self, request: web.Request) -> web.StreamResponse:
-        session = self.sessions.get(request.headers.get("Mcp-Session-Id", ""))
+        if "Mcp-Session-Id" not in request.headers:
+            return web.Response(status=405)
+        session = self.session_of(request)
         if session is None:
-            return web.Response(status=405 if "Mcp-Session-Id" not in request.headers else 404)
+            return _json(error_message(None, INVALID_REQUEST, UNKNOWN_SESSION), 404)
         response = web.StreamResponse(headers={**SSE_HEADERS, "Mcp-Session-Id": session.id})
         await response.prepare(request)
+        outbox = session.outbox_queue()
+        if session.list_changed:
+            session.list_changed = False
+            _offer(outbox, self._list_changed)
         session.streams += 1
         try:
             while True:
-                data = await session.outbox.get()
-                if session.id not in self.sessions:
+                data = await outbox.get()
+                if self.sessions.get(session.id) is not session:
                     break
                 await response.write(b"event: message\ndata: " + data + b"\n\n")
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:
             session.streams -= 1
-            session.last_used = time.monotonic()
+            self._touch(session)
         return response
 
     async def handle_delete(self, request: web.Request) -> web.Response:
-        session = self.sessions.get(request.headers.get("Mcp-Session-Id", ""))
+        session = self.session_of(request)
         if session is None:
-            return web.Response(status=404)
+            return _json(error_message(None, INVALID_REQUEST, UNKNOWN_SESSION), 404)
         await self.end_session(session)
         return web.Response(status=200)
 
-    async def end_session(self, session: GatewaySession) -> None:
-        """Forget a session: stop its calls, close its GET stream, end its sessions with the sidecars."""
-        self.sessions.pop(session.id, None)
+    def session_of(self, request: web.Request) -> GatewaySession | None:
+        """The session a request names, if it comes from the principal that opened it; else None (answer 404).
+
+        Another principal's session and one that never existed look the same,
+        so nobody learns whether a session id is live. A use counts as
+        activity: the session becomes the most recently used.
+        """
+        session = self.sessions.get(request.headers.get("Mcp-Session-Id", ""))
+        if session is None:
+            return None
+        principal = credential_principal(request.headers.get("Authorization"))
+        if not secrets.compare_digest(session.principal, principal):
+            return None
+        self._touch(session)
+        return session
+
+    def _touch(self, session: GatewaySession) -> None:
+        session.last_used = time.monotonic()
+        if self.sessions.get(session.id) is session:
+            self.sessions.move_to_end(session.id)
+
+    def _forget(self, session: GatewaySession) -> bool:
+        """Drop a session from the table, stop its calls and wake its stream; False when it was already gone."""
+        if self.sessions.get(session.id) is not session:
+            return False
+        del self.sessions[session.id]
+        left = self._held[session.principal] - 1
+        if left > 0:
+            self._held[session.principal] = left
+        else:
+            del self._held[session.principal]
         for task in session.in_flight.values():
             task.cancel()
-        with contextlib.suppress(asyncio.QueueFull):
-            session.outbox.put_nowait(b"")  # wakes the GET stream, which sees the session gone
-        await self.backends.end_sessions(session.id)
+        session.wake()  # the GET stream sees the session gone
+        return True
 
-    async def expire_sessions(self, idle: float) -> None:
-        """End sessions nobody used for `idle` seconds (clients that vanished without DELETE)."""
-        cutoff = time.monotonic() - idle
-        for session in [s for s in self.sessions.values() if s.last_used < cutoff and not s.streams
-                        and not s.in_flight]:
+    async def end_session(self, session: GatewaySession) -> None:
+        """Forget a session: stop its calls, close its GET stream, end its sessions with the sidecars."""
+        if self._forget(session) and session.called:
+            await self.backends.end_sessions(session.budget_key)
+
+    def _evict(self, session: GatewaySession) -> None:
+        """End a session to make room, without waiting for its sidecar sessions to close."""
+        if self._forget(session) and session.called:
+            task = asyncio.get_running_loop().create_task(self.backends.end_sessions(session.budget_key))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    def session_count(self, principal: str | None = None) -> int:
+        """Sessions open now, in all or held by `principal`."""
+        return len(self.sessions) if principal is None else self._held.get(principal, 0)
+
+    async def expire_sessions(self, idle: float, anonymous_idle: float | None = None) -> None:
+        """End sessions nobody used for `idle` seconds (`anonymous_idle` for anonymous ones): clients that vanished
+        without DELETE. A session with a call in flight or an open stream is never idle."""
+        anonymous_idle = idle if anonymous_idle is None else anonymous_idle
+        now = time.monotonic()
+        newest = now - min(idle, anonymous_idle)
+        stale = []
+        for session in self.sessions.values():  # least recently used first: stop at the first too recent
+            if session.last_used >= newest:
+                break
+            limit = anonymous_idle if session.principal == ANONYMOUS else idle
+            if session.last_used < now - limit and not session.busy:
+                stale.append(session)
+        for session in stale:
             await self.end_session(session)
+
+    def _make_room(self, principal: str) -> None:
+        """Room for one more session of `principal`, or SessionRefused (see the module docstring)."""
+        if self._held.get(principal, 0) >= self.max_sessions_per_caller:
+            raise SessionRefused(429, f"too many sessions for this caller (at most {self.max_sessions_per_caller} "
+                                      "per credential); end sessions you no longer use (DELETE)", 60)
+        if len(self.sessions) < self.max_sessions:
+            return
+        idle = next((s for s in self.sessions.values() if not s.busy), None)
+        if idle is None:
+            raise SessionRefused(503, f"the gateway holds its maximum of {self.max_sessions} sessions, all busy", 5)
+        log.info("gateway session %s ended to make room (at most %d sessions)", session_ref(idle.id),
+                 self.max_sessions)
+        self._evict(idle)
+
+    def _log_refusal(self, exc: SessionRefused) -> None:
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refusal_logged >= REFUSAL_LOG_EVERY:
+            self._refusal_logged = now
+            log.warning("gateway refused %d new session(s) in the last %gs: %s", self._refused, REFUSAL_LOG_EVERY,
+                        exc.message)
+            self._refused = 0
 
     # -- methods -------------------------------------------------------------------
 
-    def _initialize(self, message: Mapping[str, Any]) -> web.Response:
-        asked = (message.get("params") or {}).get("protocolVersion")
+    async def _initialize(self, request: web.Request, message: Mapping[str, Any]) -> web.Response:
+        params = message.get("params")
+        asked = params.get("protocolVersion") if isinstance(params, Mapping) else None
         version = asked if asked in SESSION_VERSIONS else SESSION_VERSIONS[0]
-        session = GatewaySession(id=uuid.uuid4().hex, protocol_version=version)
+        principal = credential_principal(request.headers.get("Authorization"))
+        try:
+            self._make_room(principal)
+        except SessionRefused as exc:
+            self._log_refusal(exc)
+            return _json(error_message(message.get("id"), RATE_LIMITED, exc.message), exc.status,
+                         headers={"Retry-After": str(exc.retry_after)})
+        session = GatewaySession(id=unguessable_id(), protocol_version=version, principal=principal)
         self.sessions[session.id] = session
+        self._held[principal] += 1
         result = {"protocolVersion": version, "capabilities": CAPABILITIES,
                   "serverInfo": self.server_info,
                   "instructions": "Tools of every healthy server behind toolmesh, named server__tool."}
@@ -406,17 +579,23 @@ class Gateway:
             await stream.write(b"event: message\ndata: " + orjson.dumps(note) + b"\n\n")
 
         async def ask(server_request: Mapping[str, Any]) -> dict[str, Any]:
-            # The server's request goes to the caller on this call's stream under an id of ours; the caller's
-            # answer arrives as a POST (see handle_post) and goes back to the server under the server's id.
-            ask_id = f"toolmesh-{next(self._ask_ids)}"
-            waiting = self._asks[ask_id] = asyncio.get_running_loop().create_future()
+            # The server's request goes to the caller on this call's stream under an unguessable id of ours, kept in
+            # the caller's session; the answer arrives as a POST in that session from its principal (see _dispatch)
+            # and goes back to the server under the server's id.
+            assert session is not None
+            ask_id = unguessable_id("toolmesh-")
+            asks = session.asks if session.asks is not None else {}
+            session.asks = asks
+            waiting = asks[ask_id] = asyncio.get_running_loop().create_future()
             try:
                 await notify({**server_request, "id": ask_id})
                 return await asyncio.wait_for(waiting, ASK_TIMEOUT)
             except asyncio.TimeoutError:
                 return {"error": {"code": INTERNAL_ERROR, "message": "the caller did not answer in time"}}
             finally:
-                self._asks.pop(ask_id, None)
+                asks.pop(ask_id, None)
+                if not asks and session.asks is asks:
+                    session.asks = None
 
         task = asyncio.current_task()
         if session is not None and task is not None:
@@ -430,7 +609,7 @@ class Gateway:
         except ToolCallFailed as exc:
             answer = error_message(request_id, exc.code, exc.message, exc.data)
         except asyncio.CancelledError:
-            if session is not None and session.id in self.sessions and request_id in session.in_flight:
+            if session is not None and self.sessions.get(session.id) is session and request_id in session.in_flight:
                 # Cancelled by notifications/cancelled: the spec says send nothing back.
                 session.in_flight.pop(request_id, None)
                 if stream is not None:
@@ -440,6 +619,7 @@ class Gateway:
         finally:
             if session is not None:
                 session.in_flight.pop(request_id, None)
+                self._touch(session)
         if stream is None:
             return _json(answer)
         await stream.write(b"event: message\ndata: " + orjson.dumps(answer) + b"\n\n")
@@ -511,9 +691,9 @@ class Gateway:
     def _relay_to(self, session: GatewaySession) -> Notify:
         """Notifications a server sends outside any call (resource updates, list changes) → the session's GET stream."""
         async def relay(note: Mapping[str, Any]) -> None:
-            if session.id in self.sessions:
+            if self.sessions.get(session.id) is session:
                 with contextlib.suppress(asyncio.QueueFull):
-                    session.outbox.put_nowait(orjson.dumps(note))
+                    session.outbox_queue().put_nowait(orjson.dumps(note))
 
         return relay
 
@@ -676,7 +856,10 @@ class Gateway:
 
     def _announce_change(self) -> None:
         for session in self.sessions.values():
-            _offer(session.outbox, self._list_changed)
+            if session.outbox is None:
+                session.list_changed = True
+            else:
+                _offer(session.outbox, self._list_changed)
         for queue in self.listeners:
             _offer(queue, b"")
 

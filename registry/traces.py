@@ -6,7 +6,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,15 +71,30 @@ def _attributes(attributes: Any) -> dict[str, Any]:
 
 
 class RedFigures:
-    """Rate, errors and duration per (server, tool) over a sliding window."""
+    """Rate, errors and duration per (server, tool) over a sliding window.
 
-    def __init__(self, window: float = 300.0, clock=time.monotonic) -> None:
+    Spans come from anyone who can reach `/v1/traces`, so only (server, tool)
+    pairs `known` accepts (the catalogue's) are kept: made-up names never
+    grow the table.
+    """
+
+    def __init__(self, window: float = 300.0, clock=time.monotonic,
+                 known: Callable[[str, str], bool] = lambda server, tool: True) -> None:
         self.window = window
         self._clock = clock
+        self._known = known
         self._calls: dict[tuple[str, str], _Calls] = {}
 
+    def __len__(self) -> int:
+        """(server, tool) pairs with figures."""
+        return len(self._calls)
+
     def record(self, span: ToolCallSpan) -> None:
-        calls = self._calls.setdefault((span.server, span.tool), _Calls())
+        calls = self._calls.get((span.server, span.tool))
+        if calls is None:
+            if not self._known(span.server, span.tool):
+                return
+            calls = self._calls[(span.server, span.tool)] = _Calls()
         calls.samples.append((self._clock(), span.duration_ms, span.failed))
         calls.total += 1
         calls.errors += span.failed

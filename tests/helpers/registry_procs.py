@@ -18,19 +18,31 @@ import orjson
 from helpers import ROOT, TOOLMESH, free_port, listening
 
 TOY_SERVER = ROOT / "tests" / "helpers" / "toy_mcp_server.py"
+_CREDENTIALS: dict[str, str] = {}
+"""Registry base URL → the bearer credential its catalogue reads need (its heartbeat secret), for `get_json`."""
 
 
 @contextmanager
 def registry_process(tmp_path: Path, *, interval: float = 1.0, missed: int = 3, secret: str | None = None,
                      extra: Sequence[str] = ()) -> Iterator[str]:
-    """`toolmesh registry` on a free port (1 s heartbeats unless a test is about expiry); yields its base URL."""
+    """`toolmesh registry` on a free port (1 s heartbeats unless a test is about expiry); yields its base URL.
+
+    Without a `secret` it runs `--insecure` (heartbeats and catalogue reads from anyone); with one, `get_json`
+    presents it to this registry.
+    """
     port = free_port()
     env = {"TOOLMESH_REGISTRY_SECRET": secret} if secret else {}
     log = tmp_path / f"registry-{port}.log"
     cmd = [TOOLMESH, "registry", "--listen", f"127.0.0.1:{port}", "--heartbeat-interval", str(interval),
-           "--missed-heartbeats", str(missed), *extra]
+           "--missed-heartbeats", str(missed), *([] if secret else ["--insecure"]), *extra]
+    base = f"http://127.0.0.1:{port}"
     with listening(cmd, port, what="registry", env=env, log_path=log):
-        yield f"http://127.0.0.1:{port}"
+        if secret:
+            _CREDENTIALS[base] = secret
+        try:
+            yield base
+        finally:
+            _CREDENTIALS.pop(base, None)
 
 
 @contextmanager
@@ -87,8 +99,11 @@ async def beating(registry: str, beat: dict[str, Any], *, interval: float = 0.1,
         await asyncio.to_thread(thread.join, 10)
 
 
-async def get_json(url: str) -> Any:
+async def get_json(url: str, token: str | None = None) -> Any:
+    """GET a JSON document, with `token` (or the secret of the registry `registry_process` started there) as bearer."""
+    token = token or next((secret for base, secret in _CREDENTIALS.items() if url.startswith(base + "/")), None)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     async with aiohttp.ClientSession() as http:
-        async with http.get(url) as resp:
+        async with http.get(url, headers=headers) as resp:
             assert resp.status == 200, await resp.text()
             return await resp.json(content_type=None)
