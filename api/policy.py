@@ -423,7 +423,7 @@ class ResourceScopeRule(SpecModel):
 
     URIs are normalised before they are matched (scheme and host lowercased, `%2e` read as `.`,
     `file:/x` and `file://localhost/x` as `file:///x`), and a URI a server could resolve to another
-    resource than the rules see is refused with INVALID_PARAMS (HTTP 400) whatever the rules say:
+    resource than the rules see is refused with a JSON-RPC INVALID_PARAMS error whatever the rules say:
     `.` or `..` segments (also encoded, or as `..;x`), empty segments (`//`), encoded `/` or `\\`,
     backslashes, control characters, double or malformed percent-encoding. The upstream still gets
     the URI exactly as the client sent it.

@@ -50,10 +50,23 @@ _LISTS = {
 
 
 class InvalidTarget(Refused):
-    """Give up: the call names its resource in a way a server could read otherwise than the rules (or not at all)."""
+    """Give up: the call names its target in a way a server could read otherwise than the rules, or not at all.
+
+    A JSON-RPC INVALID_PARAMS error at HTTP 200, as the sidecar's other INVALID_PARAMS answers are.
+    """
+
+    status = 200
+    code = INVALID_PARAMS
+
+
+class InvalidTargetNotification(InvalidTarget):
+    """The same refusal of a notification: no JSON-RPC answer reaches it, so the HTTP status says it (400)."""
 
     status = 400
-    code = INVALID_PARAMS
+
+
+def _invalid(ctx: CallContext, message: str, data: Any = None) -> InvalidTarget:
+    return (InvalidTargetNotification if ctx.kind == NOTIFICATION else InvalidTarget)(message, data=data)
 
 
 def allowed(required: list[str], caller: Caller | None) -> bool:
@@ -108,7 +121,7 @@ class AuthorizeStage:
                 self._decide(ctx, *target)
             elif self.authorization is not None:
                 self._record(ctx, None, "", False, "completion ref names neither a prompt nor a resource")
-                raise InvalidTarget("completion/complete needs a ref {type: ref/prompt, name} or {type: ref/resource, uri}")
+                raise _invalid(ctx, "completion/complete needs a ref {type: ref/prompt, name} or {type: ref/resource, uri}")
             return await call_next(ctx)
         listed = _LISTS.get(method)
         if listed is not None and kind == REQUEST and self.authorization is not None and self.authorization.filterLists:
@@ -139,7 +152,7 @@ class AuthorizeStage:
         required = self._scopes_for(kind, target)
         if isinstance(required, AmbiguousUri):
             self._record(ctx, kind, target, False, f"ambiguous resource URI: {required}")
-            raise InvalidTarget(f"resource URI refused: {required}", data={"uri": _shown(target)})
+            raise _invalid(ctx, f"resource URI refused: {required}", data={"uri": _shown(target)})
         if allowed(required, caller):
             granted = sorted(caller.scopes.intersection(required)) if caller and required else []
             self._record(ctx, kind, target, True, f"scope {granted[0]}" if granted else "no scope required")

@@ -10,6 +10,7 @@ import pytest
 from helpers.tokens import TokenIssuer
 from multidict import CIMultiDict
 
+from toolmesh.api.jsonrpc import FORBIDDEN, INVALID_PARAMS
 from toolmesh.api.policy import PolicyError, PolicyFile
 from toolmesh.sidecar.chain import NOTIFICATION, CallContext, Caller, Outcome, derive, run_chain
 from toolmesh.sidecar.jwt_verify import scopes_of
@@ -167,34 +168,34 @@ async def test_a_denied_notification_is_refused_audited_and_never_forwarded(issu
         ("deploy", False, None), ("public_time", True, None)]
 
 
-@pytest.mark.parametrize(("params", "status"), [
-    ({"ref": {"type": "ref/resource", "uri": "file:///public/{a}/{b}"}}, 200),
-    ({"ref": {"type": "ref/resource", "uri": "file:///private/{a}"}}, 403),
-    ({"ref": {"type": "ref/resource", "uri": "file:///public/%2e%2e/private"}}, 400),
-    ({"ref": {"type": "ref/prompt", "name": "greet"}}, 200),
-    ({"ref": {"type": "ref/prompt", "name": "admin"}}, 403),
-    ({"ref": {"type": "ref/prompt", "name": 3}}, 400),
-    ({"ref": "greet"}, 400),
-    ({}, 400),
+@pytest.mark.parametrize(("params", "code"), [
+    ({"ref": {"type": "ref/resource", "uri": "file:///public/{a}/{b}"}}, None),
+    ({"ref": {"type": "ref/resource", "uri": "file:///private/{a}"}}, FORBIDDEN),
+    ({"ref": {"type": "ref/resource", "uri": "file:///public/%2e%2e/private"}}, INVALID_PARAMS),
+    ({"ref": {"type": "ref/prompt", "name": "greet"}}, None),
+    ({"ref": {"type": "ref/prompt", "name": "admin"}}, FORBIDDEN),
+    ({"ref": {"type": "ref/prompt", "name": 3}}, INVALID_PARAMS),
+    ({"ref": "greet"}, INVALID_PARAMS),
+    ({}, INVALID_PARAMS),
 ])
-async def test_completion_refs_are_judged(issuer, tmp_path, params, status):
+async def test_completion_refs_are_judged(issuer, tmp_path, params, code):
     outcome, seen = await judged(authz(issuer, tmp_path), context("completion/complete", params), "public")
-    assert outcome.status == status
-    assert len(seen) == (1 if status == 200 else 0)
+    assert outcome.message.get("error", {}).get("code") == code
+    assert len(seen) == (1 if code is None else 0)
 
 
-@pytest.mark.parametrize(("method", "uri", "status"), [
-    ("resources/read", "toolmesh://results/AbC-_09", 200),
-    ("resources/read", "toolmesh://results/AbC-_09?page=2", 200),
-    ("resources/read", "toolmesh://results/a/b", 403),
-    ("resources/read", "toolmesh://results/a?page=2&x=1", 403),
-    ("resources/read", "toolmesh://elsewhere/a", 403),
-    ("resources/read", "toolmesh://results/../../etc", 400),
-    ("resources/subscribe", "toolmesh://results/AbC", 403),
+@pytest.mark.parametrize(("method", "uri", "code"), [
+    ("resources/read", "toolmesh://results/AbC-_09", None),
+    ("resources/read", "toolmesh://results/AbC-_09?page=2", None),
+    ("resources/read", "toolmesh://results/a/b", FORBIDDEN),
+    ("resources/read", "toolmesh://results/a?page=2&x=1", FORBIDDEN),
+    ("resources/read", "toolmesh://elsewhere/a", FORBIDDEN),
+    ("resources/read", "toolmesh://results/../../etc", INVALID_PARAMS),
+    ("resources/subscribe", "toolmesh://results/AbC", FORBIDDEN),
 ])
-async def test_only_an_exact_results_page_skips_the_rules(issuer, tmp_path, method, uri, status):
+async def test_only_an_exact_results_page_skips_the_rules(issuer, tmp_path, method, uri, code):
     outcome, _ = await judged(authz(issuer, tmp_path), context(method, {"uri": uri}), "public")
-    assert outcome.status == status
+    assert outcome.message.get("error", {}).get("code") == code
 
 
 async def test_ambiguous_uris_are_hidden_from_lists(issuer, tmp_path):
