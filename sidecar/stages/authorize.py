@@ -116,15 +116,16 @@ class AuthorizeStage:
             self._decide(ctx, guarded[0], target if isinstance(target, str) else "")
             return await call_next(ctx)
         if method == COMPLETE:
-            target = self._completion_target(ctx)
-            if target is not None:
-                self._decide(ctx, *target)
+            completed = self._completion_target(ctx)
+            if completed is not None:
+                self._decide(ctx, *completed)
             elif self.authorization is not None:
                 self._record(ctx, None, "", False, "completion ref names neither a prompt nor a resource")
                 raise _invalid(ctx, "completion/complete needs a ref {type: ref/prompt, name} or {type: ref/resource, uri}")
             return await call_next(ctx)
         listed = _LISTS.get(method)
-        if listed is not None and kind == REQUEST and self.authorization is not None and self.authorization.filterLists:
+        # A list sent as a notification is filtered too, should the upstream answer it all the same.
+        if listed is not None and self.authorization is not None and self.authorization.filterLists:
             outcome = await call_next(ctx)
             return self._filter(outcome, ctx.caller, *listed)
         return await call_next(ctx)

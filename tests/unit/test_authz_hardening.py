@@ -209,3 +209,16 @@ async def test_ambiguous_uris_are_hidden_from_lists(issuer, tmp_path):
     ctx = derive(context("resources/list"), caller=Caller(subject="alice", scopes=frozenset({"public"}), issuer="i"))
     outcome = await run_chain(lambda c: stage(c, upstream), ctx)
     assert [r["uri"] for r in outcome.message["result"]["resources"]] == ["file:///public/a/b", "FILE:///public/c"]
+
+
+async def test_a_list_sent_as_a_notification_is_filtered_if_answered(issuer, tmp_path):
+    stage = authz(issuer, tmp_path)
+    tools = [{"name": n, "inputSchema": {"type": "object"}} for n in ("public_time", "deploy")]
+
+    async def careless_upstream(ctx):
+        return Outcome(message={"jsonrpc": "2.0", "id": None, "result": {"tools": tools}}, status=200)
+
+    note = derive(context("tools/list"), request_id=None, kind=NOTIFICATION,
+                  caller=Caller(subject="alice", scopes=frozenset({"public"}), issuer="i"))
+    outcome = await run_chain(lambda c: stage(c, careless_upstream), note)
+    assert [t["name"] for t in outcome.message["result"]["tools"]] == ["public_time"]
