@@ -35,7 +35,7 @@ class Caller:
     subject: str
     """The token's `sub`, or "anonymous" when the policy has no auth."""
     scopes: frozenset[str] = frozenset()
-    """Scopes from the token's `scope` (space-separated) or `scp` (list)."""
+    """Scopes from the issuer's `scopeClaim`, else the token's `scope` (space-separated) or `scp` (list)."""
     issuer: str | None = None
     """The token's `iss`."""
     expires_at: float | None = None

@@ -124,7 +124,7 @@ async def test_attacks_are_refused_with_401(issuer, jwks, attack):
 
 
 async def test_missing_token_gets_a_challenge_without_error_code(issuer):
-    stage = authenticate.build(policy_for(issuer, key={"secret": issuer.secret}), SharedState("s"))
+    stage = authenticate.build(policy_for(issuer, key={"secret": issuer.secret}, auth={"trustForwardedHeaders": True}), SharedState("s"))
     outcome, _ = await through(stage, context(None, **{"X-Forwarded-Proto": "https", "Host": "tools.example"}))
     assert outcome.status == 401
     assert outcome.headers["WWW-Authenticate"] == (
