@@ -118,7 +118,7 @@ async def measure(args: argparse.Namespace, logs: Path) -> dict:
     procs = [
         start([sys.executable, str(BENCH / "upstream.py"), "--port", str(up_port)], logs / "upstream.log"),
         start([str(BIN / "toolmesh"), "registry", "--listen", f"127.0.0.1:{reg_port}", "--heartbeat-interval", "1",
-               "--page-size", "5000"], logs / "registry.log"),
+               "--page-size", "5000", "--insecure"], logs / "registry.log"),
         start([str(BIN / "toolmesh"), "sidecar", "--upstream", f"http://127.0.0.1:{up_port}/mcp", "--listen",
                f"127.0.0.1:{sc_port}", "--server-name", "bench", "--registry", registry], logs / "sidecar.log"),
     ]
@@ -203,7 +203,8 @@ async def measure_expiry(rounds: int, logs: Path) -> dict:
         up_port, sc_port, reg_port = free_port(), free_port(), free_port()
         registry = f"http://127.0.0.1:{reg_port}"
         upstream = start([sys.executable, str(BENCH / "upstream.py"), "--port", str(up_port)], logs / "upstream.log")
-        reg = start([str(BIN / "toolmesh"), "registry", "--listen", f"127.0.0.1:{reg_port}"], logs / "registry.log")
+        reg = start([str(BIN / "toolmesh"), "registry", "--listen", f"127.0.0.1:{reg_port}", "--insecure"],
+                    logs / "registry.log")
         sidecar = start([str(BIN / "toolmesh"), "sidecar", "--upstream", f"http://127.0.0.1:{up_port}/mcp", "--listen",
                          f"127.0.0.1:{sc_port}", "--server-name", "bench", "--registry", registry],
                         logs / "sidecar.log")

@@ -599,9 +599,10 @@ def gateway(servers: int, tools_per_server: int, seconds: float, logs: Path, out
     upstream = Managed([str(MAIN_PY), str(BENCH / "upstream.py"), "--port", str(upstream_port),
                         "--tools", str(tools_per_server - 1)], logs / "gateway-upstream.log")
     # Heartbeats are sent once; a long interval keeps every instance healthy for the whole run.
+    # Loopback only, and heartbeats are posted by hand: --insecure (no heartbeat credential) is enough.
     registry = Managed([str(TOOLMESH), "registry", "--listen", f"127.0.0.1:{port}", "--heartbeat-interval", "3600",
-                        "--page-size", str(servers * tools_per_server + 100)], logs / "gateway-registry.log",
-                       {"TOOLMESH_REGISTRY_SECRET": ""})
+                        "--page-size", str(servers * tools_per_server + 100), "--insecure"],
+                       logs / "gateway-registry.log", {"TOOLMESH_REGISTRY_SECRET": ""})
     try:
         wait_ready(lambda: bool(open_session(f"http://127.0.0.1:{upstream_port}/mcp")), upstream, timeout=30)
         wait_ready(lambda: http_ok(f"http://127.0.0.1:{port}/healthz"), registry, timeout=60)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import orjson
 from aiohttp import web
 
+from toolmesh.api.sessions import ANONYMOUS
 from toolmesh.registry.auth import HeartbeatAuth, nobody
 from toolmesh.registry.backend import BackendPool
 from toolmesh.registry.catalogue import SEPARATOR, Catalogue
@@ -77,6 +78,7 @@ def create_app(settings: RegistrySettings | None = None, catalogue: Catalogue | 
     app.router.add_post("/v1/heartbeats", post_heartbeat)
     app.router.add_get("/v1/servers", get_servers)
     app.router.add_get("/v1/tools", get_tools)
+    app.router.add_get("/v1/gateway", get_gateway)
     app.router.add_get("/healthz", healthz)
     return app
 
@@ -201,6 +203,19 @@ async def get_tools(request: web.Request) -> web.Response:
         tools.append({**listed, "server": route.server, "namespace": key.namespace if key else None,
                       "tool": route.tool, "stats": stats, "red": red.figures(route.server, route.tool)})
     return _json({"tools": tools, "version": view.version})
+
+
+async def get_gateway(request: web.Request) -> web.Response:
+    """How many gateway sessions are open, and the caps: for those holding a heartbeat credential."""
+    settings = request.app[SETTINGS]
+    verdict = await settings.auth(request.headers.get("Authorization"))
+    if not verdict.allowed:
+        return _refused(verdict.reason)
+    gateway = request.app[GATEWAY]
+    return _json({"sessions": gateway.session_count(), "anonymousSessions": gateway.session_count(ANONYMOUS),
+                  "maxSessions": gateway.max_sessions, "maxSessionsPerCaller": gateway.max_sessions_per_caller,
+                  "sessionIdleSeconds": settings.session_idle,
+                  "anonymousSessionIdleSeconds": settings.anonymous_session_idle})
 
 
 async def post_workflow(request: web.Request) -> web.Response:

@@ -348,13 +348,13 @@ class Gateway:
         if session is None:
             return _json(error_message(None, INVALID_REQUEST, UNKNOWN_SESSION), 404)
         response = web.StreamResponse(headers={**SSE_HEADERS, "Mcp-Session-Id": session.id})
-        await response.prepare(request)
         outbox = session.outbox_queue()
         if session.list_changed:
             session.list_changed = False
             _offer(outbox, self._list_changed)
-        session.streams += 1
+        session.streams += 1  # busy from before the client sees the stream open
         try:
+            await response.prepare(request)
             while True:
                 data = await outbox.get()
                 if self.sessions.get(session.id) is not session:

@@ -141,7 +141,9 @@ class LocalServer:
 
     plan: ServerPlan
     registry: str
-    secret: str
+    secret_file: Path
+    """The registry's heartbeat secret, in a file readable by this user only (never in an environment variable, which
+    a stdio server spawned by the sidecar would inherit)."""
     run_dir: Path
     sidecar_port: int = 0
     processes: list[asyncio.subprocess.Process] = field(default_factory=list)
@@ -167,6 +169,7 @@ class LocalServer:
 
     def _env(self, extra: Mapping[str, str] = {}) -> dict[str, str]:
         env = dict(os.environ, PYTHONSAFEPATH="1", PYTHONUNBUFFERED="1")
+        env.pop("TOOLMESH_REGISTRY_SECRET", None)  # another registry's secret is not for our servers
         bin_dir = str(Path(sys.executable).parent)
         env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
         env.update({e.name: e.value for e in self.plan.spec.env})
@@ -231,7 +234,8 @@ class LocalServer:
             return
         # Traces go to the registry unless the user points them elsewhere: its RED figures come from them.
         otlp = {} if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") else {"OTEL_EXPORTER_OTLP_ENDPOINT": self.registry}
-        proc = await self._spawn(sidecar, sidecar_log, self._env({"TOOLMESH_REGISTRY_SECRET": self.secret, **otlp}))
+        proc = await self._spawn(sidecar, sidecar_log,
+                                 self._env({"TOOLMESH_REGISTRY_SECRET_FILE": str(self.secret_file), **otlp}))
         while not catalogue.healthy_instances(name):
             if proc.returncode is not None:
                 self.fail(f"sidecar exited with status {proc.returncode}", sidecar_log)
@@ -277,6 +281,8 @@ class LocalMesh:
         self.heartbeat_interval = heartbeat_interval
         self.start_timeout = start_timeout
         self.secret = secrets.token_urlsafe(24)
+        """The heartbeat secret, new each run: only the sidecars started here report, and only its holder reads the
+        catalogue (`/v1/servers`, `/v1/tools`)."""
         self.servers: dict[str, LocalServer] = {}
         self.out = out
         self._app = None
@@ -285,6 +291,10 @@ class LocalMesh:
     @property
     def base(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def secret_file(self) -> Path:
+        return self.run_dir / "registry.secret"
 
     def say(self, text: str = "") -> None:
         print(text, file=self.out, flush=True)
@@ -296,6 +306,11 @@ class LocalMesh:
         from toolmesh.registry.auth import shared_secret
 
         settings = RegistrySettings(heartbeat_interval=self.heartbeat_interval, auth=shared_secret(self.secret))
+        # Written where the logs go, readable by this user only: how a person reads the catalogue (`curl -H`).
+        fd = os.open(self.secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            os.fchmod(out.fileno(), 0o600)  # a file left by an earlier run in --log-dir keeps no wider mode
+            out.write(self.secret + "\n")
         self._app = create_app(settings)
         self.catalogue = self._app[CATALOGUE]
         self._runner = web.AppRunner(self._app, handler_cancellation=True, access_log=None, shutdown_timeout=2)
@@ -327,7 +342,7 @@ class LocalMesh:
                 self.say(f"==> {name}: manifest changed, restarting")
                 await current.stop()
             self.catalogue.declare(name, traits_of(plan.spec))
-            server = LocalServer(plan, self.base, self.secret, self.run_dir)
+            server = LocalServer(plan, self.base, self.secret_file, self.run_dir)
             self.servers[name] = server
             starts.append(server.start(self.catalogue, self.start_timeout))
             changed.append(name)
@@ -351,7 +366,8 @@ class LocalMesh:
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
         lines += ["", *details, "",
                   f"gateway:  {self.base}/mcp   ({len(view.tools)} tools from {sum(1 for s in self.servers.values() if s.status == 'ready')} servers)",
-                  f"registry: {self.base}/v1/servers  {self.base}/v1/tools",
+                  f"registry: {self.base}/v1/servers  {self.base}/v1/tools"
+                  f"   (-H \"Authorization: Bearer $(cat {self.secret_file})\")",
                   f"logs:     {self.run_dir}"]
         return "\n".join(lines)
 

@@ -38,15 +38,17 @@ def kube_registry(cluster, tmp_path: Path, name: str, interval: float = 0.3):
     return port, running(cmd, env=cluster.env, log_path=tmp_path / f"{name}.log")
 
 
-async def tool_names(registry: str) -> list[str]:
-    return [t["name"] for t in (await get_json(f"{registry}/v1/tools"))["tools"]]
+async def tool_names(registry: str, token: str) -> list[str]:
+    """The catalogue's tool names, read with a token TokenReview accepts (the catalogue is not for anyone)."""
+    return [t["name"] for t in (await get_json(f"{registry}/v1/tools", token))["tools"]]
 
 
 async def test_heartbeats_need_a_registry_token_and_status_follows_the_sidecar(cluster, namespace, tmp_path):
     install_crds(cluster)
     apply_server(cluster, namespace, "alpha", priority=4, capabilities=["echoing"], maxConcurrent=2)
     token_file = tmp_path / "token"
-    token_file.write_text(cluster.token_for(namespace, "alpha", "toolmesh-registry"))
+    token = cluster.token_for(namespace, "alpha", "toolmesh-registry")
+    token_file.write_text(token)
     port, registry_proc = kube_registry(cluster, tmp_path, "registry")
     registry = f"http://127.0.0.1:{port}"
     with registry_proc as proc, toy_server(tmp_path, "alpha") as (_, upstream):
@@ -56,17 +58,17 @@ async def test_heartbeats_need_a_registry_token_and_status_follows_the_sidecar(c
         assert (await post_heartbeat(registry, beat))[0] == 401
         assert (await post_heartbeat(registry, beat, secret=wrong_audience))[0] == 401
         assert (await post_heartbeat(registry, beat, secret="not-a-token"))[0] == 401
-        assert await tool_names(registry) == []
+        assert await tool_names(registry, token) == []
 
         env = {"TOOLMESH_REGISTRY_TOKEN_FILE": str(token_file)}
         with sidecar(["--upstream", upstream], tmp_path, "--server-name", "alpha", "--registry", registry,
                      env=env) as sc:
             async def listed():
-                return await tool_names(registry) == ["alpha__echo"]
+                return await tool_names(registry, token) == ["alpha__echo"]
 
             await async_wait_until(listed, timeout=30, what="alpha's tools via a TokenReview-checked heartbeat")
             # MCPServers of other tests in this cluster are listed too (unhealthy): pick ours.
-            servers = (await get_json(f"{registry}/v1/servers"))["servers"]
+            servers = (await get_json(f"{registry}/v1/servers", token))["servers"]
             (server,) = [s for s in servers if s["name"] == "alpha"]
             assert (server["priority"], server["capabilities"], server["maxConcurrent"]) == (4, ["echoing"], 2)
 
@@ -93,7 +95,8 @@ async def test_a_restarted_registry_serves_the_catalogue_from_status(cluster, na
     install_crds(cluster)
     apply_server(cluster, namespace, "beta")
     token_file = tmp_path / "token"
-    token_file.write_text(cluster.token_for(namespace, "beta", "toolmesh-registry"))
+    token = cluster.token_for(namespace, "beta", "toolmesh-registry")
+    token_file.write_text(token)
     # The default 5 s interval: a status written within the last 15 s still counts after the restart.
     first_port, first = kube_registry(cluster, tmp_path, "first", interval=5)
     with toy_server(tmp_path, "beta") as (_, upstream):
@@ -115,7 +118,7 @@ async def test_a_restarted_registry_serves_the_catalogue_from_status(cluster, na
                     wait_until(lambda: port_open(second_port) or proc2.poll() is not None, timeout=30,
                                what="second registry")
                     second_url = f"http://127.0.0.1:{second_port}"
-                    assert await tool_names(second_url) == ["beta__echo"]
+                    assert await tool_names(second_url, token) == ["beta__echo"]
                     from mcp.client import Client
 
                     async with Client(f"{second_url}/mcp", mode="legacy") as client:
@@ -127,7 +130,8 @@ async def test_two_replicas_agree_through_the_api(cluster, namespace, tmp_path):
     install_crds(cluster)
     apply_server(cluster, namespace, "gamma")
     token_file = tmp_path / "token"
-    token_file.write_text(cluster.token_for(namespace, "gamma", "toolmesh-registry"))
+    token = cluster.token_for(namespace, "gamma", "toolmesh-registry")
+    token_file.write_text(token)
     env = {"TOOLMESH_REGISTRY_TOKEN_FILE": str(token_file)}
     a_port, a = kube_registry(cluster, tmp_path, "replica-a", interval=1)
     b_port, b = kube_registry(cluster, tmp_path, "replica-b", interval=1)
@@ -142,7 +146,7 @@ async def test_two_replicas_agree_through_the_api(cluster, namespace, tmp_path):
                             "--type=merge", "-p", json.dumps({"status": {"endpoint": to_b.url}}))
             for registry in (replica_a, replica_b):
                 async def listed(registry=registry):
-                    return await tool_names(registry) == ["gamma__echo"]
+                    return await tool_names(registry, token) == ["gamma__echo"]
 
                 await async_wait_until(listed, timeout=30, what=f"gamma at {registry}")
             # Each replica reports what it hears; the status adds the reports up.
@@ -158,8 +162,8 @@ async def test_two_replicas_agree_through_the_api(cluster, namespace, tmp_path):
             while asyncio.get_running_loop().time() < deadline:
                 status = status_of(cluster, namespace, "gamma")
                 seen_false.append(healthy_condition(status) == "False")
-                served = await tool_names(replica_a)
-                assert served == ["gamma__echo"], (status, await get_json(f"{replica_a}/v1/servers"))  # from B's status
+                served = await tool_names(replica_a, token)
+                assert served == ["gamma__echo"], (status, await get_json(f"{replica_a}/v1/servers", token))  # from B
                 await asyncio.sleep(0.5)
             assert not any(seen_false)
             assert status_of(cluster, namespace, "gamma")["healthyInstances"] == 1, "A's report says it lost its own"
@@ -199,13 +203,15 @@ async def test_one_name_in_two_namespaces_is_two_servers(cluster, namespace, tmp
                 expected = sorted([f"{a}__echo", f"{b}__echo", f"{b}__fail"])
 
                 async def listed():
-                    return sorted(n for n in await tool_names(registry) if "_search__" in n) == expected
+                    names = await tool_names(registry, tokens[namespace])
+                    return sorted(n for n in names if "_search__" in n) == expected
 
                 await async_wait_until(listed, timeout=30, what="both namespaces' search under qualified names")
-                tools = {t["name"]: t for t in (await get_json(f"{registry}/v1/tools"))["tools"]}
+                reader = tokens[namespace]
+                tools = {t["name"]: t for t in (await get_json(f"{registry}/v1/tools", reader))["tools"]}
                 assert (tools[f"{b}__fail"]["namespace"], tools[f"{b}__fail"]["server"]) == (other, b)
                 assert tools[f"{a}__echo"]["description"].startswith(f"[{a}] ")
-                servers = {s["name"]: s for s in (await get_json(f"{registry}/v1/servers"))["servers"]}
+                servers = {s["name"]: s for s in (await get_json(f"{registry}/v1/servers", reader))["servers"]}
                 assert (servers[a]["namespace"], servers[a]["mcpServer"], servers[a]["tools"]) == \
                     (namespace, "search", ["echo"])
                 assert "search" not in servers

@@ -76,7 +76,8 @@ def stack(tmp_path_factory):
 
 def listed(registry: str) -> bool:
     try:
-        with urllib.request.urlopen(f"{registry}/v1/tools", timeout=2) as response:
+        request = urllib.request.Request(f"{registry}/v1/tools", headers={"Authorization": f"Bearer {SECRET}"})
+        with urllib.request.urlopen(request, timeout=2) as response:
             return any(t["tool"] == "test_simple_text" for t in json.load(response)["tools"])
     except OSError:
         return False

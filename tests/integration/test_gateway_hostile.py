@@ -1,4 +1,4 @@
-"""The gateway facing hostile callers: sessions bound to who opened them, answers only from the asked, bounded memory."""
+"""The gateway facing hostile callers: sessions bound to their opener, answers only from the asked, bounded memory."""
 
 from __future__ import annotations
 
@@ -155,3 +155,99 @@ async def test_a_client_that_changes_its_token_opens_a_new_session(registry):
         ping = {"jsonrpc": "2.0", "id": 2, "method": "ping"}
         assert (await raw(registry, "POST", ping, session=caller.session_id, token="first"))[0] == 200
         assert (await raw(registry, "POST", ping, session=caller.session_id, token="second"))[0] == 404
+
+
+async def ping(registry: str, session: str, token: str | None = None) -> int:
+    return (await raw(registry, "POST", {"jsonrpc": "2.0", "id": 9, "method": "ping"}, session=session,
+                      token=token))[0]
+
+
+async def opened(registry: str, token: str | None = None) -> str:
+    async with aiohttp.ClientSession() as http:
+        headers = {**MCP_HEADERS, **({"Authorization": f"Bearer {token}"} if token else {})}
+        async with http.post(f"{registry}/mcp", data=orjson.dumps(INITIALIZE), headers=headers) as resp:
+            assert resp.status == 200, await resp.text()
+            return resp.headers["Mcp-Session-Id"]
+
+
+async def test_sessions_are_capped_per_caller_and_in_all_and_only_idle_ones_make_room(tmp_path):
+    with registry_process(tmp_path, secret=SECRET, extra=["--max-sessions", "4",
+                                                          "--max-sessions-per-caller", "2"]) as registry:
+        first, second = await opened(registry), await opened(registry)
+        status, body = await raw(registry, "POST", INITIALIZE)
+        assert status == 429, body
+        error = orjson.loads(body)["error"]
+        assert "at most 2 per credential" in error["message"] and error["code"] == -32005
+        # Other callers are not held back by the anonymous ones.
+        alice = [await opened(registry, "alice"), await opened(registry, "alice")]
+        assert (await raw(registry, "POST", INITIALIZE, token="alice"))[0] == 429
+        # Full (4): a newcomer ends the least recently used idle session, the first anonymous one.
+        assert await ping(registry, second) == 200
+        bob = await opened(registry, "bob")
+        assert await ping(registry, first) == 404
+        assert await ping(registry, second) == 200
+        assert [await ping(registry, s, "alice") for s in alice] == [200, 200]
+        # A session with an open stream is never ended for room: with every session listening, newcomers wait.
+        async with contextlib.AsyncExitStack() as stack:
+            http = await stack.enter_async_context(aiohttp.ClientSession())
+            for session, token in ((second, None), (alice[0], "alice"), (alice[1], "alice"), (bob, "bob")):
+                headers = {"Accept": "text/event-stream", "Mcp-Session-Id": session,
+                           **({"Authorization": f"Bearer {token}"} if token else {})}
+                stream = await stack.enter_async_context(http.get(f"{registry}/mcp", headers=headers))
+                assert stream.status == 200
+            status, body = await raw(registry, "POST", INITIALIZE, token="carol")
+            assert status == 503 and b"maximum of 4 sessions" in body
+        # Streams closed: room again, and the caller's own DELETE frees its slot at once.
+        assert (await raw(registry, "DELETE", session=bob, token="bob"))[0] == 200
+        await opened(registry, "carol")
+
+
+async def sessions_open(registry: str) -> dict:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{registry}/v1/gateway", headers={"Authorization": f"Bearer {SECRET}"}) as resp:
+            assert resp.status == 200
+            return await resp.json()
+
+
+async def test_anonymous_sessions_expire_sooner_than_identified_ones(tmp_path):
+    with registry_process(tmp_path, secret=SECRET, extra=["--anonymous-session-idle", "0.5"]) as registry:
+        anonymous, identified = await opened(registry), await opened(registry, "alice")
+        assert (await sessions_open(registry))["sessions"] == 2
+
+        async def anonymous_gone():
+            return (await sessions_open(registry))["anonymousSessions"] == 0
+
+        await async_wait_until(anonymous_gone, timeout=10, what="the idle anonymous session to end")
+        assert await ping(registry, anonymous) == 404
+        assert await ping(registry, identified, "alice") == 200
+
+
+async def test_a_huge_body_gets_413_and_a_batch_400(registry):
+    async with aiohttp.ClientSession() as http:
+        huge = b'{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"pad":"' + b"x" * (17 * 1024 * 1024) + b'"}}'
+        async with http.post(f"{registry}/mcp", data=huge, headers=MCP_HEADERS) as resp:
+            assert resp.status == 413
+            assert "larger than" in (await resp.json())["error"]["message"]
+        batch = [{"jsonrpc": "2.0", "id": 1, "method": "ping"}, {"jsonrpc": "2.0", "id": 2, "method": "ping"}]
+        async with http.post(f"{registry}/mcp", data=orjson.dumps(batch), headers=MCP_HEADERS) as resp:
+            assert resp.status == 400
+            assert "one JSON-RPC message per POST" in (await resp.json())["error"]["message"]
+
+
+async def test_the_catalogue_is_read_only_with_the_heartbeat_credential(registry):
+    async with aiohttp.ClientSession() as http:
+        for path in ("/v1/tools", "/v1/servers", "/v1/gateway"):
+            for headers in ({}, {"Authorization": "Bearer guess"}):
+                async with http.get(f"{registry}{path}", headers=headers) as resp:
+                    assert resp.status == 401, path
+                    assert "toy__echo" not in await resp.text()
+            async with http.get(f"{registry}{path}", headers={"Authorization": f"Bearer {SECRET}"}) as resp:
+                assert resp.status == 200, path
+        async with http.get(f"{registry}/v1/tools", headers={"Authorization": f"Bearer {SECRET}"}) as resp:
+            assert "toy__echo" in {t["name"] for t in (await resp.json())["tools"]}
+
+
+def test_a_registry_without_a_heartbeat_credential_refuses_to_start():
+    result = toolmesh_cli("registry", "--listen", f"127.0.0.1:{free_port()}", timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert "no heartbeat credential" in result.stderr and "--insecure" in result.stderr
