@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import orjson
 from aiohttp import web
 
-from toolmesh.api.sessions import ANONYMOUS
+from toolmesh.api.sessions import ANONYMOUS, credential_principal
 from toolmesh.registry.auth import HeartbeatAuth, nobody
 from toolmesh.registry.backend import BackendPool
 from toolmesh.registry.catalogue import SEPARATOR, Catalogue
@@ -235,8 +236,10 @@ async def post_workflow(request: web.Request) -> web.Response:
 
 
 async def get_workflow(request: web.Request) -> web.Response:
+    """A workflow's state and results, for the credential that started it; to anyone else it does not exist."""
     run = request.app[DELEGATION].runs.get(request.match_info["id"])
-    if run is None:
+    principal = credential_principal(request.headers.get("Authorization"))
+    if run is None or not secrets.compare_digest(run.principal, principal):
         return _json({"error": "no such workflow"}, 404)
     return _json(run.as_dict())
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from toolmesh.api.sessions import ANONYMOUS, credential_principal, unguessable_id
 from toolmesh.registry.catalogue import Catalogue, ServerKey
 from toolmesh.registry.gateway import Caller, Gateway, Notify, ToolCallFailed
 
@@ -126,7 +126,10 @@ class TaskRun:
 @dataclass(slots=True)
 class WorkflowRun:
     id: str
+    """Unguessable; with the principal below, what lets its starter (and only them) read its results."""
     tasks: dict[str, TaskRun]
+    principal: str = ANONYMOUS
+    """Who started it (`credential_principal` of their `Authorization`): only they may read it."""
     state: str = "running"
     created_at: float = field(default_factory=time.time)
     finished_at: float | None = None
@@ -156,7 +159,8 @@ class Delegation:
 
     def start(self, spec: WorkflowSpec, caller: Caller, notify: Notify | None = None) -> WorkflowRun:
         """Begin a workflow in the background; await `run.done` for the end."""
-        run = WorkflowRun(id=uuid.uuid4().hex[:16], tasks={t.id: TaskRun(t) for t in spec.tasks})
+        run = WorkflowRun(id=unguessable_id("wf-"), tasks={t.id: TaskRun(t) for t in spec.tasks},
+                          principal=credential_principal(caller.authorization))
         self.runs[run.id] = run
         while len(self.runs) > self._keep:
             oldest = next(iter(self.runs))

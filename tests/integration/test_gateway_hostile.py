@@ -251,3 +251,17 @@ def test_a_registry_without_a_heartbeat_credential_refuses_to_start():
     result = toolmesh_cli("registry", "--listen", f"127.0.0.1:{free_port()}", timeout=30)
     assert result.returncode == 2, result.stderr
     assert "no heartbeat credential" in result.stderr and "--insecure" in result.stderr
+
+
+async def test_a_workflows_results_are_for_the_credential_that_started_it(registry):
+    workflow = {"tasks": [{"id": "a", "capability": "nobody-has-it", "timeoutSeconds": 1, "arguments": {}}]}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{registry}/v1/workflows", json=workflow,
+                             headers={"Authorization": "Bearer alice"}) as resp:
+            assert resp.status == 202
+            run_id = (await resp.json())["id"]
+        for headers in ({}, {"Authorization": "Bearer mallory"}):
+            async with http.get(f"{registry}/v1/workflows/{run_id}", headers=headers) as resp:
+                assert resp.status == 404
+        async with http.get(f"{registry}/v1/workflows/{run_id}", headers={"Authorization": "Bearer alice"}) as resp:
+            assert resp.status == 200 and (await resp.json())["id"] == run_id
