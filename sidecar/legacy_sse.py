@@ -297,7 +297,10 @@ class LegacySseUpstream:
 
     async def start(self) -> None:
         if self._http is None:
-            self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self._max_connections))
+            # Every session holds one connection for its /sse stream: messages get `max_connections` beyond them,
+            # so sessions up to the cap can never leave a POST waiting for a free connection.
+            self._http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.max_sessions + self._max_connections))
         if self._sweeper is None:
             self._sweeper = asyncio.create_task(self._sweep_idle_sessions(), name="legacy SSE session sweep",
                                                 context=contextvars.Context())
