@@ -57,7 +57,7 @@ from mcp.shared.inbound import (
 from mcp_types import HEADER_MISMATCH
 from mcp_types.version import LATEST_MODERN_VERSION, MODERN_PROTOCOL_VERSIONS
 
-from toolmesh.api.jsonrpc import PROTOCOL_VERSION_KEY, SUBSCRIPTION_ID_KEY, has_envelope, strip_envelope
+from toolmesh.api.jsonrpc import PROTOCOL_VERSION_KEY, SUBSCRIPTION_ID_KEY, has_envelope, loads, strip_envelope
 from toolmesh.api.sessions import session_ref, unguessable_id
 from toolmesh.sidecar.chain import SseEvent, header
 from toolmesh.sidecar.errors import (
@@ -98,7 +98,7 @@ def json_response(status: int, message: Any, headers: Mapping[str, str] | None =
 def parse_body(body: bytes) -> Any | UpstreamResponse:
     """The parsed JSON-RPC message or batch, or the HTTP answer to a body that is not JSON."""
     try:
-        return orjson.loads(body)
+        return loads(body)
     except orjson.JSONDecodeError as exc:
         return json_response(400, error_message(None, PARSE_ERROR, "Parse error", str(exc)))
 
@@ -164,7 +164,7 @@ def with_error_status(response: UpstreamResponse) -> UpstreamResponse:
     """A 2026-07-28 JSON answer that is an error gets its code's HTTP status (404 for an unknown method, ...)."""
     body = response.body
     if body is not None and response.status == 200 and b'"error"' in body:
-        message = orjson.loads(body)
+        message = loads(body)
         error = message.get("error") if isinstance(message, dict) else None
         if isinstance(error, dict) and isinstance(error.get("code"), int):
             response.status = ERROR_CODE_HTTP_STATUS.get(error["code"], 200)
@@ -245,7 +245,7 @@ _CACHEABLE = frozenset({"tools/list", "prompts/list", "resources/list", "resourc
 
 
 def _as_modern_result(data: bytes, method: str) -> bytes:
-    message = orjson.loads(data)
+    message = loads(data)
     result = message.get("result") if isinstance(message, dict) and "method" not in message else None
     if not isinstance(result, dict):
         return data  # an error, or a notification on the way
@@ -776,7 +776,7 @@ class Multiplexer:
             for pending in pendings:
                 kind, payload = await self._next(pending)
                 if kind == _FINAL:
-                    answers.append(orjson.loads(payload))
+                    answers.append(loads(payload))
                 elif kind == _FAILED:
                     answers.append(error_message(pending.client_id, payload.code, payload.message, payload.data))
         except asyncio.CancelledError:
@@ -810,7 +810,7 @@ class Multiplexer:
     def receive(self, raw: bytes) -> None:
         """Route one message (or batch) from the upstream; garbage is logged and skipped."""
         try:
-            message = orjson.loads(raw)
+            message = loads(raw)
         except orjson.JSONDecodeError:
             log.warning("skipped upstream output that is not JSON-RPC: %r", raw[:200])
             return

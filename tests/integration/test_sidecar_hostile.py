@@ -8,6 +8,7 @@ server bridged by the sidecar, real JWTs checked against a real JWKS endpoint.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from typing import Any
@@ -235,13 +236,19 @@ async def test_identity_headers_spelled_with_underscores_are_dropped(tmp_path, i
     assert not [k for k in seen if "_" in k and k.lower().replace("_", "-").startswith("x-toolmesh")]
 
 
-async def test_integers_beyond_64_bits_reach_the_upstream_exactly_and_never_share_a_cache_entry(tmp_path):
-    """Traced (params re-serialised to carry the span) and cached with a shared scope: 2**70+1 stays 2**70+1."""
+@pytest.mark.parametrize("transport", ["http", "stdio"])
+async def test_integers_beyond_64_bits_reach_the_upstream_exactly_and_never_share_a_cache_entry(tmp_path, transport):
+    """Traced (params re-serialised to carry the span) and cached with a shared scope: 2**70+1 stays 2**70+1,
+    through an HTTP upstream and through the stdio bridge (which rewrites ids)."""
     policy = tmp_path / "policy.yaml"
-    policy.write_text(yaml.safe_dump({"cache": {"tools": [{"tools": ["add"], "shared": True}]}}))
+    policy.write_text(yaml.safe_dump({"cache": {"tools": [{"tools": ["add"], "shared": True, "readOnly": True}]}}))
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_BSP_SCHEDULE_DELAY": "60000"}
-    with sdk_http_server(log_path=tmp_path / "up.log") as upstream:
-        with sidecar(["--upstream", upstream], tmp_path, "--policy", str(policy), env=env) as sc:
+    with contextlib.ExitStack() as stack:
+        if transport == "http":
+            upstream = ["--upstream", stack.enter_context(sdk_http_server(log_path=tmp_path / "up.log"))]
+        else:
+            upstream = ["--upstream-command", " ".join(STDIO_TOOLS)]
+        with sidecar(upstream, tmp_path, "--policy", str(policy), env=env) as sc:
             async with httpx2.AsyncClient(timeout=20) as http:
                 session = await RawSession(http, sc.url, None).open()
                 first = answer_of(await session.call("add", {"a": WIDE, "b": 0}))

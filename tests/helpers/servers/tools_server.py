@@ -21,6 +21,12 @@ async def echo(text: str) -> str:
 
 
 @server.tool()
+async def add(a: int, b: int) -> int:
+    """The sum of two integers of any size (Python's are exact)."""
+    return a + b
+
+
+@server.tool()
 async def whoami() -> str:
     """The server's process id, to tell one child from the next."""
     return str(os.getpid())
