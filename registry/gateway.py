@@ -263,7 +263,7 @@ class Gateway:
             message = orjson.loads(await request.read())
         except web.HTTPRequestEntityTooLarge:
             return _json(error_message(None, INVALID_REQUEST,
-                                       f"request body larger than {request.app._client_max_size} bytes"), 413)
+                                       f"request body larger than {request.client_max_size} bytes"), 413)
         except orjson.JSONDecodeError:
             return _json(error_message(None, PARSE_ERROR, "parse error"), 400)
         if not isinstance(message, dict):
