@@ -15,7 +15,7 @@ import orjson
 from mcp.shared.inbound import NAME_BEARING_METHODS, encode_header_value
 
 from toolmesh.api.http_wire import Headers, WireClient, WireError, WireResponse, lines
-from toolmesh.api.jsonrpc import INTERNAL_ERROR, METHOD_NOT_FOUND, PROTOCOL_VERSION_KEY, error_message
+from toolmesh.api.jsonrpc import INTERNAL_ERROR, METHOD_NOT_FOUND, PROTOCOL_VERSION_KEY, dumps, error_message, loads
 
 log = logging.getLogger("toolmesh.registry")
 
@@ -226,7 +226,7 @@ class BackendPool:
         if budget_key:
             out["Mcp-Budget-Key"] = budget_key
         try:
-            async with self._exchange("POST", endpoint, out, orjson.dumps(message)) as resp:
+            async with self._exchange("POST", endpoint, out, dumps(message)) as resp:
                 body = await _read_response(resp, request_id, notify)
                 if resp.status >= 400 and (body is None or body.get("id") != request_id):
                     if resp.status == 400:
@@ -277,14 +277,14 @@ class BackendPool:
                 "protocolVersion": PROTOCOL_VERSION, "capabilities": CLIENT_CAPABILITIES,
                 "clientInfo": {"name": self._client_name, "version": "1"}}}
             try:
-                async with self._exchange("POST", session.endpoint, session.headers, orjson.dumps(init)) as resp:
+                async with self._exchange("POST", session.endpoint, session.headers, dumps(init)) as resp:
                     body = await _read_response(resp, init["id"], None)
                     if resp.status >= 400 or body is None or "error" in body:
                         raise BackendRefused(resp.status, body, resp.headers)
                     session.session_id = resp.headers.get("Mcp-Session-Id", "")
                     version = (body.get("result") or {}).get("protocolVersion", PROTOCOL_VERSION)
                     session.headers["MCP-Protocol-Version"] = version
-                note = orjson.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"})
+                note = dumps({"jsonrpc": "2.0", "method": "notifications/initialized"})
                 async with self._exchange("POST", session.endpoint, session.request_headers(), note) as resp:
                     await resp.read()
             except TRANSPORT_ERRORS as exc:
@@ -295,7 +295,7 @@ class BackendPool:
                     ask: Ask | None) -> dict[str, Any]:
         try:
             async with self._exchange("POST", session.endpoint, session.request_headers(),
-                                      orjson.dumps(message)) as resp:
+                                      dumps(message)) as resp:
                 if resp.status == 404 and session.session_id:
                     raise _SessionExpired
                 body = await _read_response(resp, message["id"], notify,
@@ -334,7 +334,7 @@ class BackendPool:
                         return
                     msg = None
                     with contextlib.suppress(orjson.JSONDecodeError):
-                        msg = orjson.loads(data) if data else None
+                        msg = loads(data) if data else None
                     if isinstance(msg, dict) and "method" in msg and "id" not in msg:
                         if session.relay is not None and msg["method"] != "notifications/tools/list_changed":
                             await session.relay(msg)  # the catalogue announces tool changes itself
@@ -358,7 +358,7 @@ class BackendPool:
         """Send a message that expects no answer; a sidecar that is away by now changes nothing for the caller."""
         with contextlib.suppress(Exception):
             async with asyncio.timeout(timeout), \
-                    self._exchange("POST", session.endpoint, session.request_headers(), orjson.dumps(message)) as resp:
+                    self._exchange("POST", session.endpoint, session.request_headers(), dumps(message)) as resp:
                 await resp.read()
 
 
@@ -389,7 +389,7 @@ async def _read_response(resp: _Answer, request_id: Any, notify: Notify | None,
             if not data:
                 continue
             try:
-                msg = orjson.loads(data)
+                msg = loads(data)
             except orjson.JSONDecodeError:
                 continue
             if not isinstance(msg, dict):
@@ -407,7 +407,7 @@ async def _read_response(resp: _Answer, request_id: Any, notify: Notify | None,
     if not raw:
         return None
     try:
-        msg = orjson.loads(raw)
+        msg = loads(raw)
     except orjson.JSONDecodeError:
         return None
     return msg if isinstance(msg, dict) else None

@@ -59,8 +59,10 @@ from toolmesh.api.jsonrpc import (
     RATE_LIMITED,
     SUBSCRIPTION_ID_KEY,
     UPSTREAM_UNAVAILABLE,
+    dumps,
     error_message,
     has_envelope,
+    loads,
     strip_envelope,
 )
 from toolmesh.api.sessions import ANONYMOUS, credential_principal, session_ref, unguessable_id
@@ -208,7 +210,7 @@ class Gateway:
         """Bare prompt name → the server that answers to it (highest priority), as last listed."""
         self._resource_owners: dict[str, str] = {}
         """Resource URI (or template) → the server that serves it (highest priority), as last listed."""
-        self._list_changed = orjson.dumps({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
+        self._list_changed = dumps({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
         self._closing: set[asyncio.Task] = set()
         """Sidecar sessions of evicted gateway sessions being closed in the background."""
         catalogue.on_change(self._announce_change)
@@ -260,7 +262,7 @@ class Gateway:
 
     async def handle_post(self, request: web.Request) -> web.StreamResponse:
         try:
-            message = orjson.loads(await request.read())
+            message = loads(await request.read())
         except web.HTTPRequestEntityTooLarge:
             return _json(error_message(None, INVALID_REQUEST,
                                        f"request body larger than {request.client_max_size} bytes"), 413)
@@ -280,7 +282,7 @@ class Gateway:
         body = answer.body if isinstance(answer, web.Response) and answer.status == 200 else None
         if isinstance(body, bytes) and b'"error":{"code":' in body[:256]:
             with contextlib.suppress(orjson.JSONDecodeError, KeyError, TypeError):
-                code = orjson.loads(answer.body)["error"]["code"]
+                code = loads(answer.body)["error"]["code"]
                 answer.set_status(ERROR_CODE_HTTP_STATUS.get(code, 200))
         return answer
 
@@ -506,7 +508,7 @@ class Gateway:
         except ValueError as exc:
             return _json(error_message(request_id, INVALID_PARAMS, str(exc)))
         # Assembled from pre-serialised pages: 2,000 tools are not re-encoded on every listing.
-        parts = [orjson.dumps(d) for d, _ in self.local_tools.values()] if not params.get("cursor") else []
+        parts = [dumps(d) for d, _ in self.local_tools.values()] if not params.get("cursor") else []
         if page:
             parts.append(page)
         extra: dict[str, Any] = {}
@@ -516,8 +518,8 @@ class Gateway:
             # Stateless-era clients cache by these hints; the catalogue changes at any heartbeat.
             extra.update(resultType="complete", ttlMs=0, cacheScope="private",
                          _meta={SERVER_INFO_KEY: self.server_info})
-        tail = orjson.dumps(extra)[1:-1]
-        body = b"".join([b'{"jsonrpc":"2.0","id":', orjson.dumps(request_id), b',"result":{"tools":[',
+        tail = dumps(extra)[1:-1]
+        body = b"".join([b'{"jsonrpc":"2.0","id":', dumps(request_id), b',"result":{"tools":[',
                          b",".join(parts), b"]", b"," + tail if tail else b"", b"}}"])
         return web.Response(body=body, content_type="application/json")
 
@@ -531,7 +533,7 @@ class Gateway:
                  if (route := view.routes[t["name"]]).server not in allowed or route.tool in allowed[route.server]]
         start = view.offset(cursor)
         end = start + self.page_size
-        return orjson.dumps(tools[start:end])[1:-1], (f"{view.version}:{end}" if end < len(tools) else None)
+        return dumps(tools[start:end])[1:-1], (f"{view.version}:{end}" if end < len(tools) else None)
 
     async def _visible_tools(self, inst: Instance, caller: Caller) -> frozenset[str]:
         """The tool names `inst`'s sidecar lists for this caller, cached briefly; nothing when it refuses them."""
@@ -576,7 +578,7 @@ class Gateway:
             if stream is None:
                 stream = web.StreamResponse(headers=SSE_HEADERS)
                 await stream.prepare(request)
-            await stream.write(b"event: message\ndata: " + orjson.dumps(note) + b"\n\n")
+            await stream.write(b"event: message\ndata: " + dumps(note) + b"\n\n")
 
         async def ask(server_request: Mapping[str, Any]) -> dict[str, Any]:
             # The server's request goes to the caller on this call's stream under an unguessable id of ours, kept in
@@ -622,7 +624,7 @@ class Gateway:
                 self._touch(session)
         if stream is None:
             return _json(answer)
-        await stream.write(b"event: message\ndata: " + orjson.dumps(answer) + b"\n\n")
+        await stream.write(b"event: message\ndata: " + dumps(answer) + b"\n\n")
         await stream.write_eof()
         return stream
 
@@ -693,7 +695,7 @@ class Gateway:
         async def relay(note: Mapping[str, Any]) -> None:
             if self.sessions.get(session.id) is session:
                 with contextlib.suppress(asyncio.QueueFull):
-                    session.outbox_queue().put_nowait(orjson.dumps(note))
+                    session.outbox_queue().put_nowait(dumps(note))
 
         return relay
 
@@ -836,10 +838,10 @@ class Gateway:
         await stream.prepare(request)
         ack = {"jsonrpc": "2.0", "method": "notifications/subscriptions/acknowledged",
                "params": {"notifications": honoured, "_meta": meta}}
-        await stream.write(b"event: message\ndata: " + orjson.dumps(ack) + b"\n\n")
+        await stream.write(b"event: message\ndata: " + dumps(ack) + b"\n\n")
         if not honoured:
             return stream
-        changed = orjson.dumps({"jsonrpc": "2.0", "method": "notifications/tools/list_changed",
+        changed = dumps({"jsonrpc": "2.0", "method": "notifications/tools/list_changed",
                                 "params": {"_meta": meta}})
         self.listeners.add(queue)
         try:
@@ -919,5 +921,5 @@ def _offer(queue: asyncio.Queue[bytes], item: bytes) -> None:
 
 
 def _json(message: Mapping[str, Any], status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
-    return web.Response(body=orjson.dumps(message), status=status, content_type="application/json",
+    return web.Response(body=dumps(message), status=status, content_type="application/json",
                         headers=headers)

@@ -273,3 +273,17 @@ async def test_made_up_tool_names_never_become_metric_labels(tmp_path):
     assert "made-up-" not in metrics
     assert 'tool="_unlisted"' in metrics
     assert 'tool="echo"' in metrics
+
+
+async def test_integers_beyond_64_bits_pass_the_gateway_exactly(tmp_path):
+    """The gateway parses and rebuilds every call (the name is rewritten): a wide integer must survive that."""
+    from helpers.registry_procs import beating, list_tools_of, registry_process
+
+    with sidecar(["--upstream-command", " ".join(STDIO_TOOLS)], tmp_path) as sc, \
+            registry_process(tmp_path, secret="s3cret") as registry:
+        beat = {"server": "calc", "instance": "calc-0", "endpoint": sc.url, "tools": await list_tools_of(sc.url)}
+        async with beating(registry, beat, secret="s3cret"), httpx2.AsyncClient(timeout=20) as http:
+            session = await RawSession(http, f"{registry}/mcp", None).open()
+            answer = answer_of(await session.call("calc__add", {"a": WIDE, "b": 1}))
+    assert "result" in answer, answer
+    assert answer["result"]["structuredContent"]["result"] == WIDE + 1, answer
