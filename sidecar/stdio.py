@@ -149,6 +149,10 @@ class _Link:
         self.close_read = close_read
 
 
+SIDECAR_ONLY_ENV = frozenset({"TOOLMESH_REGISTRY_SECRET", "TOOLMESH_REGISTRY_SECRET_FILE"})
+"""Environment variables of the sidecar that a spawned stdio server never inherits."""
+
+
 class StdioUpstream:
     """An `Upstream` that is one stdio MCP server, shared by every client session."""
 
@@ -162,7 +166,9 @@ class StdioUpstream:
         if bool(self.command) == (fifo_dir is not None):
             raise ValueError("a stdio upstream needs either a command or a FIFO directory")
         self._fifo_dir = Path(fifo_dir) if fifo_dir is not None else None
-        self.env = {**os.environ, **env} if env is not None else None
+        # The server gets the sidecar's environment but for the sidecar's own credentials: a server that can
+        # read the heartbeat secret could announce itself to the registry as any server and receive callers' tokens.
+        self.env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in SIDECAR_ONLY_ENV}
         self.cwd = cwd
         self.restart_backoff = restart_backoff
         self.start_timeout = start_timeout

@@ -287,3 +287,17 @@ async def test_integers_beyond_64_bits_pass_the_gateway_exactly(tmp_path):
             answer = answer_of(await session.call("calc__add", {"a": WIDE, "b": 1}))
     assert "result" in answer, answer
     assert answer["result"]["structuredContent"]["result"] == WIDE + 1, answer
+
+
+async def test_a_stdio_server_never_inherits_the_heartbeat_secret(tmp_path):
+    secret_file = tmp_path / "registry.secret"
+    secret_file.write_text("file-secret")
+    env = {"TOOLMESH_REGISTRY_SECRET": "env-secret", "TOOLMESH_REGISTRY_SECRET_FILE": str(secret_file),
+           "TOOLMESH_TEST_MARKER": "inherited"}
+    with sidecar(["--upstream-command", " ".join(STDIO_TOOLS)], tmp_path, env=env) as sc:
+        async with httpx2.AsyncClient(timeout=20) as http:
+            session = await RawSession(http, sc.url, None).open()
+            seen = {name: answer_of(await session.call("environment", {"name": name}))["result"]["content"][0]["text"]
+                    for name in env}
+    assert seen["TOOLMESH_TEST_MARKER"] == "inherited"  # the rest of the environment still reaches the server
+    assert seen["TOOLMESH_REGISTRY_SECRET"] == "" and seen["TOOLMESH_REGISTRY_SECRET_FILE"] == ""

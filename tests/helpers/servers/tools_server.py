@@ -27,6 +27,12 @@ async def add(a: int, b: int) -> int:
 
 
 @server.tool()
+async def environment(name: str) -> str:
+    """The value of an environment variable of the server's process ("" when unset)."""
+    return os.environ.get(name, "")
+
+
+@server.tool()
 async def whoami() -> str:
     """The server's process id, to tell one child from the next."""
     return str(os.getpid())
