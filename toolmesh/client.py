@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from toolmesh.api.errors import UsageError
@@ -137,8 +139,15 @@ def _gateway_red_figures(url: str) -> dict[str, dict]:
     base = url[: -len("/mcp")] if url.rstrip("/").endswith("/mcp") else None
     if base is None:
         return {}
+    # The registry shows its catalogue only to holders of its credential (the heartbeat secret).
+    secret = os.environ.get("TOOLMESH_REGISTRY_SECRET")
+    secret_file = os.environ.get("TOOLMESH_REGISTRY_SECRET_FILE")
     try:
-        with urllib.request.urlopen(f"{base.rstrip('/')}/v1/tools", timeout=2) as resp:
+        if secret_file:
+            secret = Path(secret_file).read_text().strip()
+        request = urllib.request.Request(f"{base.rstrip('/')}/v1/tools",
+                                         headers={"Authorization": f"Bearer {secret}"} if secret else {})
+        with urllib.request.urlopen(request, timeout=2) as resp:
             listed = json.loads(resp.read())
         return {t["name"]: t["red"] for t in listed.get("tools", []) if t.get("red")}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):

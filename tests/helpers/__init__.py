@@ -18,10 +18,10 @@ VENV_BIN = Path(sys.executable).parent
 TOOLMESH = str(VENV_BIN / "toolmesh")
 
 
-def toolmesh_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    """`toolmesh ARGS...` as a user types it, with a bare environment; its exit code and output."""
+def toolmesh_cli(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`toolmesh ARGS...` as a user types it, with a bare environment (plus `env`); its exit code and output."""
     return subprocess.run([TOOLMESH, *args], capture_output=True, text=True, timeout=timeout,
-                          env={"PYTHONSAFEPATH": "1", "PATH": "/usr/bin:/bin"})
+                          env={"PYTHONSAFEPATH": "1", "PATH": "/usr/bin:/bin", **(env or {})})
 
 
 def free_port() -> int:

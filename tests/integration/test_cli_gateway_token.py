@@ -6,6 +6,8 @@ one that lacks the scope, and with none.
 
 from __future__ import annotations
 
+import asyncio
+
 import yaml
 
 from helpers import async_wait_until, toolmesh_cli
@@ -49,6 +51,17 @@ async def test_tools_and_call_through_the_gateway_with_a_token(tmp_path):
         assert "alpha__echo" not in tools.stdout
         call = toolmesh_cli("call", gateway, "alpha__echo", "message=no", "--token", denied)
         assert call.returncode == 1 and "scope" in call.stderr.lower(), (call.stdout, call.stderr)
+        # The registry's recent figures per tool show only to holders of its credential.
+        secret_file = tmp_path / "registry.secret"
+        secret_file.write_text(SECRET)
+
+        def red_figures_shown() -> bool:
+            shown = toolmesh_cli("tools", gateway, "--token", allowed,
+                                 env={"TOOLMESH_REGISTRY_SECRET_FILE": str(secret_file)})
+            return "calls," in shown.stdout
+
+        await async_wait_until(lambda: asyncio.to_thread(red_figures_shown), timeout=20, what="RED figures listed")
+        assert "calls," not in toolmesh_cli("tools", gateway, "--token", allowed).stdout
         # Without a token the sidecar asks for one.
         call = toolmesh_cli("call", gateway, "alpha__echo", "message=anonymous")
         assert call.returncode == 1 and ("token" in call.stderr.lower() or "401" in call.stderr), call.stderr
