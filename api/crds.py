@@ -104,8 +104,7 @@ def crd_kinds() -> list[CrdKind]:
             columns=(
                 {"name": "Servers", "type": "integer", "jsonPath": ".status.serverCount"},
                 {"name": "Precedence", "type": "integer", "jsonPath": ".spec.precedence"},
-                {"name": "Accepted", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Accepted")].status',
-                 "priority": 1},
+                {"name": "Accepted", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Accepted")].status'},
                 _AGE,
             ),
         ))
@@ -242,6 +241,7 @@ def render_crd(kind: CrdKind) -> dict[str, Any]:
     }
     schema["properties"]["spec"].setdefault("type", "object")
     _type_inline_policy(schema["properties"]["spec"])
+    _type_accepted_spec(schema["properties"]["status"], kind.spec)
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -280,6 +280,16 @@ def _type_inline_policy(spec_schema: dict[str, Any]) -> None:
         typed["properties"].pop(own, None)
     typed["description"] = inline.get("description", "")
     spec_schema["properties"]["policy"] = typed
+
+
+def _type_accepted_spec(status_schema: dict[str, Any], spec: type[BaseModel]) -> None:
+    """A policy's last accepted spec is kept in its status with the spec's own schema, so nothing in it is pruned."""
+    accepted = status_schema.get("properties", {}).get("acceptedSpec")
+    if accepted is None:
+        return
+    typed = structural_schema(spec)
+    typed["description"] = accepted.get("description", "")
+    status_schema["properties"]["acceptedSpec"] = typed
 
 
 class _Dumper(yaml.SafeDumper):

@@ -115,8 +115,12 @@ class MCPToolPolicyStatus(StatusModel):
     observedGeneration: int | None = None
     """The `metadata.generation` the operator last evaluated."""
     conditions: list[Condition] = Field(default_factory=list, json_schema_extra=_CONDITIONS_AS_MAP)
-    """Accepted: the spec is valid and merged into the selected servers' policies."""
+    """Accepted: the spec is valid and merged into the selected servers' policies (False: the reason, and which generation stays in force)."""
     servers: list[str] = Field(default_factory=list)
     """Names of the MCPServers in this namespace the policy applies to."""
     serverCount: int = 0
     """How many MCPServers the policy applies to."""
+    acceptedGeneration: int | None = None
+    """The last `metadata.generation` whose spec was valid; while a later one is not, that one stays in force."""
+    acceptedSpec: dict | None = None
+    """The spec of `acceptedGeneration`, as written; merged into the selected servers while the current spec is invalid."""
