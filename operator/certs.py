@@ -104,8 +104,14 @@ def still_good(existing: WebhookCert, hosts: Sequence[str], now: datetime.dateti
     return set(hosts) <= covered and cert.not_valid_after_utc - now > RENEW_BEFORE
 
 
-def render_secret(name: str, namespace: str, cert: WebhookCert) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+SECRET_TYPE = "Opaque"
+"""The type of a Secret the operator creates. Opaque, like the chart's: a `kubernetes.io/tls` Secret must hold a
+certificate from the start, and the chart's one is empty until the operator first runs (the API server warned
+about it on every `helm install`). The type of an existing Secret is immutable, so it is kept."""
+
+
+def render_secret(name: str, namespace: str, cert: WebhookCert, secret_type: str = SECRET_TYPE) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Secret", "type": secret_type,
             "metadata": {"name": name, "namespace": namespace,
                          "labels": dict(MANAGED_BY)},
             "data": cert.secret_data()}

@@ -6,25 +6,52 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import shutil
 import tempfile
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from toolmesh.api.errors import UsageError
-from toolmesh.operator.render import OperatorConfig
+from toolmesh.operator.render import MANAGED_BY, OperatorConfig
 
 DEFAULT_SIDECAR_IMAGE = OperatorConfig.sidecar_image
 DEFAULT_REGISTRY_URL = OperatorConfig.registry_url
 TLS_SECRET = "toolmesh-webhook-tls"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+DRY_RUN = (("dryRun", "All"),)
+LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                       r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
 
 
 class ConfigError(UsageError):
     """The operator cannot start as configured (no cluster reachable, webhook setup refused): exit code 2."""
 
 
+def namespace_selector(text: str) -> dict[str, str]:
+    """`key=value[,key=value...]`: the labels a namespace must carry for the operator to serve it."""
+    selector: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not LABEL_KEY.match(key) or not LABEL_VALUE.match(value) or len(value) > 63:
+            raise argparse.ArgumentTypeError(f"{part!r} is not a label key=value")
+        selector[key] = value
+    if not selector:
+        raise argparse.ArgumentTypeError("an empty selector would select every namespace: leave the option out")
+    return selector
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--namespace", "-n", action="append", default=[], metavar="NS",
-                        help="watch only this namespace (repeatable; default: all namespaces)")
+                        help="watch only this namespace (repeatable; default: every namespace but kube-system,"
+                             " kube-public, kube-node-lease and the operator's own)")
+    parser.add_argument("--namespace-selector", type=namespace_selector, metavar="KEY=VALUE[,...]",
+                        help="watch and inject only in namespaces carrying these labels (never the system ones"
+                             " nor the operator's own), following labels as they change")
     parser.add_argument("--operator-namespace", default=os.environ.get("POD_NAMESPACE", "toolmesh-system"),
                         help="where the webhook certificate Secret lives; never injected (default: $POD_NAMESPACE"
                              " or toolmesh-system)")
@@ -75,9 +102,12 @@ def run(args: argparse.Namespace) -> int:
     settings.execution.max_workers = 16
     settings.admission.managed = None  # the operator writes its own MutatingWebhookConfiguration
 
-    memo = kopf.Memo(reconciler=Reconciler(kube=kube, config=config), config=config,
-                     skipped_namespaces=skipped_namespaces(args.operator_namespace))
+    if args.namespace and args.namespace_selector:
+        raise ConfigError("--namespace and --namespace-selector exclude each other")
+    skipped = skipped_namespaces(args.operator_namespace)
+    memo = kopf.Memo(reconciler=Reconciler(kube=kube, config=config), config=config, skipped_namespaces=skipped)
     workdir = Path(tempfile.mkdtemp(prefix="toolmesh-webhook-"))
+    setup: WebhookSetup | None = None
     try:
         if not args.no_webhook:
             if args.webhook_cert_dir:
@@ -86,9 +116,10 @@ def run(args: argparse.Namespace) -> int:
                     raise ConfigError(f"--webhook-cert-dir {args.webhook_cert_dir} lacks tls.crt or tls.key")
             else:
                 try:
-                    certfile, keyfile = setup_webhook(kube, args, workdir)
+                    setup = setup_webhook(kube, args, workdir)
                 except KubeError as exc:
                     raise ConfigError(f"cannot set up the admission webhook: {exc}") from None
+                certfile, keyfile = setup.certfile, setup.keyfile
             handlers.enable_webhook()
             settings.admission.server = kopf.WebhookServer(
                 addr=args.webhook_host, port=args.webhook_port, host=args.webhook_host,
@@ -99,19 +130,159 @@ def run(args: argparse.Namespace) -> int:
             uvloop.install()
         except ImportError:
             pass
-        asyncio.run(kopf.operator(
-            settings=settings, memo=memo, standalone=True,
-            clusterwide=not args.namespace, namespaces=args.namespace,
-        ))
+        asyncio.run(run_kopf(kopf, kube, args, settings, memo, skipped))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        if setup is not None and not args.webhook_service:
+            # Outside the cluster the operator is a passing guest: what it set up goes with it.
+            try:
+                setup.undo(kube, args.operator_namespace)
+            except KubeError as exc:
+                logging.getLogger("toolmesh.operator").warning("could not undo the webhook set-up: %s", exc)
     return 0
 
 
-def setup_webhook(kube, args: argparse.Namespace, workdir: Path) -> tuple[Path, Path]:
-    """Reuse or make the serving certificate (kept in a Secret), then point the webhook configuration at us."""
+async def run_kopf(kopf, kube, args: argparse.Namespace, settings, memo, skipped: list[str]) -> None:
+    """kopf, watching the namespaces the operator serves.
+
+    The system namespaces and the operator's own are never reconciled: an operator allowed everywhere must still
+    not create workloads in kube-system. kopf excludes them by name pattern (one watch per namespace it serves);
+    `--namespace` names them exactly; `--namespace-selector` follows namespace labels through kopf's insights.
+    """
+    if args.namespace:
+        await kopf.operator(settings=settings, memo=memo, standalone=True, namespaces=args.namespace)
+        return
+    excluded = ",".join(f"!{name}" for name in skipped)
+    if not args.namespace_selector:
+        await kopf.operator(settings=settings, memo=memo, standalone=True, namespaces=[excluded])
+        return
+    # kopf has no namespace label selector; its insights (the namespaces it watches) are ours to feed. Its own
+    # namespace observer, given a pattern nothing matches, only drops namespaces that are deleted.
+    from kopf._cogs.structs.references import Insights
+
+    insights = Insights()
+    follower = asyncio.create_task(follow_selected_namespaces(kube, args.namespace_selector, set(skipped), insights))
+    try:
+        await kopf.operator(settings=settings, memo=memo, standalone=True, insights=insights,
+                            namespaces=[re.compile(r"(?!)")])
+    finally:
+        follower.cancel()
+
+
+async def follow_selected_namespaces(kube, selector: Mapping[str, str], skipped: set[str], insights) -> None:
+    """Keep `insights.namespaces` equal to the namespaces carrying `selector`'s labels (minus the skipped ones)."""
+    from kubernetes import client, watch
+
+    loop = asyncio.get_running_loop()
+    label_selector = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
+    core = client.CoreV1Api(kube.api)
+    log = logging.getLogger("toolmesh.operator")
+    selected: set[str] = set()
+
+    async def publish(names: set[str]) -> None:
+        async with insights.revised:
+            insights.namespaces.difference_update(selected - names)
+            insights.namespaces.update(names)
+            insights.revised.notify_all()
+        if names != selected:
+            log.info("serving namespaces labelled %s: %s", label_selector, ", ".join(sorted(names)) or "none")
+        selected.clear()
+        selected.update(names)
+
+    stop = threading.Event()
+
+    def follow() -> None:
+        # A blocking list-then-watch in a thread; each change is handed to the loop as the full set of names.
+        while not stop.is_set():
+            try:
+                listed = core.list_namespace(label_selector=label_selector)
+                names = {n.metadata.name for n in listed.items if n.metadata.name not in skipped}
+                asyncio.run_coroutine_threadsafe(publish(set(names)), loop).result()
+                stream = watch.Watch().stream(core.list_namespace, label_selector=label_selector,
+                                              resource_version=listed.metadata.resource_version, timeout_seconds=60)
+                for event in stream:
+                    if stop.is_set():
+                        return
+                    name = event["object"].metadata.name
+                    if name in skipped:
+                        continue
+                    if event["type"] == "DELETED":
+                        names.discard(name)
+                    else:
+                        names.add(name)
+                    asyncio.run_coroutine_threadsafe(publish(set(names)), loop).result()
+            except Exception as exc:  # noqa: BLE001 - list again after a failed watch (410 Gone, network)
+                if stop.is_set():
+                    return
+                log.warning("following labelled namespaces failed, listing again: %s", exc)
+                stop.wait(2)
+
+    thread = threading.Thread(target=follow, name="namespace-selector", daemon=True)
+    thread.start()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        stop.set()
+
+
+HELM_MANAGED = ("app.kubernetes.io/managed-by", "Helm")
+
+
+def _ours(obj: Mapping[str, Any] | None) -> bool:
+    """An object this operator created itself (not the chart's): it may replace it whole and remove it."""
+    labels = ((obj or {}).get("metadata") or {}).get("labels") or {}
+    return labels.get(MANAGED_BY_LABEL) == MANAGED_BY[MANAGED_BY_LABEL]
+
+
+@dataclass
+class WebhookSetup:
+    """What `setup_webhook` changed, so that an operator outside the cluster can undo it when it stops."""
+
+    certfile: Path
+    keyfile: Path
+    created_configuration: bool = False
+    """The webhook configuration is ours (no chart installed it): removed at exit."""
+    saved_client_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """The chart's client configs we replaced (webhook name -> clientConfig): put back at exit."""
+    created_secret: bool = False
+    """The certificate Secret is ours: removed at exit."""
+    saved_secret_data: dict[str, str] | None = None
+    """The chart's Secret data we replaced: put back at exit."""
+
+    def undo(self, kube, namespace: str) -> None:
+        """Leave the cluster as this operator found it: a later `helm install`, or the chart's own operator scaled
+        back up, finds its objects as they were, and no webhook points at a port nobody listens on."""
+        from toolmesh.operator.kube import object_path
+        from toolmesh.operator.webhook import CONFIGURATION_NAME, restore_patch
+
+        config_path = object_path("MutatingWebhookConfiguration", CONFIGURATION_NAME)
+        if self.created_configuration:
+            kube.request("DELETE", config_path, missing_ok=True)
+        elif self.saved_client_configs:
+            existing = kube.get("MutatingWebhookConfiguration", CONFIGURATION_NAME)
+            if existing is not None:
+                kube.request("PATCH", config_path, body=restore_patch(existing, self.saved_client_configs),
+                             content_type="application/json-patch+json")
+        secret_path = object_path("Secret", TLS_SECRET, namespace)
+        if self.created_secret:
+            kube.request("DELETE", secret_path, missing_ok=True)
+        elif self.saved_secret_data is not None:
+            kube.request("PATCH", secret_path, body={"data": self.saved_secret_data},
+                         content_type="application/merge-patch+json", missing_ok=True)
+
+
+def setup_webhook(kube, args: argparse.Namespace, workdir: Path) -> WebhookSetup:
+    """Reuse or make the serving certificate (kept in a Secret), then point the webhook configuration at us.
+
+    Only what the operator owns is written: the caBundle, and the client config (a URL for an operator outside the
+    cluster, the Service inside it); the chart's timeoutSeconds, failurePolicy and selectors stay. The change to
+    the configuration is tried with a dry run first, so a configuration the API refuses leaves the Secret alone.
+    """
     from toolmesh.operator import certs
-    from toolmesh.operator.webhook import WebhookEndpoint, render_webhook_configuration
+    from toolmesh.operator.kube import object_path
+    from toolmesh.operator.webhook import (
+        CONFIGURATION_NAME, WebhookEndpoint, client_config_patch, render_webhook_configuration,
+    )
 
     ns = args.operator_namespace
     hosts = [args.webhook_host, "localhost"]
@@ -121,12 +292,50 @@ def setup_webhook(kube, args: argparse.Namespace, workdir: Path) -> tuple[Path, 
         kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
     secret = kube.get("Secret", TLS_SECRET, ns)
     cert = certs.WebhookCert.from_secret(secret) if secret else None
-    if cert is None or not certs.still_good(cert, hosts):
+    fresh = cert is None or not certs.still_good(cert, hosts)
+    if fresh:
         cert = certs.generate(hosts)
-        kube.apply(certs.render_secret(TLS_SECRET, ns, cert))
     if args.webhook_service:
         endpoint = WebhookEndpoint(service_name=args.webhook_service, service_namespace=ns)
     else:
         endpoint = WebhookEndpoint(url=f"https://{args.webhook_host}:{args.webhook_port}")
-    kube.apply(render_webhook_configuration(endpoint, cert.ca, ns, failure_policy=args.failure_policy))
-    return cert.write(workdir)
+
+    config_path = object_path("MutatingWebhookConfiguration", CONFIGURATION_NAME)
+    existing = kube.get("MutatingWebhookConfiguration", CONFIGURATION_NAME)
+    setup = WebhookSetup(*cert.write(workdir))
+    if existing is None or _ours(existing):
+        desired = render_webhook_configuration(endpoint, cert.ca, ns, failure_policy=args.failure_policy,
+                                               namespace_selector=args.namespace_selector)
+
+        def write_configuration(dry_run: bool) -> None:
+            kube.request("PATCH", config_path, body=desired, content_type="application/apply-patch+yaml",
+                         query=[("fieldManager", "toolmesh"), ("force", "true"), *DRY_RUN * dry_run])
+
+        setup.created_configuration = True
+    else:
+        ops = client_config_patch(existing, endpoint, cert.ca)
+        if not ops:
+            raise ConfigError(f"the MutatingWebhookConfiguration {CONFIGURATION_NAME} has none of toolmesh's webhooks")
+
+        def write_configuration(dry_run: bool) -> None:
+            kube.request("PATCH", config_path, body=ops, content_type="application/json-patch+json",
+                         query=list(DRY_RUN * dry_run))
+
+        setup.saved_client_configs = {h["name"]: h["clientConfig"] for h in existing["webhooks"]
+                                      if h["name"] in {op["value"] for op in ops if op["op"] == "test"}}
+    write_configuration(dry_run=True)
+    if fresh:
+        if secret is None:
+            kube.request("POST", object_path("Secret", None, ns), body=certs.render_secret(TLS_SECRET, ns, cert))
+            setup.created_secret = True
+        else:
+            # Only the data: the chart's labels (Helm's ownership) and the Secret's immutable type stay.
+            kube.request("PATCH", object_path("Secret", TLS_SECRET, ns), body={"data": cert.secret_data()},
+                         content_type="application/merge-patch+json")
+            setup.created_secret = _ours(secret)
+            if not setup.created_secret:
+                setup.saved_secret_data = dict(secret.get("data") or {})
+    else:
+        setup.created_secret = _ours(secret)
+    write_configuration(dry_run=False)
+    return setup

@@ -45,13 +45,21 @@ def skipped_namespaces(operator_namespace: str) -> list[str]:
     return sorted({*ALWAYS_SKIPPED, operator_namespace})
 
 
+def namespace_requirements(selector: Mapping[str, str] | None) -> list[dict[str, Any]]:
+    """A namespace label selector (`{label: value}`) as matchExpressions; an empty one selects every namespace."""
+    return [{"key": key, "operator": "In", "values": [value]} for key, value in sorted((selector or {}).items())]
+
+
 def render_webhook_configuration(endpoint: WebhookEndpoint, ca: bytes, operator_namespace: str,
-                                 failure_policy: str = "Fail") -> dict[str, Any]:
+                                 failure_policy: str = "Fail",
+                                 namespace_selector: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Two webhooks: pods labelled for injection, and unlabelled pods in namespaces labelled for it.
 
     failurePolicy Fail by default: a pod that asked for the sidecar must not start without the policy in front.
+    With `namespace_selector`, only namespaces carrying those labels are served (the operator's label mode).
     """
     not_skipped = {"key": NAMESPACE_NAME_LABEL, "operator": "NotIn", "values": skipped_namespaces(operator_namespace)}
+    selected = namespace_requirements(namespace_selector)
 
     def webhook(name: str, object_selector: dict[str, Any], namespace_exprs: list[dict[str, Any]]) -> dict[str, Any]:
         return {
@@ -60,14 +68,16 @@ def render_webhook_configuration(endpoint: WebhookEndpoint, ca: bytes, operator_
             "sideEffects": "None",
             "failurePolicy": failure_policy,
             "matchPolicy": "Equivalent",
-            # Injection is idempotent, so being called again after other webhooks changed the pod is harmless.
-            "reinvocationPolicy": "IfNeeded",
+            # Never: the sidecar is complete once added and nothing a later plugin adds (the ServiceAccount
+            # plugin's token volume, another webhook's containers) calls for it again. IfNeeded made every
+            # labelled pod cost two calls, the second one changing nothing.
+            "reinvocationPolicy": "Never",
             "timeoutSeconds": 10,
             "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "operations": ["CREATE"],
                        "scope": "Namespaced"}],
             "clientConfig": endpoint.client_config(ca),
             "objectSelector": object_selector,
-            "namespaceSelector": {"matchExpressions": [*namespace_exprs, not_skipped]},
+            "namespaceSelector": {"matchExpressions": [*namespace_exprs, *selected, not_skipped]},
         }
 
     return {
@@ -81,6 +91,33 @@ def render_webhook_configuration(endpoint: WebhookEndpoint, ca: bytes, operator_
                     [{"key": INJECT_LABEL, "operator": "In", "values": ["true"]}]),
         ],
     }
+
+
+def client_config_patch(existing: Mapping[str, Any], endpoint: WebhookEndpoint, ca: bytes) -> list[dict[str, Any]]:
+    """A JSON patch giving each of our webhooks in `existing` (e.g. the chart's) this endpoint and CA, nothing else.
+
+    The client config is replaced whole: a URL merged into the chart's `service` entry would hold both, which the
+    API refuses. Everything else (timeoutSeconds, failurePolicy, selectors) stays as its owner wrote it. Each
+    replacement is guarded by a test of the webhook's name, so a concurrent reorder fails instead of misapplying.
+    """
+    ours = {"pods.inject.toolmesh.io", "namespaces.inject.toolmesh.io"}
+    config = endpoint.client_config(ca)
+    ops: list[dict[str, Any]] = []
+    for index, hook in enumerate(existing.get("webhooks") or []):
+        if hook.get("name") in ours:
+            ops += [{"op": "test", "path": f"/webhooks/{index}/name", "value": hook["name"]},
+                    {"op": "replace", "path": f"/webhooks/{index}/clientConfig", "value": config}]
+    return ops
+
+
+def restore_patch(existing: Mapping[str, Any], saved: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """A JSON patch putting back the client configs `saved` (webhook name -> clientConfig) into `existing`."""
+    ops: list[dict[str, Any]] = []
+    for index, hook in enumerate(existing.get("webhooks") or []):
+        if hook.get("name") in saved:
+            ops += [{"op": "test", "path": f"/webhooks/{index}/name", "value": hook["name"]},
+                    {"op": "replace", "path": f"/webhooks/{index}/clientConfig", "value": dict(saved[hook["name"]])}]
+    return ops
 
 
 def injection_for(pod: Mapping[str, Any], namespace: str | None, *, image: str, registry_url: str | None,

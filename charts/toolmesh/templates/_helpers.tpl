@@ -43,3 +43,22 @@ http://{{ include "toolmesh.fullname" . }}-registry.{{ .Release.Namespace }}.svc
 toolmesh-webhook-tls
 {{- end -}}
 {{- end -}}
+
+{{/* operator.namespaceSelector as the operator's --namespace-selector: key=value pairs, sorted, comma-separated. */}}
+{{- define "toolmesh.namespaceSelector" -}}
+{{- $pairs := list -}}
+{{- range $key, $value := .Values.operator.namespaceSelector -}}
+{{- $pairs = append $pairs (printf "%s=%s" $key $value) -}}
+{{- end -}}
+{{- join "," (sortAlpha $pairs) -}}
+{{- end -}}
+
+{{/* The labels of operator.namespaceSelector as namespaceSelector matchExpressions (as operator/webhook.py renders). */}}
+{{- define "toolmesh.webhookNamespaceLabels" -}}
+{{- range $i, $key := keys .Values.operator.namespaceSelector | sortAlpha }}
+{{- if $i }}{{ "\n" }}{{ end -}}
+- key: {{ $key }}
+  operator: In
+  values: [{{ get $.Values.operator.namespaceSelector $key | quote }}]
+{{- end }}
+{{- end -}}
