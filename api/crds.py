@@ -56,8 +56,8 @@ _AGE = {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"
 CEL_RULES: dict[str, list[dict[str, str]]] = {
     "Issuer": [{
         "rule": "(has(self.jwksUrl) ? 1 : 0) + (has(self.publicKey) ? 1 : 0) + (has(self.secret) ? 1 : 0)"
-                " + (has(self.secretEnv) ? 1 : 0) + (has(self.secretFile) ? 1 : 0) == 1",
-        "message": "exactly one of jwksUrl, publicKey, secret, secretEnv, secretFile must be set",
+                " + (has(self.secretEnv) ? 1 : 0) + (has(self.secretFile) ? 1 : 0) + (has(self.secretRef) ? 1 : 0) == 1",
+        "message": "exactly one of jwksUrl, publicKey, secret, secretEnv, secretFile, secretRef must be set",
     }],
     "SelectorRequirement": [{
         "rule": "(self.operator == 'In' || self.operator == 'NotIn') == (has(self.values) && size(self.values) > 0)",

@@ -289,6 +289,19 @@ class ToolMatch(SpecModel):
 # auth
 
 
+class SecretKeyRef(SpecModel):
+    """One key of a Kubernetes Secret in the policy's namespace."""
+
+    name: str = Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    """Name of the Secret (required)."""
+    key: str = Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")
+    """Key in the Secret's data (required)."""
+
+
+KEY_SOURCES = ("jwksUrl", "publicKey", "secret", "secretEnv", "secretFile", "secretRef")
+"""The ways an issuer's key can be given; exactly one per issuer."""
+
+
 class Issuer(SpecModel):
     """One trusted token issuer and how to verify its signatures. Exactly one key source must be set."""
 
@@ -308,6 +321,8 @@ class Issuer(SpecModel):
     """Name of an environment variable holding the HMAC secret (a Kubernetes Secret via `env`). Default none."""
     secretFile: str | None = None
     """Path of a file holding the HMAC secret (a mounted Kubernetes Secret); trailing newline ignored. Default none."""
+    secretRef: SecretKeyRef | None = None
+    """The HMAC secret from a key of a Secret in the policy's namespace: the operator checks it exists, mounts it into the sidecar under `/var/run/secrets/toolmesh-policy/<name>/` and gives the sidecar that file as `secretFile`. Default none."""
     leewaySeconds: int = Field(default=30, ge=0, le=600)
     """Clock skew tolerated on `exp` and `nbf`, in seconds. Default 30."""
     jwksCacheSeconds: int = Field(default=300, ge=1)
@@ -333,12 +348,10 @@ class Issuer(SpecModel):
 
     @model_validator(mode="after")
     def _one_key_source(self) -> Issuer:
-        sources = [name for name in ("jwksUrl", "publicKey", "secret", "secretEnv", "secretFile") if getattr(self, name)]
+        sources = [name for name in KEY_SOURCES if getattr(self, name)]
         if len(sources) != 1:
             found = ", ".join(sources) or "none"
-            raise ValueError(
-                f"exactly one of jwksUrl, publicKey, secret, secretEnv, secretFile must be set (found: {found})"
-            )
+            raise ValueError(f"exactly one of {', '.join(KEY_SOURCES)} must be set (found: {found})")
         wrong = [alg for alg in self.algorithms if (alg in HMAC_ALGORITHMS) != self.is_hmac]
         if wrong:
             # Mixing families is what makes "HS256 signed with the RSA public key" attacks possible.
@@ -349,7 +362,7 @@ class Issuer(SpecModel):
     @property
     def is_hmac(self) -> bool:
         """True when this issuer signs with a shared secret."""
-        return bool(self.secret or self.secretEnv or self.secretFile)
+        return bool(self.secret or self.secretEnv or self.secretFile or self.secretRef)
 
     @property
     def allowed_algorithms(self) -> list[str]:
@@ -373,6 +386,11 @@ class Issuer(SpecModel):
                     return fh.read().rstrip(b"\r\n")
             except OSError as exc:
                 raise PolicyError(f"auth issuer {self.issuer!r}: cannot read secretFile: {exc}") from exc
+        if self.secretRef:
+            # The operator turns a secretRef into the secretFile of the Secret it mounts; a sidecar never reads one.
+            raise PolicyError(f"auth issuer {self.issuer!r}: secretRef {self.secretRef.name}/{self.secretRef.key}"
+                              " names a Kubernetes Secret, which only the operator can mount: give the sidecar"
+                              " secretFile or secretEnv")
         return None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,9 @@ POLICY_DIR = "/etc/toolmesh/policy"
 POLICY_FILE = "policy.yaml"
 TOKEN_VOLUME = "toolmesh-token"
 TOKEN_DIR = "/var/run/secrets/toolmesh"
+# Beside the token's folder, never inside it: that one is a read-only projected volume, where no mount point can be
+# made, and it holds the registry credential, which a policy must not be able to name.
+POLICY_SECRETS_DIR = "/var/run/secrets/toolmesh-policy"
 TOKEN_AUDIENCE = "toolmesh-registry"
 TMP_VOLUME = "toolmesh-tmp"
 STDIO_VOLUME = "toolmesh-stdio"
@@ -38,6 +42,31 @@ class InjectionError(ValueError):
 
 
 @dataclass(frozen=True)
+class SecretMount:
+    """Keys of one Secret a policy names, mounted read-only into the sidecar only (never the server container)."""
+
+    secret: str
+    """The Secret's name, in the pod's namespace."""
+    keys: tuple[str, ...]
+    """The keys mounted, each as a file of that name; no other key of the Secret enters the pod."""
+
+    @property
+    def directory(self) -> str:
+        return f"{POLICY_SECRETS_DIR}/{self.secret}"
+
+    @property
+    def volume(self) -> str:
+        # Volume names are DNS labels (63 characters, no dots); Secret names may be longer and dotted.
+        if len(self.secret) <= 47 and "." not in self.secret:
+            return f"toolmesh-secret-{self.secret}"
+        return f"toolmesh-secret-{hashlib.sha256(self.secret.encode()).hexdigest()[:16]}"
+
+    def path(self, key: str) -> str:
+        """The file the sidecar reads for `key`."""
+        return f"{self.directory}/{key}"
+
+
+@dataclass(frozen=True)
 class SidecarOptions:
     """Everything that decides the sidecar container and volumes for one pod."""
 
@@ -59,6 +88,8 @@ class SidecarOptions:
     """The sidecar container's requests and limits."""
     env: tuple[tuple[str, str], ...] = ()
     """Extra environment for the sidecar (e.g. the server's priority and capabilities for its heartbeats)."""
+    secrets: tuple[SecretMount, ...] = ()
+    """Secrets the policy names (`secretRef`), mounted under POLICY_SECRETS_DIR/<name>/."""
 
     @property
     def upstream_url(self) -> str:
@@ -90,6 +121,7 @@ def sidecar_container(options: SidecarOptions) -> dict[str, Any]:
         mounts.append({"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True})
     if options.transport == "stdio":
         mounts.append({"name": STDIO_VOLUME, "mountPath": STDIO_DIR})
+    mounts += [{"name": m.volume, "mountPath": m.directory, "readOnly": True} for m in options.secrets]
     env = [
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
@@ -136,6 +168,8 @@ def sidecar_volumes(options: SidecarOptions) -> list[dict[str, Any]]:
             "audience": TOKEN_AUDIENCE, "expirationSeconds": 3600, "path": "token"}}]}})
     if options.transport == "stdio":
         volumes.append({"name": STDIO_VOLUME, "emptyDir": {}})
+    volumes += [{"name": m.volume, "secret": {"secretName": m.secret, "items": [{"key": k, "path": k} for k in m.keys]}}
+                for m in options.secrets]
     return volumes
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import yaml
@@ -15,7 +16,7 @@ from toolmesh.api.policy import describe_validation_error
 from toolmesh.api.server import API_VERSION, MCPServerSpec
 from toolmesh.api.status import set_condition
 from toolmesh.operator.inject import (
-    POLICY_FILE, SIDECAR_PORT, STDIO_DIR, STDIO_VOLUME, SidecarOptions, inject_pod,
+    POLICY_FILE, SIDECAR_PORT, STDIO_DIR, STDIO_VOLUME, SecretMount, SidecarOptions, inject_pod,
 )
 from toolmesh.operator.merge import MergedPolicy, PolicySource, merge_policies
 
@@ -30,6 +31,30 @@ STDIO_WRAPPER = (
     'D="$TOOLMESH_STDIO_DIR"; for f in in.fifo out.fifo; do [ -p "$D/$f" ] || mkfifo -m 666 "$D/$f" 2>/dev/null'
     ' || [ -p "$D/$f" ] || exit 1; done; exec "$@" <"$D/in.fifo" >"$D/out.fifo"'
 )
+
+
+SecretKeys = Callable[[str], "Collection[str] | None"]
+"""Name of a Secret in the server's namespace -> the keys it holds, or None when there is no such Secret."""
+
+
+class MissingSecret(ValueError):
+    """A policy names a Secret, or a key of one, that the server's namespace does not have.
+
+    Report it (PolicyApplied=False, naming the Secret and key; the running pods keep their policy) and render again
+    later: the Secret may be created after the policy.
+    """
+
+    def __init__(self, name: str, key: str, namespace: str, *, secret_exists: bool, where: str):
+        self.name, self.key, self.namespace, self.secret_exists, self.where = name, key, namespace, secret_exists, where
+        what = f"has no key {key!r}" if secret_exists else "does not exist"
+        super().__init__(f"{where}: Secret {namespace}/{name} {what}")
+
+
+def secret_keys_of(secret: Mapping[str, Any] | None) -> set[str] | None:
+    """The keys of a Secret as the API returns it (None for no Secret): what a `SecretKeys` lookup answers."""
+    if secret is None:
+        return None
+    return {*(secret.get("data") or {}), *(secret.get("stringData") or {})}
 
 
 @dataclass(frozen=True)
@@ -101,6 +126,32 @@ def render_policy_file(server: Mapping[str, Any], merged: MergedPolicy) -> str:
     return yaml.safe_dump(doc, sort_keys=True, default_flow_style=False, width=120)
 
 
+def mount_policy_secrets(spec: Mapping[str, Any], namespace: str,
+                         secret_keys: SecretKeys | None) -> tuple[dict[str, Any], tuple[SecretMount, ...]]:
+    """The merged spec with every `secretRef` turned into the `secretFile` the operator mounts, and the mounts.
+
+    With `secret_keys`, each named Secret and key must exist (MissingSecret otherwise); without it nothing is
+    checked and a missing one stops the pod at the kubelet.
+    """
+    spec = copy.deepcopy(dict(spec))
+    wanted: dict[str, set[str]] = {}
+    for index, issuer in enumerate(((spec.get("auth") or {}).get("issuers")) or []):
+        ref = issuer.get("secretRef") if isinstance(issuer, dict) else None
+        if not ref:
+            continue
+        name, key = ref["name"], ref["key"]
+        if secret_keys is not None:
+            keys = secret_keys(name)
+            if keys is None or key not in keys:
+                raise MissingSecret(name, key, namespace, secret_exists=keys is not None,
+                                    where=f"spec.auth.issuers[{index}].secretRef")
+        wanted.setdefault(name, set()).add(key)
+        del issuer["secretRef"]
+        issuer["secretFile"] = SecretMount(name, ()).path(key)
+    mounts = tuple(SecretMount(name, tuple(sorted(keys))) for name, keys in sorted(wanted.items()))
+    return spec, mounts
+
+
 def render_service_account(server: Mapping[str, Any]) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _metadata(server, server["metadata"]["name"]),
             "automountServiceAccountToken": False}
@@ -154,7 +205,8 @@ def server_container(spec: MCPServerSpec, config: OperatorConfig) -> dict[str, A
     return container
 
 
-def render_deployment(server: Mapping[str, Any], spec: MCPServerSpec, config: OperatorConfig) -> dict[str, Any]:
+def render_deployment(server: Mapping[str, Any], spec: MCPServerSpec, config: OperatorConfig,
+                      secrets: tuple[SecretMount, ...] = ()) -> dict[str, Any]:
     name = server["metadata"]["name"]
     labels = server_labels(name)
     template = {
@@ -166,7 +218,7 @@ def render_deployment(server: Mapping[str, Any], spec: MCPServerSpec, config: Op
             "containers": [server_container(spec, config)],
         },
     }
-    template = inject_pod(template, sidecar_options(server, spec, config))
+    template = inject_pod(template, replace(sidecar_options(server, spec, config), secrets=secrets))
     return {
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _metadata(server, name),
         "spec": {"replicas": spec.replicas, "selector": {"matchLabels": {SERVER_LABEL: name}}, "template": template},
@@ -195,18 +247,22 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
-def render_server(server: Mapping[str, Any], policies: Iterable[PolicySource], config: OperatorConfig) -> RenderedServer:
-    """All manifests of one MCPServer. Raises ValueError (naming the field) for a spec the model rejects."""
+def render_server(server: Mapping[str, Any], policies: Iterable[PolicySource], config: OperatorConfig,
+                  secret_keys: SecretKeys | None = None) -> RenderedServer:
+    """All manifests of one MCPServer. Raises ValueError (naming the field) for a spec the model rejects, and its
+    subclass MissingSecret for a `secretRef` to a Secret or key `secret_keys` does not know."""
     spec = parse_spec(server)
     labels = (server["metadata"].get("labels") or {})
     merged = merge_policies(policies, labels, spec.policy)
     manifests = [render_service_account(server)]
     policy_digest = None
+    secrets: tuple[SecretMount, ...] = ()
     if merged.error is None:
-        text = render_policy_file(server, merged)
+        mounted, secrets = mount_policy_secrets(merged.spec, server["metadata"]["namespace"], secret_keys)
+        text = render_policy_file(server, replace(merged, spec=mounted))
         policy_digest = digest(text)
         manifests.append(render_configmap(server, text))
-    manifests += [render_deployment(server, spec, config), render_service(server)]
+    manifests += [render_deployment(server, spec, config, secrets), render_service(server)]
     return RenderedServer(manifests=manifests, policy=merged, endpoint=endpoint(server, config),
                           digest=digest(manifests), policy_digest=policy_digest)
 
