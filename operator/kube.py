@@ -10,6 +10,9 @@ from toolmesh.api.kube import KubeClient, KubeError, load_api_client
 __all__ = ["FIELD_MANAGER", "Kube", "KubeError", "load_api_client", "object_path"]
 
 FIELD_MANAGER = "toolmesh"
+CREATE_ONLY = str(2**64 - 1)
+"""A resourceVersion no object ever has: an apply whose manifest carries it creates the object or fails with 409,
+never writing to one that exists (the apiserver ignores a resourceVersion on create, checks it on update)."""
 
 # kind -> (API path prefix, plural, namespaced)
 _KINDS: dict[str, tuple[str, str, bool]] = {
@@ -41,7 +44,12 @@ class Kube(KubeClient):
     """The few API calls the operator makes, as plain dicts in and out."""
 
     def apply(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
-        """Server-side apply: the API merges our fields, and a manifest equal to the last one changes nothing."""
+        """Server-side apply: the API merges our fields, and a manifest equal to the last one changes nothing.
+
+        Forced, so our own children follow the manifest whoever edited them; callers writing to children therefore
+        pin the apply in the manifest: `metadata.uid` of the child they own (422 or 409 if it was replaced or is
+        gone), or `metadata.resourceVersion: CREATE_ONLY` for one that must not exist yet (409 if it does).
+        """
         meta = manifest["metadata"]
         path = object_path(manifest["kind"], meta["name"], meta.get("namespace"))
         return self.request("PATCH", path, body=dict(manifest), content_type="application/apply-patch+yaml",

@@ -9,10 +9,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from toolmesh.operator.kube import Kube, KubeError
+from toolmesh.operator.events import EventRecorder
+from toolmesh.operator.kube import CREATE_ONLY, Kube, KubeError
 from toolmesh.operator.merge import PolicySource
 from toolmesh.operator.render import (
-    OperatorConfig, digest, policy_status, ready_condition, render_server, server_status, set_condition,
+    OperatorConfig, RenderedServer, condition, digest, policy_status, ready_condition, render_server, server_status,
+    set_condition,
 )
 
 log = logging.getLogger("toolmesh.operator")
@@ -48,6 +50,27 @@ def _key(manifest: Mapping[str, Any]) -> tuple[str, str, str]:
     return manifest["kind"], meta.get("namespace", ""), meta["name"]
 
 
+def controller_uid(obj: Mapping[str, Any]) -> str | None:
+    """The uid of the object's controller, from its ownerReferences; None when nothing controls it."""
+    return next((o.get("uid") for o in obj["metadata"].get("ownerReferences") or [] if o.get("controller")), None)
+
+
+class NameConflict(Exception):
+    """A child the MCPServer needs exists and is not its own: toolmesh never adopts, changes or deletes it."""
+
+    def __init__(self, kind: str, name: str, predecessor: bool):
+        self.kind, self.name = kind, name
+        self.predecessor = predecessor
+        """The object belongs to an earlier MCPServer of the same name and goes with it: wait, do not alarm."""
+        if predecessor:
+            message = (f"{kind} {name} still belongs to an earlier MCPServer of this name; waiting for the garbage "
+                       f"collector to delete it")
+        else:
+            message = (f"{kind} {name} already exists and was not created by this MCPServer, so toolmesh leaves it "
+                       f"alone and runs nothing: delete or rename that {kind}, or give the MCPServer another name")
+        super().__init__(message)
+
+
 @dataclass
 class Reconciler:
     """The operator's state across events: the API, the settings and what it last applied."""
@@ -56,6 +79,19 @@ class Reconciler:
     config: OperatorConfig
     applied: dict[tuple[str, str, str], str] = field(default_factory=dict)
     """(kind, namespace, name) -> digest of the manifest last applied; an equal digest is not applied again."""
+    owned: dict[tuple[str, str, str], tuple[str, str]] = field(default_factory=dict)
+    """(kind, namespace, name) -> (uid of the MCPServer, uid of the child) for a child this operator created or
+    found controlled by that MCPServer. Every apply is pinned to the child's uid, so a child deleted and re-created
+    by someone else is never written to."""
+    events: EventRecorder | None = None
+    """Posts Events on MCPServers and MCPToolPolicies for what a person must act on; made from `kube` if None."""
+    recheck_after: float = 10.0
+    """Seconds before a server blocked by a name conflict is looked at again (the object in its way may be deleted
+    without any event we watch); doubled after each look that finds it still blocked, up to `recheck_max`."""
+    recheck_max: float = 300.0
+    """The longest wait between two looks at a blocked server."""
+    rechecks: dict[tuple[str, str], tuple[threading.Timer | None, float]] = field(default_factory=dict)
+    """(namespace, server) -> (pending look, its delay) for blocked servers."""
     readiness: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
     """(namespace, server) -> (status, message) of the Ready condition last written: Deployment events that
     change nothing a user sees cost no API call."""
@@ -78,24 +114,37 @@ class Reconciler:
         with self.lock:
             return self.server_locks.setdefault((namespace, name), threading.Lock())
 
+    def __post_init__(self) -> None:
+        if self.events is None:
+            self.events = EventRecorder(self.kube)
+
+    def warn(self, obj: Mapping[str, Any], reason: str, message: str) -> None:
+        assert self.events is not None
+        self.events.post(obj, reason, message)
+
     # --- MCPServer ---------------------------------------------------------------------------------------------
 
-    def server_changed(self, server: Mapping[str, Any]) -> None:
-        """An MCPServer was created, changed or found on start-up: reconcile it, then the policies' server lists."""
+    def server_changed(self, server: Mapping[str, Any]) -> str | None:
+        """An MCPServer was created, changed or found on start-up: reconcile it, then the policies' server lists.
+
+        Returns why the server is blocked ("NameConflict"), None when it was reconciled.
+        """
         meta = server["metadata"]
         with self.server_lock(meta["namespace"], meta["name"]):
             policies = self.policies(meta["namespace"])
-            self.reconcile_server(server, policies)
+            blocked = self.reconcile_server(server, policies)
         if policies:  # a policy created since lists this server itself: its own event re-reads the servers
             self.refresh_policy_statuses(meta["namespace"])
+        return blocked
 
     def policies(self, namespace: str) -> list[PolicySource]:
         return [PolicySource.from_body(p) for p in self.kube.list("MCPToolPolicy", namespace)]
 
-    def reconcile_server(self, server: Mapping[str, Any], policies: Iterable[PolicySource]) -> None:
+    def reconcile_server(self, server: Mapping[str, Any], policies: Iterable[PolicySource]) -> str | None:
         """Render one MCPServer, apply the manifests whose rendering changed, write its status.
 
-        The caller holds the server's lock and read `policies` while holding it.
+        Returns the reason the server is blocked ("NameConflict"), None when it was reconciled. The caller holds
+        the server's lock and read `policies` while holding it.
         """
         meta = server["metadata"]
         try:
@@ -104,38 +153,170 @@ class Reconciler:
             # The schema normally stops a bad spec at the apiserver; one that slips through is reported, not retried.
             error = str(exc)
             self.update_server_status(server, lambda s: _owned(server_status(s, None, None, now(), error=error)))
-            return
+            self.warn(server, "InvalidSpec", error)
+            return None
         deployment = None
         try:
+            self.claim(server, rendered.manifests)
             for manifest in rendered.manifests:
-                result = self.apply_if_changed(manifest)
+                result = self.apply_if_changed(manifest, server)
                 if manifest["kind"] == "Deployment":
                     deployment = result or self.kube.get("Deployment", meta["name"], meta["namespace"])
+        except NameConflict as conflict:
+            return self.refuse(server, rendered, conflict)
         except KubeError as exc:
             if not _namespace_terminating(exc):
                 raise
             # The server goes with its namespace: nothing to create there any more, and nothing to retry.
             log.info("MCPServer %s/%s: its namespace is being deleted", meta["namespace"], meta["name"])
-            return
-        self.update_server_status(server, lambda s: _owned(server_status(s, rendered, deployment, now())))
+            return None
+        self.update_server_status(server, lambda s: _owned(self.server_status(s, rendered, deployment)))
         self.remember_ready(meta, ready_condition(deployment, None))
+        self.cancel_recheck(meta["namespace"], meta["name"])
+        applied, reason, message = rendered.policy.describe()
+        if not applied:
+            self.warn(server, reason, message)
+        return None
 
-    def apply_if_changed(self, manifest: Mapping[str, Any]) -> dict[str, Any] | None:
-        """Server-side apply unless this exact manifest was the last one applied; returns the live object if applied."""
+    @staticmethod
+    def server_status(server: Mapping[str, Any], rendered: RenderedServer,
+                      deployment: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The renderer's status, with PolicyApplied as the merge describes it: which policy won which section, and
+        every invalid policy meant for the server."""
+        status = server_status(server, rendered, deployment, now())
+        applied, reason, message = rendered.policy.describe()
+        generation = server["metadata"].get("generation")
+        status["conditions"] = set_condition(status["conditions"], condition(
+            "PolicyApplied", applied, reason, message, generation), now())
+        return status
+
+    def refuse(self, server: Mapping[str, Any], rendered: RenderedServer, conflict: NameConflict) -> str | None:
+        """A child's name is taken: say so on the server (and in an Event), publish no endpoint, touch nothing."""
+        meta = server["metadata"]
+        reason = "Progressing" if conflict.predecessor else "NameConflict"
+        generation = meta.get("generation")
+
+        def refused(s: Mapping[str, Any]) -> dict[str, Any]:
+            conditions = list((s.get("status") or {}).get("conditions") or [])
+            for cond in (condition("Ready", False, reason, str(conflict), generation),
+                         condition("PolicyApplied", False, reason,
+                                   "nothing is applied until the name conflict is resolved", generation)):
+                conditions = set_condition(conditions, cond, now())
+            return _owned({"observedGeneration": generation, "conditions": conditions})
+
+        self.update_server_status(server, refused)
+        self.remember_ready(meta, {"status": "False", "message": str(conflict)})
+        self.schedule_recheck(meta["namespace"], meta["name"])
+        if conflict.predecessor:
+            return None
+        log.warning("MCPServer %s/%s: %s", meta["namespace"], meta["name"], conflict)
+        self.warn(server, "NameConflict", str(conflict))
+        return "NameConflict"
+
+    def claim(self, server: Mapping[str, Any], manifests: Iterable[Mapping[str, Any]]) -> None:
+        """Check, before anything is written, that every child to apply is absent or controlled by this server.
+
+        Raises NameConflict for the first that is not. A child whose uid is known from an earlier apply costs
+        nothing; the others (first reconcile, after a restart) cost one GET each.
+        """
+        for manifest in manifests:
+            key = _key(manifest)
+            with self.lock:
+                if self.applied.get(key) == digest(manifest) or self.owned_child(key, server):
+                    continue
+            self.check_owner(manifest, server)
+
+    def owned_child(self, key: tuple[str, str, str], server: Mapping[str, Any]) -> str | None:
+        """The uid of the child `key` if it is known to be `server`'s (the caller holds the lock)."""
+        server_uid, child_uid = self.owned.get(key, ("", ""))
+        return child_uid if server_uid == server["metadata"]["uid"] else None
+
+    def check_owner(self, manifest: Mapping[str, Any], server: Mapping[str, Any]) -> None:
+        """Read the child: absent is fine, controlled by this server is remembered as ours, anything else refused."""
+        meta, key = manifest["metadata"], _key(manifest)
+        live = self.kube.get(manifest["kind"], meta["name"], meta.get("namespace"))
+        if live is None:
+            with self.lock:
+                self.owned.pop(key, None)
+            return
+        uid = controller_uid(live)
+        if uid != server["metadata"]["uid"]:
+            owner = _owner_reference(live)
+            predecessor = (uid is not None and owner is not None and owner.get("uid") == uid
+                           and owner.get("name") == server["metadata"]["name"])
+            raise NameConflict(manifest["kind"], meta["name"], predecessor)
+        with self.lock:
+            self.owned[key] = (server["metadata"]["uid"], live["metadata"]["uid"])
+
+    def apply_if_changed(self, manifest: Mapping[str, Any], server: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Apply unless this exact manifest was the last one applied; returns the live object if applied.
+
+        The apply is pinned to the child this server owns (its uid), or, for a child that does not exist, may only
+        create it: what someone else created in between is never written to, whatever its fields.
+        """
         key, value = _key(manifest), digest(manifest)
         with self.lock:
             if self.applied.get(key) == value:
                 return None
-        live = self.kube.apply(manifest)
+        for attempt in range(2):
+            with self.lock:
+                uid = self.owned_child(key, server)
+            pinned = {**manifest, "metadata": {**manifest["metadata"],
+                                               **({"uid": uid} if uid else {"resourceVersion": CREATE_ONLY})}}
+            try:
+                live = self.kube.apply(pinned)
+                break
+            except KubeError as exc:
+                # 409: created meanwhile, or the pinned child is gone; 422: uid immutable, so it was replaced.
+                if exc.status not in (409, 422) or attempt:
+                    raise
+            with self.lock:
+                self.owned.pop(key, None)
+            self.check_owner(manifest, server)
         with self.lock:
             self.applied[key] = value
+            self.owned[key] = (server["metadata"]["uid"], live["metadata"]["uid"])
         return live
+
+    def schedule_recheck(self, namespace: str, name: str) -> None:
+        """Look at a blocked server again later, each time waiting twice as long: never a hot loop."""
+        with self.lock:
+            timer, delay = self.rechecks.get((namespace, name), (None, 0.0))
+            if timer is not None:
+                return
+            delay = min(self.recheck_max, delay * 2 or self.recheck_after)
+            timer = threading.Timer(delay, self.recheck, (namespace, name))
+            timer.daemon = True
+            self.rechecks[(namespace, name)] = (timer, delay)
+        timer.start()
+
+    def cancel_recheck(self, namespace: str, name: str) -> None:
+        with self.lock:
+            timer, _ = self.rechecks.pop((namespace, name), (None, 0.0))
+        if timer is not None:
+            timer.cancel()
+
+    def recheck(self, namespace: str, name: str) -> None:
+        with self.lock:
+            _, delay = self.rechecks.get((namespace, name), (None, 0.0))
+            self.rechecks[(namespace, name)] = (None, delay)
+        try:
+            server = self.kube.get("MCPServer", name, namespace)
+            if server is None or server["metadata"].get("deletionTimestamp"):
+                self.cancel_recheck(namespace, name)
+                return
+            self.server_changed(server)  # schedules the next look if still blocked
+        except Exception as exc:  # noqa: BLE001 - a timer thread has no one to raise to; look again later
+            log.warning("looking again at MCPServer %s/%s failed: %s", namespace, name, exc)
+            self.schedule_recheck(namespace, name)
 
     def forget(self, namespace: str, name: str) -> None:
         """Drop what was applied for a deleted server, so a new one of the same name is applied afresh."""
+        self.cancel_recheck(namespace, name)
         with self.lock:
-            for key in [k for k in self.applied if k[1] == namespace and k[2] in (name, f"{name}-policy")]:
-                del self.applied[key]
+            for known in (self.applied, self.owned):
+                for key in [k for k in known if k[1] == namespace and k[2] in (name, f"{name}-policy")]:
+                    del known[key]
             self.readiness.pop((namespace, name), None)
             self.server_locks.pop((namespace, name), None)
 
@@ -178,13 +359,16 @@ class Reconciler:
         """Someone deleted a child the operator manages: put it back, unless its MCPServer is going too."""
         with self.lock:
             self.applied.pop(_key(child), None)
+            self.owned.pop(_key(child), None)
         owner = _owner_reference(child)
         if owner is None:
             return
         namespace = child["metadata"]["namespace"]
         with self.server_lock(namespace, owner["name"]):
-            server = self.owner_of(child)  # read inside the lock: the server may have changed while we waited
-            if server is not None:
+            # Read inside the lock: the server may have changed while we waited. Looked up by name, not uid: a
+            # server re-created under the same name waits for its predecessor's children to go.
+            server = self.kube.get("MCPServer", owner["name"], namespace)
+            if server is not None and not server["metadata"].get("deletionTimestamp"):
                 self.reconcile_server(server, self.policies(namespace))
 
     def deployment_changed(self, deployment: Mapping[str, Any]) -> None:
@@ -197,6 +381,8 @@ class Reconciler:
         server = self.owner_of(deployment)
         if server is None or not (server.get("status") or {}).get("conditions"):
             return  # not reconciled yet: the reconcile writes Ready along with the rest
+        if any(c.get("type") == "Ready" and c.get("reason") == "NameConflict" for c in server["status"]["conditions"]):
+            return  # the conflict is what a person must see, whatever the Deployment does
 
         def with_ready(s: Mapping[str, Any]) -> dict[str, Any]:
             status = s.get("status") or {}
@@ -241,12 +427,29 @@ class Reconciler:
 
     def write_policy_statuses(self, namespace: str, bodies: list[dict[str, Any]], policies: list[PolicySource],
                               servers: list[dict[str, Any]]) -> None:
+        labels_of = [(s["metadata"]["name"], s["metadata"].get("labels") or {}) for s in servers]
         for body, policy in zip(bodies, policies):
-            labels_of = [(s["metadata"]["name"], s["metadata"].get("labels") or {}) for s in servers]
             selected = [name for name, labels in labels_of if policy.selects(labels)]
+            status = self.policy_status(policy, body, selected)
             if not policy.valid:
-                log.warning("MCPToolPolicy %s/%s is invalid: %s", namespace, policy.name, policy.error)
-            status = policy_status(policy, body, selected, now())
+                log.warning("MCPToolPolicy %s/%s: %s", namespace, policy.name, policy.invalid_reason())
+                self.warn(body, "InvalidPolicy", policy.invalid_reason())
             current = body.get("status") or {}
             if any(current.get(k) != v for k, v in status.items()):
                 self.kube.patch_status("MCPToolPolicy", policy.name, namespace, status)
+
+    @staticmethod
+    def policy_status(policy: PolicySource, body: Mapping[str, Any], selected: list[str]) -> dict[str, Any]:
+        """Accepted, where the spec in force applies, and — for a valid spec — the spec kept as the last accepted."""
+        status = policy_status(policy, body, selected, now())
+        if policy.valid:
+            status.update(acceptedGeneration=policy.generation, acceptedSpec=dict(policy.spec))
+            return status
+        names = sorted(selected)
+        where = (f"it stays in force on {len(names)} MCPServer(s)" if policy.accepted is not None
+                 else "none applies anywhere")
+        accepted = condition("Accepted", False, "InvalidSpec", f"{policy.invalid_reason()} ({where})",
+                             policy.generation)
+        current = (body.get("status") or {}).get("conditions") or []
+        status.update(conditions=set_condition(current, accepted, now()), servers=names, serverCount=len(names))
+        return status
