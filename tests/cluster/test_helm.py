@@ -114,7 +114,7 @@ OPERATOR_MAY = [
 ]
 OPERATOR_MAY_NOT = [
     ("delete", "deployments.apps", "-A"), ("create", "pods", "-A"), ("list", "secrets", "-A"), ("create", "secrets", "-A"),
-    ("get", "secrets", "-n", "default"), ("delete", "mcpservers", "-A"), ("patch", "mutatingwebhookconfigurations/other"),
+    ("watch", "secrets", "-n", "default"), ("patch", "secrets", "-n", "default"), ("delete", "mcpservers", "-A"), ("patch", "mutatingwebhookconfigurations/other"),
     ("patch", "validatingwebhookconfigurations", "-A"), ("create", "mutatingwebhookconfigurations"), ("create", "clusterroles"), ("patch", "customresourcedefinitions"),
     ("create", "serviceaccounts", "--subresource=token", "-A"), ("patch", "nodes"),
 ]
@@ -136,11 +136,14 @@ def test_rbac_is_enough_and_no_more(cluster, release):
     for who, may, may_not in ((operator, OPERATOR_MAY, OPERATOR_MAY_NOT), (registry, REGISTRY_MAY, REGISTRY_MAY_NOT)):
         wrong += [f"{who} cannot {' '.join(c)}" for c in may if not can_i(cluster, who, *c)]
         wrong += [f"{who} can {' '.join(c)}" for c in may_not if can_i(cluster, who, *c)]
-    # The webhook certificate: its own Secret in its own namespace, no other.
+    # The webhook certificate: its own Secret in its own namespace, no other. Other Secrets it may only get, one by
+    # name (the one a policy's secretRef names), never list or change.
     if not can_i(cluster, operator, "patch", "secrets/toolmesh-webhook-tls", "-n", release):
         wrong.append(f"{operator} cannot patch its webhook Secret")
-    if can_i(cluster, operator, "get", "secrets/other", "-n", release):
-        wrong.append(f"{operator} can read other Secrets of {release}")
+    if can_i(cluster, operator, "patch", "secrets/other", "-n", release):
+        wrong.append(f"{operator} can change other Secrets of {release}")
+    if not can_i(cluster, operator, "get", "secrets/jwt-signing", "-n", "default"):
+        wrong.append(f"{operator} cannot check a Secret a policy names")
     assert not wrong, "\n".join(wrong)
 
 
