@@ -13,8 +13,8 @@ from toolmesh.operator.events import EventRecorder
 from toolmesh.operator.kube import CREATE_ONLY, Kube, KubeError
 from toolmesh.operator.merge import PolicySource
 from toolmesh.operator.render import (
-    OperatorConfig, RenderedServer, condition, digest, policy_status, ready_condition, render_server, server_status,
-    set_condition,
+    MissingSecret, OperatorConfig, RenderedServer, condition, digest, policy_status, ready_condition, render_server,
+    secret_keys_of, server_status, set_condition,
 )
 
 log = logging.getLogger("toolmesh.operator")
@@ -86,8 +86,9 @@ class Reconciler:
     events: EventRecorder | None = None
     """Posts Events on MCPServers and MCPToolPolicies for what a person must act on; made from `kube` if None."""
     recheck_after: float = 10.0
-    """Seconds before a server blocked by a name conflict is looked at again (the object in its way may be deleted
-    without any event we watch); doubled after each look that finds it still blocked, up to `recheck_max`."""
+    """Seconds before a server blocked by a name conflict or a missing Secret is looked at again (the object in its
+    way may go, the Secret may come, without any event we watch); doubled after each look that finds it still
+    blocked, up to `recheck_max`."""
     recheck_max: float = 300.0
     """The longest wait between two looks at a blocked server."""
     rechecks: dict[tuple[str, str], tuple[threading.Timer | None, float]] = field(default_factory=dict)
@@ -127,7 +128,7 @@ class Reconciler:
     def server_changed(self, server: Mapping[str, Any]) -> str | None:
         """An MCPServer was created, changed or found on start-up: reconcile it, then the policies' server lists.
 
-        Returns why the server is blocked ("NameConflict"), None when it was reconciled.
+        Returns why the server is blocked ("NameConflict", "MissingSecret"), None when it was reconciled.
         """
         meta = server["metadata"]
         with self.server_lock(meta["namespace"], meta["name"]):
@@ -143,17 +144,21 @@ class Reconciler:
     def reconcile_server(self, server: Mapping[str, Any], policies: Iterable[PolicySource]) -> str | None:
         """Render one MCPServer, apply the manifests whose rendering changed, write its status.
 
-        Returns the reason the server is blocked ("NameConflict"), None when it was reconciled. The caller holds
-        the server's lock and read `policies` while holding it.
+        Returns the reason the server is blocked ("NameConflict", "MissingSecret"), None when it was reconciled. The
+        caller holds the server's lock and read `policies` while holding it.
         """
         meta = server["metadata"]
         try:
-            rendered = render_server(server, policies, self.config)
+            rendered = render_server(server, policies, self.config, secret_keys=lambda name: secret_keys_of(
+                self.kube.get("Secret", name, meta["namespace"])))
+        except MissingSecret as exc:
+            # Nothing is applied, so running pods keep their policy; the Secret may come later: look again then.
+            self.report_unrendered(server, "MissingSecret", str(exc))
+            self.schedule_recheck(meta["namespace"], meta["name"])
+            return "MissingSecret"
         except ValueError as exc:
             # The schema normally stops a bad spec at the apiserver; one that slips through is reported, not retried.
-            error = str(exc)
-            self.update_server_status(server, lambda s: _owned(server_status(s, None, None, now(), error=error)))
-            self.warn(server, "InvalidSpec", error)
+            self.report_unrendered(server, "InvalidSpec", str(exc))
             return None
         deployment = None
         try:
@@ -177,6 +182,19 @@ class Reconciler:
         if not applied:
             self.warn(server, reason, message)
         return None
+
+    def report_unrendered(self, server: Mapping[str, Any], reason: str, error: str) -> None:
+        """The server could not be rendered: PolicyApplied=False with `reason` and `error`, and a Warning Event."""
+        generation = server["metadata"].get("generation")
+
+        def unrendered(s: Mapping[str, Any]) -> dict[str, Any]:
+            status = server_status(s, None, None, now(), error=error)
+            status["conditions"] = set_condition(status["conditions"], condition(
+                "PolicyApplied", False, reason, error, generation), now())
+            return _owned(status)
+
+        self.update_server_status(server, unrendered)
+        self.warn(server, reason, error)
 
     @staticmethod
     def server_status(server: Mapping[str, Any], rendered: RenderedServer,

@@ -40,11 +40,15 @@ def policy_spec(cluster, namespace: str, server: str) -> dict | None:
     return yaml.safe_load(cm["data"]["policy.yaml"])["spec"] if cm else None
 
 
-def wait_condition(cluster, kind: str, name: str, namespace: str, type_: str, reason: str, timeout: float = 30):
+def wait_condition(cluster, kind: str, name: str, namespace: str, type_: str, reason: str | tuple[str, ...],
+                   timeout: float = 30):
+    reasons = (reason,) if isinstance(reason, str) else reason
+
     def reached():
         obj = get_json(cluster, kind, name, "-n", namespace)
         cond = condition(obj, type_)
-        return cond and cond["reason"] == reason and cond["observedGeneration"] == obj["metadata"]["generation"] and obj
+        return (cond and cond["reason"] in reasons and cond["observedGeneration"] == obj["metadata"]["generation"]
+                and obj)
 
     return cluster.wait_for(reached, timeout=timeout, what=f"{kind} {name} {type_} reason {reason}")
 
@@ -207,7 +211,8 @@ def test_the_conflict_resolves_once_the_object_is_gone(cluster, namespace, opera
                                and s["metadata"].get("ownerReferences") and s, timeout=60,
                                what="the operator to look again and create its own Service")
     assert service["spec"]["ports"][0]["port"] == 7400
-    wait_condition(cluster, "mcpserver", "mine", namespace, "Ready", "Progressing")
+    server = wait_condition(cluster, "mcpserver", "mine", namespace, "Ready", ("Progressing", "Available"))
+    assert server["status"]["endpoint"] == f"http://mine.{namespace}.svc:7400/mcp"
 
 
 def test_a_server_named_default_leaves_the_default_service_account_alone(cluster, namespace, operator):
