@@ -316,11 +316,11 @@ class Issuer(SpecModel):
     publicKey: str | None = None
     """A PEM public key (RSA, EC or Ed25519) that verifies every token of this issuer. Default none."""
     secret: str | None = None
-    """An HMAC shared secret, inline (prefer `secretEnv`/`secretFile` outside tests). Default none."""
+    """An HMAC shared secret, inline (outside tests prefer `secretRef` in a cluster, `secretFile`/`secretEnv` elsewhere). Default none."""
     secretEnv: str | None = None
-    """Name of an environment variable holding the HMAC secret (a Kubernetes Secret via `env`). Default none."""
+    """Name of an environment variable of the sidecar holding the HMAC secret (a sidecar you run yourself; the operator sets no such variable: use `secretRef`). Default none."""
     secretFile: str | None = None
-    """Path of a file holding the HMAC secret (a mounted Kubernetes Secret); trailing newline ignored. Default none."""
+    """Path of a file holding the HMAC secret; trailing newline ignored. In a cluster use `secretRef`, which the operator turns into this. Default none."""
     secretRef: SecretKeyRef | None = None
     """The HMAC secret from a key of a Secret in the policy's namespace: the operator checks it exists, mounts it into the sidecar under `/var/run/secrets/toolmesh-policy/<name>/` and gives the sidecar that file as `secretFile`. Default none."""
     leewaySeconds: int = Field(default=30, ge=0, le=600)
