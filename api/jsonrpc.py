@@ -4,7 +4,6 @@ and from the gateway."""
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -64,11 +63,13 @@ def strip_envelope(params: Mapping[str, Any]) -> dict[str, Any]:
 
 # --- JSON as sent: integers of any size stay exact -------------------------------------------
 
-_WIDE_INTEGER = re.compile(rb"\d{20}")
-"""Twenty digits in a row: perhaps an integer beyond 64 bits, which orjson would read as a float."""
+_DIGITS_ONLY = bytes(0x30 if 0x30 <= c <= 0x39 else 0x20 for c in range(256))
+"""A translation table keeping digits as "0" and anything else as a space."""
+_TWENTY_DIGITS = b"0" * 20
+"""Twenty digits in a row (after `_DIGITS_ONLY`): perhaps an integer beyond 64 bits, which orjson reads as a float."""
 
 
-def loads(data: bytes) -> Any:
+def loads(data: bytes | str) -> Any:
     """Parse JSON (orjson.JSONDecodeError when it is not), keeping integers beyond 64 bits exact.
 
     orjson reads an integer beyond unsigned 64 bits as a float (`1180591620717411303424` →
@@ -77,7 +78,9 @@ def loads(data: bytes) -> Any:
     parsed again by the standard library, which keeps every integer exact.
     """
     value = orjson.loads(data)
-    if len(data) >= 20 and _WIDE_INTEGER.search(data) is not None:
+    # A byte translation and a substring search: about 1 ms per MB, where a regex takes 20.
+    raw = data.encode() if isinstance(data, str) else data
+    if len(raw) >= 20 and _TWENTY_DIGITS in raw.translate(_DIGITS_ONLY):
         return json.loads(data)
     return value
 
