@@ -111,6 +111,8 @@ def test_example_policies_are_accepted_and_reported(cluster, namespace, operator
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=server_manifest("target"))
     paths = [*sorted((ROOT / "examples" / "policies").glob("*.yaml")),
              *sorted((ROOT / "examples" / "cluster").glob("*.yaml"))]
+    # The Secret auth-hmac-secret.yaml names, made as its comment says.
+    cluster.kubectl("create", "secret", "generic", "jwt-signing", "-n", namespace, "--from-literal=hmac=0123456789abcdef")
     for path in paths:
         cluster.kubectl("apply", "-n", namespace, "-f", str(path))
     names = [yaml.safe_load(p.read_text())["metadata"]["name"] for p in paths]
