@@ -89,13 +89,16 @@ def run(args: argparse.Namespace) -> int:
                                 anonymous_session_idle=args.anonymous_session_idle, max_sessions=args.max_sessions,
                                 max_sessions_per_caller=args.max_sessions_per_caller)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    app = create_app(settings)
     if args.kube:
         from toolmesh.registry.kube import attach_kube
 
-        app = create_app(settings)
-        attach_kube(app)
-    else:
-        app = create_app(settings)
+        try:
+            attach_kube(app)
+        except Exception as exc:  # noqa: BLE001 - no kubeconfig and not in a cluster: a configuration problem
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise UsageError(f"--kube: cannot reach Kubernetes (no in-cluster service account, and the kubeconfig "
+                             f"cannot be used): {reason}") from None
     try:
         declare_from_files(app, args.manifests)
     except ValueError as exc:
