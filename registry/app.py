@@ -178,6 +178,7 @@ async def get_servers(request: web.Request) -> web.Response:
             "instances": [{
                 "instance": i.instance, "endpoint": i.endpoint, "healthy": i.healthy, "health": i.health,
                 "namespace": i.namespace, "fromStatus": i.remote, "callerFiltered": i.caller_filtered,
+                "unreachable": i.unreachable,
                 "lastHeartbeat": i.last_seen_wall, "inFlight": i.in_flight, "breakers": i.breakers, "stats": i.stats,
             } for i in instances],
         })

@@ -15,7 +15,15 @@ import orjson
 from mcp.shared.inbound import NAME_BEARING_METHODS, encode_header_value
 
 from toolmesh.api.http_wire import Headers, WireClient, WireError, WireResponse, lines
-from toolmesh.api.jsonrpc import INTERNAL_ERROR, METHOD_NOT_FOUND, PROTOCOL_VERSION_KEY, dumps, error_message, loads
+from toolmesh.api.jsonrpc import (
+    INTERNAL_ERROR,
+    METHOD_NOT_FOUND,
+    PROTOCOL_VERSION_KEY,
+    UPSTREAM_UNAVAILABLE,
+    dumps,
+    error_message,
+    loads,
+)
 
 log = logging.getLogger("toolmesh.registry")
 
@@ -55,11 +63,12 @@ class _Answer:
 
 
 class BackendUnavailable(Exception):
-    """The sidecar could not be reached or broke the connection: try another instance, mark this one failed."""
+    """The sidecar could not be reached or broke the connection: try another instance, try this one last."""
 
 
 class BackendRefused(Exception):
-    """The sidecar answered the handshake with an error (e.g. 401/403 from its policy): relay it to the caller."""
+    """The sidecar answered, with an error and no result: 401/403 from its policy, or an HTTP error it relayed from
+    its upstream (a 503). The call failed; the instance stays in service. Relay it to the caller."""
 
     def __init__(self, status: int, message: Mapping[str, Any] | None, headers: Mapping[str, str]):
         error = (message or {}).get("error") or {}
@@ -234,6 +243,8 @@ class BackendPool:
                                  "sessions", endpoint, ((body or {}).get("error") or {}).get("message", "HTTP 400"))
                         self._session_only.add(endpoint)
                         return None
+                    if body is None:
+                        _response(resp, None, request_id)  # raises: what its absence means
                     raise BackendRefused(resp.status, body, resp.headers)
         except TRANSPORT_ERRORS as exc:
             raise BackendUnavailable(str(exc) or type(exc).__name__) from exc
@@ -370,13 +381,17 @@ def _response(resp: _Answer, body: dict[str, Any] | None, request_id: Any) -> di
     """The JSON-RPC response a sidecar's answer carried, or the failure its absence means."""
     if body is not None:
         return body
-    if resp.status < 500:
-        # The sidecar is there and answered, only not with a response (e.g. a stream the server closed early):
-        # this call fails, the instance stays in service.
-        raise BackendRefused(resp.status, error_message(request_id, INTERNAL_ERROR,
-                                                        "the server ended the answer without a response"),
-                             resp.headers)
-    raise BackendUnavailable(f"HTTP {resp.status} without a JSON-RPC response")
+    # The sidecar is there and answered, only not with a response: a stream the server closed early, or an HTTP
+    # error from the upstream it relayed (503 overloaded, 502...). This call failed; the instance stays in service
+    # (the sidecar's retry and circuit breaker deal with a failing upstream, its heartbeat with a dead one).
+    if resp.status < 400:
+        message = "the server ended the answer without a response"
+    else:
+        message = f"it answered HTTP {resp.status} without a JSON-RPC response"
+        if resp.headers.get("Retry-After"):
+            message += f" (Retry-After: {resp.headers['Retry-After'][:32]})"
+    code = UPSTREAM_UNAVAILABLE if resp.status >= 500 else INTERNAL_ERROR
+    raise BackendRefused(resp.status, error_message(request_id, code, message), resp.headers)
 
 
 async def _read_response(resp: _Answer, request_id: Any, notify: Notify | None,

@@ -90,6 +90,9 @@ class Instance:
     """Known from MCPServer.status written by another registry replica (or before a restart), not from a heartbeat."""
     caller_filtered: bool = False
     """The sidecar authenticates callers, so which tools one may see depends on who asks."""
+    unreachable: str | None = None
+    """Why the gateway's last try to connect to this sidecar failed (refused, reset): it is then picked only when
+    no other instance can be, yet stays listed; cleared by its next heartbeat or a call that gets through."""
 
     @property
     def healthy(self) -> bool:
@@ -193,6 +196,7 @@ class Catalogue:
         inst.last_seen_wall = time.time()
         inst.expired = False
         inst.remote = False
+        inst.unreachable = None
         inst.caller_filtered = beat.get("callerFiltered") is True
         if relevant:
             self._changed()
@@ -256,11 +260,14 @@ class Catalogue:
                 for i in instances.values() if not i.expired]
         return min(ends) - self._clock() if ends else None
 
-    def mark_failed(self, inst: Instance, reason: str) -> None:
-        """The gateway could not reach an instance: treat it as unhealthy until its next heartbeat."""
-        if inst.health == "ok":
-            inst.health = f"unreachable: {reason}"
-            self._changed()
+    def mark_unreachable(self, inst: Instance, reason: str | None) -> None:
+        """The gateway could not connect to an instance (`reason`), or could again (None).
+
+        Only a transport failure to the sidecar itself counts, never a call's own failure (an HTTP error relayed
+        from the upstream, a JSON-RPC error, a timeout): those are the call's, for the sidecar's retry and breaker.
+        Even unreachable, an instance stays listed until its heartbeat deadline; `pick` only tries it last.
+        """
+        inst.unreachable = reason
 
     # -- reading -----------------------------------------------------------------
 
@@ -334,10 +341,13 @@ class Catalogue:
             return ()
         return max(serving, key=lambda i: i.last_seen).tools
 
-    def pick(self, server: str | ServerKey) -> Instance | None:
-        """A healthy instance for the next call: least in-flight first, round robin among equals."""
+    def pick(self, server: str | ServerKey, exclude: Iterable[str] = ()) -> Instance | None:
+        """A healthy instance for the next call, none of `exclude` (instance ids): those the gateway can reach
+        first, then least in-flight, round robin among equals."""
         key = self._resolve(server)
-        healthy = self._serving(key) if key is not None else []
+        excluded = frozenset(exclude)
+        healthy = [i for i in self._serving(key) if i.instance not in excluded] if key is not None else []
+        healthy = [i for i in healthy if i.unreachable is None] or healthy
         if not healthy:
             return None
         least = min(i.in_flight for i in healthy)

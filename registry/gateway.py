@@ -116,11 +116,16 @@ LocalTool = Callable[[Mapping[str, Any], Caller, Notify], Awaitable[dict[str, An
 class ToolCallFailed(Exception):
     """A routed call could not be completed; carries the JSON-RPC error for the caller."""
 
-    def __init__(self, code: int, message: str, data: Any = None):
+    def __init__(self, code: int, message: str, data: Any = None, *, status: int = 200,
+                 headers: Mapping[str, str] | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
         self.data = data
+        self.status = status
+        """The HTTP status the caller gets it with: 200 but for a sidecar's 401/403, which keep theirs."""
+        self.headers = dict(headers or {})
+        """HTTP headers for the caller (the gateway's own `WWW-Authenticate` challenge)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -653,12 +658,18 @@ class Gateway:
         request does.
         """
         stateless = has_envelope(params)
-        tried: set[str] = set()
+        tried: list[str] = []
+        unreachable: BackendUnavailable | None = None
         while True:
-            inst = instance or self.catalogue.pick(server)
-            if inst is None or inst.instance in tried:
-                raise ToolCallFailed(UPSTREAM_UNAVAILABLE, f"no healthy instance of {server}")
-            tried.add(inst.instance)
+            inst = instance if not tried else None
+            if instance is None and len(tried) < 2:  # fail over once
+                inst = self.catalogue.pick(server, exclude=tried)
+            if inst is None:
+                if unreachable is not None:
+                    raise ToolCallFailed(UPSTREAM_UNAVAILABLE, f"server {server} is unavailable: {unreachable}")
+                raise ToolCallFailed(UPSTREAM_UNAVAILABLE, f"server {server} is unavailable: no live instance "
+                                                           "(none within its heartbeat deadline)")
+            tried.append(inst.instance)
             inst.in_flight += 1
             try:
                 response = None
@@ -673,18 +684,20 @@ class Gateway:
                                                            budget_key=caller.budget_key, notify=notify, ask=ask,
                                                            relay=relay)
             except BackendUnavailable as exc:
+                # The sidecar itself cannot be reached: the only failure that is the instance's, not the call's.
+                # Another instance gets the call; this one is tried last until it beats again, and its tools stay
+                # listed until its heartbeat deadline says otherwise.
                 log.warning("instance %s of %s unreachable: %s", inst.instance, server, exc)
-                self.catalogue.mark_failed(inst, str(exc))
+                self.catalogue.mark_unreachable(inst, str(exc))
                 self.backends.forget_endpoint(inst.endpoint)
-                if instance is not None:
-                    raise ToolCallFailed(UPSTREAM_UNAVAILABLE, f"{server} unreachable: {exc}") from exc
+                unreachable = exc
                 continue
             except BackendRefused as exc:
-                error = (exc.message or {}).get("error") or {}
-                raise ToolCallFailed(error.get("code", INTERNAL_ERROR), error.get("message", str(exc)),
-                                     error.get("data")) from exc
+                raise _refusal(server, exc) from exc
             finally:
                 inst.in_flight -= 1
+            if inst.unreachable is not None:
+                self.catalogue.mark_unreachable(inst, None)
             if "error" in response:
                 error = response["error"]
                 raise ToolCallFailed(error.get("code", INTERNAL_ERROR), error.get("message", ""), error.get("data"))
@@ -868,6 +881,17 @@ class Gateway:
 
 async def _ignore(_: Mapping[str, Any]) -> None:
     return None
+
+
+def _refusal(server: str, exc: BackendRefused) -> ToolCallFailed:
+    """What the caller is told when a sidecar answered a call with an error and no result."""
+    error = (exc.message or {}).get("error") or {}
+    code = error.get("code", UPSTREAM_UNAVAILABLE if exc.status >= 500 else INTERNAL_ERROR)
+    message = str(error.get("message") or exc)
+    if exc.status >= 500:
+        # No JSON-RPC answer, an HTTP error relayed from the upstream (503 overloaded...): this call's failure.
+        message = f"server {server} is unavailable: {message}"
+    return ToolCallFailed(code, message, error.get("data"))
 
 
 def _log_levels(params: Mapping[str, Any]) -> frozenset[str]:
