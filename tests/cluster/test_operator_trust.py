@@ -59,11 +59,18 @@ def events(cluster, namespace: str, kind: str, name: str, reason: str) -> list[d
             and e["reason"] == reason]
 
 
-def reconciled(cluster, namespace: str, name: str):
-    """A barrier: the operator has handled everything queued before this server was created."""
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=server_manifest(name))
+def handled(cluster, namespace: str, name: str):
+    """The operator has written its status on this MCPServer's current generation (whatever it decided)."""
     return cluster.wait_for(lambda: (s := get_json(cluster, "mcpserver", name, "-n", namespace))
-                            and condition(s, "PolicyApplied") and s, timeout=30, what=f"MCPServer {name} reconciled")
+                            and (c := condition(s, "PolicyApplied"))
+                            and c["observedGeneration"] == s["metadata"]["generation"] and s,
+                            timeout=30, what=f"MCPServer {name} handled")
+
+
+def reconciled(cluster, namespace: str, name: str):
+    """A barrier: a new server, handled after everything queued before it."""
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=server_manifest(name))
+    return handled(cluster, namespace, name)
 
 
 # --- 1. an invalid policy edit never switches protection off -------------------------------------------------------
@@ -79,8 +86,7 @@ def test_an_invalid_policy_edit_keeps_the_last_valid_policy(cluster, namespace, 
     cluster.wait_for(lambda: (policy_spec(cluster, namespace, "tools") or {}).get("auth"), timeout=30,
                      what="the auth section in the server's ConfigMap")
     before = policy_spec(cluster, namespace, "tools")
-    accepted = wait_condition(cluster, "mcptoolpolicy", "strict", namespace, "Accepted", "Valid")
-    assert accepted["status"]["acceptedGeneration"] == 1
+    wait_condition(cluster, "mcptoolpolicy", "strict", namespace, "Accepted", "Valid")
 
     # Accepted by the schema, refused by the model.
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=policy_manifest("strict", **bad_edit))
@@ -88,15 +94,18 @@ def test_an_invalid_policy_edit_keeps_the_last_valid_policy(cluster, namespace, 
         lambda: (p := get_json(cluster, "mcptoolpolicy", "strict", "-n", namespace))
         and (c := condition(p, "Accepted")) and c["status"] == "False" and c["observedGeneration"] == 2 and p,
         timeout=30, what="the policy to say it is not accepted")
+    reconciled(cluster, namespace, "after-edit")  # the servers were rendered with the edit
+    assert policy_spec(cluster, namespace, "tools") == before, "the sidecar keeps the last valid policy"
     message = condition(policy, "Accepted")["message"]
     assert field in message and "generation 1 stays in force" in message, message
     assert policy["status"]["servers"] == ["tools"], "the accepted generation still applies there"
+    assert policy["status"]["acceptedGeneration"] == 1
 
     server = wait_condition(cluster, "mcpserver", "tools", namespace, "PolicyApplied", "InvalidPolicy")
     applied = condition(server, "PolicyApplied")
     assert applied["status"] == "False"
     assert "MCPToolPolicy strict generation 2 is invalid" in applied["message"] and field in applied["message"]
-    assert policy_spec(cluster, namespace, "tools") == before, "the sidecar keeps the last valid policy"
+    assert policy_spec(cluster, namespace, "tools") == before
     cluster.wait_for(lambda: events(cluster, namespace, "MCPToolPolicy", "strict", "InvalidPolicy"), timeout=30,
                      what="an InvalidPolicy Event on the policy")
     cluster.wait_for(lambda: events(cluster, namespace, "MCPServer", "tools", "InvalidPolicy"), timeout=30,
@@ -183,6 +192,8 @@ def test_an_existing_object_is_never_taken_over_nor_deleted(cluster, namespace, 
     before = snapshot(cluster, namespace, child, name)
 
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=server_manifest("api"))
+    handled(cluster, namespace, "api")
+    assert snapshot(cluster, namespace, child, name) == before, f"the {kind} was changed"
     server = wait_condition(cluster, "mcpserver", "api", namespace, "Ready", "NameConflict")
     ready = condition(server, "Ready")
     assert ready["status"] == "False" and f"{kind} {name} already exists" in ready["message"], ready
@@ -253,6 +264,11 @@ def test_a_tenant_cannot_change_what_toolmesh_did_not_create_nor_loosen_a_policy
 
     for name in ("api", "default"):
         cluster.kubectl(as_tenant, "apply", "-n", namespace, "-f", "-", input=server_manifest(name))
+    handled(cluster, namespace, "default")
+    reconciled(cluster, namespace, "probe")
+    for key in objects:
+        assert snapshot(cluster, namespace, *key) == before[key], f"{key} changed"
+    for name in ("api", "default"):
         wait_condition(cluster, "mcpserver", name, namespace, "Ready", "NameConflict")
 
     # The tenant's own server, protected by the tenant's policy; a bad edit leaves the protection on.
@@ -271,7 +287,7 @@ def test_a_tenant_cannot_change_what_toolmesh_did_not_create_nor_loosen_a_policy
                              "--type=merge", "-p", json.dumps({"status": {"acceptedSpec": {}}}), check=False)
     assert forged.returncode != 0 and "forbidden" in forged.stderr
 
-    for name in ("api", "default", "tools"):
+    for name in ("api", "default", "tools", "probe"):
         cluster.kubectl(as_tenant, "delete", "mcpserver", name, "-n", namespace, "--wait=true", timeout=60)
     cluster.wait_for(lambda: get_json(cluster, "deployment", "tools", "-n", namespace) is None, timeout=60,
                      what="the garbage collector to delete the tenant server's own children")
