@@ -394,6 +394,8 @@ class GatewayView:
     """Every healthy tool as the gateway lists it (`server__tool`, description prefixed `[server]`)."""
     routes: Mapping[str, Route]
     """Gateway name → server and upstream tool; includes the bare names won by priority."""
+    claimants: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """Bare tool name → every server offering it, the one that wins it first (priority, then name)."""
     _pages: dict[tuple[int, int], bytes] = field(default_factory=dict, compare=False)
     """(start, size) → the page's tools serialised, each page built once per version."""
 
@@ -413,11 +415,12 @@ class GatewayView:
                 tools.append(listed)
                 routes[listed["name"]] = Route(server, name)
                 owners.setdefault(name, []).append((traits.priority, server))
+        ranked: dict[str, tuple[str, ...]] = {}
         for name, claimants in owners.items():
             # Highest priority answers to the bare name; ties go to the first name alphabetically.
-            _, winner = min(claimants, key=lambda c: (-c[0], c[1]))
-            routes.setdefault(name, Route(winner, name))
-        return cls(version=version, tools=tuple(tools), routes=routes)
+            ranked[name] = tuple(server for _, server in sorted(claimants, key=lambda c: (-c[0], c[1])))
+            routes.setdefault(name, Route(ranked[name][0], name))
+        return cls(version=version, tools=tuple(tools), routes=routes, claimants=ranked)
 
     def page_json(self, cursor: str | None, size: int) -> tuple[bytes, str | None]:
         """One `tools/list` page, serialised as the inside of a JSON array (cached per page), and the next cursor.

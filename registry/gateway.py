@@ -639,11 +639,28 @@ class Gateway:
         local = self.local_tools.get(name)
         if local is not None:
             return await local[1](params, caller, notify)
-        route = self.catalogue.view().routes.get(name)
+        view = self.catalogue.view()
+        route = view.routes.get(name)
         if route is None:
             raise ToolCallFailed(INVALID_PARAMS, f"unknown tool: {name}")
-        return await self.call_server(route.server, {**params, "name": route.tool}, caller, notify, ask=ask,
+        server = route.server
+        if route.tool == name and name in view.claimants and name != f"{server}{SEPARATOR}{route.tool}":
+            server = await self._bare_owner(view.claimants[name], name, caller)
+        return await self.call_server(server, {**params, "name": route.tool}, caller, notify, ask=ask,
                                       relay=relay)
+
+    async def _bare_owner(self, claimants: tuple[str, ...], tool: str, caller: Caller) -> str:
+        """The server a bare tool name leads to for this caller: the highest-priority one that lists it to them.
+
+        A server whose sidecar does not filter by caller lists it to everyone; one that does is asked (with the
+        caller's token, cached per catalogue version, as `tools/list` asks). When none lists it to this caller,
+        the winner by priority answers, and its sidecar says why not.
+        """
+        for server in claimants:
+            inst = self.catalogue.caller_filtered(server)
+            if inst is None or tool in await self._visible_tools(inst, caller):
+                return server
+        return claimants[0]
 
     async def call_server(self, server: str, params: Mapping[str, Any], caller: Caller, notify: Notify,
                           instance: Instance | None = None, *, ask: Ask | None = None,

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
 from helpers import async_wait_until, free_port, toolmesh_cli
 from helpers.fault_upstream import Fault
-from helpers.registry_procs import get_json, post_heartbeat, registry_process
+from helpers.registry_procs import get_json, post_heartbeat, registry_process, toy_server
 from helpers.sidecar import sidecar
+from helpers.tokens import TokenIssuer
 
 SECRET = "heartbeat-secret"
 
@@ -48,6 +51,14 @@ async def failure(call: Awaitable[Any]) -> str | None:
     except Exception as exc:  # noqa: BLE001 - the SDK raises its own error type for JSON-RPC errors
         return str(exc)
     return result.content[0].text if result.is_error else None
+
+
+async def answer(call: Awaitable[Any]) -> str:
+    """The text a call answers with, or its error message."""
+    try:
+        return (await call).content[0].text
+    except Exception as exc:  # noqa: BLE001
+        return str(exc)
 
 
 async def listed_names(client: Client) -> set[str]:
@@ -92,3 +103,48 @@ async def test_an_unreachable_sidecar_stays_listed_and_its_calls_say_so(tmp_path
         assert still_listed
         (server,) = (await get_json(f"{registry}/v1/servers"))["servers"]
         assert server["instances"][0]["healthy"] and server["instances"][0]["unreachable"]
+
+
+# -- 7. bare names respect the caller -----------------------------------------------------------------------------
+
+
+def scoped_policy(tmp_path: Path, issuer: TokenIssuer, name: str, scope: str) -> Path:
+    """A policy trusting `issuer` that lets only callers holding `scope` call echo."""
+    secret = tmp_path / "jwt-secret"
+    secret.write_text(issuer.secret)
+    policy = {"apiVersion": "toolmesh.io/v1alpha1", "kind": "MCPToolPolicy", "metadata": {"name": name},
+              "spec": {"auth": {"issuers": [{"issuer": issuer.issuer, "audiences": ["toolmesh"],
+                                             "algorithms": ["HS256"], "secretFile": str(secret)}]},
+                       "authorization": {"defaultScopes": ["mcp:admin"],
+                                         "rules": [{"tools": ["echo"], "scopes": [scope]}]}}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(policy))
+    return path
+
+
+async def test_a_bare_name_goes_to_the_best_server_that_lets_this_caller_call_it(tmp_path):
+    issuer = TokenIssuer("internal-ci")
+    env = {"TOOLMESH_REGISTRY_SECRET": SECRET}
+    with (registry_process(tmp_path, secret=SECRET) as registry,
+          toy_server(tmp_path, "high") as (_, high_url), toy_server(tmp_path, "low") as (_, low_url),
+          sidecar(["--upstream", high_url], tmp_path, "--server-name", "high", "--registry", registry,
+                  "--policy", str(scoped_policy(tmp_path, issuer, "high", "high:call")),
+                  env={**env, "TOOLMESH_SERVER_PRIORITY": "10"}, name="high"),
+          sidecar(["--upstream", low_url], tmp_path, "--server-name", "low", "--registry", registry,
+                  "--policy", str(scoped_policy(tmp_path, issuer, "low", "low:call")),
+                  env={**env, "TOOLMESH_SERVER_PRIORITY": "1"}, name="low")):
+        async def both_listed():
+            names = {t["name"] for t in (await get_json(f"{registry}/v1/tools"))["tools"]}
+            return {"high__echo", "low__echo"} <= names
+
+        await async_wait_until(both_listed, timeout=20, what="both servers listed")
+        seen = {}
+        for scope in ("low:call", "high:call", "high:call low:call"):
+            async with gateway_client(registry, issuer.token("alice", scope, alg="HS256")) as client:
+                seen[scope] = await answer(client.call_tool("echo", {"message": "bare"}))
+        async with gateway_client(registry, issuer.token("mallory", "other", alg="HS256")) as client:
+            seen["other"] = await failure(client.call_tool("echo", {"message": "bare"}))
+        assert seen == {"low:call": "low:bare", "high:call": "high:bare", "high:call low:call": "high:bare",
+                        "other": seen["other"]}
+        # Nobody lists it to this caller: the winner by priority answers, and its sidecar says why not.
+        assert "scope" in (seen["other"] or "")
