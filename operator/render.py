@@ -291,11 +291,8 @@ def policy_condition(merged: MergedPolicy | None, generation: int | None, error:
     if error:
         return condition("PolicyApplied", False, "InvalidSpec", error, generation)
     assert merged is not None
-    if merged.error:
-        return condition("PolicyApplied", False, "InvalidPolicy", merged.error, generation)
-    names = [n for n in merged.applied]
-    message = f"merged from {', '.join(names)}" if names else "no policy selects this server: observability only"
-    return condition("PolicyApplied", True, "Merged" if names else "NoPolicy", message, generation)
+    holds, reason, message = merged.describe()
+    return condition("PolicyApplied", holds, reason, message, generation)
 
 
 def server_status(server: Mapping[str, Any], rendered: RenderedServer | None, deployment: Mapping[str, Any] | None,
