@@ -22,18 +22,25 @@ log = logging.getLogger("toolmesh.sidecar")
 
 # Retry a failing upstream this often, so the sidecar turns ready soon after the server does.
 _RETRY_WHILE_DOWN = 0.25
+FAILURES_BEFORE_NOT_READY = 3
+"""Consecutive failed probes that turn a ready sidecar not ready: one lost probe (a server closing its idle
+keep-alive connection just as the probe arrived, say) must not drop the server's tools from the gateway."""
 
 
 class Readiness:
     """Whether the upstream answered a real MCP probe recently; probed in the background."""
 
-    def __init__(self, upstream: Upstream, telemetry: Telemetry, interval: float, window: float):
+    def __init__(self, upstream: Upstream, telemetry: Telemetry, interval: float, window: float,
+                 failures_before_not_ready: int = FAILURES_BEFORE_NOT_READY):
         self.upstream = upstream
         self.telemetry = telemetry
         self.interval = interval
         self.window = window
+        self.failures_before_not_ready = failures_before_not_ready
         self.last_ok: float | None = None
-        """Monotonic time of the last successful probe; None after a failed one."""
+        """Monotonic time of the last successful probe; None once `failures_before_not_ready` probes in a row failed."""
+        self.failures = 0
+        """Probes failed in a row since the last success."""
         self.last_error: str = "not probed yet"
         self.changed = asyncio.Event()
 
@@ -48,12 +55,23 @@ class Readiness:
             error = "" if ok else "upstream gave no MCP answer"
         except Exception as exc:  # noqa: BLE001 - any failure means not ready
             ok, error = False, f"{exc.__class__.__name__}: {exc}"
-        self.last_ok = time.monotonic() if ok else None
+        self.telemetry.probes.inc("ok" if ok else "failed")
+        if ok:
+            self.failures = 0
+            self.last_ok = time.monotonic()
+        else:
+            self.failures += 1
+            if self.failures >= self.failures_before_not_ready:
+                self.last_ok = None
+            else:
+                log.debug("upstream probe failed", extra={"event": "probe_failed", "failures": self.failures,
+                                                          "reason": error})
         self.last_error = error
-        self.telemetry.upstream_up.set(1 if ok else 0)
-        if ok != was:
-            log.info("upstream %s", "ready" if ok else "not ready",
-                     extra={"event": "readiness", "ready": ok, "reason": error or None})
+        now = self.ready
+        self.telemetry.upstream_up.set(1 if now else 0)
+        if now != was:
+            log.info("upstream %s", "ready" if now else "not ready",
+                     extra={"event": "readiness", "ready": now, "reason": error or None})
             self.changed.set()
             self.changed = asyncio.Event()
         return ok
@@ -61,6 +79,7 @@ class Readiness:
     async def run(self) -> None:
         while True:
             ok = await self.probe_once()
+            # After a failure, look again soon: to turn ready quickly, or to confirm an outage quickly.
             await asyncio.sleep(self.interval if ok else min(self.interval, _RETRY_WHILE_DOWN))
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
+import time
 from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
@@ -11,7 +13,7 @@ import orjson
 
 from toolmesh.sidecar.chain import SseEvent
 from toolmesh.sidecar.errors import UpstreamTimeout, UpstreamUnavailable
-from toolmesh.api.http_wire import WireError, WirePool, WireResponse
+from toolmesh.api.http_wire import MAX_IDLE_SECONDS, Connection, WireError, WirePool, WireResponse
 from toolmesh.sidecar.jsonrpc import iter_sse
 from toolmesh.sidecar.upstream import UpstreamResponse
 
@@ -31,6 +33,47 @@ def relayed_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k not in _NOT_RELAYED}
 
 
+CHECK_IDLE_AFTER = 0.05
+"""An idle connection older than this is checked for the server's close before a request goes on it: under load
+connections come back within milliseconds and are reused without the system call."""
+
+
+class UpstreamPool(WirePool):
+    """`WirePool` that never sends a request on an idle connection the server has already closed.
+
+    A server closes an idle keep-alive connection when its own timer says so (uvicorn: 5 s, often less); the
+    sidecar's event loop may not have read that close yet when the next call takes the connection. The request
+    would then be written into a dead connection and fail, though the server never saw it. Looking at the socket
+    first (readable while idle means the server closed it, or broke HTTP) sends the request on a fresh
+    connection instead. A request already written is never re-sent: the server may have acted on it.
+    """
+
+    def _take(self) -> Connection | None:
+        idle = self._idle
+        now = time.monotonic()
+        fresh_after = now - MAX_IDLE_SECONDS
+        checked_after = now - CHECK_IDLE_AFTER
+        while idle:
+            conn = idle.pop()
+            if conn.idle_since >= fresh_after and conn.usable() and (
+                    conn.idle_since >= checked_after or not _closed_by_peer(conn)):
+                return conn
+            conn.close()
+        return None
+
+
+def _closed_by_peer(conn: Connection) -> bool:
+    """True when an idle connection has something to read: the server's close (or bytes HTTP does not allow)."""
+    sock = conn.writer.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
 class HttpUpstream:
     """An MCP server reached over Streamable HTTP at `url`."""
 
@@ -45,9 +88,13 @@ class HttpUpstream:
         """Background reads of answered streams' last bytes, so their connections can be reused."""
 
     async def start(self) -> None:
-        self._wire = WirePool(self.url, connect_timeout=self._connect_timeout)
-        # The readiness probe is rare and off the hot path: a general-purpose client is fine there.
-        self._session = aiohttp.ClientSession(auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
+        self._wire = UpstreamPool(self.url, connect_timeout=self._connect_timeout)
+        # The readiness probe is rare and off the hot path: a general-purpose client is fine there. It opens a
+        # fresh connection per probe: a pooled one would sit idle for exactly the probe interval, and a server
+        # whose keep-alive timeout is as long (uvicorn's 5 s against the default 5 s interval) closes it just
+        # as the next probe is written, which failed one probe in a few.
+        self._session = aiohttp.ClientSession(auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+                                              connector=aiohttp.TCPConnector(force_close=True))
 
     async def close(self) -> None:
         for task in list(self._draining):
@@ -96,7 +143,22 @@ class HttpUpstream:
         return UpstreamResponse(status=resp.status, headers=out_headers, body=data)
 
     async def probe(self) -> bool:
-        """Initialize a throw-away session (ended at once); any JSON-RPC answer proves the server speaks MCP."""
+        """Initialize a throw-away session (ended at once); any JSON-RPC answer proves the server speaks MCP.
+
+        A failure other than a timeout is tried once more on a fresh connection before it counts.
+        """
+        for attempt in (1, 2):
+            try:
+                return await self._probe_once()
+            except asyncio.TimeoutError:
+                return False
+            except (aiohttp.ClientError, OSError, ValueError) as exc:
+                if attempt == 2:
+                    log.debug("probe failed twice", extra={"event": "probe_error", "error": repr(exc)})
+                    return False
+        return False
+
+    async def _probe_once(self) -> bool:
         session = self._session
         if session is None:
             return False
@@ -106,17 +168,14 @@ class HttpUpstream:
                        "clientInfo": {"name": "toolmesh-probe", "version": "1"}},
         })
         headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
-        try:
-            async with session.post(self.url, data=body, headers=headers, timeout=self._probe_timeout) as resp:
-                session_id = resp.headers.get("Mcp-Session-Id")
-                answered = await _answers(resp, "toolmesh-probe")
-            if session_id:
-                end = {"Mcp-Session-Id": session_id, "MCP-Protocol-Version": PROBE_PROTOCOL_VERSION}
-                async with session.delete(self.url, headers=end, timeout=self._probe_timeout):
-                    pass
-            return answered
-        except (asyncio.TimeoutError, aiohttp.ClientError, OSError, ValueError):
-            return False
+        async with session.post(self.url, data=body, headers=headers, timeout=self._probe_timeout) as resp:
+            session_id = resp.headers.get("Mcp-Session-Id")
+            answered = await _answers(resp, "toolmesh-probe")
+        if session_id:
+            end = {"Mcp-Session-Id": session_id, "MCP-Protocol-Version": PROBE_PROTOCOL_VERSION}
+            async with session.delete(self.url, headers=end, timeout=self._probe_timeout):
+                pass
+        return answered
 
 
 async def _answers(resp: aiohttp.ClientResponse, request_id: str) -> bool:

@@ -251,6 +251,8 @@ class Telemetry:
             ("method", "tool"))
         self.in_flight = self.metrics.gauge("toolmesh_requests_in_flight", "MCP requests being handled now.")
         self.upstream_up = self.metrics.gauge("toolmesh_upstream_up", "1 while the upstream answers readiness probes.")
+        self.probes = self.metrics.counter("toolmesh_upstream_probes_total", "Readiness probes of the upstream, by result.",
+                                           ("result",))
         self.tools = ToolStats()
         self.tracer: Any = None
         self._tracer_provider: Any = None

@@ -157,12 +157,21 @@ class MemoryEventStore:
         return stream_id
 
 
-def serve(port: int, *, stateless: bool, json_response: bool, resumable: bool) -> None:
+def serve(port: int, *, stateless: bool, json_response: bool, resumable: bool,
+          keep_alive: float | None = None) -> None:
     from mcp.server.streamable_http import EventStore
 
     EventStore.register(MemoryEventStore)
     mcp = build_server()
     mcp.settings.log_level = "WARNING"
+    if keep_alive is not None:
+        # The SDK's run() keeps uvicorn's 5 s keep-alive; tests of idle connections need it shorter.
+        import uvicorn
+
+        app = mcp.streamable_http_app(stateless_http=stateless, json_response=json_response,
+                                      event_store=MemoryEventStore() if resumable else None)
+        uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", timeout_keep_alive=keep_alive)
+        return
     mcp.run(
         "streamable-http",
         host="127.0.0.1",
@@ -175,8 +184,12 @@ def serve(port: int, *, stateless: bool, json_response: bool, resumable: bool) -
 
 @contextmanager
 def sdk_http_server(*, stateless: bool = False, json_response: bool = False, resumable: bool = False,
-                    port: int | None = None, log_path: Path | None = None) -> Iterator[str]:
-    """Run the fixture server in a subprocess; yields its `/mcp` URL once it accepts connections."""
+                    port: int | None = None, log_path: Path | None = None,
+                    keep_alive: float | None = None) -> Iterator[str]:
+    """Run the fixture server in a subprocess; yields its `/mcp` URL once it accepts connections.
+
+    `keep_alive`: seconds uvicorn keeps an idle connection open (its default is 5).
+    """
     port = port or free_port()
     cmd = [str(VENV_BIN / "python"), __file__, "--port", str(port)]
     if stateless:
@@ -185,6 +198,8 @@ def sdk_http_server(*, stateless: bool = False, json_response: bool = False, res
         cmd.append("--json-response")
     if resumable:
         cmd.append("--resumable")
+    if keep_alive is not None:
+        cmd += ["--keep-alive", str(keep_alive)]
     with listening(cmd, port, what="SDK test server", log_path=log_path):
         yield f"http://127.0.0.1:{port}/mcp"
 
@@ -209,8 +224,10 @@ def main() -> None:
     parser.add_argument("--stateless", action="store_true")
     parser.add_argument("--json-response", action="store_true")
     parser.add_argument("--resumable", action="store_true")
+    parser.add_argument("--keep-alive", type=float, default=None, help="uvicorn's keep-alive timeout in seconds")
     args = parser.parse_args()
-    serve(args.port, stateless=args.stateless, json_response=args.json_response, resumable=args.resumable)
+    serve(args.port, stateless=args.stateless, json_response=args.json_response, resumable=args.resumable,
+          keep_alive=args.keep_alive)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,158 @@
+"""The sidecar as agents meet it, through real processes: steady readiness against uvicorn's keep-alive, typed
+results inside the budget, stateless budgets that do not lock a subject out, rate limits that count calls, and
+one log line per call with its trace."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import select
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx2
+import orjson
+import pytest
+import yaml
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
+from mcp.shared.exceptions import MCPError
+from mcp.types import ResourceLink, TextContent
+
+from helpers import VENV_BIN, free_port, listening, toolmesh_cli, wait_until
+from helpers.mcp_servers import sdk_http_server
+from helpers.modern_calls import post_tools_call
+from helpers.sidecar import http_get, sidecar
+from helpers.tokens import TokenIssuer
+
+from toolmesh.sidecar.http_upstream import HttpUpstream
+
+BUDGET = "io.toolmesh/budget"
+
+
+def metric(base: str, name: str, labels: str = "") -> float:
+    _, body = http_get(f"{base}/metrics")
+    match = re.search(rf"^{re.escape(name + labels)} (\S+)$", body.decode(), re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def log_events(text: str, event: str) -> list[dict]:
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("event") == event:
+                lines.append(entry)
+    return lines
+
+
+# -- 2. readiness against uvicorn's keep-alive ------------------------------------------------------------------
+
+
+class KeepAliveRace:
+    """A TCP relay in front of a server whose keep-alive timer fires just as a request arrives on an idle connection.
+
+    uvicorn closes a connection idle for its keep-alive timeout; a request written in the same instant is
+    never answered. The relay makes that instant certain: a request that arrives on a connection idle for
+    `idle` seconds or more is dropped together with the connection, unanswered.
+    """
+
+    def __init__(self, upstream_port: int, idle: float):
+        self.upstream_port = upstream_port
+        self.idle = idle
+        self.port = free_port()
+        self.dropped = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._server = self._loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", self.port))
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        last = [time.monotonic()]
+
+        async def answers() -> None:
+            # The server's own close is not passed on: the client learns of it only when its request goes unanswered.
+            while chunk := await up_reader.read(65536):
+                last[0] = time.monotonic()
+                writer.write(chunk)
+
+        back = asyncio.ensure_future(answers())
+        try:
+            while chunk := await reader.read(65536):
+                if time.monotonic() - last[0] >= self.idle:
+                    self.dropped += 1
+                    break
+                last[0] = time.monotonic()
+                up_writer.write(chunk)
+        except ConnectionError:
+            pass
+        finally:
+            back.cancel()
+            up_writer.close()
+            writer.close()
+
+    @contextmanager
+    def running(self) -> Iterator[str]:
+        self._thread.start()
+        self._ready.wait(5)
+        try:
+            yield f"http://127.0.0.1:{self.port}/mcp"
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+
+
+def test_readiness_does_not_flap_when_the_server_closes_idle_connections(tmp_path):
+    # uvicorn's keep-alive made 1 s and the probe interval just above it: every probe that reused the
+    # previous probe's connection met the server's close, and the sidecar went not ready for a moment.
+    port = free_port()
+    with sdk_http_server(keep_alive=1, port=port, log_path=tmp_path / "server.log"):
+        race = KeepAliveRace(port, idle=1.0)
+        with race.running() as url, sidecar(["--upstream", url], tmp_path, "--probe-interval", "1.05") as sc:
+            def settled():
+                return ([e for e in log_events(sc.log(), "readiness") if e["ready"] is False]
+                        or metric(sc.base, "toolmesh_upstream_probes_total", '{result="ok"}') >= 5)
+            wait_until(settled, timeout=30, interval=0.1, what="five probes or a flap")
+            assert http_get(f"{sc.base}/readyz")[0] == 200
+            assert not [e for e in log_events(sc.log(), "readiness") if e["ready"] is False]
+
+
+def _stateless(method: str, request_id: int) -> tuple[bytes, dict[str, str]]:
+    body = orjson.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": {}})
+    return body, {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+                  "MCP-Protocol-Version": "2025-11-25"}
+
+
+async def test_a_call_never_goes_on_a_connection_the_server_already_closed(tmp_path):
+    # The server closes the idle connection (uvicorn's keep-alive, 1 s) and its FIN is waiting in the
+    # sidecar's socket, but the event loop has not read it yet when the next call takes the connection.
+    with sdk_http_server(keep_alive=1, stateless=True, json_response=True, log_path=tmp_path / "server.log") as url:
+        upstream = HttpUpstream(url)
+        await upstream.start()
+        try:
+            first = await upstream.post(*_stateless("tools/list", 1))
+            assert first.status == 200 and b'"echo"' in first.body
+            idle = upstream._wire._idle
+            assert len(idle) == 1
+            sock = idle[0].writer.get_extra_info("socket")
+            # Blocking on purpose: the event loop must not see the close before the next call.
+            readable, _, _ = select.select([sock], [], [], 10)
+            assert readable, "the server never closed its idle connection"
+            second = await upstream.post(*_stateless("tools/list", 2))
+            assert second.status == 200 and b'"echo"' in second.body
+        finally:
+            await upstream.close()
