@@ -522,12 +522,17 @@ class RateLimitRule(ToolMatch):
 
 
 class RateLimitPolicy(SpecModel):
-    """Token-bucket rate limits per subject (and optionally per tool)."""
+    """Token-bucket rate limits per subject (and optionally per tool).
+
+    A limit counts calls: `tools/call`, `resources/read`, `prompts/get` and `completion/complete` (also when
+    sent as notifications). Protocol set-up and chatter are never charged: `initialize`, `ping`, the
+    `*/list` methods, subscriptions, `logging/setLevel` and other notifications.
+    """
 
     requestsPerSecond: float = Field(default=10.0, gt=0)
-    """Sustained requests per second per subject. Default 10."""
+    """Sustained calls per second per subject. Default 10."""
     burst: int = Field(default=20, ge=1)
-    """Bucket size: requests a subject may make at once after being idle. Default 20."""
+    """Bucket size: calls a subject may make at once after being idle. Default 20."""
     perTool: bool = False
     """When true each subject has one bucket per tool instead of one for all tools. Default false."""
     tools: list[RateLimitRule] = Field(default_factory=list)

@@ -1,4 +1,10 @@
-"""Rate-limit stage: a token bucket per subject (and per tool where the policy says), bounded in memory, 429 with Retry-After."""
+"""Rate-limit stage: a token bucket per subject (and per tool where the policy says), bounded in memory, 429 with Retry-After.
+
+A limit counts calls, the requests that make a server work for the caller (`CHARGED_METHODS`). Protocol
+chatter is free: `initialize`, `ping`, the `*/list` methods, subscriptions, `logging/setLevel` and every
+notification — an SDK client lists tools after a call to check its output schema, and that must not cost
+the caller a call. A charged method sent as a notification is charged too: the server runs it all the same.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,13 @@ from typing import Any
 
 from toolmesh.api.policy import RateLimitPolicy, match_tool_rule
 from toolmesh.sidecar import stage_metrics
-from toolmesh.sidecar.chain import REQUEST, CallContext, Handler, Outcome
+from toolmesh.sidecar.chain import CallContext, Handler, Outcome
 from toolmesh.sidecar.errors import RetryLater
 from toolmesh.sidecar.state import SharedState
 
 NAME = "rate_limit"
+CHARGED_METHODS = frozenset({"tools/call", "resources/read", "prompts/get", "completion/complete"})
+"""The methods a rate limit counts."""
 
 
 class Buckets:
@@ -60,7 +68,8 @@ class RateLimitStage:
         self.bucket_count = stage_metrics.gauge(shared, "toolmesh_rate_limit_buckets", "Token buckets held in memory now.")
 
     async def __call__(self, ctx: CallContext, call_next: Handler) -> Outcome:
-        if ctx.kind != REQUEST:
+        # Other kinds have no method (""); a tools/call sent as a notification still runs the tool, so it pays.
+        if ctx.method not in CHARGED_METHODS:
             return await call_next(ctx)
         policy = self.policy
         caller = ctx.caller

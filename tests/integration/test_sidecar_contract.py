@@ -156,3 +156,34 @@ async def test_a_call_never_goes_on_a_connection_the_server_already_closed(tmp_p
             assert second.status == 200 and b'"echo"' in second.body
         finally:
             await upstream.close()
+
+
+# -- 8. rate limits count calls -----------------------------------------------------------------------------------
+
+
+def write_policy(tmp_path, spec: dict) -> str:
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump({"apiVersion": "toolmesh.io/v1alpha1", "kind": "MCPToolPolicy",
+                                    "metadata": {"name": "contract"}, "spec": spec}))
+    return str(path)
+
+
+def sdk_client(url: str, mode: str = "legacy", **headers: str) -> Client:
+    http = create_mcp_http_client(headers=headers or None)
+    return Client(streamable_http_client(url, http_client=http), mode=mode)
+
+
+async def test_a_rate_limit_counts_calls_not_initialize_or_listing(tmp_path):
+    # burst 2: the SDK client's initialize and the tools/list it sends after each call to check the
+    # output schema used to take the bucket, and its first call_tool() raised on a 429 though the tool ran.
+    policy = write_policy(tmp_path, {"rateLimit": {"requestsPerSecond": 0.01, "burst": 2}})
+    with sdk_http_server(log_path=tmp_path / "server.log") as upstream, \
+            sidecar(["--upstream", upstream], tmp_path, "--policy", policy) as sc:
+        async with sdk_client(sc.url) as session:
+            assert (await session.list_tools()).tools
+            assert (await session.call_tool("echo", {"text": "one"})).content[0].text == "one"
+            assert (await session.call_tool("echo", {"text": "two"})).content[0].text == "two"
+            await session.send_ping()
+            with pytest.raises(MCPError, match="rate limit exceeded"):
+                await session.call_tool("echo", {"text": "three"})
+        assert metric(sc.base, "toolmesh_rate_limited_total") == 1
