@@ -69,6 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--failure-policy", choices=("Fail", "Ignore"), default="Fail",
                         help="what the apiserver does with a labelled pod when the webhook is down (default Fail:"
                              " no pod starts without its policy)")
+    parser.add_argument("--validation-failure-policy", choices=("Fail", "Ignore"), default="Ignore",
+                        help="what the apiserver does with an MCPToolPolicy or MCPServer edit when the webhook is down"
+                             " (default Ignore: the edit is stored unchecked and, if invalid, the policy's last"
+                             " accepted generation stays in force; Fail refuses every edit until the operator is back)")
     parser.add_argument("--sidecar-image", default=os.environ.get("TOOLMESH_SIDECAR_IMAGE", DEFAULT_SIDECAR_IMAGE),
                         help=f"image of the sidecar (default {DEFAULT_SIDECAR_IMAGE})")
     parser.add_argument("--registry-url", default=os.environ.get("TOOLMESH_REGISTRY_URL", DEFAULT_REGISTRY_URL),
@@ -100,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     settings.persistence.finalizer = "toolmesh.io/finalizer"
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = 16
-    settings.admission.managed = None  # the operator writes its own MutatingWebhookConfiguration
+    settings.admission.managed = None  # the operator writes its own webhook configurations
 
     if args.namespace and args.namespace_selector:
         raise ConfigError("--namespace and --namespace-selector exclude each other")
@@ -240,10 +244,10 @@ class WebhookSetup:
 
     certfile: Path
     keyfile: Path
-    created_configuration: bool = False
-    """The webhook configuration is ours (no chart installed it): removed at exit."""
-    saved_client_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """The chart's client configs we replaced (webhook name -> clientConfig): put back at exit."""
+    created_configurations: list[str] = field(default_factory=list)
+    """Kinds of the webhook configurations that are ours (no chart installed them): removed at exit."""
+    saved_client_configs: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    """The chart's client configs we replaced (kind -> webhook name -> clientConfig): put back at exit."""
     created_secret: bool = False
     """The certificate Secret is ours: removed at exit."""
     saved_secret_data: dict[str, str] | None = None
@@ -253,16 +257,18 @@ class WebhookSetup:
         """Leave the cluster as this operator found it: a later `helm install`, or the chart's own operator scaled
         back up, finds its objects as they were, and no webhook points at a port nobody listens on."""
         from toolmesh.operator.kube import object_path
-        from toolmesh.operator.webhook import CONFIGURATION_NAME, restore_patch
+        from toolmesh.operator.webhook import restore_patch
 
-        config_path = object_path("MutatingWebhookConfiguration", CONFIGURATION_NAME)
-        if self.created_configuration:
-            kube.request("DELETE", config_path, missing_ok=True)
-        elif self.saved_client_configs:
-            existing = kube.get("MutatingWebhookConfiguration", CONFIGURATION_NAME)
-            if existing is not None:
-                kube.request("PATCH", config_path, body=restore_patch(existing, self.saved_client_configs),
-                             content_type="application/json-patch+json")
+        for configuration in served_configurations():
+            config_path = object_path(configuration.kind, configuration.name)
+            saved = self.saved_client_configs.get(configuration.kind)
+            if configuration.kind in self.created_configurations:
+                kube.request("DELETE", config_path, missing_ok=True)
+            elif saved:
+                existing = kube.get(configuration.kind, configuration.name)
+                if existing is not None:
+                    kube.request("PATCH", config_path, body=restore_patch(existing, saved),
+                                 content_type="application/json-patch+json")
         secret_path = object_path("Secret", TLS_SECRET, namespace)
         if self.created_secret:
             kube.request("DELETE", secret_path, missing_ok=True)
@@ -271,18 +277,26 @@ class WebhookSetup:
                          content_type="application/merge-patch+json", missing_ok=True)
 
 
+def served_configurations() -> tuple:
+    """The webhook configurations the operator serves: sidecar injection, and policy validation."""
+    from toolmesh.operator.validation import VALIDATION
+    from toolmesh.operator.webhook import INJECTION
+
+    return (INJECTION, VALIDATION)
+
+
 def setup_webhook(kube, args: argparse.Namespace, workdir: Path) -> WebhookSetup:
-    """Reuse or make the serving certificate (kept in a Secret), then point the webhook configuration at us.
+    """Reuse or make the serving certificate (kept in a Secret), then point the webhook configurations at us.
 
     Only what the operator owns is written: the caBundle, and the client config (a URL for an operator outside the
-    cluster, the Service inside it); the chart's timeoutSeconds, failurePolicy and selectors stay. The change to
-    the configuration is tried with a dry run first, so a configuration the API refuses leaves the Secret alone.
+    cluster, the Service inside it); the chart's timeoutSeconds, failurePolicy and selectors stay. A configuration
+    nobody installed is written whole (and is the operator's). The changes to the configurations are tried with a
+    dry run first, so a configuration the API refuses leaves the Secret alone.
     """
     from toolmesh.operator import certs
     from toolmesh.operator.kube import object_path
-    from toolmesh.operator.webhook import (
-        CONFIGURATION_NAME, WebhookEndpoint, client_config_patch, render_webhook_configuration,
-    )
+    from toolmesh.operator.validation import VALIDATION, render_validating_configuration
+    from toolmesh.operator.webhook import WebhookEndpoint, client_config_patch, render_webhook_configuration
 
     ns = args.operator_namespace
     hosts = [args.webhook_host, "localhost"]
@@ -300,30 +314,39 @@ def setup_webhook(kube, args: argparse.Namespace, workdir: Path) -> WebhookSetup
     else:
         endpoint = WebhookEndpoint(url=f"https://{args.webhook_host}:{args.webhook_port}")
 
-    config_path = object_path("MutatingWebhookConfiguration", CONFIGURATION_NAME)
-    existing = kube.get("MutatingWebhookConfiguration", CONFIGURATION_NAME)
+    def render(kind: str) -> dict[str, Any]:
+        if kind == VALIDATION.kind:
+            return render_validating_configuration(
+                endpoint, cert.ca, ns, failure_policy=args.validation_failure_policy,
+                namespace_selector=args.namespace_selector, namespaces=args.namespace)
+        return render_webhook_configuration(endpoint, cert.ca, ns, failure_policy=args.failure_policy,
+                                            namespace_selector=args.namespace_selector)
+
     setup = WebhookSetup(*cert.write(workdir))
-    if existing is None or _ours(existing):
-        desired = render_webhook_configuration(endpoint, cert.ca, ns, failure_policy=args.failure_policy,
-                                               namespace_selector=args.namespace_selector)
+    writes = []
+    for configuration in served_configurations():
+        config_path = object_path(configuration.kind, configuration.name)
+        existing = kube.get(configuration.kind, configuration.name)
+        if existing is None or _ours(existing):
+            body, content_type = render(configuration.kind), "application/apply-patch+yaml"
+            query = [("fieldManager", "toolmesh"), ("force", "true")]
+            setup.created_configurations.append(configuration.kind)
+        else:
+            body, content_type, query = client_config_patch(existing, endpoint, cert.ca, configuration), \
+                "application/json-patch+json", []
+            if not body:
+                raise ConfigError(f"the {configuration.kind} {configuration.name} has none of toolmesh's webhooks")
+            replaced = {op["value"] for op in body if op["op"] == "test"}
+            setup.saved_client_configs[configuration.kind] = {
+                h["name"]: h["clientConfig"] for h in existing["webhooks"] if h["name"] in replaced}
+        writes.append((config_path, body, content_type, query))
 
-        def write_configuration(dry_run: bool) -> None:
-            kube.request("PATCH", config_path, body=desired, content_type="application/apply-patch+yaml",
-                         query=[("fieldManager", "toolmesh"), ("force", "true"), *DRY_RUN * dry_run])
+    def write_configurations(dry_run: bool) -> None:
+        for config_path, body, content_type, query in writes:
+            kube.request("PATCH", config_path, body=body, content_type=content_type,
+                         query=[*query, *DRY_RUN * dry_run])
 
-        setup.created_configuration = True
-    else:
-        ops = client_config_patch(existing, endpoint, cert.ca)
-        if not ops:
-            raise ConfigError(f"the MutatingWebhookConfiguration {CONFIGURATION_NAME} has none of toolmesh's webhooks")
-
-        def write_configuration(dry_run: bool) -> None:
-            kube.request("PATCH", config_path, body=ops, content_type="application/json-patch+json",
-                         query=list(DRY_RUN * dry_run))
-
-        setup.saved_client_configs = {h["name"]: h["clientConfig"] for h in existing["webhooks"]
-                                      if h["name"] in {op["value"] for op in ops if op["op"] == "test"}}
-    write_configuration(dry_run=True)
+    write_configurations(dry_run=True)
     if fresh:
         if secret is None:
             kube.request("POST", object_path("Secret", None, ns), body=certs.render_secret(TLS_SECRET, ns, cert))
@@ -337,5 +360,5 @@ def setup_webhook(kube, args: argparse.Namespace, workdir: Path) -> WebhookSetup
                 setup.saved_secret_data = dict(secret.get("data") or {})
     else:
         setup.created_secret = _ours(secret)
-    write_configuration(dry_run=False)
+    write_configurations(dry_run=False)
     return setup

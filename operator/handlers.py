@@ -9,6 +9,7 @@ import kopf
 from toolmesh.api.server import GROUP, VERSION
 from toolmesh.operator.inject import InjectionError
 from toolmesh.operator.render import MANAGED_BY
+from toolmesh.operator.validation import POLICY_HANDLER_ID, SERVER_HANDLER_ID, policy_refusal, server_refusal
 from toolmesh.operator.webhook import HANDLER_ID, injection_for, mutate
 
 SERVERS = (GROUP, VERSION, "mcpservers")
@@ -71,8 +72,23 @@ def child_event(type: str | None, body: kopf.Body, memo: kopf.Memo, logger: kopf
 
 
 def enable_webhook() -> None:
-    """Register the admission handler; only an operator that serves the webhook may have one."""
+    """Register the admission handlers; only an operator that serves the webhook may have them."""
     kopf.on.mutate("pods", id=HANDLER_ID, operations=["CREATE"])(inject_sidecar)
+    kopf.on.validate(*POLICIES, id=POLICY_HANDLER_ID, operations=["CREATE", "UPDATE"])(validate_policy)
+    kopf.on.validate(*SERVERS, id=SERVER_HANDLER_ID, operations=["CREATE", "UPDATE"])(validate_server)
+
+
+async def validate_policy(body: kopf.Body, old: kopf.Body | None, **_: Any) -> None:
+    # Async like the injection: a model check is quick and pure, and not worth a thread hop per edit.
+    refusal = policy_refusal(dict(body), dict(old) if old is not None else None)
+    if refusal:
+        raise kopf.AdmissionError(refusal, code=422)
+
+
+async def validate_server(body: kopf.Body, old: kopf.Body | None, **_: Any) -> None:
+    refusal = server_refusal(dict(body), dict(old) if old is not None else None)
+    if refusal:
+        raise kopf.AdmissionError(refusal, code=422)
 
 
 async def inject_sidecar(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:

@@ -24,6 +24,8 @@ _KINDS: dict[str, tuple[str, str, bool]] = {
     "Pod": ("/api/v1", "pods", True),
     "Deployment": ("/apis/apps/v1", "deployments", True),
     "MutatingWebhookConfiguration": ("/apis/admissionregistration.k8s.io/v1", "mutatingwebhookconfigurations", False),
+    "ValidatingWebhookConfiguration": ("/apis/admissionregistration.k8s.io/v1", "validatingwebhookconfigurations",
+                                       False),
     "MCPServer": ("/apis/toolmesh.io/v1alpha1", "mcpservers", True),
     "MCPToolPolicy": ("/apis/toolmesh.io/v1alpha1", "mcptoolpolicies", True),
 }

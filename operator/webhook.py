@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from toolmesh.operator.inject import INJECT_LABEL, SidecarOptions, inject_pod, is_injected, options_from_pod
@@ -14,6 +14,22 @@ CONFIGURATION_NAME = "toolmesh-sidecar-injector"
 HANDLER_ID = "inject-pods"
 ALWAYS_SKIPPED = ("kube-system", "kube-public", "kube-node-lease")
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+
+
+@dataclass(frozen=True)
+class WebhookConfiguration:
+    """One admission webhook configuration the operator serves: which object, and the webhooks in it that are ours."""
+
+    kind: str
+    """MutatingWebhookConfiguration or ValidatingWebhookConfiguration."""
+    name: str
+    """Its fixed name (the chart creates the same one; the operator patches it)."""
+    hooks: Mapping[str, str] = field(default_factory=dict)
+    """Webhook name -> the id of the kopf handler serving it (the path the apiserver calls)."""
+
+
+INJECTION = WebhookConfiguration("MutatingWebhookConfiguration", CONFIGURATION_NAME, {
+    "pods.inject.toolmesh.io": HANDLER_ID, "namespaces.inject.toolmesh.io": HANDLER_ID})
 
 
 @dataclass(frozen=True)
@@ -29,14 +45,15 @@ class WebhookEndpoint:
     service_port: int = 443
     """Port of that Service."""
 
-    def client_config(self, ca: bytes) -> dict[str, Any]:
+    def client_config(self, ca: bytes, handler_id: str = HANDLER_ID) -> dict[str, Any]:
+        """How the apiserver calls the handler `handler_id` (kopf serves each handler at `/<id>`)."""
         config: dict[str, Any] = {"caBundle": base64.b64encode(ca).decode()}
         if self.service_name:
             config["service"] = {"name": self.service_name, "namespace": self.service_namespace,
-                                 "port": self.service_port, "path": f"/{HANDLER_ID}"}
+                                 "port": self.service_port, "path": f"/{handler_id}"}
         else:
             assert self.url, "a webhook endpoint needs a URL or a Service"
-            config["url"] = f"{self.url.rstrip('/')}/{HANDLER_ID}"
+            config["url"] = f"{self.url.rstrip('/')}/{handler_id}"
         return config
 
 
@@ -93,20 +110,21 @@ def render_webhook_configuration(endpoint: WebhookEndpoint, ca: bytes, operator_
     }
 
 
-def client_config_patch(existing: Mapping[str, Any], endpoint: WebhookEndpoint, ca: bytes) -> list[dict[str, Any]]:
+def client_config_patch(existing: Mapping[str, Any], endpoint: WebhookEndpoint, ca: bytes,
+                        configuration: WebhookConfiguration = INJECTION) -> list[dict[str, Any]]:
     """A JSON patch giving each of our webhooks in `existing` (e.g. the chart's) this endpoint and CA, nothing else.
 
     The client config is replaced whole: a URL merged into the chart's `service` entry would hold both, which the
     API refuses. Everything else (timeoutSeconds, failurePolicy, selectors) stays as its owner wrote it. Each
     replacement is guarded by a test of the webhook's name, so a concurrent reorder fails instead of misapplying.
     """
-    ours = {"pods.inject.toolmesh.io", "namespaces.inject.toolmesh.io"}
-    config = endpoint.client_config(ca)
     ops: list[dict[str, Any]] = []
     for index, hook in enumerate(existing.get("webhooks") or []):
-        if hook.get("name") in ours:
+        handler_id = configuration.hooks.get(hook.get("name"))
+        if handler_id is not None:
             ops += [{"op": "test", "path": f"/webhooks/{index}/name", "value": hook["name"]},
-                    {"op": "replace", "path": f"/webhooks/{index}/clientConfig", "value": config}]
+                    {"op": "replace", "path": f"/webhooks/{index}/clientConfig",
+                     "value": endpoint.client_config(ca, handler_id)}]
     return ops
 
 

@@ -42,6 +42,9 @@ def test_rendering_matches_golden(case: str):
     ("operator.replicas=2", "/operator/replicas"),
     ("webhook.failurePolicy=Sometimes", "/webhook/failurePolicy"),
     ("webhook.timeoutSeconds=60", "/webhook/timeoutSeconds"),
+    ("webhook.policyValidation.failurePolicy=Sometimes", "/webhook/policyValidation/failurePolicy"),
+    ("webhook.policyValidation.failurePolicy=fail", "/webhook/policyValidation/failurePolicy"),
+    ("webhook.policyValidation.timeout=3", "timeout"),
     ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
     ("registry.replcas=2", "replcas"),
     ("registry.port=70000", "/registry/port"),
@@ -86,6 +89,45 @@ def test_webhook_configuration_is_the_operators():
     assert "--webhook-service=toolmesh-operator" in args
     [service] = find(docs, "Service", "toolmesh-operator")
     assert service["spec"]["ports"][0]["port"] == operator["webhooks"][0].get("clientConfig", {}).get("service", {}).get("port", 443)
+
+
+@pytest.mark.parametrize("values, served", [
+    ((), {}),
+    (("--set-json", 'operator.watchNamespaces=["team-b","team-a"]'), {"namespaces": ["team-a", "team-b"]}),
+    (("--set-json", 'operator.namespaceSelector={"toolmesh.io/managed":"yes"}'),
+     {"namespace_selector": {"toolmesh.io/managed": "yes"}}),
+    (("--set", "webhook.policyValidation.failurePolicy=Fail", "--set", "webhook.timeoutSeconds=4"),
+     {"failure_policy": "Fail", "timeout_seconds": 4}),
+], ids=["default", "watch-namespaces", "namespace-selector", "fail-and-timeout"])
+def test_validating_configuration_is_the_operators(values, served):
+    """The chart's ValidatingWebhookConfiguration is the one the operator renders for the same namespaces, and the
+    operator is told the same failurePolicy and may patch that object."""
+    from toolmesh.operator.validation import VALIDATING_CONFIGURATION_NAME, render_validating_configuration
+    from toolmesh.operator.webhook import WebhookEndpoint
+
+    docs = objects(template(*values).stdout)
+    [chart] = find(docs, "ValidatingWebhookConfiguration")
+    operator = render_validating_configuration(
+        WebhookEndpoint(service_name="toolmesh-operator", service_namespace="toolmesh-system"), b"ca",
+        "toolmesh-system", **served)
+    for webhook in operator["webhooks"]:
+        del webhook["clientConfig"]["caBundle"]
+    assert chart["metadata"]["name"] == VALIDATING_CONFIGURATION_NAME
+    assert chart["webhooks"] == operator["webhooks"]
+    [deployment] = find(docs, "Deployment", "toolmesh-operator")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert f"--validation-failure-policy={served.get('failure_policy', 'Ignore')}" in args
+    [role] = find(docs, "ClusterRole", "toolmesh-operator")
+    assert {"apiGroups": ["admissionregistration.k8s.io"], "resources": ["validatingwebhookconfigurations"],
+            "resourceNames": [VALIDATING_CONFIGURATION_NAME], "verbs": ["get", "patch"]} in role["rules"]
+
+
+def test_cert_manager_injects_the_ca_of_both_webhook_configurations():
+    docs = objects(template("-f", str(GOLDEN / "cert-manager.values.yaml")).stdout)
+    annotations = {d["kind"]: d["metadata"].get("annotations") for d in docs if d["kind"].endswith("WebhookConfiguration")}
+    assert annotations == {kind: {"cert-manager.io/inject-ca-from": "toolmesh-system/toolmesh-webhook"}
+                           for kind in ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration")}
+    assert not find(objects(template("--set", "webhook.enabled=false").stdout), "ValidatingWebhookConfiguration")
 
 
 @pytest.mark.parametrize("case", CASES)
