@@ -49,6 +49,10 @@ class RegistrySettings:
     """Gateway sessions one credential (or all anonymous callers together) may hold; beyond, `initialize` gets 429."""
     allowed_origins: tuple[str, ...] = ()
     """Browser origins allowed to call the gateway (default: localhost only; "*" = any)."""
+    public_url: str | None = None
+    """The gateway's public MCP URL, the `resource` of its RFC 9728 metadata (default: from each request's Host)."""
+    require_token: bool = False
+    """While a server behind the gateway authenticates callers, answer every MCP request without a token with 401."""
 
 
 CATALOGUE = web.AppKey("catalogue", Catalogue)
@@ -66,7 +70,8 @@ def create_app(settings: RegistrySettings | None = None, catalogue: Catalogue | 
                                             missed_limit=settings.missed_heartbeats)
     app[GATEWAY] = Gateway(app[CATALOGUE], BackendPool(), page_size=settings.page_size,
                            allowed_origins=settings.allowed_origins, max_sessions=settings.max_sessions,
-                           max_sessions_per_caller=settings.max_sessions_per_caller)
+                           max_sessions_per_caller=settings.max_sessions_per_caller, public_url=settings.public_url,
+                           require_token=settings.require_token)
     app.add_routes(app[GATEWAY].routes("/mcp"))
     app[DELEGATION] = Delegation(app[CATALOGUE], app[GATEWAY])
     install(app[GATEWAY], app[DELEGATION])

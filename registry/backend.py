@@ -75,7 +75,8 @@ class BackendRefused(Exception):
         super().__init__(f"HTTP {status}: {error.get('message', 'refused')}")
         self.status = status
         self.message = message
-        self.headers = dict(headers)
+        self.headers = {k.lower(): v for k, v in headers.items()}
+        """Lowercased names (a challenge is `www-authenticate`)."""
 
 
 @dataclass(slots=True)
@@ -246,6 +247,8 @@ class BackendPool:
                     if body is None:
                         _response(resp, None, request_id)  # raises: what its absence means
                     raise BackendRefused(resp.status, body, resp.headers)
+                if resp.status in (401, 403):
+                    raise BackendRefused(resp.status, body, resp.headers)
         except TRANSPORT_ERRORS as exc:
             raise BackendUnavailable(str(exc) or type(exc).__name__) from exc
         return _response(resp, body, request_id)
@@ -311,6 +314,9 @@ class BackendPool:
                     raise _SessionExpired
                 body = await _read_response(resp, message["id"], notify,
                                             lambda m: self._answer_server_request(session, m, ask))
+                if resp.status in (401, 403):
+                    # The sidecar's policy refused the caller: its status and challenge matter to the caller.
+                    raise BackendRefused(resp.status, body, resp.headers)
         except TRANSPORT_ERRORS as exc:
             raise BackendUnavailable(str(exc) or type(exc).__name__) from exc
         return _response(resp, body, message["id"])

@@ -10,6 +10,8 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from toolmesh.registry.protected_resource import CallerAuth
+
 log = logging.getLogger("toolmesh.registry")
 
 SEPARATOR = "__"
@@ -90,6 +92,8 @@ class Instance:
     """Known from MCPServer.status written by another registry replica (or before a restart), not from a heartbeat."""
     caller_filtered: bool = False
     """The sidecar authenticates callers, so which tools one may see depends on who asks."""
+    auth: CallerAuth | None = None
+    """How its sidecar authenticates callers (from its heartbeat), for the gateway's own RFC 9728 metadata."""
     unreachable: str | None = None
     """Why the gateway's last try to connect to this sidecar failed (refused, reset): it is then picked only when
     no other instance can be, yet stays listed; cleared by its next heartbeat or a call that gets through."""
@@ -173,6 +177,7 @@ class Catalogue:
         traits = None
         if any(k in beat for k in ("priority", "capabilities", "maxConcurrent")):
             traits = ServerTraits.from_fields(beat)
+        auth = CallerAuth.from_beat(beat.get("auth"))
         namespace = beat.get("namespace") if isinstance(beat.get("namespace"), str) else None
         instances = self._server_instances(ServerKey(namespace, server))
         inst = instances.get(str(instance_id))
@@ -197,7 +202,8 @@ class Catalogue:
         inst.expired = False
         inst.remote = False
         inst.unreachable = None
-        inst.caller_filtered = beat.get("callerFiltered") is True
+        inst.caller_filtered = beat.get("callerFiltered") is True or auth is not None
+        inst.auth = auth
         if relevant:
             self._changed()
         return inst
@@ -333,6 +339,10 @@ class Catalogue:
         serving = self._serving(server)
         filtered = [i for i in serving if i.caller_filtered]
         return max(filtered, key=lambda i: i.last_seen) if filtered else None
+
+    def caller_auths(self) -> list[CallerAuth]:
+        """How the servers the gateway serves now authenticate callers: one entry per instance that does."""
+        return [i.auth for key in self._names for i in self._serving(key) if i.auth is not None]
 
     def server_tools(self, server: str | ServerKey) -> tuple[Mapping[str, Any], ...]:
         """The tools of a healthy server: from its most recently seen healthy instance."""

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -27,6 +28,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MCPServer manifests whose priority, capabilities and maxConcurrent the registry uses")
     parser.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
                         help="browser Origin allowed to call the gateway (repeatable; default localhost only; * = any)")
+    parser.add_argument("--public-url", metavar="URL",
+                        help="the gateway's MCP URL as agents reach it (e.g. https://tools.example.com/mcp): the "
+                             "resource its OAuth metadata names and its challenges point at (default: from each "
+                             "request's Host)")
+    parser.add_argument("--require-token", action="store_true",
+                        help="while any server behind the gateway authenticates callers, answer every MCP request "
+                             "without a bearer token with 401 and the OAuth challenge (default: only the calls such "
+                             "a server refuses)")
     parser.add_argument("--otlp-relay", metavar="URL", help="pass received OTLP traces on to this collector too")
     parser.add_argument("--kube", action="store_true",
                         help="cluster mode: TokenReview heartbeat auth, MCPServer specs and status through the API")
@@ -68,6 +77,10 @@ def run(args: argparse.Namespace) -> int:
             or args.anonymous_session_idle <= 0:
         raise UsageError("--max-sessions, --max-sessions-per-caller, --session-idle and --anonymous-session-idle "
                          "must be positive")
+    if args.public_url is not None:
+        parts = urlsplit(args.public_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+            raise UsageError(f"--public-url must be an http(s) URL without query or fragment, got {args.public_url!r}")
     secret = os.environ.get("TOOLMESH_REGISTRY_SECRET")
     if args.registry_secret_file:
         try:
@@ -87,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
                                 page_size=args.page_size, auth=auth, otlp_relay=args.otlp_relay,
                                 allowed_origins=tuple(args.allowed_origin), session_idle=args.session_idle,
                                 anonymous_session_idle=args.anonymous_session_idle, max_sessions=args.max_sessions,
-                                max_sessions_per_caller=args.max_sessions_per_caller)
+                                max_sessions_per_caller=args.max_sessions_per_caller, public_url=args.public_url,
+                                require_token=args.require_token)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app = create_app(settings)
     if args.kube:

@@ -58,6 +58,7 @@ from toolmesh.api.jsonrpc import (
     PARSE_ERROR,
     RATE_LIMITED,
     SUBSCRIPTION_ID_KEY,
+    UNAUTHORIZED,
     UPSTREAM_UNAVAILABLE,
     dumps,
     error_message,
@@ -68,6 +69,13 @@ from toolmesh.api.jsonrpc import (
 from toolmesh.api.sessions import ANONYMOUS, credential_principal, session_ref, unguessable_id
 from toolmesh.registry.backend import Ask, BackendPool, BackendRefused, BackendUnavailable, Notify
 from toolmesh.registry.catalogue import SEPARATOR, Catalogue, Instance
+from toolmesh.registry.protected_resource import (
+    METADATA_PATH,
+    challenge,
+    challenge_params,
+    metadata_document,
+    resource_url,
+)
 
 log = logging.getLogger("toolmesh.registry")
 
@@ -117,15 +125,20 @@ class ToolCallFailed(Exception):
     """A routed call could not be completed; carries the JSON-RPC error for the caller."""
 
     def __init__(self, code: int, message: str, data: Any = None, *, status: int = 200,
-                 headers: Mapping[str, str] | None = None):
+                 challenge: Mapping[str, str] | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
         self.data = data
         self.status = status
         """The HTTP status the caller gets it with: 200 but for a sidecar's 401/403, which keep theirs."""
-        self.headers = dict(headers or {})
-        """HTTP headers for the caller (the gateway's own `WWW-Authenticate` challenge)."""
+        self.challenge = dict(challenge or {})
+        """What of the sidecar's `WWW-Authenticate` goes into the gateway's own challenge (error, scope)."""
+
+    @property
+    def unauthorized(self) -> bool:
+        """A sidecar refused the caller's credentials (401) or their scope (403)."""
+        return self.status in (401, 403)
 
 
 @dataclass(slots=True, eq=False)
@@ -190,8 +203,15 @@ class Gateway:
     def __init__(self, catalogue: Catalogue, backends: BackendPool, *, page_size: int = 1000,
                  server_name: str = "toolmesh-gateway", version: str = "0",
                  allowed_origins: tuple[str, ...] = (), max_sessions: int = 10_000,
-                 max_sessions_per_caller: int = 100) -> None:
+                 max_sessions_per_caller: int = 100, public_url: str | None = None,
+                 require_token: bool = False) -> None:
         self.catalogue = catalogue
+        self.public_url = public_url
+        """The gateway's public MCP URL (`--public-url`): its RFC 9728 `resource`; default: from each request."""
+        self.require_token = require_token
+        """`--require-token`: while a server behind the gateway authenticates callers, every MCP request without
+        a bearer token gets 401 and the challenge (not only the calls such a server refuses)."""
+        self.path = "/mcp"
         self._any_origin = "*" in allowed_origins
         self._origins = frozenset(o.rstrip("/").lower() for o in allowed_origins)
         self.backends = backends
@@ -242,8 +262,38 @@ class Gateway:
     # -- HTTP ----------------------------------------------------------------------
 
     def routes(self, path: str = "/mcp") -> list[web.RouteDef]:
+        self.path = path
         return [web.post(path, self.guarded(self.handle_post)), web.get(path, self.guarded(self.handle_get)),
-                web.delete(path, self.guarded(self.handle_delete))]
+                web.delete(path, self.guarded(self.handle_delete)),
+                web.get(METADATA_PATH, self.handle_metadata), web.get(METADATA_PATH + path, self.handle_metadata)]
+
+    # -- OAuth: the gateway speaks MCP authorization for the servers behind it, and verifies nothing ------------
+
+    def resource(self, request: web.Request) -> str:
+        """The gateway's resource identifier as this caller reaches it (see `protected_resource.resource_url`)."""
+        return resource_url(self.public_url, request.scheme, request.host, self.path)
+
+    async def handle_metadata(self, request: web.Request) -> web.Response:
+        """RFC 9728 metadata naming the authorization servers the servers behind the gateway trust (404: none)."""
+        auths = self.catalogue.caller_auths()
+        if not auths:
+            return web.json_response({"error": "no server behind this gateway authenticates callers"}, status=404)
+        return _json(metadata_document(self.resource(request), auths))
+
+    def _challenged(self, request: web.Request, request_id: Any, failed: ToolCallFailed) -> web.Response:
+        """A sidecar's 401/403 for this request, with that status and a challenge naming the gateway's metadata."""
+        return _json(error_message(request_id, failed.code, failed.message, failed.data), failed.status,
+                     headers={"WWW-Authenticate": challenge(self.resource(request), failed.challenge)})
+
+    def _token_demanded(self, request: web.Request) -> web.Response | None:
+        """`--require-token`: a 401 with the challenge for a request without a token, while any server behind the
+        gateway authenticates callers; None to let it through."""
+        if not self.require_token or request.headers.get("Authorization"):
+            return None
+        if not self.catalogue.caller_auths():
+            return None
+        return _json(error_message(None, UNAUTHORIZED, "authentication required: send a bearer token"), 401,
+                     headers={"WWW-Authenticate": challenge(self.resource(request))})
 
     def origin_allowed(self, origin: str | None) -> bool:
         """DNS-rebinding protection the transport spec asks for: browsers may call only from allowed origins."""
@@ -261,7 +311,7 @@ class Gateway:
         async def check_origin(request: web.Request) -> web.StreamResponse:
             if not self.origin_allowed(request.headers.get("Origin")):
                 return _json(error_message(None, INVALID_REQUEST, "origin not allowed"), 403)
-            return await handler(request)
+            return self._token_demanded(request) or await handler(request)
 
         return check_origin
 
@@ -338,14 +388,17 @@ class Gateway:
             return await self._tools_call(request, session, request_id, params, caller)
         if method in LISTED:
             return _json(await self._composed_list(request_id, method, caller, modern=session is None))
-        if method == "prompts/get":
-            return _json(await self._prompts_get(request_id, params, caller, modern=session is None))
         if method == "logging/setLevel":
             return _json(await self._set_level(request_id, params, caller))
-        if method == "completion/complete":
-            return _json(await self._complete(request_id, params, caller, modern=session is None))
-        if method in ("resources/read", "resources/subscribe", "resources/unsubscribe"):
-            return _json(await self._resource_request(request_id, method, params, caller, session))
+        try:
+            if method == "prompts/get":
+                return _json(await self._prompts_get(request_id, params, caller, modern=session is None))
+            if method == "completion/complete":
+                return _json(await self._complete(request_id, params, caller, modern=session is None))
+            if method in ("resources/read", "resources/subscribe", "resources/unsubscribe"):
+                return _json(await self._resource_request(request_id, method, params, caller, session))
+        except ToolCallFailed as exc:  # only a sidecar's 401/403 leaves `_routed`
+            return self._challenged(request, request_id, exc)
         return _json(error_message(request_id, METHOD_NOT_FOUND, f"method not found: {method}"))
 
     async def handle_get(self, request: web.Request) -> web.StreamResponse:
@@ -614,6 +667,8 @@ class Gateway:
                 result = _stamped(result, self.server_info)
             answer = {"jsonrpc": "2.0", "id": request_id, "result": result}
         except ToolCallFailed as exc:
+            if exc.unauthorized and stream is None:
+                return self._challenged(request, request_id, exc)
             answer = error_message(request_id, exc.code, exc.message, exc.data)
         except asyncio.CancelledError:
             if session is not None and self.sessions.get(session.id) is session and request_id in session.in_flight:
@@ -820,7 +875,7 @@ class Gateway:
         """Every server logs to this caller at the level asked (each keeps the level per sidecar session)."""
         forwarded = strip_envelope(params)
         await asyncio.gather(*(self._routed(None, s, "logging/setLevel", forwarded, caller, False)
-                               for s in self._by_priority()))
+                               for s in self._by_priority()), return_exceptions=True)
         return {"jsonrpc": "2.0", "id": request_id, "result": {}}
 
     async def _complete(self, request_id: Any, params: Mapping[str, Any], caller: Caller, *,
@@ -850,6 +905,8 @@ class Gateway:
         try:
             result = await self.call_server(server, params, caller, _ignore, method=method, relay=relay)
         except ToolCallFailed as exc:
+            if exc.unauthorized:
+                raise  # answered with the sidecar's status and the gateway's challenge
             return error_message(request_id, exc.code, exc.message, exc.data)
         if modern and result.get("resultType", "complete") == "complete":
             result = _stamped(result, self.server_info)
@@ -908,6 +965,9 @@ def _refusal(server: str, exc: BackendRefused) -> ToolCallFailed:
     if exc.status >= 500:
         # No JSON-RPC answer, an HTTP error relayed from the upstream (503 overloaded...): this call's failure.
         message = f"server {server} is unavailable: {message}"
+    if exc.status in (401, 403):
+        return ToolCallFailed(code, message, error.get("data"), status=exc.status,
+                              challenge=challenge_params(exc.headers.get("www-authenticate")))
     return ToolCallFailed(code, message, error.get("data"))
 
 

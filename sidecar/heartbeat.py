@@ -26,6 +26,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from toolmesh.sidecar.protected_resource import metadata_document
 from toolmesh.sidecar.state import SharedState
 
 log = logging.getLogger("toolmesh.sidecar.heartbeat")
@@ -132,9 +133,12 @@ class Heartbeat:
             "tools": [dict(t.definition) for t in self.shared.tools],
             "breakers": _breaker_states(self.shared),
             "stats": _tool_stats(self.shared),
-            # The gateway must then ask this sidecar which tools each caller may see.
-            "callerFiltered": getattr(self._policy() if self._policy else None, "auth", None) is not None,
         }
+        policy = self._policy() if self._policy else None
+        # The gateway must then ask this sidecar which tools each caller may see.
+        beat["callerFiltered"] = getattr(policy, "auth", None) is not None
+        if beat["callerFiltered"]:
+            beat["auth"] = _caller_auth(policy)
         beat.update(self.settings.traits)
         return beat
 
@@ -253,6 +257,15 @@ async def _drain(response: Any) -> None:
                 pass
     finally:
         await response.release()
+
+
+def _caller_auth(policy: Any) -> dict[str, Any]:
+    """What the gateway needs to speak OAuth for this sidecar: whether a token is required, and the authorization
+    servers and scopes of its RFC 9728 metadata."""
+    document = metadata_document(policy, {}) or {}
+    return {"required": bool(policy.auth.required),
+            "authorizationServers": list(document.get("authorization_servers") or ()),
+            "scopesSupported": list(document.get("scopes_supported") or ())}
 
 
 def _breaker_states(shared: SharedState) -> dict[str, Any]:

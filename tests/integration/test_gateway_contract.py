@@ -3,16 +3,24 @@ names that respect the caller, the registry's /metrics, and `registry --kube` wi
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
-from collections.abc import Awaitable
+import threading
+from collections.abc import Awaitable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
+import aiohttp
 import pytest
 import yaml
+from aiohttp import web
 from mcp.client import Client
+from mcp.client.auth import OAuthClientProvider
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
+from mcp.shared.auth import AuthorizationCodeResult, OAuthClientInformationFull, OAuthClientMetadata, OAuthToken
 
 from helpers import async_wait_until, free_port, toolmesh_cli
 from helpers.fault_upstream import Fault
@@ -148,3 +156,189 @@ async def test_a_bare_name_goes_to_the_best_server_that_lets_this_caller_call_it
                         "other": seen["other"]}
         # Nobody lists it to this caller: the winner by priority answers, and its sidecar says why not.
         assert "scope" in (seen["other"] or "")
+
+
+# -- 6. the gateway speaks MCP authorization for the servers behind it ------------------------------------------
+
+
+class AuthorizationServer:
+    """A loopback OAuth authorization server (RFC 8414 metadata, dynamic registration, code + PKCE) minting the
+    HMAC tokens the sidecar's policy trusts; it records the authorization requests clients make."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.issuer = TokenIssuer(self.url)
+        self.authorizations: list[dict[str, str]] = []
+        self._codes: dict[str, str] = {}
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
+
+    def __enter__(self) -> AuthorizationServer:
+        self._thread.start()
+        assert self._ready.wait(10), "authorization server did not start"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._loop is not None and self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    def authorize(self, url: str) -> AuthorizationCodeResult:
+        """What a person signing in does: the authorization server redirects back with a code for the scopes asked."""
+        params = dict(parse_qsl(urlsplit(url).query))
+        self.authorizations.append(params)
+        code = f"code-{len(self.authorizations)}"
+        self._codes[code] = params.get("scope", "")
+        return AuthorizationCodeResult(code=code, state=params["state"])
+
+    async def _serve(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        app = web.Application()
+        app.router.add_get("/.well-known/oauth-authorization-server", self._metadata)
+        app.router.add_post("/register", self._register)
+        app.router.add_post("/token", self._token)
+        runner = web.AppRunner(app, handle_signals=False)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", self.port).start()
+        self._ready.set()
+        await self._stop.wait()
+        await runner.cleanup()
+
+    async def _metadata(self, request: web.Request) -> web.Response:
+        return web.json_response({"issuer": self.url, "authorization_endpoint": f"{self.url}/authorize",
+                                  "token_endpoint": f"{self.url}/token", "registration_endpoint": f"{self.url}/register",
+                                  "response_types_supported": ["code"], "code_challenge_methods_supported": ["S256"],
+                                  "grant_types_supported": ["authorization_code"]})
+
+    async def _register(self, request: web.Request) -> web.Response:
+        return web.json_response({**await request.json(), "client_id": "agent"}, status=201)
+
+    async def _token(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        scope = self._codes.pop(str(form.get("code")), None)
+        if scope is None:
+            return web.json_response({"error": "invalid_grant"}, status=400)
+        token = self.issuer.token("alice", scope, alg="HS256")
+        return web.json_response({"access_token": token, "token_type": "Bearer", "expires_in": 300, "scope": scope})
+
+
+class MemoryStorage:
+    def __init__(self) -> None:
+        self.tokens: OAuthToken | None = None
+        self.client: OAuthClientInformationFull | None = None
+
+    async def get_tokens(self) -> OAuthToken | None:
+        return self.tokens
+
+    async def set_tokens(self, tokens: OAuthToken) -> None:
+        self.tokens = tokens
+
+    async def get_client_info(self) -> OAuthClientInformationFull | None:
+        return self.client
+
+    async def set_client_info(self, client_info: OAuthClientInformationFull) -> None:
+        self.client = client_info
+
+
+def signing_in_client(registry: str, auth_server: AuthorizationServer, storage: MemoryStorage) -> Client:
+    """The official SDK client with its OAuth flow: it signs in at whatever the gateway's challenge points to."""
+    redirected: list[str] = []
+
+    async def redirect(url: str) -> None:
+        redirected.append(url)
+
+    async def callback() -> AuthorizationCodeResult:
+        return auth_server.authorize(redirected.pop())
+
+    provider = OAuthClientProvider(
+        f"{registry}/mcp", OAuthClientMetadata(redirect_uris=["http://127.0.0.1:1/callback"], client_name="agent"),
+        storage, redirect_handler=redirect, callback_handler=callback)
+    transport = streamable_http_client(f"{registry}/mcp", http_client=create_mcp_http_client(auth=provider))
+    return Client(transport, mode="legacy")
+
+
+@pytest.fixture
+def protected(tmp_path):
+    """An authorization server, and a registry with one server behind a sidecar that trusts it (echo needs
+    `echo:call`); yields (registry URL, authorization server, a function starting another registry)."""
+
+    @contextlib.contextmanager
+    def stack(*registry_flags: str):
+        with AuthorizationServer() as auth_server, \
+                registry_process(tmp_path, secret=SECRET, extra=registry_flags) as registry, \
+                toy_server(tmp_path, "alpha") as (_, upstream), \
+                sidecar(["--upstream", upstream], tmp_path, "--server-name", "alpha", "--registry", registry,
+                        "--policy", str(scoped_policy(tmp_path, auth_server.issuer, "alpha", "echo:call")),
+                        env={"TOOLMESH_REGISTRY_SECRET": SECRET}):
+            async def listed():
+                return "alpha__echo" in {t["name"] for t in (await get_json(f"{registry}/v1/tools"))["tools"]}
+
+            yield registry, auth_server, listed
+
+    return stack
+
+
+async def post_mcp(http: aiohttp.ClientSession, registry: str, message: dict[str, Any],
+                   token: str | None = None, session: str | None = None) -> tuple[int, Mapping[str, str], Any]:
+    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json",
+               **({"Authorization": f"Bearer {token}"} if token else {}), **({"Mcp-Session-Id": session} if session else {})}
+    async with http.post(f"{registry}/mcp", json=message, headers=headers) as resp:
+        return resp.status, resp.headers, await resp.json(content_type=None)
+
+
+INITIALIZE = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+    "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}}
+
+
+async def test_the_gateway_answers_401_and_403_with_its_own_challenge_and_metadata(protected):
+    with protected() as (registry, auth_server, listed):
+        await async_wait_until(listed, timeout=20, what="alpha listed")
+        metadata_url = f"{registry}/.well-known/oauth-protected-resource/mcp"
+        async with aiohttp.ClientSession() as http:
+            documents = []
+            for url in (metadata_url, f"{registry}/.well-known/oauth-protected-resource"):
+                async with http.get(url) as resp:
+                    documents.append((resp.status, await resp.json(content_type=None) if resp.ok else None))
+            call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                    "params": {"name": "alpha__echo", "arguments": {"message": "hi"}}}
+            seen = {}
+            for who, token in (("anonymous", None),
+                               ("no scope", auth_server.issuer.token("bob", "other", alg="HS256")),
+                               ("echo:call", auth_server.issuer.token("alice", "echo:call", alg="HS256"))):
+                status, headers, _ = await post_mcp(http, registry, INITIALIZE, token)
+                assert status == 200, who  # initialize never needs a token in the default mode
+                status, headers, body = await post_mcp(http, registry, call, token, headers["Mcp-Session-Id"])
+                seen[who] = (status, headers.get("WWW-Authenticate"), body.get("error", {}).get("code"))
+    expected = {"resource": f"{registry}/mcp", "authorization_servers": [auth_server.url],
+                "scopes_supported": ["echo:call", "mcp:admin"], "bearer_methods_supported": ["header"],
+                "resource_name": "toolmesh gateway"}
+    assert (documents, seen) == ([(200, expected), (200, expected)], {
+        "anonymous": (401, f'Bearer resource_metadata="{metadata_url}"', -32003),
+        "no scope": (403, f'Bearer resource_metadata="{metadata_url}", error="insufficient_scope", '
+                          'error_description="this tool needs one of the scopes: echo:call", scope="echo:call"', -32004),
+        "echo:call": (200, None, None)})
+
+
+@pytest.mark.parametrize("require_token", [False, True])
+async def test_an_sdk_client_signs_in_through_the_gateway(protected, require_token):
+    with protected(*(["--require-token"] if require_token else [])) as (registry, auth_server, listed):
+        await async_wait_until(listed, timeout=20, what="alpha listed")
+        storage = MemoryStorage()
+        async with signing_in_client(registry, auth_server, storage) as client:
+            # --require-token: initialize itself got the 401, so the client signed in before its session opened.
+            first = await answer(client.call_tool("alpha__echo", {"message": "signed in"}))
+        # It found the gateway's metadata from the challenge, and asked the authorization server named there for
+        # the gateway as resource and the scopes its metadata lists.
+        (asked,) = auth_server.authorizations
+        assert (asked["resource"], asked["scope"]) == (f"{registry}/mcp", "echo:call mcp:admin")
+        assert storage.tokens is not None
+        if require_token:
+            assert first == "alpha:signed in"
+        else:
+            # The session was opened anonymously and belongs to no token: a new one, signed in, gets the call through.
+            assert "unknown or ended session" in first
+            async with signing_in_client(registry, auth_server, storage) as client:
+                assert await answer(client.call_tool("alpha__echo", {"message": "again"})) == "alpha:again"
