@@ -576,7 +576,13 @@ class CachePolicy(SpecModel):
 
 
 class BudgetPolicy(SpecModel):
-    """Context-window budget per MCP session (or per subject + `Mcp-Budget-Key`)."""
+    """Context-window budget per MCP session, or per subject and `Mcp-Budget-Key` in the stateless era.
+
+    A stateless call without `Mcp-Budget-Key` is budgeted alone: a full window, no ledger kept. The text
+    content and `structuredContent` (unless it only repeats the text) both count; a truncated result keeps
+    a shape-preserving cut of `structuredContent` that still matches the tool's `outputSchema`, or leaves it
+    out when none does, and links the full result.
+    """
 
     totalTokens: int = Field(default=128000, ge=1)
     """The agent's context window, in tokens. Default 128000."""
@@ -591,7 +597,7 @@ class BudgetPolicy(SpecModel):
     encoding: str = Field(default="o200k_base", min_length=1)
     """tiktoken encoding used to count tokens. Default "o200k_base"."""
     sessionTtlSeconds: float = Field(default=3600, gt=0)
-    """A budget unused this long is forgotten. Default 3600."""
+    """A budget not charged for this long is forgotten (refused calls do not keep it alive). Default 3600."""
     maxSessions: int = Field(default=10000, ge=1)
     """Most budgets kept; the least recently used is dropped beyond it. Default 10000."""
 

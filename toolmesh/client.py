@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                             help="tool arguments; VALUE is read as JSON when it parses (42, true, [1,2]), else as text")
         parser.add_argument("--json", dest="json_arguments", metavar="OBJECT",
                             help="all arguments as one JSON object (KEY=VALUE pairs are merged over it)")
+        parser.add_argument("--budget-key", metavar="KEY",
+                            help="sent as Mcp-Budget-Key: calls with the same key share one context budget "
+                                 "(without it each stateless call is budgeted alone)")
     parser.add_argument("--token", help="bearer token sent as Authorization")
     parser.add_argument("--mode", choices=MODES, default="auto",
                         help="protocol negotiation: auto (discover, fall back to initialize), legacy, or 2026-07-28")
@@ -57,8 +60,11 @@ def _client(args: argparse.Namespace):
     from mcp.client.streamable_http import streamable_http_client
     from mcp.shared._httpx_utils import create_mcp_http_client
 
-    headers = {"Authorization": f"Bearer {args.token}"} if args.token else None
-    http = create_mcp_http_client(headers=headers)
+    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+    budget_key = getattr(args, "budget_key", None)
+    if budget_key:
+        headers["Mcp-Budget-Key"] = budget_key
+    http = create_mcp_http_client(headers=headers or None)
     return Client(streamable_http_client(args.url, http_client=http), mode=args.mode), http
 
 

@@ -1,12 +1,23 @@
 """Context-window budgets: every tool result is counted in real tokens against its session's budget and cut to fit.
 
 The budget belongs to an MCP session, or where the stateless era has none to the
-subject plus the client's `Mcp-Budget-Key` header. A result larger than
-`resultFraction` of what is left is truncated with the notice
+subject plus the client's `Mcp-Budget-Key` header. A stateless call with neither
+is budgeted alone: nothing says which conversation it belongs to, so it gets a
+full window and leaves no ledger behind (one shared ledger per subject used to
+lock every later call out once spent). A ledger lives `sessionTtlSeconds` after
+the last call it was charged for; refused calls do not keep it alive.
+
+Everything that enters the caller's context counts: the text of the content and,
+unless it merely repeats that text, `structuredContent` (as compact JSON). A
+result larger than `resultFraction` of what is left is truncated with the notice
 `[TRUNCATED: N tokens → M tokens. …]` and a `resource_link` to its full text
-at `toolmesh://results/<id>`, which this stage serves itself, page by page, to
-the same subject only. Below `minAvailable` calls are answered with
-`[BUDGET EXHAUSTED: …]` and never reach the upstream.
+(content, then the structured result as JSON) at `toolmesh://results/<id>`,
+which this stage serves itself, page by page, to the same subject only. The
+structured result is cut in the same proportion, keeping its shape (the first
+items of each array, the start of long strings), so a client that checks it
+against the tool's `outputSchema` still can; if no such cut fits and still
+matches the schema, it is left out and `_meta` says so. Below `minAvailable`
+calls are answered with `[BUDGET EXHAUSTED: …]` and never reach the upstream.
 """
 
 from __future__ import annotations
@@ -17,12 +28,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from toolmesh.api.policy import BudgetPolicy
 from toolmesh.sidecar import stage_metrics
 from toolmesh.sidecar.chain import CallContext, Handler, Outcome, header
 from toolmesh.sidecar.errors import BUDGET_EXHAUSTED, INVALID_PARAMS, Refused
 from toolmesh.sidecar.results_store import DEFAULT_PAGE_TOKENS, PREFIX, ResultNotFound, ResultsStore
-from toolmesh.sidecar.state import SharedState
+from toolmesh.sidecar.state import SharedState, ToolCatalog
 from toolmesh.sidecar.tokenizer import Tokenizer
 
 NAME = "budget"
@@ -36,6 +49,9 @@ TRUNCATED = ("\n\n[TRUNCATED: {total} tokens → {kept} tokens. The full result 
              "({pages} pages): read it with resources/read, or request specific sections.]")
 NON_TEXT_TOKENS = 85
 """What an image, audio clip or binary resource costs in the budget: a model sees it as a small fixed token count."""
+_SHORT_STRING = 64
+"""Strings up to this long are kept whole when a structured result is cut (names, ids, enum values)."""
+_CUT_ATTEMPTS = 8
 
 
 class UnknownResult(Refused):
@@ -78,19 +94,27 @@ class BudgetState:
         self.sessions = stage_metrics.gauge(shared, "toolmesh_budget_sessions", "Budgets held in memory now.")
 
     def budget(self, key: str, *, ttl: float, limit: int) -> Budget:
-        """The budget for `key`, a fresh one when it was never seen or lay unused longer than `ttl`."""
+        """The budget for `key`, a fresh one when it was never seen or lay uncharged longer than `ttl`.
+
+        Looking a budget up does not keep it alive: only `charge` does, so a caller refused again and
+        again gets a fresh budget `ttl` after its last charged call.
+        """
         now = self.clock()
         self._expire(now, ttl)
         budget = self.budgets.get(key)
         if budget is None:
-            budget = self.budgets[key] = Budget()
+            budget = self.budgets[key] = Budget(last_used=now)
             while len(self.budgets) > limit:
                 self.budgets.popitem(last=False)
             self.sessions.set(len(self.budgets))
-        else:
-            self.budgets.move_to_end(key)
-        budget.last_used = now
         return budget
+
+    def charge(self, key: str | None, budget: Budget, tokens: int) -> None:
+        """Spend `tokens` of `budget` (kept under `key`, None for a call budgeted alone) and keep it alive."""
+        budget.used += tokens
+        budget.last_used = self.clock()
+        if key is not None and key in self.budgets:
+            self.budgets.move_to_end(key)
 
     def forget_session(self, session_id: str) -> None:
         self.budgets.pop(_session_key(session_id), None)
@@ -115,11 +139,16 @@ def owner_of(ctx: CallContext) -> str:
     return f"{caller.issuer or ''}\x00{caller.subject}"
 
 
-def budget_key(ctx: CallContext) -> str:
-    """The session's budget, or in the stateless era the subject's budget named by `Mcp-Budget-Key`."""
+def budget_key(ctx: CallContext) -> str | None:
+    """The session's budget, or in the stateless era the subject's budget named by `Mcp-Budget-Key`.
+
+    None for a stateless call without the header: it is budgeted alone.
+    """
     if ctx.session_id:
         return _session_key(ctx.session_id)
-    key = header(ctx.headers, BUDGET_KEY_HEADER) or ""
+    key = header(ctx.headers, BUDGET_KEY_HEADER)
+    if not key:
+        return None
     return f"subject\x00{owner_of(ctx)}\x00{key}"
 
 
@@ -127,9 +156,11 @@ class BudgetStage:
     """Counts, truncates and refuses tool results by the session's remaining context window."""
 
     def __init__(self, policy: BudgetPolicy, state: BudgetState, tokenizer: Tokenizer | None = None,
-                 page_tokens: int = DEFAULT_PAGE_TOKENS):
+                 page_tokens: int = DEFAULT_PAGE_TOKENS, tools: ToolCatalog | None = None):
         self.policy = policy
         self.state = state
+        self.tools = tools
+        """The upstream's tools as listed, for the output schema a cut structured result must still match."""
         self.tokenizer = tokenizer or Tokenizer()
         self.page_tokens = page_tokens
         self.capacity = policy.totalTokens - policy.reservedForResponse - policy.reservedForSystem
@@ -151,15 +182,18 @@ class BudgetStage:
             self.state.forget_session(ctx.session_id)
         return await call_next(ctx)
 
-    def _budget(self, ctx: CallContext) -> Budget:
-        return self.state.budget(budget_key(ctx), ttl=self.policy.sessionTtlSeconds, limit=self.policy.maxSessions)
+    def _budget(self, key: str | None) -> Budget:
+        if key is None:
+            return Budget()
+        return self.state.budget(key, ttl=self.policy.sessionTtlSeconds, limit=self.policy.maxSessions)
 
     def _meta(self, budget: Budget, **extra: Any) -> dict[str, Any]:
         return {"available": self.capacity - budget.used, "used": budget.used,
                 "total": self.policy.totalTokens, **extra}
 
     async def _tool_call(self, ctx: CallContext, call_next: Handler) -> Outcome:
-        budget = self._budget(ctx)
+        key = budget_key(ctx)
+        budget = self._budget(key)
         available = self.capacity - budget.used
         if available < self.policy.minAvailable:
             self.state.exhausted += 1
@@ -180,26 +214,46 @@ class BudgetStage:
         content = result.get("content")
         items = content if isinstance(content, list) else []
         tokens = self._count(items)
+        structured = result.get("structuredContent")
+        structured_json: str | None = None
+        structured_tokens = 0
+        if structured is not None and not _repeats_text(structured, items):
+            structured_json = orjson.dumps(structured).decode()
+            structured_tokens = self.tokenizer.count(structured_json)
+            tokens += structured_tokens
         new_result = dict(result)
         if tokens <= limit:
-            budget.used += tokens
+            self.state.charge(key, budget, tokens)
             self.state.tokens_total.inc(ctx.tool or "", amount=tokens)
             meta_extra: dict[str, Any] = {"resultTokens": tokens, "truncated": False}
+            if structured_json is not None:
+                meta_extra["structuredTokens"] = structured_tokens
         else:
-            kept = self._truncate(ctx, items, tokens, limit)
+            meta_extra = {"resultTokens": tokens, "truncated": True, "keptTokens": limit}
+            room = limit
+            if structured_json is not None:
+                # The structured result gets its share of the room, cut to keep its shape.
+                share = limit * structured_tokens // tokens
+                cut, cost = self._cut_structured(ctx, structured, structured_tokens, share)
+                if cut is None:
+                    new_result.pop("structuredContent", None)
+                    meta_extra["structuredContent"] = "omitted"
+                else:
+                    new_result["structuredContent"] = cut
+                    meta_extra["structuredContent"] = "truncated"
+                    room -= cost
+                meta_extra["structuredTokens"] = structured_tokens
+            kept = self._truncate(ctx, items, tokens, limit, room, structured_json)
             new_result["content"] = kept
-            structured = result.get("structuredContent")
-            if isinstance(structured, Mapping) and len(structured) == 1:
-                # The SDKs wrap a plain return value as {"result": text}: it repeats the content in full,
-                # so it is cut the same way (dropping it would break clients that check the output schema).
-                (key, value), = structured.items()
-                if isinstance(value, str):
-                    new_result["structuredContent"] = {key: kept[0].get("text", "")}
-            budget.used += limit
+            if structured_json is None and _is_map(structured) and len(structured) == 1:
+                # The SDKs wrap a plain return value as {"result": text}: it repeats the content, so it
+                # is cut the same way (dropping it would break clients that check the output schema).
+                (name, value), = structured.items()
+                new_result["structuredContent"] = {name: kept[0].get("text", "")}
+            self.state.charge(key, budget, limit)
             self.state.truncations += 1
             self.state.tokens_total.inc(ctx.tool or "", amount=limit)
             self.state.truncations_total.inc(ctx.tool or "")
-            meta_extra = {"resultTokens": tokens, "truncated": True, "keptTokens": limit}
         old_meta = new_result.get("_meta")
         meta = dict(old_meta) if _is_map(old_meta) else {}
         meta[META_KEY] = self._meta(budget, **meta_extra)
@@ -208,6 +262,33 @@ class BudgetStage:
         return Outcome(message={**message, "result": new_result}, raw=None, status=outcome.status,
                        headers=outcome.headers, event_id=outcome.event_id, streamed=outcome.streamed)
 
+    def _cut_structured(self, ctx: CallContext, structured: Any, tokens: int, room: int) -> tuple[Any, int]:
+        """`structured` cut to at most `room` tokens of JSON, still matching the tool's output schema; (None, 0) if none does."""
+        if room <= 0:
+            return None, 0
+        ratio = room / tokens
+        for _ in range(_CUT_ATTEMPTS):
+            cut = _shrink(structured, ratio)
+            cost = self.tokenizer.count(orjson.dumps(cut).decode())
+            if cost <= room:
+                return (cut, cost) if self._matches_schema(ctx.tool, cut) else (None, 0)
+            ratio *= max(room / cost * 0.9, 0.1)
+        return None, 0
+
+    def _matches_schema(self, tool: str | None, value: Any) -> bool:
+        """Whether `value` matches the output schema the upstream listed for `tool` (True when none is known)."""
+        if self.tools is None or tool is None or tool not in self.tools:
+            return True
+        schema = self.tools.get(tool).definition.get("outputSchema")
+        if not _is_map(schema):
+            return True
+        try:
+            from jsonschema import validators  # only on this rare path: a cut structured result
+
+            return validators.validator_for(schema)(schema).is_valid(value)
+        except Exception:  # noqa: BLE001 - a schema nobody can check is no reason to drop the result
+            return True
+
     def _count(self, items: list[Any]) -> int:
         total = 0
         for item in items:
@@ -215,12 +296,16 @@ class BudgetStage:
             total += self.tokenizer.count(text) if text is not None else NON_TEXT_TOKENS
         return total
 
-    def _truncate(self, ctx: CallContext, items: list[Any], tokens: int, limit: int) -> list[dict[str, Any]]:
+    def _truncate(self, ctx: CallContext, items: list[Any], tokens: int, limit: int, room: int,
+                  structured_json: str | None = None) -> list[dict[str, Any]]:
+        """The content cut to `room` tokens with the notice; the full text (and structured JSON) is stored for paging."""
         full = "\n\n".join(text for text in map(_text_of, items) if text)
+        if structured_json is not None:
+            full = f"{full}\n\n{structured_json}" if full else structured_json
         pages = self.tokenizer.pages(full, self.page_tokens)
         uri = self.state.results.put(owner_of(ctx), pages, tokens)
         notice = TRUNCATED.format(total=tokens, kept=limit, uri=uri, pages=len(pages))
-        room = max(limit - self.tokenizer.count(notice), 0)
+        room = max(room - self.tokenizer.count(notice), 0)
         kept: list[dict[str, Any]] = []
         for item in items:
             if room <= 0:
@@ -248,7 +333,8 @@ class BudgetStage:
             page = self.state.results.read(uri, owner_of(ctx))
         except ResultNotFound:
             raise UnknownResult(f"Resource not found: {uri}", data={"uri": uri}) from None
-        budget = self._budget(ctx)
+        key = budget_key(ctx)
+        budget = self._budget(key)
         cost = self.tokenizer.count(page.text)
         available = self.capacity - budget.used
         if available < self.policy.minAvailable or cost > available:
@@ -256,7 +342,7 @@ class BudgetStage:
             raise BudgetExhausted(
                 f"[BUDGET EXHAUSTED: page {page.number} of {uri} needs {cost} tokens, {max(available, 0)} are left.]",
                 data={"uri": uri, "pageTokens": cost, META_KEY: self._meta(budget, exhausted=True)})
-        budget.used += cost
+        self.state.charge(key, budget, cost)
         page_meta: dict[str, Any] = {"page": page.number, "pages": page.count, "tokens": page.tokens}
         if page.next_uri:
             page_meta["next"] = page.next_uri
@@ -282,6 +368,27 @@ def _era_fields(ctx: CallContext, *, cacheable: bool = False) -> dict[str, Any]:
         # A stored result is one subject's: clients may keep it, shared caches may not.
         fields.update(ttlMs=0, cacheScope="private")
     return fields
+
+
+def _repeats_text(structured: Any, items: list[Any]) -> bool:
+    """True for the SDKs' wrapping of a plain return value, {"result": text}, whose text is the content's."""
+    if not _is_map(structured) or len(structured) != 1 or len(items) != 1:
+        return False
+    (value,) = structured.values()
+    return isinstance(value, str) and value == _text_of(items[0])
+
+
+def _shrink(value: Any, ratio: float) -> Any:
+    """`value` with every array cut to its first `ratio` share of items (at least one) and long strings shortened."""
+    kind = type(value)
+    if kind is list:
+        keep = min(len(value), max(1, int(len(value) * ratio)))
+        return [_shrink(item, ratio) for item in value[:keep]]
+    if kind is dict:
+        return {name: _shrink(item, ratio) for name, item in value.items()}
+    if kind is str and len(value) > _SHORT_STRING:
+        return value[:max(_SHORT_STRING, int(len(value) * ratio))]
+    return value
 
 
 def _text_of(item: Any) -> str | None:
@@ -312,4 +419,4 @@ def build(policy: Any, shared: SharedState) -> BudgetStage | None:
     # An unknown encoding is refused here, with the policy. The vocabulary loads now at start-up
     # and in the background on a reload while serving; calls wait for it either way.
     tokenizer.preload()
-    return BudgetStage(section, state, tokenizer)
+    return BudgetStage(section, state, tokenizer, tools=shared.tools)

@@ -187,3 +187,100 @@ async def test_a_rate_limit_counts_calls_not_initialize_or_listing(tmp_path):
             with pytest.raises(MCPError, match="rate limit exceeded"):
                 await session.call_tool("echo", {"text": "three"})
         assert metric(sc.base, "toolmesh_rate_limited_total") == 1
+
+
+# -- 3. typed results inside the budget; 4. stateless budgets -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def typed_upstream(tmp_path_factory):
+    from helpers.typed_server import typed_http_server
+
+    with typed_http_server(log_path=tmp_path_factory.mktemp("typed") / "server.log") as url:
+        yield url
+
+
+def budget_policy(tmp_path, ttl: float) -> str:
+    return write_policy(tmp_path, {"budget": {"totalTokens": 20000, "reservedForResponse": 1000,
+                                              "reservedForSystem": 1000, "sessionTtlSeconds": ttl}})
+
+
+@pytest.fixture(scope="module")
+def budgeted(typed_upstream, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("budgeted")
+    with sidecar(["--upstream", typed_upstream], tmp, "--policy", budget_policy(tmp, ttl=1)) as sc:
+        yield sc
+
+
+def text_of(result) -> str:
+    return "".join(c.text for c in result.content if isinstance(c, TextContent))
+
+
+async def test_a_typed_result_is_counted_and_cut_whole(budgeted):
+    # 3,000 rows: the text was cut to the budget but structuredContent passed in full (186,805 characters).
+    async with sdk_client(budgeted.url) as session:
+        result = await session.call_tool("table", {"rows": 3000})  # the SDK client checks it against the schema
+        meta = result.meta[BUDGET]
+        limit = int(18000 * 0.3)
+        assert meta["truncated"] is True and meta["used"] == limit == meta["keptTokens"]
+        assert meta["structuredTokens"] > 50000 and meta["resultTokens"] > 2 * meta["structuredTokens"] * 0.9
+        structured = result.structured_content
+        assert meta["structuredContent"] == "truncated"
+        assert 0 < len(structured["rows"]) < 3000 and structured["total"] == 3000
+        assert structured["rows"][0] == {"id": 0, "name": "row-0", "note": "note number 0 of the table"}
+        from toolmesh.sidecar.tokenizer import Tokenizer
+
+        kept = Tokenizer().count(orjson.dumps(structured).decode()) + Tokenizer().count(text_of(result))
+        assert kept <= limit
+        links = [c for c in result.content if isinstance(c, ResourceLink)]
+        uri = str(links[0].uri)
+        first = (await session.read_resource(uri)).contents[0]
+        count = first.meta["io.toolmesh/page"]["pages"]
+        last = (await session.read_resource(f"{uri}?page={count}")).contents[0]
+        assert last.text.endswith('"note":"note number 2999 of the table"}],"total":3000}')
+
+
+async def test_stateless_calls_without_a_budget_key_are_budgeted_one_by_one(budgeted):
+    # Without a session or Mcp-Budget-Key, all of a subject's stateless calls shared one ledger: once it
+    # was spent, every call answered [BUDGET EXHAUSTED …] for an hour.
+    for _ in range(6):
+        async with sdk_client(budgeted.url, mode="2026-07-28") as session:
+            result = await session.call_tool("words", {"count": 3000})
+            assert "[TRUNCATED:" in text_of(result)
+            assert result.meta[BUDGET]["used"] == int(18000 * 0.3)
+
+
+async def test_refused_calls_do_not_keep_a_spent_budget_alive(budgeted):
+    # With a budget key the ledger is shared; spent, it refuses calls, and it must come back
+    # sessionTtlSeconds (1 s here) after its last charged call however often the caller is refused.
+    key = {"Mcp-Budget-Key": "conversation-1"}
+    async with sdk_client(budgeted.url, mode="2026-07-28", **key) as session:
+        for _ in range(20):
+            result = await session.call_tool("words", {"count": 3000})
+            if result.meta[BUDGET].get("exhausted"):
+                break
+        else:
+            pytest.fail("the budget never ran out")
+        refused = 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            result = await session.call_tool("words", {"count": 5})
+            if not result.meta[BUDGET].get("exhausted"):
+                break
+            refused += 1
+            await asyncio.sleep(0.05)  # a caller retrying, not a wait on the sidecar
+        else:
+            pytest.fail(f"still exhausted after {refused} refused calls over 10 s (ttl 1 s)")
+        assert text_of(result) == " ".join(f"w{i}" for i in range(5)) and refused > 0
+
+
+def test_toolmesh_call_sends_a_budget_key(typed_upstream, tmp_path):
+    with sidecar(["--upstream", typed_upstream], tmp_path, "--policy", budget_policy(tmp_path, ttl=3600)) as sc:
+        def call(*key: str) -> dict:
+            done = toolmesh_cli("call", sc.url, "words", "count=100", *key, "--output", "json", "--mode", "2026-07-28")
+            assert done.returncode == 0, done.stderr
+            return json.loads(done.stdout)["_meta"][BUDGET]
+
+        first, second = call("--budget-key", "cli-conversation"), call("--budget-key", "cli-conversation")
+        assert second["used"] == first["used"] * 2 > 0
+        assert call()["used"] == first["used"]  # no key: the call is budgeted alone
