@@ -5,9 +5,14 @@ Spans follow the OpenTelemetry MCP semantic conventions: name
 `gen_ai.tool.name`, `jsonrpc.request.id`, `mcp.session.id`,
 `mcp.protocol.version`, `network.transport`, `error.type` (`tool_error` when a
 tool result has `isError: true`). The caller's trace context is read from
-`params._meta` (`traceparent`, `tracestate`) and the sidecar's span context is
-written back there for the upstream, which is the only time params are
-re-serialised. Without a tracer none of that work is done.
+`params._meta` (`traceparent`, `tracestate`), else from the W3C `traceparent`
+and `tracestate` HTTP headers (`_meta` wins when both are sent, as MCP says), and
+the sidecar's span context is written back to `_meta` for the upstream, which is
+the only time params are re-serialised. Without a tracer none of that work is done.
+
+Every `tools/call` is logged at INFO, one JSON line: tool, subject, outcome,
+error type, duration, trace id, request id and the session as `session_ref`
+(never the id). Other requests are logged at INFO when they fail, else at DEBUG.
 """
 
 from __future__ import annotations
@@ -26,6 +31,21 @@ from toolmesh.sidecar.state import SharedState
 log = logging.getLogger("toolmesh.sidecar.calls")
 
 _TRACE_KEYS = ("traceparent", "tracestate")
+_AUTHENTICATE = "AuthenticateStage"
+
+
+class _CallerSeen:
+    """Stands between the authenticate stage and the rest of the chain to learn who the caller is, for the call log."""
+
+    __slots__ = ("rest", "caller")
+
+    def __init__(self, rest: Handler):
+        self.rest = rest
+        self.caller: Any = None
+
+    def __call__(self, ctx: CallContext):
+        self.caller = ctx.caller
+        return self.rest(ctx)
 
 
 def build(policy: Any, shared: SharedState) -> Observe | None:
@@ -72,6 +92,8 @@ class Observe:
         self.telemetry = shared.telemetry
         self.listed = shared.tools
         self.transport = getattr(self.telemetry, "network_transport", "tcp")
+        self._split: tuple[Any, Any] = (None, None)
+        """(the chain after this stage, (authenticate stage, the chain after it) or None), for the chain in force."""
         self._propagator = None
         if self.telemetry.tracer is not None:
             from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -89,21 +111,38 @@ class Observe:
         telemetry = self.telemetry
         telemetry.in_flight.inc()
         started = time.perf_counter()
+        seen = None
         try:
-            outcome = await call_next(ctx)
+            if ctx.method == "tools/call" and (split := self._after_authenticate(call_next)) is not None:
+                seen = _CallerSeen(split[1])
+                outcome = await split[0](ctx, seen)
+            else:
+                outcome = await call_next(ctx)
         except ProxyError as exc:
-            self._finish(ctx, started, "error", str(exc.code), None)
+            self._finish(ctx, started, "error", str(exc.code), None, seen)
             raise
         except BaseException as exc:
-            self._finish(ctx, started, "error", exc.__class__.__name__, None)
+            self._finish(ctx, started, "error", exc.__class__.__name__, None, seen)
             raise
         finally:
             telemetry.in_flight.dec()
         label, error_type = _outcome_label(outcome)
-        self._finish(ctx, started, label, error_type, None)
+        self._finish(ctx, started, label, error_type, None, seen)
         return outcome
 
-    def _finish(self, ctx: CallContext, started: float, label: str, error_type: str | None, trace_id: str | None) -> None:
+    def _after_authenticate(self, call_next: Handler) -> tuple[Any, Handler] | None:
+        """(authenticate stage, the chain after it) when the chain goes on with authentication, else None."""
+        cached, split = self._split
+        if cached is call_next:
+            return split
+        stage = getattr(call_next, "stage", None)
+        rest = getattr(call_next, "call_next", None)
+        split = (stage, rest) if type(stage).__name__ == _AUTHENTICATE and rest is not None else None
+        self._split = (call_next, split)
+        return split
+
+    def _finish(self, ctx: CallContext, started: float, label: str, error_type: str | None, trace_id: str | None,
+                seen: _CallerSeen | None = None) -> None:
         seconds = time.perf_counter() - started
         tool = ctx.tool
         metric_tool = tool if tool is None or tool in self.listed else UNLISTED_TOOL
@@ -115,12 +154,14 @@ class Observe:
             if error_type is not None:
                 attributes["error.type"] = error_type
         self.telemetry.record(ctx.method, metric_tool, label, seconds, attributes)
-        level = logging.INFO if label != "ok" else logging.DEBUG
+        level = logging.INFO if label != "ok" or tool is not None else logging.DEBUG
         if log.isEnabledFor(level):
             if trace_id is None:
                 trace_id = _incoming_trace_id(ctx)
+            caller = seen.caller if seen is not None else ctx.caller
             log.log(level, "%s %s", ctx.method, tool or "", extra={
-                "event": "request", "method": ctx.method, "tool": tool, "request_id": ctx.request_id,
+                "event": "request", "method": ctx.method, "tool": tool,
+                "subject": caller.subject if caller is not None else None, "request_id": ctx.request_id,
                 "session_ref": session_ref(ctx.session_id), "trace_id": trace_id, "outcome": label, "error_type": error_type,
                 "duration_ms": round(seconds * 1000, 3),
             })
@@ -134,6 +175,9 @@ class Observe:
         meta = params.get("_meta")
         meta = meta if isinstance(meta, dict) else {}
         carrier = {k: meta[k] for k in _TRACE_KEYS if isinstance(meta.get(k), str)}
+        if "traceparent" not in carrier:
+            # The W3C headers, when `_meta` carries no trace context (it wins when both are sent).
+            carrier = {k: v for k in _TRACE_KEYS if (v := ctx.headers.get(k)) is not None}
         parent = self._propagator.extract(carrier) if carrier else None
         tool = ctx.tool
         attributes: dict[str, Any] = {"mcp.method.name": ctx.method, "network.transport": self.transport}
@@ -157,23 +201,28 @@ class Observe:
             outgoing: dict[str, str] = {}
             self._propagator.inject(outgoing, context=trace.set_span_in_context(span))
             ctx = derive(ctx, params={**params, "_meta": {**meta, **outgoing}}, params_changed=True)
+            seen = None
             try:
-                outcome = await call_next(ctx)
+                if tool is not None and (split := self._after_authenticate(call_next)) is not None:
+                    seen = _CallerSeen(split[1])
+                    outcome = await split[0](ctx, seen)
+                else:
+                    outcome = await call_next(ctx)
             except ProxyError as exc:
                 span.set_attribute("error.type", str(exc.code))
                 span.set_status(Status(StatusCode.ERROR, exc.message))
-                self._finish(ctx, started, "error", str(exc.code), trace_id)
+                self._finish(ctx, started, "error", str(exc.code), trace_id, seen)
                 raise
             except BaseException as exc:
                 span.set_attribute("error.type", exc.__class__.__name__)
                 span.set_status(Status(StatusCode.ERROR, exc.__class__.__name__))
-                self._finish(ctx, started, "error", exc.__class__.__name__, trace_id)
+                self._finish(ctx, started, "error", exc.__class__.__name__, trace_id, seen)
                 raise
             label, error_type = _outcome_label(outcome)
             if error_type is not None:
                 span.set_attribute("error.type", error_type)
                 span.set_status(Status(StatusCode.ERROR))
-            self._finish(ctx, started, label, error_type, trace_id)
+            self._finish(ctx, started, label, error_type, trace_id, seen)
             return outcome
         finally:
             telemetry.in_flight.dec()
@@ -181,9 +230,12 @@ class Observe:
 
 
 def _incoming_trace_id(ctx: CallContext) -> str | None:
+    """The caller's trace id: from `params._meta.traceparent`, else from the `traceparent` header."""
     meta = ctx.params.get("_meta")
-    if isinstance(meta, dict):
-        parent = meta.get("traceparent")
-        if isinstance(parent, str) and len(parent) >= 35:
-            return parent[3:35]
+    parent = meta.get("traceparent") if isinstance(meta, dict) else None
+    if not isinstance(parent, str):
+        # The HTTP layer's headers are case-insensitive: one lookup, never a scan (this runs on every call).
+        parent = ctx.headers.get("traceparent")
+    if parent is not None and len(parent) >= 35:
+        return parent[3:35]
     return None

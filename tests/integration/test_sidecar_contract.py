@@ -284,3 +284,43 @@ def test_toolmesh_call_sends_a_budget_key(typed_upstream, tmp_path):
         first, second = call("--budget-key", "cli-conversation"), call("--budget-key", "cli-conversation")
         assert second["used"] == first["used"] * 2 > 0
         assert call()["used"] == first["used"]  # no key: the call is budgeted alone
+
+
+# -- 10. one log line per call, with its trace ----------------------------------------------------------------------
+
+TRACE_HEADER = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+TRACE_META = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+async def test_every_call_is_logged_at_info_with_subject_and_the_traceparent_header(tmp_path):
+    issuer = TokenIssuer("log-issuer")
+    policy = write_policy(tmp_path, {"auth": issuer.hmac_auth()})
+    token = issuer.token("alice", alg="HS256")
+    with sdk_http_server(log_path=tmp_path / "server.log") as upstream, \
+            sidecar(["--upstream", upstream], tmp_path, "--policy", policy) as sc:
+        ok = await post_tools_call(sc.url, "echo", {"text": "hi"}, token=token, request_id=41,
+                                   traceparent=TRACE_HEADER)
+        assert ok.status_code == 200
+        # Both: _meta wins, as MCP says.
+        both = orjson.dumps({"jsonrpc": "2.0", "id": 42, "method": "tools/call", "params": {
+            "name": "echo", "arguments": {"text": "both"},
+            "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                      "io.modelcontextprotocol/clientCapabilities": {}, "traceparent": TRACE_META}}})
+        from helpers.modern_calls import tools_call_headers
+
+        async with httpx2.AsyncClient(timeout=10) as http:
+            assert (await http.post(sc.url, content=both, headers=tools_call_headers(
+                "echo", token, traceparent=TRACE_HEADER))).status_code == 200
+        async with sdk_client(sc.url, Authorization=f"Bearer {token}") as session:
+            assert not (await session.call_tool("echo", {"text": "in a session"})).is_error
+
+        def calls() -> list[dict]:
+            return [e for e in log_events(sc.log(), "request") if e.get("method") == "tools/call"]
+        wait_until(lambda: len(calls()) >= 3, what="three call log lines")
+        first, second, third = calls()
+        assert first["level"] == "info" and first["outcome"] == "ok" and first["tool"] == "echo"
+        assert first["subject"] == "alice" and first["request_id"] == 41 and first["duration_ms"] >= 0
+        assert first["trace_id"] == TRACE_HEADER[3:35] and first["session_ref"] is None
+        assert second["trace_id"] == TRACE_META[3:35]
+        assert third["subject"] == "alice" and re.fullmatch(r"[0-9a-f]{16}", third["session_ref"])
+        assert third["session_ref"] not in json.dumps(first)
