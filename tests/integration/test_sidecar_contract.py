@@ -8,7 +8,6 @@ import asyncio
 import json
 import re
 import select
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 from mcp.types import ResourceLink, TextContent
 
-from helpers import VENV_BIN, free_port, listening, toolmesh_cli, wait_until
+from helpers import free_port, toolmesh_cli, wait_until
 from helpers.mcp_servers import sdk_http_server
 from helpers.modern_calls import post_tools_call
 from helpers.sidecar import http_get, sidecar
