@@ -7,7 +7,9 @@ import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator
+from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -85,6 +87,7 @@ def create_app(settings: RegistrySettings | None = None, catalogue: Catalogue | 
     app.router.add_get("/v1/servers", get_servers)
     app.router.add_get("/v1/tools", get_tools)
     app.router.add_get("/v1/gateway", get_gateway)
+    app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/healthz", healthz)
     return app
 
@@ -141,8 +144,10 @@ def _refused(reason: str) -> web.Response:
 
 async def post_heartbeat(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
+    metrics = request.app[GATEWAY].metrics
     verdict = await settings.auth(request.headers.get("Authorization"))
     if not verdict.allowed:
+        metrics.heartbeat("refused")
         return _refused(verdict.reason)
     try:
         beat = orjson.loads(await request.read())
@@ -153,10 +158,13 @@ async def post_heartbeat(request: web.Request) -> web.Response:
         if beat.get("leaving"):
             request.app[CATALOGUE].forget(str(beat.get("server")), str(beat.get("instance") or beat.get("endpoint")),
                                           namespace=verdict.namespace)
+            metrics.heartbeat("leaving")
             return web.json_response({"ok": True})
         request.app[CATALOGUE].heartbeat(beat)
     except (orjson.JSONDecodeError, ValueError, TypeError) as exc:
+        metrics.heartbeat("invalid")
         return web.json_response({"error": str(exc)}, status=400)
+    metrics.heartbeat("accepted")
     return web.json_response({"ok": True, "interval": settings.heartbeat_interval})
 
 
@@ -203,13 +211,45 @@ async def get_tools(request: web.Request) -> web.Response:
     for listed in view.tools:
         route = view.routes[listed["name"]]
         key = catalogue.key(route.server)
-        stats = {}
-        for inst in catalogue.healthy_instances(route.server):
-            stats = inst.stats.get(route.tool) or stats
+        stats = _server_stats([i.stats.get(route.tool) for i in catalogue.healthy_instances(route.server)])
         # Spans name the MCPServer, not its namespace: figures are shown only where that name is unambiguous.
         tools.append({**listed, "server": route.server, "namespace": key.namespace if key else None,
                       "tool": route.tool, "stats": stats, "red": red.figures(route.server, route.tool)})
-    return _json({"tools": tools, "version": view.version})
+    return _json({"tools": tools, "version": view.version, "figures": {
+        "stats": "from the sidecars' heartbeats: what each healthy instance counted since its sidecar started, count "
+                 "and errors summed over them, latency and cache hit rate of the instance with the most calls; it "
+                 "outlives a registry restart (the next heartbeat brings it back)",
+        "red": f"from the OTLP traces this registry received: the last {red.window:g} s (calls, errors, p50/p95) "
+               "and totalCalls/totalErrors since this registry started; kept in memory, so empty after a registry "
+               "restart until new calls are traced, and counting only sidecars that export traces here. While both "
+               "have run since the sidecars started, stats.count equals red.totalCalls."}})
+
+
+def _server_stats(per_instance: list[Any]) -> dict[str, Any]:
+    """One tool's heartbeat stats over a server's instances: count and errors summed, the rest from the busiest."""
+    figures = [f for f in per_instance if isinstance(f, dict)]
+    if not figures:
+        return {}
+    busiest = max(figures, key=lambda f: f.get("count") or 0)
+    summed = {k: sum(f.get(k) or 0 for f in figures) for k in ("count", "errors") if any(k in f for f in figures)}
+    return {**busiest, **summed, "instances": len(figures)}
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    """Prometheus text: gateway calls, sessions, heartbeats, catalogue size (with the heartbeat credential)."""
+    verdict = await request.app[SETTINGS].auth(request.headers.get("Authorization"))
+    if not verdict.allowed:
+        return _refused(verdict.reason)
+    catalogue, gateway = request.app[CATALOGUE], request.app[GATEWAY]
+    states: Counter[str] = Counter()
+    for server in catalogue.servers():
+        for inst in catalogue.instances(server):
+            states["expired" if inst.expired else "healthy" if inst.healthy else "unhealthy"] += 1
+    text = gateway.metrics.render(servers=catalogue.servers(), sessions=gateway.session_count(),
+                                  anonymous_sessions=gateway.session_count(ANONYMOUS),
+                                  tools=len(catalogue.view().tools), instances=states, version=catalogue.version)
+    return web.Response(body=text.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8",
+                                                     "X-Content-Type-Options": "nosniff"})
 
 
 async def get_gateway(request: web.Request) -> web.Response:

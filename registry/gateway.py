@@ -69,6 +69,7 @@ from toolmesh.api.jsonrpc import (
 from toolmesh.api.sessions import ANONYMOUS, credential_principal, session_ref, unguessable_id
 from toolmesh.registry.backend import Ask, BackendPool, BackendRefused, BackendUnavailable, Notify
 from toolmesh.registry.catalogue import SEPARATOR, Catalogue, Instance
+from toolmesh.registry.metrics import LOCAL_SERVER, UNKNOWN_SERVER, RegistryMetrics
 from toolmesh.registry.protected_resource import (
     METADATA_PATH,
     challenge,
@@ -212,6 +213,8 @@ class Gateway:
         """`--require-token`: while a server behind the gateway authenticates callers, every MCP request without
         a bearer token gets 401 and the challenge (not only the calls such a server refuses)."""
         self.path = "/mcp"
+        self.metrics = RegistryMetrics()
+        """Calls by server and outcome (and the registry's heartbeat counts): `/metrics`."""
         self._any_origin = "*" in allowed_origins
         self._origins = frozenset(o.rstrip("/").lower() for o in allowed_origins)
         self.backends = backends
@@ -691,18 +694,31 @@ class Gateway:
     async def call_tool(self, name: str, params: Mapping[str, Any], caller: Caller, notify: Notify,
                         ask: Ask | None = None, relay: Notify | None = None) -> dict[str, Any]:
         """Route one `tools/call` by gateway name; returns the CallToolResult or raises ToolCallFailed."""
-        local = self.local_tools.get(name)
-        if local is not None:
-            return await local[1](params, caller, notify)
-        view = self.catalogue.view()
-        route = view.routes.get(name)
-        if route is None:
-            raise ToolCallFailed(INVALID_PARAMS, f"unknown tool: {name}")
-        server = route.server
-        if route.tool == name and name in view.claimants and name != f"{server}{SEPARATOR}{route.tool}":
-            server = await self._bare_owner(view.claimants[name], name, caller)
-        return await self.call_server(server, {**params, "name": route.tool}, caller, notify, ask=ask,
-                                      relay=relay)
+        server = UNKNOWN_SERVER
+        try:
+            local = self.local_tools.get(name)
+            if local is not None:
+                server = LOCAL_SERVER
+                result = await local[1](params, caller, notify)
+            else:
+                view = self.catalogue.view()
+                route = view.routes.get(name)
+                if route is None:
+                    raise ToolCallFailed(INVALID_PARAMS, f"unknown tool: {name}")
+                server = route.server
+                if route.tool == name and name in view.claimants and name != f"{server}{SEPARATOR}{route.tool}":
+                    server = await self._bare_owner(view.claimants[name], name, caller)
+                result = await self.call_server(server, {**params, "name": route.tool}, caller, notify, ask=ask,
+                                                relay=relay)
+        except ToolCallFailed as exc:
+            self.metrics.call(server, "refused" if exc.unauthorized else
+                              "unavailable" if exc.code == UPSTREAM_UNAVAILABLE else "error")
+            raise
+        except asyncio.CancelledError:
+            self.metrics.call(server, "cancelled")
+            raise
+        self.metrics.call(server, "tool_error" if result.get("isError") else "ok")
+        return result
 
     async def _bare_owner(self, claimants: tuple[str, ...], tool: str, caller: Caller) -> str:
         """The server a bare tool name leads to for this caller: the highest-priority one that lists it to them.

@@ -342,3 +342,56 @@ async def test_an_sdk_client_signs_in_through_the_gateway(protected, require_tok
             assert "unknown or ended session" in first
             async with signing_in_client(registry, auth_server, storage) as client:
                 assert await answer(client.call_tool("alpha__echo", {"message": "again"})) == "alpha:again"
+
+
+# -- 10. the registry's /metrics, and what /v1/tools' figures are ------------------------------------------------
+
+
+async def get_text(url: str, token: str | None = None) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url, headers={"Authorization": f"Bearer {token}"} if token else {}) as resp:
+            return resp.status, await resp.text()
+
+
+def samples(text: str) -> dict[str, float]:
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+async def test_the_registry_serves_prometheus_metrics_and_its_figures_agree(tmp_path):
+    with registry_process(tmp_path, secret=SECRET) as registry, toy_server(tmp_path, "alpha") as (_, upstream), \
+            sidecar(["--upstream", upstream], tmp_path, "--server-name", "alpha", "--registry", registry,
+                    env={"TOOLMESH_REGISTRY_SECRET": SECRET, "OTEL_EXPORTER_OTLP_ENDPOINT": registry,
+                         "OTEL_BSP_SCHEDULE_DELAY": "50"}):
+        async def listed():
+            return any(t["name"] == "alpha__echo" for t in (await get_json(f"{registry}/v1/tools"))["tools"])
+
+        await async_wait_until(listed, timeout=20, what="alpha listed")
+        async with gateway_client(registry) as client:
+            for i in range(3):
+                await client.call_tool("alpha__echo", {"message": str(i)})
+            await failure(client.call_tool("nowhere__" + "x" * 50, {}))
+            assert (await post_heartbeat(registry, {"server": "rogue", "endpoint": "http://127.0.0.1:1/mcp"},
+                                         "wrong"))[0] == 401
+            status, text = await get_text(f"{registry}/metrics", SECRET)
+            refused_status, _ = await get_text(f"{registry}/metrics")
+        assert (status, refused_status) == (200, 401)
+        figures = samples(text)
+        assert figures['toolmesh_gateway_calls_total{server="alpha",outcome="ok"}'] == 3
+        assert figures['toolmesh_gateway_calls_total{server="_unknown",outcome="error"}'] == 1
+        assert not any("nowhere" in name or "rogue" in name for name in figures)  # labels only from the catalogue
+        assert figures["toolmesh_gateway_sessions_open"] == 1
+        assert figures['toolmesh_registry_heartbeats_total{result="refused"}'] == 1
+        assert figures['toolmesh_registry_heartbeats_total{result="accepted"}'] >= 1
+        assert (figures["toolmesh_catalogue_servers"], figures["toolmesh_catalogue_tools"]) == (1, 1)
+
+        async def agreed():
+            listing = await get_json(f"{registry}/v1/tools")
+            (tool,) = listing["tools"]
+            return listing if (tool["stats"].get("count"), (tool["red"] or {}).get("totalCalls")) == (3, 3) else None
+
+        # Heartbeat stats (since the sidecar started) and RED figures (traces since the registry started) agree
+        # while both have run since the sidecar started; /v1/tools says what each is and why they can differ.
+        listing = await async_wait_until(agreed, timeout=20, what="stats and red to count the same 3 calls")
+        assert "since its sidecar started" in listing["figures"]["stats"]
+        assert "empty after a registry restart" in listing["figures"]["red"]
