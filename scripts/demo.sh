@@ -40,11 +40,22 @@ if grep -q " failed" "$LOG"; then
 fi
 
 echo
-echo "==> toolmesh call $GATEWAY time__get_current_time timezone=Europe/Paris"
+echo "==> toolmesh call $GATEWAY time__get_current_time timezone=Europe/Paris   (a clock: never cached)"
 "$BIN/toolmesh" call "$GATEWAY" time__get_current_time timezone=Europe/Paris
 echo
-echo "==> toolmesh call $GATEWAY everything__get-sum a=2 b=3"
+echo "==> toolmesh call $GATEWAY everything__get-sum a=2 b=3   (twice: the policy caches get-sum for an hour)"
 "$BIN/toolmesh" call "$GATEWAY" everything__get-sum a=2 b=3
+"$BIN/toolmesh" call "$GATEWAY" everything__get-sum a=2 b=3
+echo
+# Each sidecar counts its cache lookups at /metrics (the METRICS column of the table above).
+echo "==> cache lookups, from each sidecar's /metrics"
+for server in time everything; do
+  metrics="$(awk -v s="$server" '$1 == s && $3 == "ready" { print $NF; exit }' "$LOG")"
+  "$BIN/python" -c 'import sys, urllib.request
+lines = urllib.request.urlopen(sys.argv[1], timeout=10).read().decode().splitlines()
+found = [l for l in lines if l.startswith("toolmesh_cache_lookups_total{")]
+print(sys.argv[2] + ": " + ("; ".join(found) or "no cache lookups"))' "$metrics" "$server"
+done
 echo
 echo "==> stopping toolmesh up"
 stop

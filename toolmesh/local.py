@@ -5,8 +5,14 @@ run on this machine (stdio servers are spawned by their sidecar; HTTP servers
 get a free port in `$PORT` and `$(PORT)` in their args), each behind its own
 `toolmesh sidecar` with the merged policies that select it, all reporting to
 the registry and gateway served in this process. A server that fails to
-start is reported with the end of its log while the rest run; a changed
-manifest is applied while running; Ctrl-C stops everything.
+start is reported with the end of its log while the rest run; a process that
+exits later is restarted with backoff; a changed manifest is applied while
+running; Ctrl-C stops everything.
+
+Ports: a port is chosen by binding a socket to port 0 and kept bound (with
+SO_REUSEADDR, never listening) until the child listens on it, so the kernel
+hands it to no other `bind(0)` or outgoing connection meanwhile; a child that
+still finds it taken (or a foreign listener on it) is started again on another.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -23,7 +30,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--start-timeout", type=float, default=60.0, metavar="SECONDS",
                         help="how long a server may take to list its tools before it is reported failed")
     parser.add_argument("--log-dir", type=Path, metavar="DIR", help="where process logs go (default: a new temp dir)")
+    parser.add_argument("--otlp-relay", metavar="URL",
+                        help="pass the traces the registry receives on to this OTLP/HTTP collector too")
 
 
 # -- the plan: what the manifests ask for ----------------------------------------------------------------
@@ -63,6 +72,8 @@ class ServerPlan:
     """The merged policy spec (None when the merge is invalid; see `policy_error`)."""
     policy_error: str | None = None
     applied: tuple[str, ...] = ()
+    manifest: Path | None = field(default=None, compare=False)
+    """The file that defines the server: touching it starts a failed server again."""
 
 
 def load_plan(paths: Sequence[Path]) -> tuple[dict[str, ServerPlan], list[str]]:
@@ -71,6 +82,7 @@ def load_plan(paths: Sequence[Path]) -> tuple[dict[str, ServerPlan], list[str]]:
     from toolmesh.registry.manifests import documents, server_spec
 
     servers: list[tuple[str, MCPServerSpec, dict[str, str], Path]] = []
+    files: dict[str, Path] = {}
     policies: list[PolicySource] = []
     warnings: list[str] = []
     for file, doc in documents(paths):
@@ -83,6 +95,7 @@ def load_plan(paths: Sequence[Path]) -> tuple[dict[str, ServerPlan], list[str]]:
                 raise ValueError(f"{file}: MCPServer {name} has no spec.command, which local mode runs")
             labels = {str(k): str(v) for k, v in ((doc.get("metadata") or {}).get("labels") or {}).items()}
             servers.append((name, spec, labels, file.parent.resolve()))
+            files[name] = file
         elif kind == "MCPToolPolicy":
             source = PolicySource.from_body(doc)
             if not source.valid:
@@ -98,17 +111,41 @@ def load_plan(paths: Sequence[Path]) -> tuple[dict[str, ServerPlan], list[str]]:
     for name, spec, labels, folder in servers:
         merged = merge_policies(policies, labels, spec.policy)
         plans[name] = ServerPlan(name, spec, tuple(sorted(labels.items())), folder,
-                                 None if merged.error else merged.spec, merged.error, tuple(merged.applied))
+                                 None if merged.error else merged.spec, merged.error, tuple(merged.applied),
+                                 files[name])
     return plans, warnings
 
 
 # -- running one server --------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+PORT_ATTEMPTS = 5
+"""Starts of one process on fresh ports when another process took the port first."""
+
+RESTART_BACKOFF = (0.2, 10.0)
+"""First and longest wait (seconds) before restarting a process that exited; doubles with each exit in a row."""
+
+STABLE_AFTER = 10.0
+"""A process that ran this long (seconds) before exiting restarts after the shortest wait again."""
+
+_PORT_TAKEN = re.compile(rb"address already in use|EADDRINUSE", re.IGNORECASE)
+
+
+def _reserve_port(port: int = 0) -> socket.socket | None:
+    """A socket bound to 127.0.0.1:`port` (0: any), not listening: the port is ours until it is closed.
+
+    While it is bound the kernel gives the port to no `bind(0)` and no outgoing connection, the usual
+    thieves on a busy machine; SO_REUSEADDR lets our child (which sets it too, as servers do) bind it
+    and listen. None when `port` is taken.
+    """
+    sock = socket.socket()
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        sock.close()
+        return None
+    return sock
 
 
 async def _port_open(port: int) -> bool:
@@ -122,17 +159,77 @@ async def _port_open(port: int) -> bool:
     return True
 
 
-def _tail(path: Path, lines: int = 12) -> str:
+def _listener_is_ours(port: int, session: int) -> bool:
+    """False when a process outside `session` (our child's) listens on `port`; True if unknown (no /proc)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rpartition(":")[2], 16) == port:
+                inodes.add(f"socket:[{cols[9]}]")
+    if not inodes:
+        return True
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if int((proc / "stat").read_text().rpartition(")")[2].split()[3]) != session:
+                continue
+            if any(os.readlink(fd) in inodes for fd in (proc / "fd").iterdir()):
+                return True
+        except (OSError, ValueError, IndexError):
+            continue
+    return False
+
+
+def _tail(path: Path, lines: int = 12, since: int = 0) -> str:
     try:
-        text = path.read_text(errors="replace").splitlines()
+        with open(path, "rb") as f:
+            f.seek(since)
+            text = f.read().decode(errors="replace").splitlines()
     except OSError:
         return ""
     return "\n".join("    " + line for line in text[-lines:])
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
 def _toolmesh_command() -> list[str]:
     script = Path(sys.executable).with_name("toolmesh")
     return [str(script)] if script.exists() else [sys.executable, "-m", "toolmesh"]
+
+
+async def _terminate(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM to the process group, SIGKILL after STOP_GRACE."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), STOP_GRACE)
+    except asyncio.TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+
+
+def _exit_status(code: int | None) -> str:
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"signal {signal.Signals(-code).name}"
+    return f"status {code}"
+
+
+class StartFailed(Exception):
+    """A process did not come up; the message says why (and the log's end follows it)."""
 
 
 @dataclass
@@ -145,19 +242,39 @@ class LocalServer:
     """The registry's heartbeat secret, in a file readable by this user only (never in an environment variable, which
     a stdio server spawned by the sidecar would inherit)."""
     run_dir: Path
+    say: Callable[[str], None] = print
+    """Where lines for the person running `toolmesh up` go."""
     sidecar_port: int = 0
-    processes: list[asyncio.subprocess.Process] = field(default_factory=list)
+    server_port: int = 0
+    server: asyncio.subprocess.Process | None = None
+    """The HTTP server (None for stdio servers, which the sidecar spawns and restarts itself)."""
+    sidecar: asyncio.subprocess.Process | None = None
     status: str = "starting"
-    """starting → ready | failed: reason."""
+    """starting → ready ⇄ restarting, or failed (see `failure`)."""
     failure: str | None = None
+    restarts: int = 0
+    """Restarts of the server by this process, or of a stdio server by its sidecar."""
+    _stdio_log_seen: int = 0
 
     @property
     def sidecar_url(self) -> str:
         return f"http://127.0.0.1:{self.sidecar_port}/mcp"
 
     @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.sidecar_port}/metrics"
+
+    @property
     def policy_file(self) -> Path:
         return self.run_dir / f"{self.plan.name}.policy.yaml"
+
+    @property
+    def server_log(self) -> Path:
+        return self.run_dir / f"{self.plan.name}.server.log"
+
+    @property
+    def sidecar_log(self) -> Path:
+        return self.run_dir / f"{self.plan.name}.sidecar.log"
 
     def write_policy(self) -> None:
         """The merged policy as the sidecar reads it (re-read by the sidecar when it changes)."""
@@ -187,13 +304,110 @@ class LocalServer:
     async def _spawn(self, cmd: list[str], log: Path, env: Mapping[str, str]) -> asyncio.subprocess.Process:
         out = open(log, "ab")
         try:
-            proc = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL, stdout=out,
+            return await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL, stdout=out,
                                                         stderr=asyncio.subprocess.STDOUT, env=dict(env),
                                                         cwd=self.plan.folder, start_new_session=True)
         finally:
             out.close()
-        self.processes.append(proc)
-        return proc
+
+    async def _start_listening(self, what: str, port: int, log: Path,
+                               spawn: Callable[[int], Awaitable[asyncio.subprocess.Process]],
+                               deadline: float, timeout: float) -> tuple[asyncio.subprocess.Process, int]:
+        """Spawn a process that listens on a port we choose (`port` again if still free); raises StartFailed.
+
+        The port is reserved until the process listens on it. A process that exits saying the port is in
+        use, or finds another process listening there, is started again on a fresh port.
+        """
+        who = "" if what == "server" else f"{what} "  # a server's own failure reads as the server's
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            hold = (_reserve_port(port) if port else None) or _reserve_port()
+            if hold is None:
+                raise StartFailed(f"no free port for the {what}")
+            port = hold.getsockname()[1]
+            since = _size(log)
+            taken = None
+            proc = None
+            try:
+                proc = await spawn(port)
+                while True:
+                    if await _port_open(port):
+                        if proc.returncode is None and _listener_is_ours(port, proc.pid):
+                            return proc, port
+                        if proc.returncode is None:
+                            taken = "another process listens on it"
+                            await _terminate(proc)
+                            break
+                    if proc.returncode is not None:
+                        with open(log, "rb") as f:
+                            f.seek(since)
+                            if _PORT_TAKEN.search(f.read()):
+                                taken = "it was taken before the " + what + " bound it"
+                                break
+                        raise StartFailed(f"{who}exited with {_exit_status(proc.returncode)} before listening"
+                                          + (f"\n{_tail(log, since=since)}" if _tail(log, since=since) else ""))
+                    if time.monotonic() > deadline:
+                        await _terminate(proc)
+                        raise StartFailed(f"{who}did not listen on port {port} within {timeout:g}s"
+                                          + (f"\n{_tail(log, since=since)}" if _tail(log, since=since) else ""))
+                    await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                if proc is not None:  # stopped while starting: nothing is left running
+                    await _terminate(proc)
+                raise
+            finally:
+                hold.close()
+            if attempt < PORT_ATTEMPTS:
+                self.say(f"==> {self.plan.name}: port {port} for the {what}: {taken}; trying another port")
+            port = 0
+        raise StartFailed(f"{what}: every port tried was taken ({PORT_ATTEMPTS} tries)")
+
+    async def _start_server(self, deadline: float, timeout: float) -> None:
+        """The HTTP server on `server_port` (or a fresh port)."""
+        async def spawn(port: int) -> asyncio.subprocess.Process:
+            return await self._spawn(self._command(port), self.server_log, self._env({"PORT": str(port)}))
+
+        self.server, self.server_port = await self._start_listening(
+            "server", self.server_port, self.server_log, spawn, deadline, timeout)
+
+    async def _start_sidecar(self, catalogue: Any, deadline: float, timeout: float) -> None:
+        """The sidecar on `sidecar_port` (or a fresh port), until the registry hears it is healthy."""
+        plan = self.plan
+        upstream: list[str]
+        if plan.spec.transport == Transport.stdio:
+            upstream = ["--upstream-command", shlex.join(self._command(None))]
+        else:
+            upstream = ["--upstream", f"http://127.0.0.1:{self.server_port}{plan.spec.path}"]
+            if plan.spec.transport == Transport.sse:
+                upstream += ["--upstream-transport", "sse"]
+        # Traces go to the registry unless the user points them elsewhere: its RED figures come from them.
+        otlp = {} if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") else {"OTEL_EXPORTER_OTLP_ENDPOINT": self.registry}
+        env = self._env({"TOOLMESH_REGISTRY_SECRET_FILE": str(self.secret_file), **otlp})
+
+        async def spawn(port: int) -> asyncio.subprocess.Process:
+            cmd = [*_toolmesh_command(), "sidecar", "--listen", f"127.0.0.1:{port}", "--server-name", plan.name,
+                   "--registry", self.registry, "--policy", str(self.policy_file), *upstream]
+            return await self._spawn(cmd, self.sidecar_log, env)
+
+        since = _size(self.sidecar_log)
+        self.sidecar, self.sidecar_port = await self._start_listening(
+            "sidecar", self.sidecar_port, self.sidecar_log, spawn, deadline, timeout)
+        self._stdio_log_seen = _size(self.sidecar_log)
+        await self._await_healthy(catalogue, deadline, timeout, since)
+
+    async def _await_healthy(self, catalogue: Any, deadline: float, timeout: float, since: int) -> None:
+        """Until a heartbeat sent from now on says the server is healthy (an earlier one may predate a crash)."""
+        began = time.monotonic()  # the catalogue's clock
+        proc = self.sidecar
+        assert proc is not None
+        while not any(i.last_seen >= began for i in catalogue.healthy_instances(self.plan.name)):
+            if proc.returncode is not None:
+                raise StartFailed(f"sidecar exited with {_exit_status(proc.returncode)}\n"
+                                  f"{_tail(self.sidecar_log, since=since)}".rstrip())
+            if time.monotonic() > deadline:
+                health = [i.health for i in catalogue.instances(self.plan.name)]
+                raise StartFailed(f"not healthy within {timeout:g}s ({', '.join(health) or 'no heartbeat'})\n"
+                                  f"{_tail(self.sidecar_log, since=since)}".rstrip())
+            await asyncio.sleep(0.05)
 
     async def start(self, catalogue: Any, timeout: float) -> None:
         """Start the processes and wait until the registry lists the server, or report why not."""
@@ -202,50 +416,93 @@ class LocalServer:
             self.fail(plan.policy_error)
             return
         self.write_policy()
-        name = plan.name
-        server_log = self.run_dir / f"{name}.server.log"
-        sidecar_log = self.run_dir / f"{name}.sidecar.log"
-        self.sidecar_port = _free_port()
-        sidecar = [*_toolmesh_command(), "sidecar", "--listen", f"127.0.0.1:{self.sidecar_port}",
-                   "--server-name", name, "--registry", self.registry, "--policy", str(self.policy_file)]
         deadline = time.monotonic() + timeout
         try:
             if plan.spec.transport == Transport.stdio:
                 if shutil.which(self._command(None)[0], path=self._env()["PATH"]) is None:
                     self.fail(f"command not found: {self._command(None)[0]}")
                     return
-                sidecar += ["--upstream-command", shlex.join(self._command(None))]
             else:
-                port = _free_port()
-                server = await self._spawn(self._command(port), server_log, self._env({"PORT": str(port)}))
-                while not await _port_open(port):
-                    if server.returncode is not None:
-                        self.fail(f"exited with status {server.returncode} before listening", server_log)
-                        return
-                    if time.monotonic() > deadline:
-                        self.fail(f"did not listen on port {port} within {timeout:g}s", server_log)
-                        return
-                    await asyncio.sleep(0.1)
-                sidecar += ["--upstream", f"http://127.0.0.1:{port}{plan.spec.path}"]
-                if plan.spec.transport == Transport.sse:
-                    sidecar += ["--upstream-transport", "sse"]
+                await self._start_server(deadline, timeout)
+            await self._start_sidecar(catalogue, deadline, timeout)
         except OSError as exc:
+            await self.stop()
             self.fail(f"cannot start {self._command(None)[0]}: {exc}")
             return
-        # Traces go to the registry unless the user points them elsewhere: its RED figures come from them.
-        otlp = {} if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") else {"OTEL_EXPORTER_OTLP_ENDPOINT": self.registry}
-        proc = await self._spawn(sidecar, sidecar_log,
-                                 self._env({"TOOLMESH_REGISTRY_SECRET_FILE": str(self.secret_file), **otlp}))
-        while not catalogue.healthy_instances(name):
-            if proc.returncode is not None:
-                self.fail(f"sidecar exited with status {proc.returncode}", sidecar_log)
-                return
-            if time.monotonic() > deadline:
-                health = [i.health for i in catalogue.instances(name)]
-                self.fail(f"not healthy within {timeout:g}s ({', '.join(health) or 'no heartbeat'})", sidecar_log)
-                return
-            await asyncio.sleep(0.05)
+        except StartFailed as exc:
+            await self.stop()
+            self.fail(str(exc))
+            return
         self.status = "ready"
+
+    async def supervise(self, catalogue: Any, timeout: float, restarted: Callable[[str], None]) -> None:
+        """Restart the server or sidecar when it exits, with backoff; report stdio restarts done by the sidecar.
+
+        Runs until cancelled (by `stop`). `restarted(name)` is called once the server is healthy again.
+        """
+        failures = 0
+        up_since = time.monotonic()
+        while True:
+            watched = {asyncio.ensure_future(p.wait()): p for p in (self.server, self.sidecar) if p is not None}
+            if not watched:
+                return
+            try:
+                while True:
+                    done, _ = await asyncio.wait(watched, timeout=1.0)
+                    if done:
+                        break
+                    self._report_stdio_restarts()
+            finally:
+                for waiter in watched:
+                    waiter.cancel()
+            died = [p for p in (self.server, self.sidecar) if p is not None and p.returncode is not None]
+            failures = 0 if time.monotonic() - up_since > STABLE_AFTER else failures + 1
+            base, most = RESTART_BACKOFF
+            delay = min(most, base * 2 ** max(0, failures - 1))
+            self.status = "restarting"
+            self.restarts += 1
+            for proc in died:
+                what, log = ("server", self.server_log) if proc is self.server else ("sidecar", self.sidecar_log)
+                self.say(f"==> {self.plan.name}: {what} exited with {_exit_status(proc.returncode)}; "
+                         f"restarting in {delay:.1f}s (restart {self.restarts})\n{_tail(log, 5)}".rstrip())
+            await asyncio.sleep(delay)
+            deadline = time.monotonic() + timeout
+            try:
+                if self.server is not None and self.server.returncode is not None:
+                    port = self.server_port
+                    await self._start_server(deadline, timeout)
+                    if self.server_port != port and self.sidecar is not None:
+                        await _terminate(self.sidecar)  # it forwards to the old port: start it again below
+                if self.sidecar is not None and self.sidecar.returncode is not None:
+                    await self._start_sidecar(catalogue, deadline, timeout)
+                else:
+                    await self._await_healthy(catalogue, deadline, timeout, _size(self.sidecar_log))
+            except (OSError, StartFailed) as exc:
+                # Whatever half came up goes too: the next round starts both, after a longer wait.
+                self.say(f"==> {self.plan.name}: restart failed: {exc}")
+                await self.stop()
+                continue
+            self.status = "ready"
+            up_since = time.monotonic()
+            restarted(self.plan.name)
+
+    def _report_stdio_restarts(self) -> None:
+        """A stdio server is restarted by its sidecar: count and say so from the sidecar's log."""
+        if self.plan.spec.transport != Transport.stdio or _size(self.sidecar_log) <= self._stdio_log_seen:
+            return
+        from toolmesh.sidecar.telemetry import iter_lines
+
+        with open(self.sidecar_log, "rb") as f:
+            f.seek(self._stdio_log_seen)
+            chunk = f.read()
+        complete = chunk.rfind(b"\n") + 1
+        self._stdio_log_seen += complete
+        for entry in iter_lines(chunk[:complete].decode(errors="replace")):
+            message = str(entry.get("message", ""))
+            if message.startswith("stdio upstream exited"):
+                self.say(f"==> {self.plan.name}: {message}; its sidecar restarts it")
+            elif message.startswith("restarting the stdio upstream"):
+                self.restarts += 1
 
     def fail(self, reason: str, log: Path | None = None) -> None:
         self.status = "failed"
@@ -254,17 +511,9 @@ class LocalServer:
 
     async def stop(self) -> None:
         """SIGTERM to each process group (the sidecar first: it says goodbye to the registry), then SIGKILL."""
-        for proc in reversed(self.processes):
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), STOP_GRACE)
-            except asyncio.TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                await proc.wait()
-        self.processes.clear()
+        for proc in (self.sidecar, self.server):
+            if proc is not None:
+                await _terminate(proc)
 
 
 # -- the whole mesh ------------------------------------------------------------------------------------
@@ -274,16 +523,19 @@ class LocalMesh:
     """The registry+gateway in this process and one LocalServer per MCPServer."""
 
     def __init__(self, paths: Sequence[Path], host: str, port: int, run_dir: Path, *,
-                 heartbeat_interval: float, start_timeout: float, out=sys.stdout) -> None:
+                 heartbeat_interval: float, start_timeout: float, otlp_relay: str | None = None,
+                 out=sys.stdout) -> None:
         self.paths = paths
         self.host, self.port = host, port
         self.run_dir = run_dir
         self.heartbeat_interval = heartbeat_interval
         self.start_timeout = start_timeout
+        self.otlp_relay = otlp_relay
         self.secret = secrets.token_urlsafe(24)
         """The heartbeat secret, new each run: only the sidecars started here report, and only its holder reads the
         catalogue (`/v1/servers`, `/v1/tools`)."""
         self.servers: dict[str, LocalServer] = {}
+        self._supervisors: dict[str, asyncio.Task[None]] = {}
         self.out = out
         self._app = None
         self._runner = None
@@ -305,7 +557,8 @@ class LocalMesh:
         from toolmesh.registry.app import CATALOGUE, RegistrySettings, create_app
         from toolmesh.registry.auth import shared_secret
 
-        settings = RegistrySettings(heartbeat_interval=self.heartbeat_interval, auth=shared_secret(self.secret))
+        settings = RegistrySettings(heartbeat_interval=self.heartbeat_interval, auth=shared_secret(self.secret),
+                                    otlp_relay=self.otlp_relay)
         # Written where the logs go, readable by this user only: how a person reads the catalogue (`curl -H`).
         fd = os.open(self.secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as out:
@@ -317,19 +570,23 @@ class LocalMesh:
         await self._runner.setup()
         await web.TCPSite(self._runner, self.host, self.port).start()
 
-    async def apply(self, plans: Mapping[str, ServerPlan]) -> list[str]:
-        """Make the running servers match `plans`; returns the names started or restarted."""
+    async def apply(self, plans: Mapping[str, ServerPlan], touched: frozenset[str] = frozenset()) -> list[str]:
+        """Make the running servers match `plans`; returns the names started or restarted.
+
+        A server that failed is started again when its manifest file is in `touched`, changed or not.
+        """
         from toolmesh.registry.manifests import traits_of
 
         changed = []
         for name in [n for n in self.servers if n not in plans]:
             self.say(f"==> {name}: removed from the manifests, stopping")
-            await self.servers.pop(name).stop()
+            await self._stop_server(name)
             self.catalogue.forget(name)
         starts = []
         for name, plan in plans.items():
             current = self.servers.get(name)
-            if current is not None and current.plan == plan:
+            if current is not None and current.plan == plan and not (
+                    current.status == "failed" and str(plan.manifest) in touched):
                 continue
             if current is not None and _same_processes(current.plan, plan) and current.status == "ready" \
                     and plan.policy_error is None:
@@ -339,25 +596,42 @@ class LocalMesh:
                 self.say(f"==> {name}: policy updated ({', '.join(plan.applied) or 'none'})")
                 continue
             if current is not None:
-                self.say(f"==> {name}: manifest changed, restarting")
-                await current.stop()
+                self.say(f"==> {name}: manifest {'changed' if current.plan != plan else 'touched'}, restarting")
+                await self._stop_server(name)
             self.catalogue.declare(name, traits_of(plan.spec))
-            server = LocalServer(plan, self.base, self.secret_file, self.run_dir)
+            server = LocalServer(plan, self.base, self.secret_file, self.run_dir, say=self.say)
             self.servers[name] = server
-            starts.append(server.start(self.catalogue, self.start_timeout))
+            starts.append(self._start(server))
             changed.append(name)
         await asyncio.gather(*starts)
         return changed
 
+    async def _start(self, server: LocalServer) -> None:
+        await server.start(self.catalogue, self.start_timeout)
+        if server.status == "ready":
+            self._supervisors[server.plan.name] = asyncio.ensure_future(
+                server.supervise(self.catalogue, self.start_timeout, lambda name: self.say(self.table([name]))))
+
+    async def _stop_server(self, name: str) -> None:
+        supervisor = self._supervisors.pop(name, None)
+        if supervisor is not None:
+            supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await supervisor
+        server = self.servers.pop(name, None)
+        if server is not None:
+            await server.stop()
+
     def table(self, names: Sequence[str] | None = None) -> str:
         view = self.catalogue.view()
-        rows = [("SERVER", "TRANSPORT", "STATUS", "TOOLS", "SIDECAR")]
+        rows = [("SERVER", "TRANSPORT", "STATUS", "TOOLS", "RESTARTS", "SIDECAR", "METRICS")]
         details = []
         for name in names or sorted(self.servers):
             server = self.servers[name]
             tools = [t["name"] for t in self.catalogue.server_tools(name)]
-            rows.append((name, server.plan.spec.transport.value, server.status, str(len(tools)),
-                         server.sidecar_url if server.sidecar_port and server.status != "failed" else "-"))
+            listening = server.sidecar_port and server.status != "failed"
+            rows.append((name, server.plan.spec.transport.value, server.status, str(len(tools)), str(server.restarts),
+                         server.sidecar_url if listening else "-", server.metrics_url if listening else "-"))
             if server.failure:
                 details.append(f"{name} failed: {server.failure}")
             elif tools:
@@ -380,6 +654,7 @@ class LocalMesh:
             now = _mtimes(self.paths)
             if now == seen:
                 continue
+            touched = frozenset(f for f, t in now.items() if seen.get(f) != t)
             seen = now
             try:
                 plans, warnings = load_plan(self.paths)
@@ -388,12 +663,12 @@ class LocalMesh:
                 continue
             for warning in warnings:
                 self.say(f"==> {warning}")
-            changed = await self.apply(plans)
+            changed = await self.apply(plans, touched)
             if changed:
                 self.say(self.table(changed))
 
     async def close(self) -> None:
-        await asyncio.gather(*(s.stop() for s in self.servers.values()))
+        await asyncio.gather(*(self._stop_server(name) for name in list(self.servers)))
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -417,7 +692,7 @@ def _mtimes(paths: Sequence[Path]) -> dict[str, float]:
 
 async def _main(args: argparse.Namespace, plans: Mapping[str, ServerPlan], host: str, port: int, run_dir: Path) -> int:
     mesh = LocalMesh(args.paths, host, port, run_dir, heartbeat_interval=args.heartbeat_interval,
-                     start_timeout=args.start_timeout)
+                     start_timeout=args.start_timeout, otlp_relay=args.otlp_relay)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -19,10 +19,15 @@ def test_the_demo_shows_tool_results_through_the_gateway_and_stops_cleanly():
     assert re.search(r"^everything\s+streamable-http\s+ready\s+13\s", out, re.M), out
     assert re.search(r"^time\s+stdio\s+ready\s+2\s", out, re.M), out
     assert '"timezone": "Europe/Paris"' in out and '"day_of_week"' in out
-    assert "The sum of 2 and 3 is 5." in out
+    assert out.count("The sum of 2 and 3 is 5.") == 2
+    # The clock is never cached (a cached time would be up to a minute old); the pure sum is, and the
+    # second call is a hit at the everything sidecar.
+    assert "time: no cache lookups" in out, out
+    assert re.search(r'toolmesh_cache_lookups_total\{tool="get-sum",result="miss"\} \d', out), out
+    assert 'toolmesh_cache_lookups_total{tool="get-sum",result="hit"} 1' in out, out
     assert "==> stopped" in out
     # Nothing keeps running: the gateway and every sidecar are gone.
-    sidecars = [int(p) for p in re.findall(r"http://127\.0\.0\.1:(\d+)/mcp\s*$", out, re.M)]
+    sidecars = [int(p) for p in re.findall(r"http://127\.0\.0\.1:(\d+)/metrics\s*$", out, re.M)]
     assert len(sidecars) == 2
     for p in [port, *sidecars]:
         assert not port_open(p), f"port {p} still open after the demo"

@@ -64,12 +64,13 @@ async def test_up_runs_every_manifest_behind_one_gateway_and_ctrl_c_stops_it_all
     with ctx as proc:
         wait_until(lambda: "==> running" in output(log) or proc.poll() is not None, timeout=60, what="the table")
         text = output(log)
-        assert re.search(r"^alpha\s+streamable-http\s+ready\s+1\s+http://127\.0\.0\.1:\d+/mcp$", text, re.M), text
+        assert re.search(r"^alpha\s+streamable-http\s+ready\s+1\s+0\s+http://127\.0\.0\.1:(\d+)/mcp\s+"
+                         r"http://127\.0\.0\.1:\1/metrics$", text, re.M), text
         assert f"gateway:  http://127.0.0.1:{port}/mcp" in text
         gateway = f"http://127.0.0.1:{port}/mcp"
         assert await call(gateway, "alpha__echo", mode, message="a") == ["alpha:a"]
         assert await call(gateway, "echo", mode, message="bare") == ["beta:bare"]
-        sidecars = [int(p) for p in re.findall(r"http://127\.0\.0\.1:(\d+)/mcp$", text, re.M)]
+        sidecars = [int(p) for p in re.findall(r"http://127\.0\.0\.1:(\d+)/metrics$", text, re.M)]
         assert len(sidecars) == 2 and all(port_open(p) for p in sidecars)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
@@ -93,7 +94,7 @@ async def test_a_server_that_fails_is_reported_with_its_stderr_while_the_rest_ru
     with ctx as proc:
         wait_until(lambda: "==> running" in output(log) or proc.poll() is not None, timeout=60, what="the table")
         text = output(log)
-        assert re.search(r"^broken\s+streamable-http\s+failed\s+0\s+-$", text, re.M), text
+        assert re.search(r"^broken\s+streamable-http\s+failed\s+0\s+0\s+-\s+-$", text, re.M), text
         assert "broken failed: exited with status 1 before listening" in text
         assert "boom: missing DATABASE_URL" in text
         assert "missing failed: command not found: no-such-mcp-server" in text
