@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # make demo: `toolmesh up examples/quickstart/` (mcp-server-time over stdio and the MCP reference
 # server over Streamable HTTP, each behind a sidecar with the team policy), real tool calls through
-# the one gateway URL, then a clean stop.
+# the one gateway URL (a cache hit shown from the sidecar's /metrics, the example workflow of
+# examples/workflows/), then a clean stop. TOOLMESH_DEMO_PORT moves the gateway off 7401.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN="$PWD/.venv/bin"
@@ -56,6 +57,9 @@ lines = urllib.request.urlopen(sys.argv[1], timeout=10).read().decode().splitlin
 found = [l for l in lines if l.startswith("toolmesh_cache_lookups_total{")]
 print(sys.argv[2] + ": " + ("; ".join(found) or "no cache lookups"))' "$metrics" "$server"
 done
+echo
+echo "==> toolmesh call $GATEWAY toolmesh__run_workflow --json \"\$(cat examples/workflows/quickstart.json)\""
+"$BIN/toolmesh" call "$GATEWAY" toolmesh__run_workflow --json "$(cat examples/workflows/quickstart.json)"
 echo
 echo "==> stopping toolmesh up"
 stop

@@ -640,7 +640,7 @@ class LocalMesh:
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
         lines += ["", *details, "",
                   f"gateway:  {self.base}/mcp   ({len(view.tools)} tools from {sum(1 for s in self.servers.values() if s.status == 'ready')} servers)",
-                  f"registry: {self.base}/v1/servers  {self.base}/v1/tools"
+                  f"registry: {self.base}/v1/servers  {self.base}/v1/tools  {self.base}/metrics"
                   f"   (-H \"Authorization: Bearer $(cat {self.secret_file})\")",
                   f"logs:     {self.run_dir}"]
         return "\n".join(lines)

@@ -25,6 +25,10 @@ def test_the_demo_shows_tool_results_through_the_gateway_and_stops_cleanly():
     assert "time: no cache lookups" in out, out
     assert re.search(r'toolmesh_cache_lookups_total\{tool="get-sum",result="miss"\} \d', out), out
     assert 'toolmesh_cache_lookups_total{tool="get-sum",result="hit"} 1' in out, out
+    # The example workflow (examples/workflows/quickstart.json): three tasks side by side, then the one that waits.
+    assert re.search(r"^workflow wf-\S+ succeeded$", out, re.M), out
+    for task, server in [("paris", "time"), ("tokyo", "time"), ("sum", "everything"), ("report", "everything")]:
+        assert f"- {task}: succeeded on {server}" in out
     assert "==> stopped" in out
     # Nothing keeps running: the gateway and every sidecar are gone.
     sidecars = [int(p) for p in re.findall(r"http://127\.0\.0\.1:(\d+)/metrics\s*$", out, re.M)]

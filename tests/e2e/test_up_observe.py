@@ -65,6 +65,12 @@ async def test_the_table_links_each_sidecars_metrics_which_serve_every_series_th
         async with aiohttp.ClientSession() as http, http.get(row[2]) as resp:
             assert resp.status == 200 and resp.content_type == "text/plain"
             served = set(re.findall(r"^# TYPE (\S+) ", await resp.text(), re.M))
+        # The registry's own series, with the credential the table names.
+        assert f"http://127.0.0.1:{port}/metrics" in text
+        secret = (tmp_path / "logs" / "registry.secret").read_text().strip()
+        async with aiohttp.ClientSession() as http, \
+                http.get(f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {secret}"}) as resp:
+            assert resp.status == 200 and "# TYPE toolmesh_gateway_" in await resp.text()
     wanted = dashboard_series()
     assert {"toolmesh_requests_total", "mcp_server_operation_duration_seconds", "toolmesh_auth_requests_total",
             "toolmesh_authz_decisions_total", "toolmesh_cache_lookups_total", "toolmesh_budget_tokens_total",
