@@ -42,6 +42,14 @@ class Caller:
     """The token's `exp` as a Unix time; caches keyed by caller expire with it."""
 
 
+@dataclass(slots=True)
+class CallRecord:
+    """What stages learn of one call for the observe stage's log line; the one mutable thing a context carries."""
+
+    caller: Caller | None = None
+    """Set by the authenticate stage once it verified the caller."""
+
+
 @dataclass(frozen=True, slots=True)
 class SseEvent:
     """One Server-Sent Event as the upstream sent it; relayed unchanged unless a stage rewrites `data`."""
@@ -118,6 +126,8 @@ class CallContext:
     """REQUEST, NOTIFICATION, RESPONSE, STREAM or SESSION_END (see above)."""
     start_stream: StartStream = _no_start_stream
     """Opens the client's SSE response with the upstream's headers before the first `emit`."""
+    record: CallRecord | None = None
+    """Set by the observe stage for calls it logs; stages further in note there what it cannot see itself."""
 
     @property
     def tool(self) -> str | None:

@@ -109,6 +109,8 @@ class AuthenticateStage:
 
     async def _in_session(self, ctx: CallContext, call_next: Handler) -> Outcome:
         """Run the call if its session (if any) is the caller's; bind the session an initialize opens."""
+        if ctx.record is not None:
+            ctx.record.caller = ctx.caller
         principal = principal_of(ctx.caller)
         session_id = ctx.session_id
         if ctx.kind == REQUEST and ctx.method == "initialize":

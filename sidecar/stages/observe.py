@@ -24,30 +24,13 @@ from typing import Any
 import orjson
 
 from toolmesh.api.sessions import session_ref
-from toolmesh.sidecar.chain import NOTIFICATION, REQUEST, CallContext, Handler, Outcome, derive
+from toolmesh.sidecar.chain import NOTIFICATION, REQUEST, CallContext, CallRecord, Handler, Outcome, derive
 from toolmesh.sidecar.errors import ProxyError
 from toolmesh.sidecar.state import SharedState
 
 log = logging.getLogger("toolmesh.sidecar.calls")
 
 _TRACE_KEYS = ("traceparent", "tracestate")
-_AUTHENTICATE = "AuthenticateStage"
-
-
-class _CallerSeen:
-    """Stands between the authenticate stage and the rest of the chain to learn who the caller is, for the call log."""
-
-    __slots__ = ("rest", "caller")
-
-    def __init__(self, rest: Handler):
-        self.rest = rest
-        self.caller: Any = None
-
-    def __call__(self, ctx: CallContext):
-        self.caller = ctx.caller
-        return self.rest(ctx)
-
-
 def build(policy: Any, shared: SharedState) -> Observe | None:
     """Observability is always on; it is the one stage that does not depend on the policy."""
     if shared.telemetry is None:
@@ -92,8 +75,6 @@ class Observe:
         self.telemetry = shared.telemetry
         self.listed = shared.tools
         self.transport = getattr(self.telemetry, "network_transport", "tcp")
-        self._split: tuple[Any, Any] = (None, None)
-        """(the chain after this stage, (authenticate stage, the chain after it) or None), for the chain in force."""
         self._propagator = None
         if self.telemetry.tracer is not None:
             from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -113,11 +94,11 @@ class Observe:
         started = time.perf_counter()
         seen = None
         try:
-            if ctx.method == "tools/call" and (split := self._after_authenticate(call_next)) is not None:
-                seen = _CallerSeen(split[1])
-                outcome = await split[0](ctx, seen)
-            else:
-                outcome = await call_next(ctx)
+            if ctx.method == "tools/call":
+                # The authenticate stage, further in, writes who the caller is here: the call log names them.
+                seen = CallRecord()
+                ctx = derive(ctx, record=seen)
+            outcome = await call_next(ctx)
         except ProxyError as exc:
             self._finish(ctx, started, "error", str(exc.code), None, seen)
             raise
@@ -130,19 +111,8 @@ class Observe:
         self._finish(ctx, started, label, error_type, None, seen)
         return outcome
 
-    def _after_authenticate(self, call_next: Handler) -> tuple[Any, Handler] | None:
-        """(authenticate stage, the chain after it) when the chain goes on with authentication, else None."""
-        cached, split = self._split
-        if cached is call_next:
-            return split
-        stage = getattr(call_next, "stage", None)
-        rest = getattr(call_next, "call_next", None)
-        split = (stage, rest) if type(stage).__name__ == _AUTHENTICATE and rest is not None else None
-        self._split = (call_next, split)
-        return split
-
     def _finish(self, ctx: CallContext, started: float, label: str, error_type: str | None, trace_id: str | None,
-                seen: _CallerSeen | None = None) -> None:
+                seen: CallRecord | None = None) -> None:
         seconds = time.perf_counter() - started
         tool = ctx.tool
         metric_tool = tool if tool is None or tool in self.listed else UNLISTED_TOOL
@@ -158,7 +128,7 @@ class Observe:
         if log.isEnabledFor(level):
             if trace_id is None:
                 trace_id = _incoming_trace_id(ctx)
-            caller = seen.caller if seen is not None else ctx.caller
+            caller = seen.caller if seen is not None and seen.caller is not None else ctx.caller
             log.log(level, "%s %s", ctx.method, tool or "", extra={
                 "event": "request", "method": ctx.method, "tool": tool,
                 "subject": caller.subject if caller is not None else None, "request_id": ctx.request_id,
@@ -202,12 +172,11 @@ class Observe:
             self._propagator.inject(outgoing, context=trace.set_span_in_context(span))
             ctx = derive(ctx, params={**params, "_meta": {**meta, **outgoing}}, params_changed=True)
             seen = None
+            if tool is not None:
+                seen = CallRecord()
+                ctx = derive(ctx, record=seen)
             try:
-                if tool is not None and (split := self._after_authenticate(call_next)) is not None:
-                    seen = _CallerSeen(split[1])
-                    outcome = await split[0](ctx, seen)
-                else:
-                    outcome = await call_next(ctx)
+                outcome = await call_next(ctx)
             except ProxyError as exc:
                 span.set_attribute("error.type", str(exc.code))
                 span.set_status(Status(StatusCode.ERROR, exc.message))
