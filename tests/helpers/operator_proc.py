@@ -57,6 +57,9 @@ def operator_running(cluster, log_path: Path, *, namespace: str = "toolmesh-syst
     if webhook:
         cluster.kubectl("delete", "mutatingwebhookconfiguration", WEBHOOK_CONFIGURATION, "--ignore-not-found",
                         check=False)
+        # A killed operator leaves its policy validator behind too; a later test's helm install would trip on it.
+        cluster.kubectl("delete", "validatingwebhookconfiguration", "toolmesh-policy-validator", "--ignore-not-found",
+                        check=False)
 
 
 def create_servers(cluster, namespace: str, bodies: list[dict], workers: int = 8) -> None:
