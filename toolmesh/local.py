@@ -380,7 +380,8 @@ class LocalServer:
             if plan.spec.transport == Transport.sse:
                 upstream += ["--upstream-transport", "sse"]
         # Traces go to the registry unless the user points them elsewhere: its RED figures come from them.
-        otlp = {} if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") else {"OTEL_EXPORTER_OTLP_ENDPOINT": self.registry}
+        user_collector = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        otlp = {} if user_collector else {"OTEL_EXPORTER_OTLP_ENDPOINT": self.registry}
         env = self._env({"TOOLMESH_REGISTRY_SECRET_FILE": str(self.secret_file), **otlp})
 
         async def spawn(port: int) -> asyncio.subprocess.Process:
