@@ -132,3 +132,37 @@ async def test_a_failed_server_starts_again_when_its_manifest_is_touched(tmp_pat
         wait_until(lambda: re.search(r"^alpha\s+streamable-http\s+ready\s+1\s", output(log), re.M),
                    timeout=60, what="alpha to start")
         assert await gateway_echo(f"http://127.0.0.1:{port}/mcp", "alpha__echo", "ok")
+
+
+async def test_a_stdio_server_restarted_by_its_sidecar_is_reported(tmp_path):
+    from mcp.client import Client
+
+    folder = tmp_path / "manifests"
+    folder.mkdir()
+    # mcp-server-time (PyPI) over stdio, writing its pid where the test finds it.
+    command = ["sh", "-c", "echo $$ > server.pid; exec mcp-server-time --local-timezone UTC"]
+    doc = manifest("clock", command)
+    doc["spec"]["transport"] = "stdio"
+    (folder / "clock.yaml").write_text(yaml.safe_dump(doc))
+    port = free_port()
+    gateway = f"http://127.0.0.1:{port}/mcp"
+    ctx, log = up(folder, tmp_path, port)
+    with ctx as proc:
+        wait_until(lambda: "==> running" in output(log) or proc.poll() is not None, timeout=60, what="the table")
+        assert re.search(r"^clock\s+stdio\s+ready\s+2\s+0\s", output(log), re.M), output(log)
+        first = int((folder / "server.pid").read_text())
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: "==> clock: stdio upstream exited (code -9); its sidecar restarts it" in output(log),
+                   timeout=30, what="the stdio server's exit to be reported")
+
+        async def converts() -> bool:
+            try:
+                async with Client(gateway, mode="legacy") as client:
+                    result = await client.call_tool("clock__convert_time", {
+                        "source_timezone": "UTC", "time": "12:00", "target_timezone": "Asia/Tokyo"})
+                    return not result.is_error and "21:00" in result.content[0].text
+            except Exception:  # noqa: BLE001 - not back yet
+                return False
+
+        await async_wait_until(converts, timeout=30, what="a call to the restarted stdio server")
+        assert int((folder / "server.pid").read_text()) != first
