@@ -12,6 +12,7 @@ sidecar's retry stage, the gateway's fail-over).
 from __future__ import annotations
 
 import asyncio
+import select
 import ssl
 import time
 from collections import deque
@@ -28,6 +29,21 @@ MAX_IDLE = 64
 MAX_IDLE_SECONDS = 4.0
 """An idle connection older than this is not reused: servers close theirs after a few seconds (uvicorn: 5),
 and a request sent just as the server closes would fail for nothing."""
+CHECK_IDLE_AFTER = 0.05
+"""An idle connection older than this is checked for the server's close before a request goes on it: under load
+connections come back within milliseconds and are reused without the system call."""
+
+
+def _closed_by_peer(conn: Connection) -> bool:
+    """True when an idle connection has something to read: the server's close (or bytes HTTP does not allow)."""
+    sock = conn.writer.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
 
 
 class WireError(Exception):
@@ -235,11 +251,22 @@ class WirePool:
         return Connection(reader, writer)
 
     def _take(self) -> Connection | None:
+        """An idle connection the server has not closed, or None.
+
+        A server closes an idle keep-alive connection when its own timer says so (uvicorn: 5 s, often less);
+        the event loop may not have read that close yet when the next request takes the connection, and a
+        request written into it would fail though the server never saw it. An idle connection older than
+        `CHECK_IDLE_AFTER` is therefore looked at first (readable while idle means the server closed it, or
+        broke HTTP). A request already written is never re-sent: the server may have acted on it.
+        """
         idle = self._idle
-        fresh_after = time.monotonic() - MAX_IDLE_SECONDS
+        now = time.monotonic()
+        fresh_after = now - MAX_IDLE_SECONDS
+        checked_after = now - CHECK_IDLE_AFTER
         while idle:
             conn = idle.pop()
-            if conn.idle_since >= fresh_after and conn.usable():
+            if conn.idle_since >= fresh_after and conn.usable() and (
+                    conn.idle_since >= checked_after or not _closed_by_peer(conn)):
                 return conn
             conn.close()
         return None

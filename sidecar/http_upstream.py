@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import select
-import time
 from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
@@ -13,7 +11,7 @@ import orjson
 
 from toolmesh.sidecar.chain import SseEvent
 from toolmesh.sidecar.errors import UpstreamTimeout, UpstreamUnavailable
-from toolmesh.api.http_wire import MAX_IDLE_SECONDS, Connection, WireError, WirePool, WireResponse
+from toolmesh.api.http_wire import WireError, WirePool, WireResponse
 from toolmesh.sidecar.jsonrpc import iter_sse
 from toolmesh.sidecar.upstream import UpstreamResponse
 
@@ -33,47 +31,6 @@ def relayed_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k not in _NOT_RELAYED}
 
 
-CHECK_IDLE_AFTER = 0.05
-"""An idle connection older than this is checked for the server's close before a request goes on it: under load
-connections come back within milliseconds and are reused without the system call."""
-
-
-class UpstreamPool(WirePool):
-    """`WirePool` that never sends a request on an idle connection the server has already closed.
-
-    A server closes an idle keep-alive connection when its own timer says so (uvicorn: 5 s, often less); the
-    sidecar's event loop may not have read that close yet when the next call takes the connection. The request
-    would then be written into a dead connection and fail, though the server never saw it. Looking at the socket
-    first (readable while idle means the server closed it, or broke HTTP) sends the request on a fresh
-    connection instead. A request already written is never re-sent: the server may have acted on it.
-    """
-
-    def _take(self) -> Connection | None:
-        idle = self._idle
-        now = time.monotonic()
-        fresh_after = now - MAX_IDLE_SECONDS
-        checked_after = now - CHECK_IDLE_AFTER
-        while idle:
-            conn = idle.pop()
-            if conn.idle_since >= fresh_after and conn.usable() and (
-                    conn.idle_since >= checked_after or not _closed_by_peer(conn)):
-                return conn
-            conn.close()
-        return None
-
-
-def _closed_by_peer(conn: Connection) -> bool:
-    """True when an idle connection has something to read: the server's close (or bytes HTTP does not allow)."""
-    sock = conn.writer.get_extra_info("socket")
-    if sock is None:
-        return False
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-    except (OSError, ValueError):
-        return True
-    return bool(readable)
-
-
 class HttpUpstream:
     """An MCP server reached over Streamable HTTP at `url`."""
 
@@ -88,7 +45,7 @@ class HttpUpstream:
         """Background reads of answered streams' last bytes, so their connections can be reused."""
 
     async def start(self) -> None:
-        self._wire = UpstreamPool(self.url, connect_timeout=self._connect_timeout)
+        self._wire = WirePool(self.url, connect_timeout=self._connect_timeout)
         # The readiness probe is rare and off the hot path: a general-purpose client is fine there. It opens a
         # fresh connection per probe: a pooled one would sit idle for exactly the probe interval, and a server
         # whose keep-alive timeout is as long (uvicorn's 5 s against the default 5 s interval) closes it just
