@@ -49,7 +49,7 @@ import aiohttp
 
 from toolmesh.api.sessions import session_ref
 from toolmesh.sidecar.chain import SseEvent
-from toolmesh.sidecar.errors import UPSTREAM_UNAVAILABLE, ProxyError, UpstreamTimeout, UpstreamUnavailable, error_message
+from toolmesh.sidecar.errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
 from toolmesh.sidecar.jsonrpc import iter_sse
 from toolmesh.sidecar.multiplex import (
     ClientSession,
@@ -66,6 +66,7 @@ from toolmesh.sidecar.multiplex import (
     serves_modern,
     session_id_required,
     session_not_found,
+    too_many_sessions,
     without_envelope,
 )
 from toolmesh.sidecar.upstream import UpstreamResponse
@@ -394,11 +395,7 @@ class LegacySseUpstream:
         if len(self._connections) + self._opening >= self.max_sessions:
             room = self._least_recently_used_idle()
             if room is None:
-                log.warning("refused a new session: all %d sessions are busy", self.max_sessions)
-                return json_response(503, error_message(
-                    message["id"], UPSTREAM_UNAVAILABLE,
-                    f"too many sessions: this bridge holds at most {self.max_sessions} (--max-sessions) and every one "
-                    "has a call in flight or a stream open; retry later", {"maxSessions": self.max_sessions}))
+                return too_many_sessions(message["id"], self.max_sessions)
             log.info("session limit %d reached: closed session %s, the least recently used idle one",
                      self.max_sessions, session_ref(room))
             await self._connections.pop(room).close()

@@ -64,6 +64,7 @@ from toolmesh.sidecar.errors import (
     INVALID_REQUEST,
     METHOD_NOT_FOUND,
     PARSE_ERROR,
+    UPSTREAM_UNAVAILABLE,
     ProxyError,
     UpstreamTimeout,
     dumps,
@@ -107,6 +108,15 @@ def session_not_found(message: Any) -> UpstreamResponse:
     """The 404 for a request naming a session the bridge does not know: the client starts a new one."""
     request_id = message.get("id") if isinstance(message, dict) else None
     return json_response(404, error_message(request_id, INVALID_REQUEST, "Session not found"))
+
+
+def too_many_sessions(request_id: Any, max_sessions: int) -> UpstreamResponse:
+    """The 503 for an initialize when a bridge holds `max_sessions` sessions and none is idle enough to end."""
+    log.warning("refused a new session: all %d sessions are busy", max_sessions)
+    return json_response(503, error_message(
+        request_id, UPSTREAM_UNAVAILABLE,
+        f"too many sessions: this bridge holds at most {max_sessions} (--max-sessions) and every one "
+        "has a call in flight or a stream open; retry later", {"maxSessions": max_sessions}))
 
 
 def session_id_required() -> UpstreamResponse:

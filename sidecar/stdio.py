@@ -68,7 +68,7 @@ from typing import Any
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION
 
 from toolmesh.api.sessions import session_ref
-from toolmesh.sidecar.errors import UPSTREAM_UNAVAILABLE, ProxyError, UpstreamTimeout, UpstreamUnavailable, error_message
+from toolmesh.sidecar.errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
 from toolmesh.sidecar.multiplex import (
     ACCEPTED,
     ClientSession,
@@ -85,6 +85,7 @@ from toolmesh.sidecar.multiplex import (
     serves_modern,
     session_id_required,
     session_not_found,
+    too_many_sessions,
     without_envelope,
 )
 from toolmesh.sidecar.upstream import UpstreamResponse
@@ -351,11 +352,7 @@ class StdioUpstream:
         if len(self._mux.sessions) >= self.max_sessions:
             room = self._mux.least_recently_used_idle()
             if room is None:
-                log.warning("refused a new session: all %d sessions are busy", self.max_sessions)
-                return json_response(503, error_message(
-                    message["id"], UPSTREAM_UNAVAILABLE,
-                    f"too many sessions: this bridge holds at most {self.max_sessions} (--max-sessions) and every one "
-                    "has a call in flight or a stream open; retry later", {"maxSessions": self.max_sessions}))
+                return too_many_sessions(message["id"], self.max_sessions)
             log.info("session limit %d reached: ended session %s, the least recently used idle one",
                      self.max_sessions, session_ref(room.id))
             await self._mux.end_session(room)
