@@ -3,16 +3,24 @@ operator serves it, and pointed at a local operator (with the chart's own Servic
 
 from __future__ import annotations
 
-import json
 import uuid
-from pathlib import Path
 
 import pytest
 import yaml
 
-from helpers import TOOLMESH, free_port, port_open, running, wait_until
+from helpers import free_port, running
 from helpers.chart import CHART
-from helpers.operator_proc import SIDECAR_IMAGE, WEBHOOK_CONFIGURATION, condition, get_json, install_crds
+from helpers.operator_proc import (
+    WEBHOOK_CONFIGURATION,
+    can_i,
+    condition,
+    get_json,
+    install_crds,
+    kubeconfig_for,
+    operator_cmd,
+    stop,
+    wait_listening,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -27,34 +35,12 @@ TWO_SAME_ISSUERS = {"issuers": [{"issuer": "https://idp.example", "audiences": [
 DUPLICATE = "spec.auth: issuers must have distinct `issuer` values"
 
 
-def kubeconfig_for(cluster, namespace: str, service_account: str, path: Path) -> dict[str, str]:
-    """Environment whose KUBECONFIG authenticates as `service_account` of `namespace`, not as admin."""
-    token = cluster.kubectl("create", "token", service_account, "-n", namespace, "--duration", "1h").stdout.strip()
-    config = {
-        "apiVersion": "v1", "kind": "Config", "current-context": "sa",
-        "clusters": [{"name": "test", "cluster": {"server": cluster.server, "certificate-authority": str(cluster.ca_cert)}}],
-        "users": [{"name": "sa", "user": {"token": token}}],
-        "contexts": [{"name": "sa", "context": {"cluster": "test", "user": "sa", "namespace": namespace}}],
-    }
-    path.write_text(json.dumps(config))
-    return dict(cluster.env, KUBECONFIG=str(path))
 
 
-def operator_cmd(operator_namespace: str, port: int) -> list[str]:
-    return [TOOLMESH, "operator", "--operator-namespace", operator_namespace, "--webhook-host", "127.0.0.1",
-            "--webhook-port", str(port), "--sidecar-image", SIDECAR_IMAGE, "--registry-url", ""]
 
 
-def wait_listening(proc, port: int, log: Path) -> None:
-    wait_until(lambda: proc.poll() is not None or port_open(port), timeout=60, what="the operator's webhook")
-    assert proc.poll() is None, f"the operator exited {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}"
 
 
-def stop(proc, log: Path) -> str:
-    """SIGTERM, as Ctrl-C would; returns the operator's log."""
-    proc.terminate()
-    proc.wait(timeout=30)
-    return log.read_text(errors="replace")
 
 
 def helm_install(cluster, release: str, *values: str) -> None:
@@ -80,8 +66,6 @@ def apply(cluster, namespace: str, manifest: str, check: bool = True):
     return cluster.kubectl("apply", "-n", namespace, "-f", "-", input=manifest, check=check)
 
 
-def can_i(cluster, who: str, *args: str) -> bool:
-    return cluster.kubectl("auth", "can-i", *args, f"--as={who}", check=False).stdout.strip() == "yes"
 
 
 def test_the_chart_installs_the_validating_webhook_with_its_values(cluster):

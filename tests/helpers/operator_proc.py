@@ -90,3 +90,40 @@ def condition(obj: dict | None, type_: str) -> dict | None:
         if cond.get("type") == type_:
             return cond
     return None
+
+
+# --- an operator run by hand beside a Helm install, as a platform team's engineer would ---------------------------
+
+def kubeconfig_for(cluster, namespace: str, service_account: str, path: Path) -> dict[str, str]:
+    """Environment whose KUBECONFIG authenticates as `service_account` of `namespace`, not as admin."""
+    token = cluster.kubectl("create", "token", service_account, "-n", namespace, "--duration", "1h").stdout.strip()
+    config = {
+        "apiVersion": "v1", "kind": "Config", "current-context": "sa",
+        "clusters": [{"name": "test", "cluster": {"server": cluster.server, "certificate-authority": str(cluster.ca_cert)}}],
+        "users": [{"name": "sa", "user": {"token": token}}],
+        "contexts": [{"name": "sa", "context": {"cluster": "test", "user": "sa", "namespace": namespace}}],
+    }
+    path.write_text(json.dumps(config))
+    return dict(cluster.env, KUBECONFIG=str(path))
+
+
+def operator_cmd(operator_namespace: str, port: int, *extra: str) -> list[str]:
+    """`toolmesh operator` serving its webhook on 127.0.0.1:`port` (a local operator)."""
+    return [TOOLMESH, "operator", "--operator-namespace", operator_namespace, "--webhook-host", "127.0.0.1",
+            "--webhook-port", str(port), "--sidecar-image", SIDECAR_IMAGE, "--registry-url", "", *extra]
+
+
+def wait_listening(proc, port: int, log: Path) -> None:
+    wait_until(lambda: proc.poll() is not None or port_open(port), timeout=60, what="the operator's webhook")
+    assert proc.poll() is None, f"the operator exited {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}"
+
+
+def stop(proc, log: Path) -> str:
+    """SIGTERM, as Ctrl-C or a pod deletion would; returns the operator's log."""
+    proc.terminate()
+    proc.wait(timeout=30)
+    return log.read_text(errors="replace")
+
+
+def can_i(cluster, who: str, *args: str) -> bool:
+    return cluster.kubectl("auth", "can-i", *args, f"--as={who}", check=False).stdout.strip() == "yes"
