@@ -10,6 +10,7 @@ import logging
 import os
 import shlex
 import signal
+import socket
 import sys
 from typing import Any
 
@@ -56,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how long the upstream may stay silent on a request before 504 (default 300)")
     parser.add_argument("--probe-interval", type=float, default=5.0, metavar="SECONDS",
                         help="seconds between readiness probes of the upstream (default 5)")
+    parser.add_argument("--port-file", metavar="FILE",
+                        help="once listening, write the port there (with --listen HOST:0 the kernel picks a free one)")
     parser.add_argument("--log-level", default=os.environ.get("TOOLMESH_LOG_LEVEL", "INFO"),
                         help="log level of the JSON logs on stderr (default INFO)")
 
@@ -121,7 +124,26 @@ def replay_is_safe(policy: Any) -> bool:
     return policy is None or not any(getattr(policy, section, None) for section in ("auth", "authorization", "budget"))
 
 
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The listening socket, bound now: with port 0 the kernel picks a free port, so nothing can take it first,
+    and heartbeats announce the port actually bound."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError:
+            sock.close()
+            raise
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
 def build_app(args: argparse.Namespace):
+    """(app, host, bound socket) for the parsed flags; ConfigError for bad ones."""
     from toolmesh.sidecar.app import READINESS, SHARED, create_app
 
     host, port = parse_listen(args.listen)
@@ -140,6 +162,8 @@ def build_app(args: argparse.Namespace):
         probe_interval=args.probe_interval, ready_window=max(3 * args.probe_interval, args.probe_interval + 5.0),
         transport=transport, registry=args.registry or None,
     )
+    sock = bind_listener(host, port)
+    port = sock.getsockname()[1]
     upstream = make_upstream(args)
     policy, source = load_policy(args.policy)
     app = create_app(settings, upstream, policy=policy)
@@ -160,7 +184,7 @@ def build_app(args: argparse.Namespace):
         hb_settings = heartbeat.HeartbeatSettings.from_env(args.registry, args.server_name, endpoint)
         readiness = app[READINESS]
         heartbeat.attach(app, hb_settings, app[SHARED], ready=lambda: readiness.ready)
-    return app, host, port
+    return app, host, sock
 
 
 def run(args: argparse.Namespace) -> int:
@@ -168,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_level)
     try:
-        app, host, port = build_app(args)
+        app, host, sock = build_app(args)
     except ConfigError as exc:
         # Components never import the CLI: report the bad configuration here, with the CLI's exit code.
         print(f"toolmesh sidecar: {exc}", file=sys.stderr)
@@ -178,10 +202,10 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:  # pragma: no cover - non-Linux development machines
         uvloop = None
     runner = uvloop.run if uvloop is not None else asyncio.run
-    return runner(_serve(app, host, port))
+    return runner(_serve(app, host, sock, args.port_file))
 
 
-async def _serve(app: Any, host: str, port: int) -> int:
+async def _serve(app: Any, host: str, sock: socket.socket, port_file: str | None = None) -> int:
     from aiohttp import web
 
     # handler_cancellation: a client that hangs up cancels its handler, which releases the upstream request.
@@ -189,13 +213,20 @@ async def _serve(app: Any, host: str, port: int) -> int:
     # few seconds, well inside a pod's termination grace period, then close.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+    port = sock.getsockname()[1]
+    site = web.SockSite(runner, sock, backlog=1024)
     try:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
         print(f"toolmesh sidecar: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
         return 2
+    if port_file:
+        # Written whole or not at all: whoever waits for the file never reads half a number.
+        partial = f"{port_file}.{os.getpid()}.tmp"
+        with open(partial, "w") as out:
+            out.write(f"{port}\n")
+        os.replace(partial, port_file)
     # Everything alive now (modules, the app) lives as long as the process: keep the cyclic
     # collector from re-scanning it on every full collection, which shows up as tail latency.
     gc.freeze()

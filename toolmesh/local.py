@@ -9,10 +9,13 @@ start is reported with the end of its log while the rest run; a process that
 exits later is restarted with backoff; a changed manifest is applied while
 running; Ctrl-C stops everything.
 
-Ports: a port is chosen by binding a socket to port 0 and kept bound (with
-SO_REUSEADDR, never listening) until the child listens on it, so the kernel
-hands it to no other `bind(0)` or outgoing connection meanwhile; a child that
-still finds it taken (or a foreign listener on it) is started again on another.
+Ports: a sidecar binds its own (`--listen 127.0.0.1:0 --port-file`; its last
+port again on a restart while that is free) and says which, so nothing can take
+it in between. A user's HTTP server reads `$PORT`: that port is chosen by
+binding a socket to port 0 and kept bound (with SO_REUSEADDR, never listening)
+until the child listens on it, so the kernel hands it to no other `bind(0)` or
+outgoing connection meanwhile; a server that still finds it taken (or a foreign
+listener on it) is started again on another.
 """
 
 from __future__ import annotations
@@ -361,6 +364,40 @@ class LocalServer:
             port = 0
         raise StartFailed(f"{what}: every port tried was taken ({PORT_ATTEMPTS} tries)")
 
+    async def _start_bound(self, spawn: Callable[[int], Awaitable[asyncio.subprocess.Process]], port_file: Path,
+                           deadline: float, timeout: float) -> tuple[asyncio.subprocess.Process, int]:
+        """The sidecar, which binds its port itself and writes it to `port_file`: its last port if still free
+        (a restart keeps its URL), else one the kernel picks, so no other process can take it in between."""
+        log = self.sidecar_log
+        for port in ([self.sidecar_port, 0] if self.sidecar_port else [0]):
+            port_file.unlink(missing_ok=True)
+            since = _size(log)
+            proc = await spawn(port)
+            try:
+                while True:
+                    with contextlib.suppress(OSError):
+                        text = port_file.read_text().strip()
+                        if text.isdigit() and proc.returncode is None:
+                            return proc, int(text)
+                    if proc.returncode is not None:
+                        with open(log, "rb") as f:
+                            f.seek(since)
+                            if port and _PORT_TAKEN.search(f.read()):
+                                self.say(f"==> {self.plan.name}: port {port} for the sidecar was taken; "
+                                         "it takes another")
+                                break
+                        raise StartFailed(f"sidecar exited with {_exit_status(proc.returncode)} before listening"
+                                          + (f"\n{_tail(log, since=since)}" if _tail(log, since=since) else ""))
+                    if time.monotonic() > deadline:
+                        await _terminate(proc)
+                        raise StartFailed(f"sidecar did not listen within {timeout:g}s"
+                                          + (f"\n{_tail(log, since=since)}" if _tail(log, since=since) else ""))
+                    await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                await _terminate(proc)  # stopped while starting: nothing is left running
+                raise
+        raise StartFailed("sidecar: no port to listen on")
+
     async def _start_server(self, deadline: float, timeout: float) -> None:
         """The HTTP server on `server_port` (or a fresh port)."""
         async def spawn(port: int) -> asyncio.subprocess.Process:
@@ -384,14 +421,16 @@ class LocalServer:
         otlp = {} if user_collector else {"OTEL_EXPORTER_OTLP_ENDPOINT": self.registry}
         env = self._env({"TOOLMESH_REGISTRY_SECRET_FILE": str(self.secret_file), **otlp})
 
+        port_file = self.sidecar_log.with_suffix(".port")
+
         async def spawn(port: int) -> asyncio.subprocess.Process:
-            cmd = [*_toolmesh_command(), "sidecar", "--listen", f"127.0.0.1:{port}", "--server-name", plan.name,
-                   "--registry", self.registry, "--policy", str(self.policy_file), *upstream]
+            cmd = [*_toolmesh_command(), "sidecar", "--listen", f"127.0.0.1:{port}", "--port-file", str(port_file),
+                   "--server-name", plan.name, "--registry", self.registry, "--policy", str(self.policy_file),
+                   *upstream]
             return await self._spawn(cmd, self.sidecar_log, env)
 
         since = _size(self.sidecar_log)
-        self.sidecar, self.sidecar_port = await self._start_listening(
-            "sidecar", self.sidecar_port, self.sidecar_log, spawn, deadline, timeout)
+        self.sidecar, self.sidecar_port = await self._start_bound(spawn, port_file, deadline, timeout)
         self._stdio_log_seen = _size(self.sidecar_log)
         await self._await_healthy(catalogue, deadline, timeout, since)
 

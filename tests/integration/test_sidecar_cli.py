@@ -54,3 +54,29 @@ def test_sidecar_refuses_bad_configuration_with_exit_2(args, reason):
     done = toolmesh_cli("sidecar", *args)
     assert done.returncode == 2
     assert reason in done.stderr
+
+
+async def test_a_sidecar_on_port_0_says_its_port_and_announces_it(tmp_path):
+    """`--listen HOST:0 --port-file F`: the kernel picks the port, so no other process can take it between a pick
+    and the bind; the file and the heartbeats name the port actually bound (`toolmesh up` relies on both)."""
+    from helpers import TOOLMESH, async_wait_until, running, wait_until
+    from helpers.registry_procs import get_json, registry_process
+    from helpers.sidecar import ready
+
+    port_file = tmp_path / "sidecar.port"
+    with sdk_http_server(log_path=tmp_path / "up.log") as url, registry_process(tmp_path, secret="s") as registry, \
+            running([TOOLMESH, "sidecar", "--upstream", url, "--listen", "127.0.0.1:0", "--port-file", str(port_file),
+                     "--server-name", "zero", "--registry", registry], env={"TOOLMESH_REGISTRY_SECRET": "s"},
+                    log_path=tmp_path / "sidecar.log") as proc:
+        wait_until(lambda: proc.poll() is not None or port_file.exists(), timeout=20, what="the port file")
+        assert proc.poll() is None, (tmp_path / "sidecar.log").read_text()
+        port = int(port_file.read_text())
+        assert port > 0
+        wait_until(lambda: ready(f"http://127.0.0.1:{port}"), timeout=20, what="the sidecar ready on its port")
+
+        async def announced() -> bool:
+            servers = (await get_json(f"{registry}/v1/servers"))["servers"]
+            return any(i.get("endpoint") == f"http://127.0.0.1:{port}/mcp"
+                       for s in servers for i in s.get("instances", []))
+
+        await async_wait_until(announced, timeout=20, what="the bound port in the heartbeats")
