@@ -18,6 +18,7 @@ from helpers import ROOT, TOOLMESH, async_wait_until, free_port, running, wait_u
 
 TOY = str(ROOT / "tests" / "helpers" / "toy_mcp_server.py")
 DASHBOARD = ROOT / "docs" / "grafana" / "toolmesh-sidecar.json"
+REGISTRY_DASHBOARD = ROOT / "docs" / "grafana" / "toolmesh-registry.json"
 
 EVERY_SECTION = {
     "auth": {"issuers": [{"issuer": "https://issuer.test", "audiences": ["toolmesh"],
@@ -43,8 +44,8 @@ def write_manifests(folder: Path, policy: dict | None = None) -> None:
     (folder / "alpha.yaml").write_text(yaml.safe_dump_all(docs))
 
 
-def dashboard_series() -> set[str]:
-    exprs = [t["expr"] for p in json.loads(DASHBOARD.read_text())["panels"] for t in p.get("targets", [])]
+def dashboard_series(dashboard: Path = DASHBOARD) -> set[str]:
+    exprs = [t["expr"] for p in json.loads(dashboard.read_text())["panels"] for t in p.get("targets", [])]
     assert exprs
     names = {n for e in exprs for n in re.findall(r"\b((?:toolmesh|mcp)_[a-z0-9_]+)\s*[{\[]", e)}
     return {re.sub(r"_(bucket|sum|count)$", "", n) if n.startswith("mcp_") else n for n in names}
@@ -71,6 +72,10 @@ async def test_the_table_links_each_sidecars_metrics_which_serve_every_series_th
         async with aiohttp.ClientSession() as http, \
                 http.get(f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {secret}"}) as resp:
             assert resp.status == 200 and "# TYPE toolmesh_gateway_" in await resp.text()
+            registry_served = set(re.findall(r"^# TYPE (\S+) ", await resp.text(), re.M))
+    registry_wanted = dashboard_series(REGISTRY_DASHBOARD)
+    assert {"toolmesh_gateway_calls_total", "toolmesh_registry_heartbeats_total"} <= registry_wanted
+    assert registry_wanted - registry_served == set(), sorted(registry_wanted - registry_served)
     wanted = dashboard_series()
     assert {"toolmesh_requests_total", "mcp_server_operation_duration_seconds", "toolmesh_auth_requests_total",
             "toolmesh_authz_decisions_total", "toolmesh_cache_lookups_total", "toolmesh_budget_tokens_total",

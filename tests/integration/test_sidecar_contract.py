@@ -188,6 +188,33 @@ async def test_a_rate_limit_counts_calls_not_initialize_or_listing(tmp_path):
         assert metric(sc.base, "toolmesh_rate_limited_total") == 1
 
 
+async def test_through_the_gateway_a_rate_limit_counts_calls_only(tmp_path):
+    """The gateway's own session set-up (initialize, tools/list at the sidecar) used to spend the bucket: with
+    burst 2 only one of two quick calls passed."""
+    from helpers import async_wait_until
+    from helpers.registry_procs import get_json, registry_process
+
+    policy = write_policy(tmp_path, {"rateLimit": {"requestsPerSecond": 0.01, "burst": 2}})
+    with sdk_http_server(log_path=tmp_path / "server.log") as upstream, \
+            registry_process(tmp_path, secret="s") as registry, \
+            sidecar(["--upstream", upstream], tmp_path, "--policy", policy, "--server-name", "limited",
+                    "--registry", registry, env={"TOOLMESH_REGISTRY_SECRET": "s"}) as sc:
+        async def listed() -> bool:
+            return any(t["name"] == "limited__echo" for t in (await get_json(f"{registry}/v1/tools"))["tools"])
+
+        await async_wait_until(listed, timeout=20, what="the sidecar's tools at the gateway")
+        async with sdk_client(f"{registry}/mcp") as session:
+            assert any(t.name == "limited__echo" for t in (await session.list_tools()).tools)
+            assert (await session.call_tool("limited__echo", {"text": "one"})).content[0].text == "one"
+            assert (await session.call_tool("limited__echo", {"text": "two"})).content[0].text == "two"
+            try:
+                refused = (await session.call_tool("limited__echo", {"text": "three"})).is_error
+            except MCPError as exc:
+                refused = "rate limit" in str(exc)
+            assert refused
+        assert metric(sc.base, "toolmesh_rate_limited_total") == 1
+
+
 # -- 3. typed results inside the budget; 4. stateless budgets -------------------------------------------------------
 
 
