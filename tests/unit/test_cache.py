@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import orjson
 import pytest
@@ -311,7 +312,9 @@ async def test_many_distinct_subjects_stay_within_the_bounds():
     budget_stage, cache_stage = budget.build(policy, shared), cache.build(policy, shared)
     upstream = Upstream()
     for i in range(20000):
-        ctx = call("lookup", {"q": i % 7}, subject=f"subject-{i}")
+        # Each caller in a session of its own: every one keeps a budget ledger (a call without a session or a
+        # budget key keeps none).
+        ctx = replace(call("lookup", {"q": i % 7}, subject=f"subject-{i}"), session_id=f"session-{i}")
         await budget_stage(ctx, lambda c: cache_stage(c, upstream))
     assert len(shared.stage_state["budget"].budgets) == 100
     assert shared.stage_state["cache"].stats()["entries"] == 100
