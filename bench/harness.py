@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import secrets
 import shutil
 import signal
 import socket
@@ -288,7 +289,9 @@ def sidecar(*extra: str) -> Callable[[str, int], list[str]]:
 def gateway_chain(upstream: str, port: int) -> list[str]:
     """The registry's gateway on `port`, routing to a sidecar that registered itself with heartbeats."""
     sidecar_port = free_port()
-    return ["bash", "-c", f"{TOOLMESH} registry --listen 127.0.0.1:{port} & exec {TOOLMESH} sidecar --upstream "
+    # The registry refuses heartbeats without a credential: both get a fresh shared secret.
+    return ["bash", "-c", f"export TOOLMESH_REGISTRY_SECRET={secrets.token_hex(16)}; "
+                          f"{TOOLMESH} registry --listen 127.0.0.1:{port} & exec {TOOLMESH} sidecar --upstream "
                           f"{upstream} --listen 127.0.0.1:{sidecar_port} --registry http://127.0.0.1:{port} "
                           f"--server-name bench"]
 

@@ -94,7 +94,7 @@ class Observe:
         started = time.perf_counter()
         seen = None
         try:
-            if ctx.method == "tools/call":
+            if ctx.method == "tools/call" and log.isEnabledFor(logging.INFO):
                 # The authenticate stage, further in, writes who the caller is here: the call log names them.
                 seen = CallRecord()
                 ctx = derive(ctx, record=seen)
@@ -172,7 +172,7 @@ class Observe:
             self._propagator.inject(outgoing, context=trace.set_span_in_context(span))
             ctx = derive(ctx, params={**params, "_meta": {**meta, **outgoing}}, params_changed=True)
             seen = None
-            if tool is not None:
+            if tool is not None and log.isEnabledFor(logging.INFO):
                 seen = CallRecord()
                 ctx = derive(ctx, record=seen)
             try:
