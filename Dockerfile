@@ -5,6 +5,9 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # --- build: the wheel, then a virtualenv holding it and its pinned dependencies ----------------------------------
 FROM ${PYTHON_IMAGE} AS build
+# /src holds the project's operator/ and toolmesh/ folders: Python must never import them from the working
+# directory in place of the standard library's `operator` or the installed toolmesh package.
+ENV PYTHONSAFEPATH=1
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
 COPY api/ api/

@@ -57,7 +57,10 @@ def image_env(wheelhouse: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     paths = {p: root / p.strip("/").replace("/", "_") for p in CONTAINER_PATHS}
     _, stages = parse()
     build, runtime = stages[0], stages[-1]
-    build_env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "VIRTUAL_ENV"))}
+    # Nothing of the test run's own Python settings (the Makefile's PYTHONSAFEPATH hid a build that imported the
+    # project's operator/ as the standard library's): the stage's ENV and a plain environment only.
+    build_env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "VIRTUAL_ENV", "PYTHON"))}
+    build_env.update(env_of(build))
     # `python` is a Python 3.11 like the base image's; pip reads only the local wheelhouse.
     build_env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", PIP_NO_INDEX="1",
                      PIP_FIND_LINKS=str(wheelhouse), PIP_DISABLE_PIP_VERSION_CHECK="1")
