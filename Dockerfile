@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # One image for every toolmesh component: `toolmesh operator`, `toolmesh sidecar`, `toolmesh registry`.
 # Build: docker build -t ghcr.io/toolmesh/toolmesh:0.1.0 .
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -32,9 +31,11 @@ LABEL org.opencontainers.image.title="toolmesh" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.source="https://github.com/toolmesh/toolmesh"
-# The base image's pip, setuptools and wheel are build tools: removed. A fixed numeric uid lets Kubernetes check runAsNonRoot.
+# The base image's pip, setuptools and wheel are build tools: removed. A fixed numeric uid lets Kubernetes check
+# runAsNonRoot; its group is 10001 too, named, so `USER 10001:10001` and `docker run --user 10001` agree.
 RUN python -m pip uninstall --yes pip setuptools wheel \
- && useradd --system --uid 10001 --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin toolmesh
+ && groupadd --system --gid 10001 toolmesh \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin toolmesh
 COPY --from=build /opt/toolmesh /opt/toolmesh
 # TIKTOKEN_CACHE_DIR names a folder of vocabularies, not a secret.
 # hadolint ignore=DL3064
