@@ -9,7 +9,7 @@ export PYTHONSAFEPATH := 1
 export TOOLMESH_CACHE ?= $(HOME)/.cache/toolmesh
 PYTEST_ARGS ?=
 
-.PHONY: help install demo test test-fast lint crds docs node-deps conformance-deps cluster-bins system-deps bench clean
+.PHONY: help install demo test test-pods test-fast lint crds docs node-deps conformance-deps cluster-bins system-deps bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/' | expand -t 20
@@ -32,8 +32,9 @@ system-deps:  ## Debian packages the tests and benchmarks use
 node-deps:  ## npm packages: reference MCP servers, Node 22 and the conformance suite
 	@bash scripts/node-deps.sh
 
-cluster-bins:  ## build (once, cached by go.mod hash) etcd, kube-*, kubectl, kwok, helm
+cluster-bins:  ## build (once, cached by go.mod hash) etcd, kube-*, kubectl, kwok, helm; kubelet, kube-proxy, CoreDNS, pause
 	@bash tests/cluster/build.sh
+	@bash tests/pods/build.sh
 
 lint: install  ## import-direction contracts
 	$(BIN)/python scripts/lint_imports.py
@@ -46,6 +47,9 @@ docs: install  ## regenerate docs/policy-reference.md from the policy models' do
 
 test: install system-deps node-deps cluster-bins lint  ## install everything the tests need, run the whole suite
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-pods: install system-deps node-deps cluster-bins  ## only the real-node tier: the image, the chart and real pods (root)
+	$(BIN)/pytest tests/pods $(PYTEST_ARGS)
 
 test-fast: install cluster-bins lint  ## unit tests only (the chart tests use the helm binary)
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
