@@ -45,5 +45,11 @@ for _ in $(seq 100); do
   curl --silent --fail "http://127.0.0.1:$PORT/healthz" >/dev/null && break
   sleep 0.1
 done
+# Healthy means one registry replica has the sidecar's heartbeat; the replica behind this forward may
+# learn it a moment later, so list until the tool is there (60 s at most) before calling it.
+for _ in $(seq 120); do
+  "$TOOLMESH" tools "http://127.0.0.1:$PORT/mcp" 2>/dev/null | grep -q time__get_current_time && break
+  sleep 0.5
+done
 "$TOOLMESH" tools "http://127.0.0.1:$PORT/mcp"
 "$TOOLMESH" call "http://127.0.0.1:$PORT/mcp" time__get_current_time timezone=UTC

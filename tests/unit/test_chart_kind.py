@@ -1,4 +1,5 @@
-"""tests/kind/run.sh, the laptop-cluster path: shellcheck-clean, and what it asks of the chart and examples exists."""
+"""tests/kind/run.sh, the laptop-cluster path, and tests/pods/'s scripts, the real-node tier CI runs: shellcheck-clean,
+and what run.sh asks of the chart and examples exists."""
 
 from __future__ import annotations
 
@@ -10,19 +11,29 @@ from helpers import ROOT
 from helpers.chart import find, objects, template
 
 SCRIPT = ROOT / "tests" / "kind" / "run.sh"
+SCRIPTS = [SCRIPT, *sorted((ROOT / "tests" / "pods").glob("*.sh"))]
 
 
 def test_shellcheck_finds_nothing():
     assert shutil.which("shellcheck"), "shellcheck is a system package: run `make system-deps`"
-    result = subprocess.run(["shellcheck", "--severity=style", str(SCRIPT)], capture_output=True, text=True, timeout=60)
+    assert len(SCRIPTS) >= 6, SCRIPTS
+    result = subprocess.run(["shellcheck", "--severity=style", *map(str, SCRIPTS)], capture_output=True, text=True,
+                            timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_script_is_executable_and_strict():
+def test_scripts_are_executable_and_strict():
+    for script in SCRIPTS:
+        text = script.read_text()
+        assert text.startswith("#!/usr/bin/env bash\n"), script
+        assert "set -euo pipefail" in text, script
+        assert script.stat().st_mode & 0o111, script
+
+
+def test_run_sh_waits_for_the_tool_before_calling_it():
     text = SCRIPT.read_text()
-    assert text.startswith("#!/usr/bin/env bash\n")
-    assert "set -euo pipefail" in text
-    assert SCRIPT.stat().st_mode & 0o111
+    listing = text.index("grep -q time__get_current_time")
+    assert listing < text.index('call "http://127.0.0.1:$PORT/mcp" time__get_current_time')
 
 
 def test_the_values_it_sets_render_and_the_service_it_forwards_exists():
