@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -58,6 +59,10 @@ class MCPServerSpec(SpecModel):
 
     image: str | None = None
     """Container image of the MCP server (Kubernetes). Local mode (`toolmesh up`) ignores it and runs `command`."""
+    imagePullPolicy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    """When the kubelet pulls `image`: Kubernetes' own default when unset (Always for `:latest` or no tag,
+    else IfNotPresent). Air-gapped clusters with images loaded onto their nodes set IfNotPresent or Never.
+    A server without `image` runs in the toolmesh image, pulled as the sidecar is (IfNotPresent)."""
     command: list[str] = Field(default_factory=list)
     """Command to start the server (container entrypoint override in Kubernetes; the process in local mode)."""
     args: list[str] = Field(default_factory=list)

@@ -188,6 +188,10 @@ def heartbeat_traits(spec: MCPServerSpec) -> tuple[tuple[str, str], ...]:
 def server_container(spec: MCPServerSpec, config: OperatorConfig) -> dict[str, Any]:
     """The MCP server itself, unchanged except that a stdio server's streams go to the FIFOs."""
     container: dict[str, Any] = {"name": SERVER_CONTAINER, "image": spec.image or config.sidecar_image}
+    if spec.image is None:
+        container["imagePullPolicy"] = "IfNotPresent"  # the toolmesh image, pulled as the sidecar is
+    elif spec.imagePullPolicy:
+        container["imagePullPolicy"] = spec.imagePullPolicy
     env = [{"name": e.name, "value": e.value} for e in spec.env]
     if spec.transport.value == "stdio":
         container["command"] = ["/bin/sh", "-c", STDIO_WRAPPER, "sh", *spec.command, *spec.args]
