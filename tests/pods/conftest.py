@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,13 +40,44 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def pods_state() -> Iterator[Path]:
-    """A short folder for the tier's state (unix socket paths are bounded), removed at the end."""
+    """A short folder for the tier's state (unix socket paths are bounded), removed at the end.
+
+    The host's network and kernel state is read before anything starts and again after everything stopped
+    (node and docker engine): any difference fails the session's teardown, naming what was left behind.
+    """
     require_root()
+    before = host_state()
     state = Path(tempfile.mkdtemp(prefix="tm-pods-"))
     try:
         yield state
     finally:
         shutil.rmtree(state, ignore_errors=True)
+    after = host_state()
+    left = {key: (before[key], after[key]) for key in before if before[key] != after[key]}
+    assert not left, f"the real-node tier left the host changed: {json.dumps(left, indent=1)[:4000]}"
+
+
+def host_state() -> dict[str, list[str]]:
+    """What the node and the engine touch on the host: rules, tables, links, routes, sysctls, mounts, folders."""
+    def lines(*cmd: str) -> list[str]:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout
+        return sorted(re.sub(r"\[\d+:\d+\]", "[]", line) for line in out.splitlines() if not line.startswith("#"))
+
+    sysctls = ("vm.overcommit_memory", "vm.panic_on_oom", "kernel.panic", "kernel.panic_on_oops",
+               "kernel.keys.root_maxkeys", "kernel.keys.root_maxbytes", "net.ipv4.ip_forward",
+               "net.bridge.bridge-nf-call-iptables")
+    return {
+        "iptables": lines("iptables-save"),
+        "ip6tables": lines("ip6tables-save"),
+        "nft tables": lines("nft", "list", "tables"),
+        "links": sorted(line.split(":")[1].strip().split("@")[0] for line in lines("ip", "-o", "link")),
+        "routes": lines("ip", "route"),
+        "netns": lines("ip", "netns", "list"),
+        "sysctls": lines("sysctl", *sysctls),
+        "mounts": sorted(line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()),
+        "folders": [d for d in ("/var/lib/kubelet", "/var/log/pods", "/var/log/containers", "/run/netns",
+                                "/sys/fs/cgroup/cpu/kubepods", "/sys/fs/cgroup/memory/kubepods") if Path(d).exists()],
+    }
 
 
 @pytest.fixture(scope="session")

@@ -169,7 +169,7 @@ def test_the_examples_become_ready_and_healthy_with_their_tools(release: Release
             release.node.wait_for(lambda: release.condition(server, kind) == "True", timeout=180,
                                   what=f"MCPServer {server} {kind}")
     record("examples_ready_and_healthy_seconds", time.monotonic() - started)
-    table = release.node.kubectl("get", "mcpservers", "-n", APPS).stdout
+    table = release.node.kubectl("get", "mcpservers", "-n", APPS, "-o", "wide").stdout
     print(table)
     rows = {line.split()[0]: line.split() for line in table.splitlines()[1:]}
     header = table.splitlines()[0].split()
