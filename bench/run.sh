@@ -7,6 +7,7 @@
 #   bench/run.sh --gateway                                 gateway tools/list over 100 servers x 20 tools
 #   bench/run.sh --soak 10 sidecar                         also hold the sidecar under load, sampling memory
 #   bench/run.sh --markdown                                the last results as the README's table
+#   bench/run.sh --pods                                    the real-node tier's timings (root; pods.json, pods.png)
 #
 # Targets are listed by `bench/run.sh --help`; `direct` is always measured too, as the reference.
 # Run it on a quiet machine: other work on the same cores shows up as latency.
@@ -39,6 +40,10 @@ if wants mcp-proxy && [ ! -f bench/.venv-mcp-proxy/.installed ]; then
   bench/.venv-mcp-proxy/bin/pip install -q --upgrade pip
   bench/.venv-mcp-proxy/bin/pip install -q mcp-proxy==0.13.0
   touch bench/.venv-mcp-proxy/.installed
+fi
+
+if [ "${1:-}" = "--pods" ]; then
+  exec bench/.venv/bin/python bench/pods_bench.py
 fi
 
 status=0
