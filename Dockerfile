@@ -4,16 +4,13 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # --- build: the wheel, then a virtualenv holding it and its pinned dependencies ----------------------------------
 FROM ${PYTHON_IMAGE} AS build
-# /src holds the project's operator/ and toolmesh/ folders: Python must never import them from the working
-# directory in place of the standard library's `operator` or the installed toolmesh package.
-ENV PYTHONSAFEPATH=1
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
 COPY api/ api/
 COPY operator/ operator/
 COPY sidecar/ sidecar/
 COPY registry/ registry/
-COPY toolmesh/ toolmesh/
+COPY cli/ cli/
 RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /dist .
 # mcp-server-time is the stdio server the quickstart runs from this image (an MCPServer with only a command).
 # tiktoken's vocabularies are written where the tokenizer looks, so the sidecar downloads nothing at start.

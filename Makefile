@@ -4,8 +4,6 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Never let the checkout's top-level `operator/` shadow the standard library.
-export PYTHONSAFEPATH := 1
 export TOOLMESH_CACHE ?= $(HOME)/.cache/toolmesh
 PYTEST_ARGS ?=
 
@@ -36,8 +34,8 @@ cluster-bins:  ## build (once, cached by go.mod hash) etcd, kube-*, kubectl, kwo
 	@bash tests/cluster/build.sh
 	@bash tests/pods/build.sh
 
-lint: install  ## import-direction contracts
-	$(BIN)/python scripts/lint_imports.py
+lint: install  ## import-direction contracts, read from the component roots
+	PYTHONPATH=api:operator:sidecar:registry:cli $(BIN)/lint-imports
 
 crds: install  ## regenerate crds/ from the api models
 	rm -f crds/*.yaml && $(BIN)/toolmesh crds --out crds && cp crds/*.yaml charts/toolmesh/crds/

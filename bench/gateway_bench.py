@@ -39,7 +39,7 @@ def free_port() -> int:
 
 
 def start(cmd: list[str], log: Path) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONSAFEPATH="1")
+    env = dict(os.environ)
     return subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 

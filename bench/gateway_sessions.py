@@ -50,7 +50,7 @@ def rss_kb(pid: int) -> int:
 
 
 def start_registry(port: int, extra: list[str], pythonpath: str | None) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONSAFEPATH="1", TOOLMESH_REGISTRY_SECRET=secrets.token_hex(16))
+    env = dict(os.environ, TOOLMESH_REGISTRY_SECRET=secrets.token_hex(16))
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
     cmd = [str(BIN / "python"), "-m", "toolmesh", "registry", "--listen", f"127.0.0.1:{port}", *extra]

@@ -100,7 +100,7 @@ class Managed:
     def __init__(self, cmd: list[str], log: Path, env: dict[str, str] | None = None) -> None:
         self.log = log
         self._out = open(log, "wb")
-        full_env = dict(os.environ, PYTHONSAFEPATH="1", PYTHONUNBUFFERED="1", **(env or {}))
+        full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.started = time.monotonic()
         self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=full_env, cwd=ROOT, start_new_session=True)

@@ -1,6 +1,6 @@
 """Operator benchmark on the test control plane: webhook admission latency and the time to reconcile 200 MCPServers.
 
-    PYTHONSAFEPATH=1 .venv/bin/python bench/operator_bench.py [--pods 500] [--servers 200]
+    .venv/bin/python bench/operator_bench.py [--pods 500] [--servers 200]
 
 Writes bench/results/operator.json. Admission latency is measured three ways: the webhook's own round trip
 (an AdmissionReview POSTed over one kept-alive TLS connection, as the apiserver does), pod creation through

@@ -13,7 +13,6 @@
 # Run it on a quiet machine: other work on the same cores shows up as latency.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONSAFEPATH=1
 
 command -v wrk >/dev/null || bash scripts/system-deps.sh
 ARGS=("$@")

@@ -9,7 +9,6 @@ BIN="$PWD/.venv/bin"
 PORT="${TOOLMESH_DEMO_PORT:-7401}"
 GATEWAY="http://127.0.0.1:${PORT}/mcp"
 LOG="$(mktemp -t toolmesh-demo.XXXXXX.log)"
-export PYTHONSAFEPATH=1
 
 echo "==> toolmesh up examples/quickstart/ --listen 127.0.0.1:${PORT}"
 "$BIN/toolmesh" up examples/quickstart/ --listen "127.0.0.1:${PORT}" >"$LOG" 2>&1 &

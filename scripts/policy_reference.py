@@ -1,7 +1,7 @@
 """Writes docs/policy-reference.md from the MCPToolPolicy models' docstrings, so the reference cannot drift from the code.
 
-    PYTHONSAFEPATH=1 .venv/bin/python scripts/policy_reference.py          # rewrite the file
-    PYTHONSAFEPATH=1 .venv/bin/python scripts/policy_reference.py --check  # exit 1 when it is stale
+    .venv/bin/python scripts/policy_reference.py          # rewrite the file
+    .venv/bin/python scripts/policy_reference.py --check  # exit 1 when it is stale
 """
 
 from __future__ import annotations

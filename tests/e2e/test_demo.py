@@ -11,7 +11,7 @@ from helpers import ROOT, free_port, port_open
 
 def test_the_demo_shows_tool_results_through_the_gateway_and_stops_cleanly():
     port = free_port()
-    env = dict(os.environ, TOOLMESH_DEMO_PORT=str(port), PYTHONSAFEPATH="1")
+    env = dict(os.environ, TOOLMESH_DEMO_PORT=str(port))
     done = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh")], env=env, capture_output=True, text=True,
                           timeout=240, stdin=subprocess.DEVNULL)
     out = done.stdout

@@ -176,3 +176,28 @@ def test_bad_manifests_are_bad_usage(tmp_path):
     bad.write_text(yaml.safe_dump({"kind": "MCPServer", "metadata": {"name": "x"}, "spec": {"command": ["x"], "port": 0}}))
     done = subprocess.run([TOOLMESH, "up", str(bad)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "MCPServer x" in done.stderr and "port" in done.stderr
+
+
+async def test_a_users_server_imports_the_module_beside_it(tmp_path):
+    """`python server.py` puts server.py's folder on sys.path: toolmesh up must not take that away (PYTHONSAFEPATH)."""
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "helper.py").write_text("GREETING = 'from the module beside the script'\n")
+    (app / "server.py").write_text(
+        "import runpy, sys\n"
+        "import helper  # beside this file\n"
+        f"sys.argv = [{TOY!r}, *sys.argv[1:]]\n"
+        f"runpy.run_path({TOY!r}, run_name='__main__')\n")
+    folder = tmp_path / "manifests"
+    folder.mkdir()
+    manifest = server_manifest("mine")
+    manifest["spec"]["command"] = [sys.executable, str(app / "server.py")]
+    write(folder, "mine", manifest)
+    port = free_port()
+    ctx, log = up(folder, tmp_path, port)
+    with ctx as proc:
+        wait_until(lambda: "==> running" in output(log) or proc.poll() is not None, timeout=60, what="the table")
+        assert re.search(r"^mine\s+streamable-http\s+ready\s", output(log), re.M), output(log)
+        assert await call(f"http://127.0.0.1:{port}/mcp", "mine__echo", message="hi") == ["mine:hi"]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0

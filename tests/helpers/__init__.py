@@ -21,7 +21,7 @@ TOOLMESH = str(VENV_BIN / "toolmesh")
 def toolmesh_cli(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`toolmesh ARGS...` as a user types it, with a bare environment (plus `env`); its exit code and output."""
     return subprocess.run([TOOLMESH, *args], capture_output=True, text=True, timeout=timeout,
-                          env={"PYTHONSAFEPATH": "1", "PATH": "/usr/bin:/bin", **(env or {})})
+                          env={"PATH": "/usr/bin:/bin", **(env or {})})
 
 
 def free_port() -> int:
@@ -76,7 +76,7 @@ def running(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: str |
 
     Output goes to `log_path` (or is discarded); on failure the test can read it.
     """
-    full_env = dict(os.environ, PYTHONSAFEPATH="1", PYTHONUNBUFFERED="1")
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1")
     full_env.update(env or {})
     out = open(log_path, "wb") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen(list(cmd), env=full_env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,

@@ -57,8 +57,7 @@ def image_env(wheelhouse: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     paths = {p: root / p.strip("/").replace("/", "_") for p in CONTAINER_PATHS}
     _, stages = parse()
     build, runtime = stages[0], stages[-1]
-    # Nothing of the test run's own Python settings (the Makefile's PYTHONSAFEPATH hid a build that imported the
-    # project's operator/ as the standard library's): the stage's ENV and a plain environment only.
+    # Nothing of the test run's own Python settings: the stage's ENV and a plain environment only.
     build_env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "VIRTUAL_ENV", "PYTHON"))}
     build_env.update(env_of(build))
     # `python` is a Python 3.11 like the base image's; pip reads only the local wheelhouse.
@@ -78,8 +77,6 @@ def image_env(wheelhouse: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
         for container_path in sorted(paths, key=len, reverse=True):
             value = value.replace(container_path, str(paths[container_path]))
         env[key] = value.replace("$PATH", os.environ["PATH"])
-    # Outside the image's /tmp working directory the checkout's operator/ must not shadow the standard library.
-    env["PYTHONSAFEPATH"] = "1"
     yield env
     for folder, dirs, _ in os.walk(venv):
         for name in [".", *dirs]:

@@ -12,8 +12,8 @@ SCRIPT = ROOT / "scripts" / "policy_reference.py"
 
 def test_reference_is_up_to_date():
     result = subprocess.run([sys.executable, str(SCRIPT), "--check"], capture_output=True, text=True, timeout=60,
-                            env={"PYTHONSAFEPATH": "1", "PATH": "/usr/bin:/bin"})
-    assert result.returncode == 0, (result.stderr or result.stdout) + "\nrun: PYTHONSAFEPATH=1 .venv/bin/python scripts/policy_reference.py"
+                            env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, (result.stderr or result.stdout) + "\nrun: .venv/bin/python scripts/policy_reference.py"
 
 
 def test_every_policy_field_has_a_description_and_a_section():

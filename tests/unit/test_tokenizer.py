@@ -28,7 +28,7 @@ URL = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"
 
 
 def _probe(tmp_path, cache):
-    env = {"PYTHONSAFEPATH": "1", "TIKTOKEN_CACHE_DIR": str(cache), "PATH": "/usr/bin:/bin"}
+    env = {"TIKTOKEN_CACHE_DIR": str(cache), "PATH": "/usr/bin:/bin"}
     proc = subprocess.run([sys.executable, "-c", _OFFLINE_PROBE], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
@@ -97,7 +97,7 @@ print(json.dumps({"loaded_on_return": loaded_on_return, "mb": rss() - before}))
 
 
 def _load_in_probe(tmp_path, when):
-    env = {"PYTHONSAFEPATH": "1", "TIKTOKEN_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    env = {"TIKTOKEN_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
     proc = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, when], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)

@@ -288,7 +288,7 @@ class LocalServer:
         tmp.replace(self.policy_file)  # atomic: the sidecar never reads half a file
 
     def _env(self, extra: Mapping[str, str] = {}) -> dict[str, str]:
-        env = dict(os.environ, PYTHONSAFEPATH="1", PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("TOOLMESH_REGISTRY_SECRET", None)  # another registry's secret is not for our servers
         bin_dir = str(Path(sys.executable).parent)
         env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
 
-import toolmesh
-from toolmesh import __version__
 from toolmesh.api.errors import UsageError as _UsageError
 
 # name -> (module, one-line help). The CLI contract is in ARCHITECTURE.md.
@@ -28,12 +27,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+DESCRIPTION = "toolmesh: make any MCP server production-ready on Kubernetes without changing it."
+__version__ = importlib.metadata.version("toolmesh")
+
 # Components raise it from toolmesh.api (they never import the CLI); re-exported here.
 UsageError = _UsageError
 
 
 def build_parser(command: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="toolmesh", description=toolmesh.__doc__)
+    parser = argparse.ArgumentParser(prog="toolmesh", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"toolmesh {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
