@@ -15,7 +15,7 @@ import sys
 
 from toolmesh.api.errors import UsageError as _UsageError
 
-# name -> (module, one-line help). The CLI contract is in ARCHITECTURE.md.
+# name -> (module, one-line help). The contract users rely on is in the README, "Command line".
 COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("toolmesh.local", "run MCPServer/MCPToolPolicy manifests locally, print the gateway URL"),
     "sidecar": ("toolmesh.sidecar.command", "run the policy-enforcing MCP proxy in front of one server"),

@@ -1,4 +1,4 @@
-"""Errors every component may raise to the command line: bad usage or bad configuration (exit code 2)."""
+"""The one error every component raises for bad usage or bad configuration; the command line exits 2 with it."""
 
 
 class UsageError(Exception):

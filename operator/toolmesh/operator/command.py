@@ -28,10 +28,6 @@ LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a
 LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
 
 
-class ConfigError(UsageError):
-    """The operator cannot start as configured (no cluster reachable, webhook setup refused): exit code 2."""
-
-
 def namespace_selector(text: str) -> dict[str, str]:
     """`key=value[,key=value...]`: the labels a namespace must carry for the operator to serve it."""
     selector: dict[str, str] = {}
@@ -95,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         kube = Kube(load_api_client(pool_size=16))  # reconciles run side by side in kopf's threads
     except Exception as exc:  # noqa: BLE001 - no kubeconfig and not in a cluster: a configuration problem
-        raise ConfigError(f"cannot reach Kubernetes: {exc}") from None
+        raise UsageError(f"cannot reach Kubernetes: {exc}") from None
 
     settings = kopf.OperatorSettings()
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="toolmesh.io")
@@ -107,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     settings.admission.managed = None  # the operator writes its own webhook configurations
 
     if args.namespace and args.namespace_selector:
-        raise ConfigError("--namespace and --namespace-selector exclude each other")
+        raise UsageError("--namespace and --namespace-selector exclude each other")
     skipped = skipped_namespaces(args.operator_namespace)
     memo = kopf.Memo(reconciler=Reconciler(kube=kube, config=config), config=config, skipped_namespaces=skipped)
     workdir = Path(tempfile.mkdtemp(prefix="toolmesh-webhook-"))
@@ -117,12 +113,12 @@ def run(args: argparse.Namespace) -> int:
             if args.webhook_cert_dir:
                 certfile, keyfile = args.webhook_cert_dir / "tls.crt", args.webhook_cert_dir / "tls.key"
                 if not (certfile.is_file() and keyfile.is_file()):
-                    raise ConfigError(f"--webhook-cert-dir {args.webhook_cert_dir} lacks tls.crt or tls.key")
+                    raise UsageError(f"--webhook-cert-dir {args.webhook_cert_dir} lacks tls.crt or tls.key")
             else:
                 try:
                     setup = setup_webhook(kube, args, workdir)
                 except KubeError as exc:
-                    raise ConfigError(f"cannot set up the admission webhook: {exc}") from None
+                    raise UsageError(f"cannot set up the admission webhook: {exc}") from None
                 certfile, keyfile = setup.certfile, setup.keyfile
             handlers.enable_webhook()
             settings.admission.server = kopf.WebhookServer(
@@ -335,7 +331,7 @@ def setup_webhook(kube, args: argparse.Namespace, workdir: Path) -> WebhookSetup
             body, content_type, query = client_config_patch(existing, endpoint, cert.ca, configuration), \
                 "application/json-patch+json", []
             if not body:
-                raise ConfigError(f"the {configuration.kind} {configuration.name} has none of toolmesh's webhooks")
+                raise UsageError(f"the {configuration.kind} {configuration.name} has none of toolmesh's webhooks")
             replaced = {op["value"] for op in body if op["op"] == "test"}
             setup.saved_client_configs[configuration.kind] = {
                 h["name"]: h["clientConfig"] for h in existing["webhooks"] if h["name"] in replaced}

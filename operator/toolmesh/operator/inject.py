@@ -97,7 +97,7 @@ class SidecarOptions:
 
 
 def sidecar_args(options: SidecarOptions) -> list[str]:
-    """The `toolmesh sidecar` arguments: the CLI contract of DESIGN.md, listening on every pod address."""
+    """The `toolmesh sidecar` arguments (README, Command line), listening on every pod address."""
     args = ["sidecar", "--listen", f"0.0.0.0:{SIDECAR_PORT}", "--server-name", options.server_name]
     if options.transport == "stdio":
         args += ["--upstream-fifo-dir", STDIO_DIR]

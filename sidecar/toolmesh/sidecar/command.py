@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import importlib
 import logging
 import os
 import shlex
@@ -14,13 +13,10 @@ import socket
 import sys
 from typing import Any
 
+from toolmesh.api.errors import UsageError
 from toolmesh.sidecar.settings import DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_BYTES, SidecarSettings
 
 log = logging.getLogger("toolmesh.sidecar")
-
-
-class ConfigError(Exception):
-    """Bad flags or configuration: the sidecar does not start (exit code 2)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,40 +62,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def parse_listen(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit():
-        raise ConfigError(f"--listen must be HOST:PORT, got {value!r}")
+        raise UsageError(f"--listen must be HOST:PORT, got {value!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
-
-
-def _optional_module(name: str, what: str) -> Any:
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name == name:
-            raise ConfigError(f"{what} is not available in this build ({name} is missing)") from None
-        raise
 
 
 def make_upstream(args: argparse.Namespace) -> Any:
     """The `Upstream` the flags ask for."""
     if args.max_sessions <= 0:
-        raise ConfigError("--max-sessions must be positive")
+        raise UsageError("--max-sessions must be positive")
     bridged = {"timeout": args.upstream_timeout, "resume_grace": args.sse_resume_grace,
                "max_sessions": args.max_sessions}
     if args.upstream_command:
         command = shlex.split(args.upstream_command)
         if not command:
-            raise ConfigError("--upstream-command is empty")
-        stdio = _optional_module("toolmesh.sidecar.stdio", "the stdio bridge")
-        return stdio.StdioUpstream(command, **bridged)
+            raise UsageError("--upstream-command is empty")
+        from toolmesh.sidecar.stdio import StdioUpstream  # each transport is imported only when asked for
+
+        return StdioUpstream(command, **bridged)
     if args.upstream_fifo_dir:
-        stdio = _optional_module("toolmesh.sidecar.stdio", "the stdio bridge")
-        return stdio.StdioUpstream.attach(args.upstream_fifo_dir, **bridged)
+        from toolmesh.sidecar.stdio import StdioUpstream
+
+        return StdioUpstream.attach(args.upstream_fifo_dir, **bridged)
     url = args.upstream
     if not url.startswith(("http://", "https://")):
-        raise ConfigError(f"--upstream must be an http(s) URL, got {url!r}")
+        raise UsageError(f"--upstream must be an http(s) URL, got {url!r}")
     if args.upstream_transport == "sse":
-        legacy = _optional_module("toolmesh.sidecar.legacy_sse", "the legacy HTTP+SSE upstream")
-        return legacy.LegacySseUpstream(url, **bridged)
+        from toolmesh.sidecar.legacy_sse import LegacySseUpstream
+
+        return LegacySseUpstream(url, **bridged)
     from toolmesh.sidecar.http_upstream import HttpUpstream
 
     return HttpUpstream(url, timeout=args.upstream_timeout)
@@ -109,13 +99,14 @@ def load_policy(path: str | None) -> tuple[Any, Any]:
     """(initial policy, policy source module) for `--policy`; (None, None) without it."""
     if not path:
         return None, None
-    source = _optional_module("toolmesh.sidecar.policy_source", "policy files")
+    from toolmesh.sidecar import policy_source as source
+
     try:
         return source.load_policy(path), source
-    except ConfigError:
+    except UsageError:
         raise
     except Exception as exc:  # noqa: BLE001 - any reason the file is unusable is a config error at start-up
-        raise ConfigError(f"cannot load policy {path}: {exc}") from None
+        raise UsageError(f"cannot load policy {path}: {exc}") from None
 
 
 def replay_is_safe(policy: Any) -> bool:
@@ -138,21 +129,21 @@ def bind_listener(host: str, port: int) -> socket.socket:
             sock.close()
             raise
     except OSError as exc:
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     return sock
 
 
 def build_app(args: argparse.Namespace):
-    """(app, host, bound socket) for the parsed flags; ConfigError for bad ones."""
+    """(app, host, bound socket) for the parsed flags; UsageError for bad ones."""
     from toolmesh.sidecar.app import READINESS, SHARED, create_app
 
     host, port = parse_listen(args.listen)
     if args.max_body_bytes <= 0:
-        raise ConfigError("--max-body-bytes must be positive")
+        raise UsageError("--max-body-bytes must be positive")
     if args.max_batch <= 0:
-        raise ConfigError("--max-batch must be positive")
+        raise UsageError("--max-batch must be positive")
     if args.upstream_timeout <= 0 or args.probe_interval <= 0 or args.body_timeout <= 0:
-        raise ConfigError("--upstream-timeout, --probe-interval and --body-timeout must be positive")
+        raise UsageError("--upstream-timeout, --probe-interval and --body-timeout must be positive")
     transport = "stdio" if (args.upstream_command or args.upstream_fifo_dir) else args.upstream_transport
     settings = SidecarSettings(
         server_name=args.server_name, max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout,
@@ -176,10 +167,11 @@ def build_app(args: argparse.Namespace):
 
         follow(policy)
         app[PIPELINE].on_swap(follow)
-    if source is not None and hasattr(source, "attach"):
+    if source is not None:
         source.attach(app, args.policy, app[PIPELINE])
     if args.registry:
-        heartbeat = _optional_module("toolmesh.sidecar.heartbeat", "heartbeats")
+        from toolmesh.sidecar import heartbeat
+
         endpoint = f"http://{host}:{port}/mcp"
         hb_settings = heartbeat.HeartbeatSettings.from_env(args.registry, args.server_name, endpoint)
         readiness = app[READINESS]
@@ -193,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     try:
         app, host, sock = build_app(args)
-    except ConfigError as exc:
+    except UsageError as exc:
         # Components never import the CLI: report the bad configuration here, with the CLI's exit code.
         print(f"toolmesh sidecar: {exc}", file=sys.stderr)
         return 2

@@ -6,8 +6,6 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
 from toolmesh.api.jsonrpc import (  # noqa: F401 - the codes are part of this module's interface
     BUDGET_EXHAUSTED,
     CIRCUIT_OPEN,

@@ -59,7 +59,6 @@ from toolmesh.sidecar.multiplex import (
     header,
     is_modern_request,
     as_modern_answer,
-    json_response,
     modern_rejection,
     parse_body,
     serve_modern,

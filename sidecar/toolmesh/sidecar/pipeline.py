@@ -199,24 +199,18 @@ class UpstreamCall:
             await resp.release()
 
 
-# Without a policy the sidecar is a pass-through with observability only (DESIGN.md); the policy
+# Without a policy the sidecar is a pass-through with observability only (README); the policy
 # stages are not even imported then, which keeps an unconfigured sidecar small and quick to start.
 UNCONDITIONAL_STAGES = frozenset({"observe"})
 
 
 def build_stages(policy: Any, shared: SharedState) -> list[Stage]:
-    """The stages this policy asks for, in chain order; a stage module not written yet is left out."""
+    """The stages this policy asks for, in chain order (each stage module is imported when first needed)."""
     stages: list[Stage] = []
     for name in STAGE_ORDER:
         if policy is None and name not in UNCONDITIONAL_STAGES:
             continue
-        module_name = f"toolmesh.sidecar.stages.{name}"
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                continue
-            raise
+        module = importlib.import_module(f"toolmesh.sidecar.stages.{name}")
         stage = module.build(policy, shared)
         if stage is not None:
             stages.append(stage)

@@ -316,11 +316,6 @@ class StdioUpstream:
         link = self._link
         return link.process.pid if link is not None and link.process is not None else None
 
-    @property
-    def initialize_result(self) -> Mapping[str, Any]:
-        """The child's InitializeResult (capabilities, serverInfo, instructions)."""
-        return self._init_result
-
     async def _modern_child(self) -> StdioUpstream | None:
         """A second child of the same command for 2026-07-28 requests (a stdio server serves one era per process)."""
         async with self._modern_lock:

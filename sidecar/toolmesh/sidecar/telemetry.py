@@ -261,7 +261,7 @@ class Telemetry:
         env = os.environ if environ is None else environ
         endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
         if span_exporter is None and not endpoint and default_traces_endpoint:
-            # No collector configured: spans go to the registry's OTLP receiver (DESIGN.md, pattern 8).
+            # No collector configured: spans go to the registry's OTLP receiver (ARCHITECTURE.md, Traces).
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
             span_exporter = OTLPSpanExporter(endpoint=default_traces_endpoint)
