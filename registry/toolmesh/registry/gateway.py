@@ -122,6 +122,24 @@ LocalTool = Callable[[Mapping[str, Any], Caller, Notify], Awaitable[dict[str, An
 """A tool the registry itself serves (e.g. `toolmesh__run_workflow`): (tools/call params, caller, notify) → CallToolResult."""
 
 
+@dataclass(frozen=True, slots=True)
+class MethodCall:
+    """One JSON-RPC request to a gateway method, with what dispatch already established about it."""
+
+    request: web.Request
+    session: GatewaySession | None
+    """The caller's session (session era); None for a 2026-07-28 request, which carries everything itself."""
+    request_id: Any
+    params: Mapping[str, Any]
+    caller: Caller
+    method: str
+
+    @property
+    def modern(self) -> bool:
+        """A stateless-era (2026-07-28) request: no session."""
+        return self.session is None
+
+
 class ToolCallFailed(Exception):
     """A routed call could not be completed; carries the JSON-RPC error for the caller."""
 
@@ -241,6 +259,19 @@ class Gateway:
         self._list_changed = dumps({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
         self._closing: set[asyncio.Task] = set()
         """Sidecar sessions of evicted gateway sessions being closed in the background."""
+        self.methods: dict[str, Callable[[MethodCall], Awaitable[web.StreamResponse]]] = {
+            "ping": self._m_ping,
+            "server/discover": self._m_discover,
+            "tools/list": self._m_tools_list,
+            "tools/call": self._m_tools_call,
+            "subscriptions/listen": self._m_listen,
+            "logging/setLevel": self._m_set_level,
+            "prompts/get": self._m_prompts_get,
+            "completion/complete": self._m_complete,
+            **dict.fromkeys(LISTED, self._m_composed_list),
+            **dict.fromkeys(("resources/read", "resources/subscribe", "resources/unsubscribe"), self._m_resource),
+        }
+        """The methods a caller may send once its session (if any) is known: initialize is dispatched before."""
         catalogue.on_change(self._announce_change)
 
     def close(self) -> None:
@@ -379,30 +410,46 @@ class Gateway:
                         request.headers.get("Mcp-Budget-Key") or (session.budget_key if session else None),
                         () if session else tuple((k, v) for k, v in request.headers.items()
                                                  if k.lower().startswith("mcp-param-")))
-        if method == "ping":
-            return _json({"jsonrpc": "2.0", "id": request_id, "result": {}})
-        if method == "server/discover":
-            return _json({"jsonrpc": "2.0", "id": request_id, "result": self._discover()})
-        if method == "tools/list":
-            return await self._tools_list(request_id, params, caller, modern=session is None)
-        if method == "subscriptions/listen":
-            return await self._listen(request, request_id, params)
-        if method == "tools/call":
-            return await self._tools_call(request, session, request_id, params, caller)
-        if method in LISTED:
-            return _json(await self._composed_list(request_id, method, caller, modern=session is None))
-        if method == "logging/setLevel":
-            return _json(await self._set_level(request_id, params, caller))
+        handler = self.methods.get(method)
+        if handler is None:
+            return _json(error_message(request_id, METHOD_NOT_FOUND, f"method not found: {method}"))
+        call = MethodCall(request, session, request_id, params, caller, method)
         try:
-            if method == "prompts/get":
-                return _json(await self._prompts_get(request_id, params, caller, modern=session is None))
-            if method == "completion/complete":
-                return _json(await self._complete(request_id, params, caller, modern=session is None))
-            if method in ("resources/read", "resources/subscribe", "resources/unsubscribe"):
-                return _json(await self._resource_request(request_id, method, params, caller, session))
+            return await handler(call)
         except ToolCallFailed as exc:  # only a sidecar's 401/403 leaves `_routed`
             return self._challenged(request, request_id, exc)
-        return _json(error_message(request_id, METHOD_NOT_FOUND, f"method not found: {method}"))
+
+    # -- the methods of the table in __init__ (`self.methods`), each given one MethodCall --
+    async def _m_ping(self, call: MethodCall) -> web.StreamResponse:
+        return _json({"jsonrpc": "2.0", "id": call.request_id, "result": {}})
+
+    async def _m_discover(self, call: MethodCall) -> web.StreamResponse:
+        return _json({"jsonrpc": "2.0", "id": call.request_id, "result": self._discover()})
+
+    async def _m_tools_list(self, call: MethodCall) -> web.StreamResponse:
+        return await self._tools_list(call.request_id, call.params, call.caller, modern=call.modern)
+
+    async def _m_tools_call(self, call: MethodCall) -> web.StreamResponse:
+        return await self._tools_call(call.request, call.session, call.request_id, call.params, call.caller)
+
+    async def _m_listen(self, call: MethodCall) -> web.StreamResponse:
+        return await self._listen(call.request, call.request_id, call.params)
+
+    async def _m_composed_list(self, call: MethodCall) -> web.StreamResponse:
+        return _json(await self._composed_list(call.request_id, call.method, call.caller, modern=call.modern))
+
+    async def _m_set_level(self, call: MethodCall) -> web.StreamResponse:
+        return _json(await self._set_level(call.request_id, call.params, call.caller))
+
+    async def _m_prompts_get(self, call: MethodCall) -> web.StreamResponse:
+        return _json(await self._prompts_get(call.request_id, call.params, call.caller, modern=call.modern))
+
+    async def _m_complete(self, call: MethodCall) -> web.StreamResponse:
+        return _json(await self._complete(call.request_id, call.params, call.caller, modern=call.modern))
+
+    async def _m_resource(self, call: MethodCall) -> web.StreamResponse:
+        return _json(await self._resource_request(call.request_id, call.method, call.params, call.caller,
+                                                  call.session))
 
     async def handle_get(self, request: web.Request) -> web.StreamResponse:
         if "Mcp-Session-Id" not in request.headers:
