@@ -6,16 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from toolmesh.sidecar.chain import NOTIFICATION, REQUEST, RESPONSE, SseEvent
-from toolmesh.sidecar.jsonrpc import (
-    InvalidRequest,
-    ParseError,
-    SseParser,
-    classify,
-    encode_sse,
-    loads,
-    serialise_request,
-)
+from toolmesh.api.mcp_http import SseEvent, SseParser, encode_sse
+from toolmesh.sidecar.chain import NOTIFICATION, REQUEST, RESPONSE
+from toolmesh.sidecar.jsonrpc import InvalidRequest, ParseError, classify, loads, serialise_request
 
 
 def test_classify_requests_notifications_and_responses():

@@ -429,17 +429,3 @@ class WireClient:
         pools, self._pools = self._pools, {}
         for pool in pools.values():
             pool.close()
-
-
-async def lines(response: WireResponse) -> AsyncIterator[bytes]:
-    """The body line by line (each with its line break), as it arrives: for reading Server-Sent Events."""
-    pending = b""
-    async for chunk in response.chunks():
-        pending += chunk
-        start = 0
-        while (end := pending.find(b"\n", start)) >= 0:
-            yield pending[start:end + 1]
-            start = end + 1
-        pending = pending[start:]
-    if pending:
-        yield pending

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from mcp.shared.inbound import NAME_BEARING_METHODS, encode_header_value
 
-from toolmesh.api.http_wire import Headers, WireClient, WireError, WireResponse, lines
+from toolmesh.api.http_wire import Headers, WireClient, WireError, WireResponse
 from toolmesh.api.jsonrpc import (
     INTERNAL_ERROR,
     METHOD_NOT_FOUND,
@@ -24,6 +24,7 @@ from toolmesh.api.jsonrpc import (
     error_message,
     loads,
 )
+from toolmesh.api.mcp_http import MAX_EVENT_BYTES, iter_sse
 
 log = logging.getLogger("toolmesh.registry")
 
@@ -45,7 +46,7 @@ CONNECT_TIMEOUT = 3.0
 
 
 class _Answer:
-    """One HTTP answer from a sidecar: status, headers by any spelling, the body whole or line by line."""
+    """One HTTP answer from a sidecar: status, headers by any spelling, the body whole or as it arrives."""
 
     __slots__ = ("status", "headers", "_response")
 
@@ -57,9 +58,9 @@ class _Answer:
     async def read(self) -> bytes:
         return await self._response.read()
 
-    @property
-    def content(self) -> AsyncIterator[bytes]:
-        return lines(self._response)
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives."""
+        return self._response.chunks()
 
 
 class BackendUnavailable(Exception):
@@ -99,19 +100,14 @@ class _Session:
         return self.headers
 
 
-async def iter_sse(content: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """The data of each Server-Sent Event, as it arrives."""
-    data: list[bytes] = []
-    async for raw in content:
-        line = raw.rstrip(b"\r\n")
-        if not line:
-            if data:
-                yield b"\n".join(data)
-                data = []
-        elif line.startswith(b"data:"):
-            data.append(line[5:].lstrip(b" ") if line[5:6] == b" " else line[5:])
-    if data:
-        yield b"\n".join(data)
+async def sse_data(chunks: AsyncIterator[bytes], max_event_bytes: int = MAX_EVENT_BYTES) -> AsyncIterator[bytes]:
+    """The data of each Server-Sent Event a sidecar sends, as it arrives. An event beyond `max_event_bytes` ends
+    the stream (the call then fails as one answered without a response) instead of filling the registry's memory."""
+    try:
+        async for event in iter_sse(chunks, max_event_bytes):
+            yield event.data
+    except ValueError as exc:
+        log.warning("a sidecar's event stream was cut: %s", exc)
 
 
 class BackendPool:
@@ -346,7 +342,7 @@ class BackendPool:
                 opened.set()
                 if resp.status != 200 or not resp.headers.get("Content-Type", "").startswith("text/event-stream"):
                     return
-                async for data in iter_sse(resp.content):
+                async for data in sse_data(resp.chunks()):
                     if session.session_id != session_id:
                         return
                     msg = None
@@ -406,7 +402,7 @@ async def _read_response(resp: _Answer, request_id: Any, notify: Notify | None,
     requests from the server (sampling, elicitation) to `refuse`."""
     ctype = resp.headers.get("Content-Type", "")
     if ctype.startswith("text/event-stream"):
-        async for data in iter_sse(resp.content):
+        async for data in sse_data(resp.chunks()):
             if not data:
                 continue
             try:

@@ -38,7 +38,6 @@ from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import web
@@ -66,6 +65,7 @@ from toolmesh.api.jsonrpc import (
     loads,
     strip_envelope,
 )
+from toolmesh.api.mcp_http import OriginPolicy
 from toolmesh.api.sessions import ANONYMOUS, credential_principal, session_ref, unguessable_id
 from toolmesh.registry.backend import Ask, BackendPool, BackendRefused, BackendUnavailable, Notify
 from toolmesh.registry.catalogue import SEPARATOR, Catalogue, Instance
@@ -89,7 +89,6 @@ REMOVED_IN_STATELESS_ERA = frozenset({"initialize", "ping", "logging/setLevel", 
                                       "resources/unsubscribe"})
 """Methods a 2026-07-28 server no longer has: over HTTP, unknown methods (404)."""
 
-LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 ASK_TIMEOUT = 600.0
 """Seconds a server's sampling or elicitation request waits for the caller's answer (a person may be typing)."""
 LISTED = {"prompts/list": "prompts", "resources/list": "resources", "resources/templates/list": "resourceTemplates"}
@@ -233,8 +232,7 @@ class Gateway:
         self.path = "/mcp"
         self.metrics = RegistryMetrics()
         """Calls by server and outcome (and the registry's heartbeat counts): `/metrics`."""
-        self._any_origin = "*" in allowed_origins
-        self._origins = frozenset(o.rstrip("/").lower() for o in allowed_origins)
+        self._origins = OriginPolicy(allowed_origins)
         self.backends = backends
         self.page_size = page_size
         self.server_info = {"name": server_name, "version": version}
@@ -331,15 +329,7 @@ class Gateway:
 
     def origin_allowed(self, origin: str | None) -> bool:
         """DNS-rebinding protection the transport spec asks for: browsers may call only from allowed origins."""
-        if origin is None or self._any_origin:
-            return True
-        origin = origin.rstrip("/").lower()
-        if self._origins:
-            return origin in self._origins
-        try:
-            return urlsplit(origin).hostname in LOCAL_HOSTS
-        except ValueError:
-            return False
+        return self._origins.allows(origin)
 
     def guarded(self, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
         async def check_origin(request: web.Request) -> web.StreamResponse:

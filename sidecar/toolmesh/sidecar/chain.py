@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import orjson
 
 from toolmesh.api.jsonrpc import loads
+from toolmesh.api.mcp_http import SseEvent
 from toolmesh.sidecar.errors import ClientGone, ProxyError, dumps, internal_error
 
 JsonRpcId = str | int | None
@@ -48,20 +49,6 @@ class CallRecord:
 
     caller: Caller | None = None
     """Set by the authenticate stage once it verified the caller."""
-
-
-@dataclass(frozen=True, slots=True)
-class SseEvent:
-    """One Server-Sent Event as the upstream sent it; relayed unchanged unless a stage rewrites `data`."""
-
-    data: bytes
-    """The event's data field (a JSON-RPC message), joined over its data lines."""
-    id: str | None = None
-    """The event id, kept so clients can resume with Last-Event-ID."""
-    event: str | None = None
-    """The event type, None for the default "message"."""
-    retry: int | None = None
-    """The reconnection delay in milliseconds the server asked for, if any."""
 
 
 Emit = Callable[[SseEvent], Awaitable[None]]

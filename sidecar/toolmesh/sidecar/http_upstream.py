@@ -9,10 +9,10 @@ from collections.abc import AsyncIterator, Mapping
 import aiohttp
 import orjson
 
+from toolmesh.api.mcp_http import iter_sse
 from toolmesh.sidecar.chain import SseEvent
 from toolmesh.sidecar.errors import UpstreamTimeout, UpstreamUnavailable
 from toolmesh.api.http_wire import WireError, WirePool, WireResponse
-from toolmesh.sidecar.jsonrpc import iter_sse
 from toolmesh.sidecar.upstream import UpstreamResponse
 
 log = logging.getLogger("toolmesh.sidecar.upstream")

@@ -48,9 +48,9 @@ from urllib.parse import urljoin
 import aiohttp
 
 from toolmesh.api.sessions import session_ref
+from toolmesh.api.mcp_http import iter_sse
 from toolmesh.sidecar.chain import SseEvent
 from toolmesh.sidecar.errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
-from toolmesh.sidecar.jsonrpc import iter_sse
 from toolmesh.sidecar.multiplex import (
     ClientSession,
     Multiplexer,

@@ -14,12 +14,12 @@ import time
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
-from urllib.parse import urlsplit
 
 from aiohttp import web
 from multidict import CIMultiDict
 
 from toolmesh.api.jsonrpc import PROTOCOL_VERSION_KEY
+from toolmesh.api.mcp_http import OriginPolicy, encode_sse
 from toolmesh.sidecar.chain import (
     REQUEST,
     SESSION_END,
@@ -30,13 +30,12 @@ from toolmesh.sidecar.chain import (
     run_chain,
 )
 from toolmesh.sidecar.errors import ClientGone, Refused, error_message, dumps
-from toolmesh.sidecar.jsonrpc import InvalidRequest, classify, encode_sse, loads, request_id_of
+from toolmesh.sidecar.jsonrpc import InvalidRequest, classify, loads, request_id_of
 from toolmesh.sidecar.pipeline import Pipeline
 from toolmesh.sidecar.settings import SidecarSettings
 
 log = logging.getLogger("toolmesh.sidecar.proxy")
 
-_LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 # Our own headers on a response: never taken from the upstream's.
 _OWN = frozenset({"content-type", "content-length", "cache-control"})
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache, no-transform",
@@ -204,27 +203,15 @@ class McpEndpoint:
     def __init__(self, pipeline: Pipeline, settings: SidecarSettings):
         self.pipeline = pipeline
         self.settings = settings
-        self._allow_any_origin = "*" in settings.allowed_origins
-        self._origins = frozenset(o.rstrip("/").lower() for o in settings.allowed_origins)
+        self._origins = OriginPolicy(settings.allowed_origins)
         self._media_verdicts: dict[tuple[str, str, bool, bool], tuple[type[Refused], str] | None] = {}
 
     # -- checks the transport spec asks of a server ----------------------------------------
 
-    def _origin_allowed(self, origin: str | None) -> bool:
-        if origin is None or self._allow_any_origin:
-            return True
-        origin = origin.rstrip("/").lower()
-        if self._origins:
-            return origin in self._origins
-        try:
-            return urlsplit(origin).hostname in _LOCAL_HOSTS
-        except ValueError:
-            return False
-
     def _check(self, request: web.Request, *, need_json: bool, need_sse: bool) -> None:
         headers = request.headers
         origin = headers.get("Origin")
-        if origin is not None and not self._origin_allowed(origin):
+        if not self._origins.allows(origin):
             raise OriginNotAllowed("origin not allowed")
         content_type = headers.get("Content-Type", "") if need_json else ""
         accept = headers.get("Accept", "")
@@ -371,7 +358,7 @@ class McpEndpoint:
         return await self._bodiless(request, STREAM)
 
     async def delete(self, request: web.Request) -> web.StreamResponse:
-        if not self._origin_allowed(request.headers.get("Origin")):
+        if not self._origins.allows(request.headers.get("Origin")):
             return _error_response(OriginNotAllowed("origin not allowed"))
         return await self._bodiless(request, SESSION_END)
 

@@ -1,0 +1,148 @@
+"""The server side of MCP's HTTP transport, written once for toolmesh's two MCP servers (sidecar and gateway).
+
+- which browser origins may call (the transport spec's DNS-rebinding protection);
+- Server-Sent Events: one bounded incremental parser and one encoder, for streams read from upstreams and
+  sidecars and streams written to callers.
+
+Each side turns what these functions decide into its own response; nothing here knows aiohttp.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+"""Hosts a browser page may be served from to call a server that names no allowed origin."""
+
+
+class OriginPolicy:
+    """Which `Origin` headers may call: the named origins, `*` for any, and without either only local pages."""
+
+    __slots__ = ("_any", "_origins")
+
+    def __init__(self, allowed: Iterable[str] = ()) -> None:
+        allowed = tuple(allowed)
+        self._any = "*" in allowed
+        self._origins = frozenset(o.rstrip("/").lower() for o in allowed)
+
+    def allows(self, origin: str | None) -> bool:
+        """No Origin (not a browser) always may; a browser's page only from an allowed origin."""
+        if origin is None or self._any:
+            return True
+        origin = origin.rstrip("/").lower()
+        if self._origins:
+            return origin in self._origins
+        try:
+            return urlsplit(origin).hostname in LOCAL_HOSTS
+        except ValueError:
+            return False
+
+
+@dataclass(frozen=True, slots=True)
+class SseEvent:
+    """One Server-Sent Event as the upstream sent it; relayed unchanged unless a stage rewrites `data`."""
+
+    data: bytes
+    """The event's data field (a JSON-RPC message), joined over its data lines."""
+    id: str | None = None
+    """The event id, kept so clients can resume with Last-Event-ID."""
+    event: str | None = None
+    """The event type, None for the default "message"."""
+    retry: int | None = None
+    """The reconnection delay in milliseconds the server asked for, if any."""
+
+
+MAX_EVENT_BYTES = 64 * 1024 * 1024
+"""An upstream event larger than this is a broken upstream, not a result worth buffering."""
+
+
+class SseParser:
+    """Incremental SSE parser: feed it chunks as they arrive, get whole events back."""
+
+    __slots__ = ("_buffer", "_max")
+
+    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        self._buffer = b""
+        self._max = max_event_bytes
+
+    def feed(self, chunk: bytes) -> list[SseEvent]:
+        buffer = self._buffer + chunk if self._buffer else chunk
+        if b"\r" in buffer:
+            # A CR at the very end may be the first half of a CRLF split across chunks.
+            hold = buffer.endswith(b"\r")
+            if hold:
+                buffer = buffer[:-1]
+            buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            if hold:
+                buffer += b"\r"
+        events: list[SseEvent] = []
+        start = 0
+        while True:
+            end = buffer.find(b"\n\n", start)
+            if end < 0:
+                break
+            event = _parse_block(buffer[start:end])
+            if event is not None:
+                events.append(event)
+            start = end + 2
+        self._buffer = buffer[start:]
+        if len(self._buffer) > self._max:
+            raise ValueError(f"SSE event larger than {self._max} bytes")
+        return events
+
+
+def _parse_block(block: bytes) -> SseEvent | None:
+    data: list[bytes] = []
+    event_id: str | None = None
+    event_type: str | None = None
+    retry: int | None = None
+    seen = False
+    for line in block.split(b"\n"):
+        if not line or line[0] == 0x3A:  # ":" starts a comment (keep-alive)
+            continue
+        name, sep, value = line.partition(b":")
+        if sep and value[:1] == b" ":
+            value = value[1:]
+        if name == b"data":
+            data.append(value)
+            seen = True
+        elif name == b"id":
+            event_id = value.decode("utf-8", "replace")
+            seen = True
+        elif name == b"event":
+            event_type = value.decode("utf-8", "replace")
+        elif name == b"retry" and value.isdigit():
+            retry = int(value)
+            seen = True
+    if not seen:
+        return None
+    return SseEvent(data=b"\n".join(data), id=event_id, event=event_type, retry=retry)
+
+
+async def iter_sse(chunks: AsyncIterable[bytes], max_event_bytes: int = MAX_EVENT_BYTES) -> AsyncIterator[SseEvent]:
+    """Events from a stream of byte chunks, each yielded as soon as its blank line arrives."""
+    parser = SseParser(max_event_bytes)
+    async for chunk in chunks:
+        for event in parser.feed(chunk):
+            yield event
+
+
+def encode_sse(event: SseEvent) -> bytes:
+    """One event in SSE wire form."""
+    parts = []
+    if event.id is not None:
+        parts.append(b"id: " + event.id.encode() + b"\n")
+    if event.event is not None:
+        parts.append(b"event: " + event.event.encode() + b"\n")
+    if event.retry is not None:
+        parts.append(b"retry: " + str(event.retry).encode() + b"\n")
+    data = event.data
+    if b"\n" in data:
+        for line in data.split(b"\n"):
+            parts.append(b"data: " + line + b"\n")
+    else:
+        parts.append(b"data: " + data + b"\n")
+    parts.append(b"\n")
+    return b"".join(parts)
