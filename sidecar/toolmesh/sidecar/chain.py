@@ -14,19 +14,18 @@ error boundary (`run_chain`) turns those into JSON-RPC errors and HTTP statuses.
 
 from __future__ import annotations
 
+import logging
 import operator
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import orjson
-
-from toolmesh.api.jsonrpc import loads
 from toolmesh.api.mcp_http import SseEvent
-from toolmesh.sidecar.errors import ClientGone, ProxyError, dumps, internal_error
+from toolmesh.sidecar.errors import INTERNAL_ERROR, ClientGone, ProxyError, error_message
+from toolmesh.sidecar.outcome import JsonRpcId, Outcome
 
-JsonRpcId = str | int | None
+log = logging.getLogger("toolmesh.sidecar")
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,58 +163,6 @@ def header(headers: Mapping[str, str], name: str) -> str | None:
     return None
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What the chain answers for one request: a JSON-RPC response, already parsed or still raw."""
-
-    message: Mapping[str, Any] | None = None
-    """The parsed JSON-RPC response ({"jsonrpc", "id", "result"|"error"}), when some stage needed it parsed."""
-    raw: bytes | None = None
-    """The upstream's response bytes, relayed as-is when no stage parsed or changed them."""
-    status: int = 200
-    """HTTP status for the client (200 unless an error maps to another)."""
-    headers: Mapping[str, str] = field(default_factory=dict)
-    """Upstream response headers to relay (Mcp-Session-Id, ...)."""
-    event_id: str | None = None
-    """SSE id of the event that carried the response, when the upstream streamed it."""
-    streamed: bool = False
-    """True when the upstream answered with an SSE stream; the client then gets one too."""
-
-    def body(self) -> bytes | None:
-        """The bytes the client gets: `raw` when set, else `message` serialised.
-
-        A stage that changes `message` must set `raw=None` (`dataclasses.replace(outcome,
-        message=new, raw=None)`), or the client would still get the upstream's bytes.
-        """
-        if self.raw is not None:
-            return self.raw
-        if self.message is not None:
-            return dumps(self.message)
-        return None
-
-    def parsed(self) -> Any:
-        """`message`, else `raw` parsed; None when there is neither or `raw` is not JSON (the stage then relays it)."""
-        if self.message is not None:
-            return self.message
-        if not self.raw:
-            return None
-        try:
-            return loads(self.raw)
-        except orjson.JSONDecodeError:
-            return None
-
-    @property
-    def is_error(self) -> bool:
-        """True for a JSON-RPC error or a tool result with `isError: true`."""
-        msg = self.message
-        if msg is None:
-            return False
-        if "error" in msg:
-            return True
-        result = msg.get("result")
-        return isinstance(result, Mapping) and result.get("isError") is True
-
-
 Handler = Callable[[CallContext], Awaitable[Outcome]]
 
 
@@ -279,3 +226,9 @@ async def run_chain(handler: Handler, ctx: CallContext) -> Outcome:
         return exc.to_outcome(ctx.request_id)
     except Exception as exc:  # noqa: BLE001 - the boundary: nothing escapes to the HTTP layer
         return internal_error(ctx.request_id, exc)
+
+
+def internal_error(request_id: JsonRpcId, exc: BaseException) -> Outcome:
+    """Report a bug as a JSON-RPC internal error; logged with its traceback, never shown to the client."""
+    log.exception("internal error while handling request %r", request_id, exc_info=exc)
+    return Outcome(message=error_message(request_id, INTERNAL_ERROR, "internal proxy error"), status=500)

@@ -175,7 +175,8 @@ def build_app(args: argparse.Namespace):
         endpoint = f"http://{host}:{port}/mcp"
         hb_settings = heartbeat.HeartbeatSettings.from_env(args.registry, args.server_name, endpoint)
         readiness = app[READINESS]
-        heartbeat.attach(app, hb_settings, app[SHARED], ready=lambda: readiness.ready)
+        pipeline = app[PIPELINE]
+        heartbeat.attach(app, hb_settings, app[SHARED], ready=lambda: readiness.ready, policy=lambda: pipeline.policy)
     return app, host, sock
 
 

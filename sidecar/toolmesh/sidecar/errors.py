@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from toolmesh.api.jsonrpc import (  # noqa: F401 - the codes are part of this module's interface
     BUDGET_EXHAUSTED,
@@ -22,9 +22,7 @@ from toolmesh.api.jsonrpc import (  # noqa: F401 - the codes are part of this mo
     error_message,
 )
 from toolmesh.api.jsonrpc import dumps as _dumps
-
-if TYPE_CHECKING:
-    from toolmesh.sidecar.chain import JsonRpcId, Outcome
+from toolmesh.sidecar.outcome import JsonRpcId, Outcome
 
 log = logging.getLogger("toolmesh.sidecar")
 
@@ -42,8 +40,6 @@ class ProxyError(Exception):
         self.headers = dict(headers or {})
 
     def to_outcome(self, request_id: JsonRpcId) -> Outcome:
-        from toolmesh.sidecar.chain import Outcome
-
         return Outcome(
             message=error_message(request_id, self.code, self.message, self.data),
             status=self.status,
@@ -111,14 +107,6 @@ class UpstreamTimeout(ProxyError):
 
 class ClientGone(Exception):
     """The client closed its connection mid-answer: stop the call and free the upstream; nobody is left to answer."""
-
-
-def internal_error(request_id: JsonRpcId, exc: BaseException) -> Outcome:
-    """Report a bug as a JSON-RPC internal error; logged with its traceback, never shown to the client."""
-    from toolmesh.sidecar.chain import Outcome
-
-    log.exception("internal error while handling request %r", request_id, exc_info=exc)
-    return Outcome(message=error_message(request_id, INTERNAL_ERROR, "internal proxy error"), status=500)
 
 
 def dumps(message: Any) -> bytes:

@@ -28,6 +28,7 @@ from aiohttp import web
 
 from toolmesh.sidecar.protected_resource import metadata_document
 from toolmesh.sidecar.state import SharedState
+from toolmesh.sidecar.upstream_tools import list_tools
 
 log = logging.getLogger("toolmesh.sidecar.heartbeat")
 
@@ -35,7 +36,6 @@ CLUSTER_TOKEN_FILE = Path("/var/run/secrets/toolmesh/token")
 """The projected ServiceAccount token (audience `toolmesh-registry`) mounted by the operator."""
 RELIST_EVERY = 6
 """Beats between unconditional re-listings of the upstream's tools."""
-LIST_PAGES_MAX = 50
 
 
 @dataclass(slots=True)
@@ -196,69 +196,6 @@ class Heartbeat:
         self.listing_error = None
 
 
-async def list_tools(upstream: Any) -> list[dict[str, Any]]:
-    """initialize → tools/list (every page) → end the session, over the `Upstream` protocol."""
-    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
-    init = await _rpc(upstream, headers, 1, "initialize", {
-        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "toolmesh-heartbeat", "version": "1"}})
-    session_id = init["headers"].get("Mcp-Session-Id") or init["headers"].get("mcp-session-id")
-    headers = dict(headers)
-    if session_id:
-        headers["Mcp-Session-Id"] = session_id
-    version = (init["message"].get("result") or {}).get("protocolVersion")
-    if version:
-        headers["MCP-Protocol-Version"] = version
-    try:
-        response = await upstream.post(orjson.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}), headers)
-        await _drain(response)
-        tools: list[dict[str, Any]] = []
-        cursor = None
-        for page in range(LIST_PAGES_MAX):
-            params = {"cursor": cursor} if cursor else {}
-            listed = await _rpc(upstream, headers, 2 + page, "tools/list", params)
-            result = listed["message"].get("result") or {}
-            tools.extend(t for t in result.get("tools") or [] if isinstance(t, dict))
-            cursor = result.get("nextCursor")
-            if not cursor:
-                break
-        return tools
-    finally:
-        if session_id:
-            with contextlib.suppress(Exception):
-                await _drain(await upstream.delete(headers))
-
-
-async def _rpc(upstream: Any, headers: Mapping[str, str], request_id: int, method: str,
-               params: Mapping[str, Any]) -> dict[str, Any]:
-    body = orjson.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
-    response = await upstream.post(body, headers)
-    try:
-        message = None
-        if response.body is not None:
-            message = orjson.loads(response.body)
-        elif response.events is not None:
-            async for event in response.events:
-                candidate = orjson.loads(event.data) if event.data else None
-                if isinstance(candidate, dict) and candidate.get("id") == request_id:
-                    message = candidate
-                    break
-    finally:
-        await response.release()
-    if not isinstance(message, dict) or "error" in message or response.status >= 400:
-        error = (message or {}).get("error") if isinstance(message, dict) else None
-        raise RuntimeError(f"{method}: HTTP {response.status} {error or ''}".strip())
-    return {"message": message, "headers": dict(response.headers)}
-
-
-async def _drain(response: Any) -> None:
-    try:
-        if response.events is not None:
-            async for _ in response.events:
-                pass
-    finally:
-        await response.release()
-
-
 def _caller_auth(policy: Any) -> dict[str, Any]:
     """What the gateway needs to speak OAuth for this sidecar: whether a token is required, and the authorization
     servers and scopes of its RFC 9728 metadata."""
@@ -291,17 +228,11 @@ def _tool_stats(shared: SharedState) -> dict[str, Any]:
     return result
 
 
-def _policy_in_force(app: web.Application) -> Any:
-    from toolmesh.sidecar.app import PIPELINE
-
-    pipeline = app.get(PIPELINE)
-    return getattr(pipeline, "policy", None)
-
-
 def attach(app: web.Application, settings: HeartbeatSettings, shared: SharedState,
-           ready: Callable[[], bool] | None = None) -> Heartbeat:
-    """Run heartbeats for the life of the sidecar's aiohttp app (a `cleanup_ctx`); returns the beat loop."""
-    heartbeat = Heartbeat(settings, shared, ready, policy=lambda: _policy_in_force(app))
+           ready: Callable[[], bool] | None = None, policy: Callable[[], Any] | None = None) -> Heartbeat:
+    """Run heartbeats for the life of the sidecar's aiohttp app (a `cleanup_ctx`); returns the beat loop.
+    `policy` gives the policy in force (what callers must present, reported with each heartbeat)."""
+    heartbeat = Heartbeat(settings, shared, ready, policy=policy or (lambda: None))
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         http = aiohttp.ClientSession()

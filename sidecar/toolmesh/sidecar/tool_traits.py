@@ -9,8 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from toolmesh.sidecar.heartbeat import list_tools
 from toolmesh.sidecar.state import SharedState, ToolCatalog
+from toolmesh.sidecar.upstream_tools import list_tools
 
 log = logging.getLogger("toolmesh.sidecar.tools")
 
