@@ -12,11 +12,10 @@ import httpx2
 import jwt
 import orjson
 import pytest
-import yaml
 from aiohttp import web
 
 from helpers import free_port
-from helpers.sidecar import sidecar
+from helpers.sidecar import guarded_sidecar
 from helpers.tokens import TokenIssuer
 from toolmesh.api.jsonrpc import FORBIDDEN, INVALID_PARAMS
 
@@ -137,9 +136,8 @@ def setup(issuer, other_issuer, tmp_path_factory):
         },
         "audit": {"sink": str(tmp / "audit.log")},
     }
-    (tmp / "policy.yaml").write_text(yaml.safe_dump(policy))
     with RecordingUpstream() as upstream, \
-            sidecar(["--upstream", upstream.url], tmp, "--policy", str(tmp / "policy.yaml")) as sc:
+            guarded_sidecar(["--upstream", upstream.url], tmp, policy) as sc:
         sc.audit_path = tmp / "audit.log"
         yield sc, upstream
 

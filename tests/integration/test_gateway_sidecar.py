@@ -7,14 +7,13 @@ import time
 
 import aiohttp
 import pytest
-import yaml
 from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
 from helpers import async_wait_until
 from helpers.registry_procs import get_json, registry_process, toy_server
-from helpers.sidecar import sidecar
+from helpers.sidecar import guarded_sidecar, sidecar
 from helpers.tokens import TokenIssuer
 
 SECRET = "heartbeat-secret"
@@ -107,8 +106,7 @@ def guarded(tmp_path):
                                              "secretFile": str(tmp_path / "jwt-secret")}]},
                        "authorization": {"defaultScopes": ["mcp:admin"],
                                          "rules": [{"tools": ["echo"], "scopes": ["echo:call"]}]}}}
-    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(policy))
-    return issuer, tmp_path / "policy.yaml"
+    return issuer, policy
 
 
 @pytest.mark.parametrize("mode", ["legacy", "auto"])
@@ -116,8 +114,8 @@ async def test_the_gateway_is_never_a_bypass_of_the_sidecars_policy(tmp_path, gu
     issuer, policy = guarded
     with (registry_process(tmp_path, secret=SECRET) as registry,
           toy_server(tmp_path, "alpha") as (_, upstream)):
-        with sidecar(["--upstream", upstream], tmp_path, "--server-name", "alpha", "--registry", registry,
-                     "--policy", str(policy), env={"TOOLMESH_REGISTRY_SECRET": SECRET}):
+        with guarded_sidecar(["--upstream", upstream], tmp_path, policy, "--server-name", "alpha",
+                             "--registry", registry, env={"TOOLMESH_REGISTRY_SECRET": SECRET}):
             async def listed():
                 return await tool_names(registry) == ["alpha__echo"]
 

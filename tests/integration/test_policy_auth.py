@@ -21,10 +21,9 @@ from mcp.types import TextContent
 
 from helpers import ROOT, wait_until
 from helpers.mcp_servers import sdk_http_server
-from helpers.sidecar import http_get, sidecar
+from helpers.modern_calls import MODERN
+from helpers.sidecar import guarded_sidecar, http_get
 from helpers.tokens import JwksServer, TokenIssuer
-
-MODERN = "2026-07-28"
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +49,7 @@ def upstream(tmp_path_factory):
         yield url
 
 
-def write_policy(tmp: Path, jwks_issuer, pem_issuer, hmac_issuer) -> Path:
+def auth_policy(tmp: Path, jwks_issuer, pem_issuer, hmac_issuer) -> dict:
     """The authorization example's rules, made to fit the fixture server's tools and this test's issuers."""
     issuer, jwks = jwks_issuer
     (tmp / "jwt-secret").write_text(hmac_issuer.secret + "\n")
@@ -68,16 +67,14 @@ def write_policy(tmp: Path, jwks_issuer, pem_issuer, hmac_issuer) -> Path:
         {"tools": ["show_*"], "scopes": []},
     ] + spec["authorization"]["rules"]
     spec["audit"] = {"sink": str(tmp / "audit.log")}
-    path = tmp / "policy.yaml"
-    path.write_text(yaml.safe_dump(manifest))
-    return path
+    return manifest
 
 
 @pytest.fixture(scope="module")
 def guarded(upstream, jwks_issuer, pem_issuer, hmac_issuer, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("auth")
-    policy = write_policy(tmp, jwks_issuer, pem_issuer, hmac_issuer)
-    with sidecar(["--upstream", upstream], tmp, "--policy", str(policy)) as sc:
+    policy = auth_policy(tmp, jwks_issuer, pem_issuer, hmac_issuer)
+    with guarded_sidecar(["--upstream", upstream], tmp, policy) as sc:
         sc.audit_path = tmp / "audit.log"
         yield sc
 

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import pytest
-import yaml
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 
 from helpers.guarded_server import TOOLS, guarded_http_server
-from helpers.sidecar import sidecar
+from helpers.modern_calls import MODERN
+from helpers.sidecar import guarded_sidecar
 from helpers.tokens import TokenIssuer
-
-MODERN = "2026-07-28"
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +34,8 @@ def guarded(issuer, tmp_path_factory):
             "promptRules": [{"prompts": ["greet"], "scopes": []}],
         },
     }
-    (tmp / "policy.yaml").write_text(yaml.safe_dump(policy))
     with guarded_http_server(tmp / "server.log") as upstream, \
-            sidecar(["--upstream", upstream], tmp, "--policy", str(tmp / "policy.yaml")) as sc:
+            guarded_sidecar(["--upstream", upstream], tmp, policy) as sc:
         yield sc
 
 

@@ -13,7 +13,7 @@ from mcp.shared.exceptions import MCPError
 from helpers import ROOT
 from helpers.mcp_servers import sdk_http_server
 from helpers.modern_calls import MODERN, post_tools_call
-from helpers.sidecar import sidecar
+from helpers.sidecar import guarded_sidecar
 from helpers.tokens import TokenIssuer
 
 
@@ -33,10 +33,8 @@ def limited(issuer, tmp_path_factory):
     spec["rateLimit"]["burst"] = 4
     spec["rateLimit"]["tools"][0]["tools"] = ["add"]
     spec["auth"] = issuer.hmac_auth()
-    path = tmp / "policy.yaml"
-    path.write_text(yaml.safe_dump(manifest))
     with sdk_http_server(log_path=tmp / "server.log") as upstream, \
-            sidecar(["--upstream", upstream], tmp, "--policy", str(path)) as sc:
+            guarded_sidecar(["--upstream", upstream], tmp, manifest) as sc:
         yield sc
 
 

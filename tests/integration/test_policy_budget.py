@@ -11,10 +11,10 @@ from mcp.shared.exceptions import MCPError
 from mcp.types import ResourceLink, TextContent
 
 from helpers import ROOT
-from helpers.sidecar import sidecar
+from helpers.modern_calls import MODERN
+from helpers.sidecar import guarded_sidecar
 from helpers.tokens import TokenIssuer
 
-MODERN = "2026-07-28"
 META = "io.toolmesh/budget"
 
 
@@ -35,9 +35,7 @@ def proxied(relay, issuer, tmp_path_factory):
     policy["spec"]["budget"].update(totalTokens=20000, reservedForResponse=1000, reservedForSystem=1000)
     assert policy["spec"]["budget"]["resultFraction"] == 0.3 and policy["spec"]["budget"]["minAvailable"] == 500
     policy["spec"]["auth"] = issuer.hmac_auth()
-    path = tmp / "policy.yaml"
-    path.write_text(yaml.safe_dump(policy))
-    with sidecar(["--upstream", relay.url], tmp, "--policy", str(path)) as sc:
+    with guarded_sidecar(["--upstream", relay.url], tmp, policy) as sc:
         yield sc
 
 

@@ -16,10 +16,9 @@ from mcp.types import TextContent
 
 from helpers import ROOT, async_wait_until
 from helpers.fault_upstream import Fault
-from helpers.sidecar import http_get, sidecar
+from helpers.modern_calls import MODERN
+from helpers.sidecar import guarded_sidecar, http_get, sidecar
 from helpers.tokens import TokenIssuer
-
-MODERN = "2026-07-28"
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +32,7 @@ def proxied(relay, issuer, tmp_path_factory):
     # The cache example as shipped, plus token auth so that callers have distinct subjects.
     policy = yaml.safe_load((ROOT / "examples/policies/cache.yaml").read_text())
     policy["spec"]["auth"] = issuer.hmac_auth()
-    path = tmp / "policy.yaml"
-    path.write_text(yaml.safe_dump(policy))
-    with sidecar(["--upstream", relay.url], tmp, "--policy", str(path)) as sc:
+    with guarded_sidecar(["--upstream", relay.url], tmp, policy) as sc:
         yield sc
 
 

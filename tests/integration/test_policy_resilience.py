@@ -13,9 +13,9 @@ from mcp.types import ElicitResult, TextContent
 
 from helpers import ROOT, async_wait_until
 from helpers.fault_upstream import Fault
+from helpers.modern_calls import MODERN
 from helpers.sidecar import http_get, sidecar
 
-MODERN = "2026-07-28"
 CIRCUIT_OPEN = -32006
 UPSTREAM_TIMEOUT = -32002
 

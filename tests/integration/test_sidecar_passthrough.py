@@ -11,9 +11,9 @@ from mcp import Client
 from mcp.types import CreateMessageResult, ElicitResult, TextContent
 
 from helpers.mcp_servers import sdk_http_server
+from helpers.modern_calls import MODERN
 from helpers.sidecar import sidecar
 
-MODERN = "2026-07-28"
 ACCEPT = "application/json, text/event-stream"
 
 

@@ -11,12 +11,11 @@ from mcp.shared.exceptions import MCPError
 from mcp.types import CreateMessageResult, ElicitResult, TextContent
 
 from helpers import free_port, port_open, running, wait_until
+from helpers.modern_calls import MODERN
 from helpers.sidecar import sidecar
 from helpers.stdio_servers import EVERYTHING_SERVER, STDIO_TOOLS, TIME_SERVER, sse_tools_server
 
 pytestmark = pytest.mark.timeout(90)
-
-MODERN = "2026-07-28"
 
 
 def text_of(result) -> str:
