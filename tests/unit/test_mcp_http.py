@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from toolmesh.api.mcp_http import OriginPolicy, SseEvent, encode_sse, iter_sse
+from toolmesh.api.mcp_http import (
+    SESSION_ERA_VERSIONS,
+    STATELESS_ERA_VERSIONS,
+    OriginPolicy,
+    SseEvent,
+    encode_sse,
+    iter_sse,
+    stateless_refusal,
+)
 from toolmesh.registry.backend import sse_data
 
 
@@ -41,3 +49,40 @@ async def test_the_gateway_cuts_a_sidecar_event_beyond_the_bound_instead_of_buff
     stream = chunks(b'data: {"ok":1}\n\n', huge, huge, b"\n\n", b'data: {"late":1}\n\n')
     got = [d async for d in sse_data(stream, max_event_bytes=4096)]
     assert got == [b'{"ok":1}']  # cut at the oversize event: nothing of it, nothing after it
+
+
+STATELESS = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}
+
+
+def call(method: str = "tools/call", **params) -> dict:
+    return {"jsonrpc": "2.0", "id": 7, "method": method, "params": {"_meta": STATELESS, **params}}
+
+
+def test_a_removed_method_is_a_404_method_not_found_only_where_that_side_removes_it():
+    refused = stateless_refusal(call("ping"), {}, removed={"initialize", "ping"})
+    assert (refused.code, refused.status, refused.data) == (-32601, 404, "ping")
+    assert refused.error(7) == {"jsonrpc": "2.0", "id": 7, "error": {"code": -32601, "message": "Method not found",
+                                                                       "data": "ping"}}
+    headers = {"MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "ping"}
+    assert stateless_refusal(call("ping"), headers, removed={"initialize"}) is None  # the sidecar's upstream answers
+
+
+def test_a_duplicated_routing_header_is_a_400_header_mismatch():
+    class Twice(dict):
+        def items(self):
+            return [("Mcp-Method", "tools/call"), ("mcp-method", "tools/call")]
+
+    refused = stateless_refusal(call(name="x", arguments={}), Twice(), removed=())
+    assert refused is not None and refused.status == 400 and "more than once" in refused.message
+
+
+def test_a_routing_header_that_disagrees_with_the_body_is_refused_and_one_that_agrees_is_not():
+    agreeing = {"Mcp-Method": "tools/call", "Mcp-Name": "x", "MCP-Protocol-Version": "2026-07-28"}
+    assert stateless_refusal(call(name="x", arguments={}), agreeing, removed=()) is None
+    refused = stateless_refusal(call(name="x", arguments={}), {**agreeing, "Mcp-Name": "y"}, removed=())
+    assert refused is not None and refused.status == 400
+
+
+def test_the_era_constants_do_not_overlap():
+    assert SESSION_ERA_VERSIONS[0] == "2025-11-25" and "2026-07-28" in STATELESS_ERA_VERSIONS
+    assert not set(SESSION_ERA_VERSIONS) & set(STATELESS_ERA_VERSIONS)

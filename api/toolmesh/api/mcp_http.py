@@ -1,6 +1,9 @@
 """The server side of MCP's HTTP transport, written once for toolmesh's two MCP servers (sidecar and gateway).
 
 - which browser origins may call (the transport spec's DNS-rebinding protection);
+- the two protocol eras, in one vocabulary: the *session era* (initialize, then `Mcp-Session-Id`; versions up to
+  2025-11-25) and the *stateless era* (2026-07-28: no initialize, every request carries its version), and what a
+  stateless-era server refuses before dispatch, as a verdict each side turns into its own response;
 - Server-Sent Events: one bounded incremental parser and one encoder, for streams read from upstreams and
   sidecars and streams written to callers.
 
@@ -9,9 +12,21 @@ Each side turns what these functions decide into its own response; nothing here 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Collection, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
+
+from mcp.shared.inbound import (
+    ERROR_CODE_HTTP_STATUS,
+    InboundLadderRejection,
+    classify_inbound_request,
+    find_duplicated_routing_header,
+)
+from mcp_types import HEADER_MISMATCH
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+
+from toolmesh.api.jsonrpc import METHOD_NOT_FOUND, error_message
 
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 """Hosts a browser page may be served from to call a server that names no allowed origin."""
@@ -38,6 +53,46 @@ class OriginPolicy:
             return urlsplit(origin).hostname in LOCAL_HOSTS
         except ValueError:
             return False
+
+
+SESSION_ERA_VERSIONS: tuple[str, ...] = ("2025-11-25", "2025-06-18", "2025-03-26")
+"""Session-era versions a toolmesh server offers at initialize, newest first."""
+STATELESS_ERA_VERSIONS: tuple[str, ...] = tuple(MODERN_PROTOCOL_VERSIONS)
+"""Stateless-era versions (2026-07-28): no initialize, no session."""
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A request refused before dispatch: its JSON-RPC error, and the HTTP status the stateless era gives that code."""
+
+    code: int
+    message: str
+    data: Any = None
+
+    @property
+    def status(self) -> int:
+        return ERROR_CODE_HTTP_STATUS.get(self.code, 200)
+
+    def error(self, request_id: Any) -> dict[str, Any]:
+        """The JSON-RPC error message answering `request_id`."""
+        return error_message(request_id, self.code, self.message, self.data)
+
+
+def stateless_refusal(message: Mapping[str, Any], headers: Mapping[str, str], *,
+                      removed: Collection[str]) -> Refusal | None:
+    """What a stateless-era server refuses before dispatch: a method in `removed` (gone in that era; the sidecar
+    passes only `initialize`, leaving the rest to its upstream, the gateway every method it no longer serves),
+    duplicated or mismatched routing headers, a bad `_meta` envelope. None: dispatch it."""
+    method = message.get("method")
+    if method in removed:
+        return Refusal(METHOD_NOT_FOUND, "Method not found", method)
+    duplicated = find_duplicated_routing_header(headers.items())
+    if duplicated is not None:
+        return Refusal(HEADER_MISMATCH, f"{duplicated} header appears more than once")
+    verdict = classify_inbound_request(message, headers={k.lower(): v for k, v in headers.items()})
+    if isinstance(verdict, InboundLadderRejection):
+        return Refusal(verdict.code, verdict.message, verdict.data)
+    return None
 
 
 @dataclass(frozen=True, slots=True)

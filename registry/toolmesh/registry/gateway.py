@@ -41,13 +41,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from mcp.shared.inbound import (
-    ERROR_CODE_HTTP_STATUS,
-    InboundLadderRejection,
-    classify_inbound_request,
-    find_duplicated_routing_header,
-)
-from mcp_types import HEADER_MISMATCH
+from mcp.shared.inbound import ERROR_CODE_HTTP_STATUS
 
 from toolmesh.api.jsonrpc import (
     INTERNAL_ERROR,
@@ -65,7 +59,7 @@ from toolmesh.api.jsonrpc import (
     loads,
     strip_envelope,
 )
-from toolmesh.api.mcp_http import OriginPolicy
+from toolmesh.api.mcp_http import SESSION_ERA_VERSIONS, STATELESS_ERA_VERSIONS, OriginPolicy, stateless_refusal
 from toolmesh.api.sessions import ANONYMOUS, credential_principal, session_ref, unguessable_id
 from toolmesh.registry.backend import Ask, BackendPool, BackendRefused, BackendUnavailable, Notify
 from toolmesh.registry.catalogue import SEPARATOR, Catalogue, Instance
@@ -80,8 +74,6 @@ from toolmesh.registry.protected_resource import (
 
 log = logging.getLogger("toolmesh.registry")
 
-SESSION_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26")
-MODERN_VERSIONS = ("2026-07-28",)
 SERVER_INFO_KEY = "io.modelcontextprotocol/serverInfo"
 LOG_LEVEL_KEY = "io.modelcontextprotocol/logLevel"
 LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
@@ -570,7 +562,7 @@ class Gateway:
     async def _initialize(self, request: web.Request, message: Mapping[str, Any]) -> web.Response:
         params = message.get("params")
         asked = params.get("protocolVersion") if isinstance(params, Mapping) else None
-        version = asked if asked in SESSION_VERSIONS else SESSION_VERSIONS[0]
+        version = asked if asked in SESSION_ERA_VERSIONS else SESSION_ERA_VERSIONS[0]
         principal = credential_principal(request.headers.get("Authorization"))
         try:
             self._make_room(principal)
@@ -588,7 +580,7 @@ class Gateway:
                      headers={"Mcp-Session-Id": session.id})
 
     def _discover(self) -> dict[str, Any]:
-        return {"supportedVersions": [*MODERN_VERSIONS, *SESSION_VERSIONS],
+        return {"supportedVersions": [*STATELESS_ERA_VERSIONS, *SESSION_ERA_VERSIONS],
                 "capabilities": CAPABILITIES,
                 "serverInfo": self.server_info,
                 "resultType": "complete", "ttlMs": 0, "cacheScope": "public",
@@ -1047,24 +1039,16 @@ def _stamped(result: dict[str, Any], server_info: Mapping[str, Any]) -> dict[str
 
 def _is_modern(message: Mapping[str, Any], headers: Mapping[str, str]) -> bool:
     """A 2026-07-28 request: the MCP-Protocol-Version header names that era, or the body carries its envelope."""
-    if headers.get("MCP-Protocol-Version") in MODERN_VERSIONS:
+    if headers.get("MCP-Protocol-Version") in STATELESS_ERA_VERSIONS:
         return True
     return has_envelope(message.get("params"))
 
 
 def _modern_rejection(message: Mapping[str, Any], headers: Mapping[str, str]) -> web.Response | None:
-    """What a 2026-07-28 server answers before dispatch: removed methods, routing headers, a bad envelope."""
-    request_id = message.get("id")
-    if message.get("method") in REMOVED_IN_STATELESS_ERA:
-        return _json(error_message(request_id, METHOD_NOT_FOUND, "Method not found", message.get("method")), 404)
-    duplicated = find_duplicated_routing_header(headers.items())
-    if duplicated is not None:
-        return _json(error_message(request_id, HEADER_MISMATCH, f"{duplicated} header appears more than once"), 400)
-    verdict = classify_inbound_request(message, headers={k.lower(): v for k, v in headers.items()})
-    if isinstance(verdict, InboundLadderRejection):
-        return _json(error_message(request_id, verdict.code, verdict.message, verdict.data),
-                     ERROR_CODE_HTTP_STATUS.get(verdict.code, 200))
-    return None
+    """What the gateway answers a stateless-era request before dispatch: every method that era removed is refused,
+    as are bad routing headers and envelopes (api.mcp_http.stateless_refusal)."""
+    refused = stateless_refusal(message, headers, removed=REMOVED_IN_STATELESS_ERA)
+    return None if refused is None else _json(refused.error(message.get("id")), refused.status)
 
 
 def _offer(queue: asyncio.Queue[bytes], item: bytes) -> None:

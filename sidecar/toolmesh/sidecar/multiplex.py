@@ -47,17 +47,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
-from mcp.shared.inbound import (
-    ERROR_CODE_HTTP_STATUS,
-    InboundLadderRejection,
-    classify_inbound_request,
-    find_duplicated_routing_header,
-    validate_mcp_param_headers,
-)
-from mcp_types import HEADER_MISMATCH
+from mcp.shared.inbound import ERROR_CODE_HTTP_STATUS, validate_mcp_param_headers
 from mcp_types.version import LATEST_MODERN_VERSION, MODERN_PROTOCOL_VERSIONS
 
 from toolmesh.api.jsonrpc import PROTOCOL_VERSION_KEY, SUBSCRIPTION_ID_KEY, has_envelope, loads, strip_envelope
+from toolmesh.api.mcp_http import stateless_refusal
 from toolmesh.api.sessions import session_ref, unguessable_id
 from toolmesh.sidecar.chain import SseEvent, header
 from toolmesh.sidecar.errors import (
@@ -140,19 +134,14 @@ def is_modern_request(message: Any, headers: Mapping[str, str] | None = None) ->
 
 
 def modern_rejection(message: Any, headers: Mapping[str, str]) -> UpstreamResponse | None:
-    """What a 2026-07-28 server answers before dispatch: duplicated or mismatched routing headers, a bad envelope."""
+    """What a stateless-era server answers before dispatch (api.mcp_http.stateless_refusal). `initialize` is the one
+    removed method refused here: over HTTP it is an unknown method (404), whatever a stdio child would say."""
     if not isinstance(message, dict) or "id" not in message or "method" not in message:
         return None  # notifications are acknowledged; other shapes are the upstream's to refuse
-    if message.get("method") == "initialize":
-        # Removed in 2026-07-28: over HTTP that is an unknown method (404), whatever a stdio child would say.
-        return rejection(message.get("id"), METHOD_NOT_FOUND, "Method not found", "initialize")
-    duplicated = find_duplicated_routing_header(headers.items())
-    if duplicated is not None:
-        return rejection(message.get("id"), HEADER_MISMATCH, f"{duplicated} header appears more than once")
-    verdict = classify_inbound_request(message, headers={k.lower(): v for k, v in headers.items()})
-    if isinstance(verdict, InboundLadderRejection):
-        return rejection(message.get("id"), verdict.code, verdict.message, verdict.data)
-    return None
+    refused = stateless_refusal(message, headers, removed=("initialize",))
+    if refused is None:
+        return None
+    return json_response(refused.status, refused.error(message.get("id")))
 
 
 def param_rejection(message: Mapping[str, Any], headers: Mapping[str, str], input_schema: Any) -> UpstreamResponse | None:
