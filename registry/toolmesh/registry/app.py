@@ -20,7 +20,7 @@ from toolmesh.registry.backend import BackendPool
 from toolmesh.registry.catalogue import SEPARATOR, Catalogue
 from toolmesh.registry.gateway import Caller, Gateway
 from toolmesh.registry.traces import RedFigures, TraceReceiver
-from toolmesh.registry.workflows import Delegation, install, parse_workflow
+from toolmesh.registry.delegation import Delegation, install, parse_workflow
 
 log = logging.getLogger("toolmesh.registry")
 
