@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 
@@ -11,7 +12,8 @@ from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
-from helpers import async_wait_until
+from helpers import async_wait_until, free_port
+from helpers.mcp_servers import everything_http_server
 from helpers.registry_procs import get_json, registry_process, toy_server
 from helpers.sidecar import guarded_sidecar, sidecar
 from helpers.tokens import TokenIssuer
@@ -146,3 +148,32 @@ async def test_the_gateway_is_never_a_bypass_of_the_sidecars_policy(tmp_path, gu
                         run = await resp.json()
                     assert run["tasks"]["t"]["state"] == state, run
                 assert "scope" in run["tasks"]["t"]["error"]
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_a_restarted_upstream_that_forgets_the_session_with_a_400_gets_a_new_one(tmp_path, mode):
+    """The reference everything server answers a session it forgot with HTTP 400 "No valid session ID provided"
+    (the spec says 404): the gateway's next call through the sidecar opens a new session instead of failing."""
+    env = {"TOOLMESH_REGISTRY_SECRET": SECRET}
+    port = free_port()
+    with registry_process(tmp_path, secret=SECRET) as registry, contextlib.ExitStack() as first:
+        upstream = first.enter_context(everything_http_server(port=port, log_path=tmp_path / "everything-1.log"))
+        with sidecar(["--upstream", upstream], tmp_path, "--server-name", "everything", "--registry", registry,
+                     env=env) as proc:
+            async def listed():
+                return "everything__get-sum" in await tool_names(registry)
+
+            await async_wait_until(listed, timeout=30, what="the everything server's tools listed")
+            async with gateway_client(registry, mode=mode) as client:
+                result = await client.call_tool("everything__get-sum", {"a": 1, "b": 2})
+                assert not result.is_error and "3" in result.content[0].text
+                first.close()  # the upstream stops, and comes back on the same port knowing no session
+                with everything_http_server(port=port, log_path=tmp_path / "everything-2.log"):
+                    await async_wait_until(lambda: _ready(proc.base), timeout=30, what="the sidecar ready again")
+                    result = await client.call_tool("everything__get-sum", {"a": 20, "b": 22})
+                    assert not result.is_error and "42" in result.content[0].text, result
+
+
+async def _ready(base: str) -> bool:
+    async with aiohttp.ClientSession() as http, http.get(f"{base}/readyz") as resp:
+        return resp.status == 200

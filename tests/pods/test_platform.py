@@ -104,6 +104,16 @@ class Release:
     def pods(self, server: str) -> list[dict]:
         return self.node.kubectl_json("get", "pods", "-n", APPS, "-l", f"toolmesh.io/server={server}")["items"]
 
+    def logs(self, server: str, lines: int = 40) -> str:
+        """The last log lines of a server's pods, both containers: what a failed assertion shows."""
+        out = []
+        for pod in self.pods(server):
+            for container in ("mcp-server", "toolmesh-sidecar"):
+                got = self.node.kubectl("logs", pod["metadata"]["name"], "-n", APPS, "-c", container,
+                                        f"--tail={lines}", check=False)
+                out.append(f"--- {pod['metadata']['name']}/{container} ---\n{got.stdout}{got.stderr}")
+        return "\n".join(out)
+
     def running_pod(self, server: str) -> str:
         pods = [p for p in self.pods(server) if not p["metadata"].get("deletionTimestamp")]
         assert len(pods) == 1, [p["metadata"]["name"] for p in pods]
@@ -188,12 +198,12 @@ def test_tool_calls_through_the_gateway_reach_http_sse_and_stdio_servers(release
     # Healthy means one registry replica has the heartbeat; the replica behind the forward may learn it a moment later.
     wait_until(lambda: wanted <= release.tools(), timeout=60, interval=0.5, what=f"the gateway listing {wanted}")
     summed = release.call("everything__get-sum", "a=2", "b=3")
-    assert summed.returncode == 0 and "5" in summed.stdout, summed.stdout + summed.stderr
+    assert summed.returncode == 0 and "5" in summed.stdout, summed.stdout + summed.stderr + release.logs("everything")
     record("helm_install_to_first_gateway_call_seconds", time.monotonic() - release.installed_at)
     sse = release.call("everything-sse__get-sum", "a=20", "b=22")
-    assert sse.returncode == 0 and "42" in sse.stdout, sse.stdout + sse.stderr
+    assert sse.returncode == 0 and "42" in sse.stdout, sse.stdout + sse.stderr + release.logs("everything-sse")
     now = release.call("time__get_current_time", "timezone=UTC")  # stdio over the FIFO bridge in the pod
-    assert now.returncode == 0 and "UTC" in now.stdout, now.stdout + now.stderr
+    assert now.returncode == 0 and "UTC" in now.stdout, now.stdout + now.stderr + release.logs("time")
 
 
 INJECTED_POD = {

@@ -310,6 +310,11 @@ class BackendPool:
                     raise _SessionExpired
                 body = await _read_response(resp, message["id"], notify,
                                             lambda m: self._answer_server_request(session, m, ask))
+                if resp.status == 400 and session.session_id and (body is None or body.get("id") != message["id"]):
+                    # Not an answer to this request: the server does not know the session. The spec says 404, but
+                    # servers in the field (the reference everything server among them) say 400 "No valid
+                    # session ID provided" after a restart: a new session, once, as for 404.
+                    raise _SessionExpired
                 if resp.status in (401, 403):
                     # The sidecar's policy refused the caller: its status and challenge matter to the caller.
                     raise BackendRefused(resp.status, body, resp.headers)
