@@ -50,7 +50,7 @@ def test_kinds_names_and_printer_columns():
     version = server["versions"][0]
     assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
     shown = [c["name"] for c in version["additionalPrinterColumns"] if not c.get("priority")]
-    assert shown == ["Ready", "Tools", "Endpoint", "Age"]
+    assert shown == ["Ready", "Tools", "Healthy", "Endpoint", "Age"]
     policy_cols = [c["name"] for c in docs["MCPToolPolicy"]["spec"]["versions"][0]["additionalPrinterColumns"]]
     assert policy_cols[0] == "Servers" and policy_cols[-1] == "Age"
 

@@ -88,10 +88,10 @@ def crd_kinds() -> list[CrdKind]:
             columns=(
                 {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
                 {"name": "Tools", "type": "integer", "jsonPath": ".status.toolCount"},
+                # Ready: the pods run; Healthy: a registry hears their heartbeats. Both at a glance.
+                {"name": "Healthy", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Healthy")].status'},
                 {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint"},
                 {"name": "Transport", "type": "string", "jsonPath": ".spec.transport", "priority": 1},
-                {"name": "Healthy", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Healthy")].status',
-                 "priority": 1},
                 _AGE,
             ),
         ),
