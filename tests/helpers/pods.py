@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,15 @@ NODE = "toolmesh-node"
 GATEWAY_IP = "10.244.0.1"
 IMAGE = "toolmesh:dev"
 IMAGES = (IMAGE, "local/pause:3.10", "mcp/everything:latest")
+
+
+def http_status(url: str) -> int:
+    """The HTTP status of a GET, 0 when nothing answers (yet): for waiting on /healthz and /readyz."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status
+    except OSError:
+        return 0
 
 
 def pods_bin_dir() -> Path:
@@ -135,13 +145,18 @@ class RealNode(ControlPlane):
         """Copy images from the docker engine into the node's containerd."""
         run_script("cluster.sh", "load", *images, env=self.script_env, timeout=300)
 
-    def container_id(self, namespace: str, pod: str, container: str) -> str:
-        """The containerd id of a pod's container (app or native sidecar) as the kubelet reports it."""
+    def container_status(self, namespace: str, pod: str, container: str) -> dict:
+        """What the kubelet reports of one container of a pod (app or native sidecar); {} when it reports nothing."""
         status = self.kubectl_json("get", "pod", pod, "-n", namespace)["status"]
-        for entry in status.get("containerStatuses", []) + status.get("initContainerStatuses", []):
-            if entry["name"] == container and entry.get("containerID"):
-                return entry["containerID"].split("://", 1)[1]
-        raise AssertionError(f"no running container {container} in pod {namespace}/{pod}: {json.dumps(status)[:2000]}")
+        entries = status.get("containerStatuses", []) + status.get("initContainerStatuses", [])
+        return next((entry for entry in entries if entry["name"] == container), {})
+
+    def container_id(self, namespace: str, pod: str, container: str) -> str:
+        """The containerd id of a pod's container as the kubelet reports it."""
+        entry = self.container_status(namespace, pod, container)
+        if not entry.get("containerID"):
+            raise AssertionError(f"no running container {container} in pod {namespace}/{pod}: {json.dumps(entry)}")
+        return entry["containerID"].split("://", 1)[1]
 
     def ctr(self, *args: str) -> subprocess.CompletedProcess:
         """`ctr` against the node's containerd, in the kubelet's namespace."""
@@ -170,11 +185,7 @@ class RealNode(ControlPlane):
                 raise
 
     def restarts(self, namespace: str, pod: str, container: str) -> int:
-        status = self.kubectl_json("get", "pod", pod, "-n", namespace)["status"]
-        for entry in status.get("containerStatuses", []) + status.get("initContainerStatuses", []):
-            if entry["name"] == container:
-                return int(entry.get("restartCount", 0))
-        return 0
+        return int(self.container_status(namespace, pod, container).get("restartCount", 0))
 
     def stop(self) -> None:
         run_script("cluster.sh", "down", env=self.script_env, timeout=240)

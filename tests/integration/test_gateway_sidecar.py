@@ -12,10 +12,10 @@ from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
-from helpers import async_wait_until, free_port
+from helpers import async_wait_until, free_port, wait_until
 from helpers.mcp_servers import everything_http_server
 from helpers.registry_procs import get_json, registry_process, toy_server
-from helpers.sidecar import guarded_sidecar, sidecar
+from helpers.sidecar import guarded_sidecar, ready, sidecar
 from helpers.tokens import TokenIssuer
 
 SECRET = "heartbeat-secret"
@@ -169,11 +169,6 @@ async def test_a_restarted_upstream_that_forgets_the_session_with_a_400_gets_a_n
                 assert not result.is_error and "3" in result.content[0].text
                 first.close()  # the upstream stops, and comes back on the same port knowing no session
                 with everything_http_server(port=port, log_path=tmp_path / "everything-2.log"):
-                    await async_wait_until(lambda: _ready(proc.base), timeout=30, what="the sidecar ready again")
+                    wait_until(lambda: ready(proc.base), timeout=30, what="the sidecar ready again")
                     result = await client.call_tool("everything__get-sum", {"a": 20, "b": 22})
                     assert not result.is_error and "42" in result.content[0].text, result
-
-
-async def _ready(base: str) -> bool:
-    async with aiohttp.ClientSession() as http, http.get(f"{base}/readyz") as resp:
-        return resp.status == 200

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.pods import IMAGES, RealNode, require_root, run_script, start_real_node
+from helpers.pods import IMAGES, RealNode, pods_bin_dir, require_root, run_script, start_real_node
 
 HERE = Path(__file__).resolve().parent
 SETUP_TIMEOUT = 1800  # seconds: a cold machine builds the base image and the project image first
@@ -83,8 +83,6 @@ def host_state() -> dict[str, list[str]]:
 @pytest.fixture(scope="session")
 def images(pods_state: Path) -> Iterator[dict]:
     """dockerd (started if none answers, stopped again), then the tier's images; their sizes and build seconds."""
-    from helpers.pods import pods_bin_dir
-
     env = dict(os.environ, TOOLMESH_PODS_STATE=str(pods_state), PODS_BIN=str(pods_bin_dir()))
     run_script("dockerd.sh", "start", env=env, timeout=60)
     try:

@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from helpers import ROOT, TOOLMESH, free_port, wait_until
-from helpers.pods import IMAGE, RealNode
+from helpers.pods import IMAGE, RealNode, http_status
 
 RUN = ["docker", "run", "--rm", "--read-only", "--tmpfs", "/tmp"]
 
@@ -36,14 +35,6 @@ def container(*args: str) -> Iterator[str]:
         raise
     finally:
         docker("rm", "-f", cid)
-
-
-def http_status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status
-    except OSError:
-        return 0
 
 
 def test_the_image_is_small_enough_and_built_from_the_dockerfile(images: dict):

@@ -16,7 +16,6 @@ import os
 import re
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import ROOT, TOOLMESH, free_port, wait_until
-from helpers.pods import GATEWAY_IP, IMAGE, RealNode
+from helpers import ROOT, free_port, toolmesh_cli, wait_until
+from helpers.pods import GATEWAY_IP, IMAGE, RealNode, http_status
 
 NS = "toolmesh-system"
 APPS = "examples"  # the namespace the examples are applied in
@@ -37,18 +36,6 @@ TIMINGS: dict[str, float] = {}
 def record(name: str, seconds: float) -> None:
     TIMINGS[name] = round(seconds, 1)
     print(f"{name}: {seconds:.1f}s")
-
-
-def toolmesh(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([TOOLMESH, *args], capture_output=True, text=True, timeout=timeout)
-
-
-def http_status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status
-    except OSError:
-        return 0
 
 
 @dataclass
@@ -85,13 +72,13 @@ class Release:
             self.forward = None
 
     def tools(self, url: str | None = None) -> set[str]:
-        listed = toolmesh("tools", url or self.gateway, "--output", "json")
+        listed = toolmesh_cli("tools", url or self.gateway, "--output", "json")
         if listed.returncode != 0:
             return set()
         return {tool["name"] for tool in json.loads(listed.stdout)}
 
     def call(self, tool: str, *args: str, url: str | None = None) -> subprocess.CompletedProcess:
-        return toolmesh("call", url or self.gateway, tool, *args)
+        return toolmesh_cli("call", url or self.gateway, tool, *args)
 
     def servers(self) -> dict[str, dict]:
         listed = self.node.kubectl_json("get", "mcpservers", "-n", APPS)["items"]

@@ -139,9 +139,7 @@ def modern_rejection(message: Any, headers: Mapping[str, str]) -> UpstreamRespon
     if not isinstance(message, dict) or "id" not in message or "method" not in message:
         return None  # notifications are acknowledged; other shapes are the upstream's to refuse
     refused = stateless_refusal(message, headers, removed=("initialize",))
-    if refused is None:
-        return None
-    return json_response(refused.status, refused.error(message.get("id")))
+    return None if refused is None else rejection(message.get("id"), refused.code, refused.message, refused.data)
 
 
 def param_rejection(message: Mapping[str, Any], headers: Mapping[str, str], input_schema: Any) -> UpstreamResponse | None:
