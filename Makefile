@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export TOOLMESH_CACHE ?= $(HOME)/.cache/toolmesh
 PYTEST_ARGS ?=
 
-.PHONY: help install demo test test-pods test-fast lint crds docs node-deps conformance-deps cluster-bins system-deps bench clean
+.PHONY: help install demo test test-pods test-fast lint crds docs chart-schema node-deps conformance-deps cluster-bins system-deps bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/' | expand -t 20
@@ -42,6 +42,9 @@ crds: install  ## regenerate crds/ from the api models
 
 docs: install  ## regenerate docs/policy-reference.md from the policy models' docstrings
 	$(BIN)/python scripts/policy_reference.py
+
+chart-schema: install  ## regenerate charts/toolmesh/values.schema.json from values.yaml's comments and defaults
+	$(BIN)/python scripts/values_schema.py
 
 test: install system-deps node-deps cluster-bins lint  ## install everything the tests need, run the whole suite
 	$(BIN)/pytest $(PYTEST_ARGS)
