@@ -23,6 +23,8 @@ DEFAULT_REGISTRY_URL = OperatorConfig.registry_url
 TLS_SECRET = "toolmesh-webhook-tls"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 DRY_RUN = (("dryRun", "All"),)
+KUBE_CONNECTIONS = 16
+"""Requests to the API the reconciler makes at once (servers of a namespace reconcile side by side)."""
 LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
                        r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
@@ -80,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     import kopf
 
     from toolmesh.operator import handlers  # registers the handlers with kopf
-    from toolmesh.operator.kube import Kube, KubeError, load_api_client
+    from toolmesh.operator.kube import AsyncKube, Kube, KubeError, load_api_client
     from toolmesh.operator.reconcile import Reconciler
     from toolmesh.operator.webhook import skipped_namespaces
 
@@ -89,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     config = OperatorConfig(sidecar_image=args.sidecar_image, registry_url=args.registry_url or None)
     try:
-        kube = Kube(load_api_client(pool_size=16))  # reconciles run side by side in kopf's threads
+        kube = Kube(load_api_client(pool_size=KUBE_CONNECTIONS))
     except Exception as exc:  # noqa: BLE001 - no kubeconfig and not in a cluster: a configuration problem
         raise UsageError(f"cannot reach Kubernetes: {exc}") from None
 
@@ -99,13 +101,14 @@ def run(args: argparse.Namespace) -> int:
         prefix="toolmesh.io", key="last-handled-configuration")
     settings.persistence.finalizer = "toolmesh.io/finalizer"
     settings.posting.level = logging.WARNING
-    settings.execution.max_workers = 16
     settings.admission.managed = None  # the operator writes its own webhook configurations
 
     if args.namespace and args.namespace_selector:
         raise UsageError("--namespace and --namespace-selector exclude each other")
     skipped = skipped_namespaces(args.operator_namespace)
-    memo = kopf.Memo(reconciler=Reconciler(kube=kube, config=config), config=config, skipped_namespaces=skipped)
+    # The handlers are async; the reconciler's requests run in one thread per pooled connection.
+    requests = AsyncKube(kube, workers=KUBE_CONNECTIONS)
+    memo = kopf.Memo(reconciler=Reconciler(kube=requests, config=config), config=config, skipped_namespaces=skipped)
     workdir = Path(tempfile.mkdtemp(prefix="toolmesh-webhook-"))
     setup: WebhookSetup | None = None
     try:
@@ -132,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
             pass
         asyncio.run(run_kopf(kopf, kube, args, settings, memo, skipped))
     finally:
+        requests.close()
         shutil.rmtree(workdir, ignore_errors=True)
         if setup is not None and not args.webhook_service:
             # Outside the cluster the operator is a passing guest: what it set up goes with it.

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import asyncio
+import functools
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from toolmesh.api.kube import KubeClient, KubeError, load_api_client
 
-__all__ = ["FIELD_MANAGER", "Kube", "KubeError", "load_api_client", "object_path"]
+__all__ = ["FIELD_MANAGER", "AsyncKube", "Kube", "KubeError", "load_api_client", "object_path"]
+
+T = TypeVar("T")
 
 FIELD_MANAGER = "toolmesh"
 CREATE_ONLY = str(2**64 - 1)
@@ -79,3 +84,33 @@ class Kube(KubeClient):
         if resource_version:
             body["metadata"] = {"resourceVersion": resource_version}
         return self.request("PATCH", path, body=body, content_type="application/merge-patch+json", missing_ok=True)
+
+
+class AsyncKube:
+    """`Kube` for the event loop: each blocking request runs on a pool of threads, one per pooled connection.
+
+    The threads only carry requests: what is written and in which order is decided on the loop, so nothing here
+    needs a lock. A reconcile waits for a free thread, never the loop.
+    """
+
+    def __init__(self, kube: Kube, *, workers: int = 16):
+        self.sync = kube
+        """The blocking client, for code that already runs in one of the pool's threads."""
+        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="kube")
+
+    async def run(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`call(*args, **kwargs)` in the pool: blocking work (requests, rendering that reads Secrets) off the loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(call, *args, **kwargs))
+
+    async def apply(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        return await self.run(self.sync.apply, manifest)
+
+    async def get(self, kind: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+        return await self.run(self.sync.get, kind, name, namespace)
+
+    async def patch_status(self, kind: str, name: str, namespace: str, status: Mapping[str, Any],
+                           resource_version: str | None = None) -> dict[str, Any] | None:
+        return await self.run(self.sync.patch_status, kind, name, namespace, status, resource_version)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)

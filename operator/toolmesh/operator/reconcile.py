@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
-import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from toolmesh.operator.events import EventRecorder
-from toolmesh.operator.kube import CREATE_ONLY, Kube, KubeError
+from toolmesh.operator.kube import CREATE_ONLY, AsyncKube, KubeError
 from toolmesh.operator.merge import PolicySource
 from toolmesh.operator.render import (
     MissingSecret, OperatorConfig, RenderedServer, condition, digest, policy_status, ready_condition, render_server,
@@ -71,11 +71,73 @@ class NameConflict(Exception):
         super().__init__(message)
 
 
+@dataclass(frozen=True)
+class KnownPolicy:
+    """An MCPToolPolicy as the operator's index keeps it: parsed once per change, with the body its status is
+    written from."""
+
+    source: PolicySource
+    """The policy as the merge reads it."""
+    body: Mapping[str, Any]
+    """The object as last seen on the watch stream."""
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> KnownPolicy:
+        return cls(source=PolicySource.from_body(body), body=body)
+
+
+@dataclass(frozen=True)
+class KnownServer:
+    """An MCPServer as the operator's index keeps it: what the policies' server lists need."""
+
+    name: str
+    """metadata.name."""
+    labels: Mapping[str, str]
+    """metadata.labels, which policy selectors match."""
+
+
+@dataclass(frozen=True)
+class Known:
+    """The policies and servers of every namespace served, as the watch streams last showed them.
+
+    kopf keeps both indexes current (namespace -> objects) before it runs a handler for the event that changed
+    them, so a reconcile reads the latest view without asking the API, whatever the number of objects.
+    """
+
+    policies: Mapping[str, Iterable[KnownPolicy]]
+    """namespace -> its MCPToolPolicies."""
+    servers: Mapping[str, Iterable[KnownServer]]
+    """namespace -> its MCPServers."""
+
+    def policies_in(self, namespace: str) -> list[KnownPolicy]:
+        return sorted(self.policies.get(namespace) or (), key=lambda p: p.source.name)
+
+    def servers_in(self, namespace: str) -> list[KnownServer]:
+        return sorted(self.servers.get(namespace) or (), key=lambda s: s.name)
+
+
+@dataclass(frozen=True)
+class Blocked:
+    """Why a server was not reconciled, for the handler to report: nothing it was asked to do is applied."""
+
+    reason: str
+    """NameConflict, MissingSecret (looked at again later) or InvalidSpec (waits for the next edit)."""
+    message: str
+    """What a person reads in the server's status."""
+
+
 @dataclass
 class Reconciler:
-    """The operator's state across events: the API, the settings and what it last applied."""
+    """The operator's state across events: the API, the settings and what it last applied.
 
-    kube: Kube
+    Everything runs on kopf's event loop; only the API requests leave it, for `kube`'s threads. A reconcile still
+    awaits between reading the policies and writing what it rendered from them, so two must not interleave on one
+    server: a server is rendered and written under its own asyncio lock, reading the policies inside it, and the
+    policies' statuses of a namespace likewise under the namespace's. Whoever comes later reads a later view and
+    writes last. Servers of one namespace reconcile side by side.
+    """
+
+    kube: AsyncKube
     config: OperatorConfig
     applied: dict[tuple[str, str, str], str] = field(default_factory=dict)
     """(kind, namespace, name) -> digest of the manifest last applied; an equal digest is not applied again."""
@@ -87,103 +149,111 @@ class Reconciler:
     """Posts Events on MCPServers and MCPToolPolicies for what a person must act on; made from `kube` if None."""
     recheck_after: float = 10.0
     """Seconds before a server blocked by a name conflict or a missing Secret is looked at again (the object in its
-    way may go, the Secret may come, without any event we watch); doubled after each look that finds it still
-    blocked, up to `recheck_max`."""
+    way may go, the Secret may come, without any event we watch), or before work a watch event asked for and the
+    API refused is tried again; doubled after each look that finds it still blocked or failing, up to
+    `recheck_max`."""
     recheck_max: float = 300.0
-    """The longest wait between two looks at a blocked server."""
-    rechecks: dict[tuple[str, str], tuple[threading.Timer | None, float]] = field(default_factory=dict)
-    """(namespace, server) -> (pending look, its delay) for blocked servers."""
+    """The longest wait between two looks."""
+    rechecks: dict[tuple[str, ...], tuple[asyncio.TimerHandle | None, float]] = field(default_factory=dict)
+    """("MCPServer", namespace, name) or ("MCPToolPolicy", namespace) -> (pending look, its delay)."""
     readiness: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
     """(namespace, server) -> (status, message) of the Ready condition last written: Deployment events that
     change nothing a user sees cost no API call."""
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    """Guards the dicts above and the two below."""
-    namespace_locks: dict[str, threading.Lock] = field(default_factory=dict)
-    server_locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict)
-
-    # kopf runs these handlers on a pool of threads, so two events of one namespace reconcile at once. A reconcile
-    # that read the policies or servers before another one must not write after it: its older view would stay.
-    # So work that reads lists holds its namespace's lock and reads them inside it, and a server is rendered and
-    # written under its own lock with lists read after the previous holder finished. Servers of one namespace
-    # still reconcile in parallel.
-
-    def namespace_lock(self, namespace: str) -> threading.Lock:
-        with self.lock:
-            return self.namespace_locks.setdefault(namespace, threading.Lock())
-
-    def server_lock(self, namespace: str, name: str) -> threading.Lock:
-        with self.lock:
-            return self.server_locks.setdefault((namespace, name), threading.Lock())
+    policy_statuses: dict[tuple[str, str], tuple[str, dict[str, Any]]] = field(default_factory=dict)
+    """(namespace, policy) -> (uid, status) last written: the watch stream may not have shown our own write yet,
+    and only the operator writes a policy's status."""
+    server_locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+    namespace_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    looks: set[asyncio.Task[None]] = field(default_factory=set)
+    """Looks in progress (the loop keeps only weak references to tasks)."""
 
     def __post_init__(self) -> None:
         if self.events is None:
-            self.events = EventRecorder(self.kube)
+            self.events = EventRecorder(self.kube.sync)
 
-    def warn(self, obj: Mapping[str, Any], reason: str, message: str) -> None:
+    def server_lock(self, namespace: str, name: str) -> asyncio.Lock:
+        return self.server_locks.setdefault((namespace, name), asyncio.Lock())
+
+    def namespace_lock(self, namespace: str) -> asyncio.Lock:
+        return self.namespace_locks.setdefault(namespace, asyncio.Lock())
+
+    async def warn(self, obj: Mapping[str, Any], reason: str, message: str) -> None:
         assert self.events is not None
-        self.events.post(obj, reason, message)
+        await self.kube.run(self.events.post, obj, reason, message)
 
     # --- MCPServer ---------------------------------------------------------------------------------------------
 
-    def server_changed(self, server: Mapping[str, Any]) -> str | None:
+    async def server_changed(self, server: Mapping[str, Any], known: Known) -> Blocked | None:
         """An MCPServer was created, changed or found on start-up: reconcile it, then the policies' server lists.
 
-        Returns why the server is blocked ("NameConflict", "MissingSecret"), None when it was reconciled.
+        Returns why the server is blocked, None when it was reconciled.
         """
         meta = server["metadata"]
-        with self.server_lock(meta["namespace"], meta["name"]):
-            policies = self.policies(meta["namespace"])
-            blocked = self.reconcile_server(server, policies)
-        if policies:  # a policy created since lists this server itself: its own event re-reads the servers
-            self.refresh_policy_statuses(meta["namespace"])
+        async with self.server_lock(meta["namespace"], meta["name"]):
+            blocked = await self.reconcile_server(server, known)
+        if known.policies_in(meta["namespace"]):  # a list of servers only where policies need it
+            await self.refresh_policy_statuses(meta["namespace"], known)
         return blocked
 
-    def policies(self, namespace: str) -> list[PolicySource]:
-        return [PolicySource.from_body(p) for p in self.kube.list("MCPToolPolicy", namespace)]
+    async def reconcile_named(self, namespace: str, name: str, known: Known) -> Blocked | None:
+        """Reconcile the server of that name as it is now, unless it is gone or going."""
+        async with self.server_lock(namespace, name):
+            # Read inside the lock: the server may have changed while we waited. Looked up by name, not uid: a
+            # server re-created under the same name waits for its predecessor's children to go.
+            server = await self.kube.get("MCPServer", name, namespace)
+            if server is None or server["metadata"].get("deletionTimestamp"):
+                self.cancel_recheck(namespace, name)
+                return None
+            return await self.reconcile_server(server, known)
 
-    def reconcile_server(self, server: Mapping[str, Any], policies: Iterable[PolicySource]) -> str | None:
+    async def reconcile_server(self, server: Mapping[str, Any], known: Known) -> Blocked | None:
         """Render one MCPServer, apply the manifests whose rendering changed, write its status.
 
-        Returns the reason the server is blocked ("NameConflict", "MissingSecret"), None when it was reconciled. The
-        caller holds the server's lock and read `policies` while holding it.
+        The caller holds the server's lock; the policies are read from `known` here, inside it. Returns why the
+        server is blocked, None when it was reconciled.
         """
         meta = server["metadata"]
+        namespace = meta["namespace"]
+        policies = [p.source for p in known.policies_in(namespace)]
+
+        def secret_keys(name: str) -> set[str] | None:
+            return secret_keys_of(self.kube.sync.get("Secret", name, namespace))  # in the pool's thread
+
         try:
-            rendered = render_server(server, policies, self.config, secret_keys=lambda name: secret_keys_of(
-                self.kube.get("Secret", name, meta["namespace"])))
+            rendered = await self.kube.run(render_server, server, policies, self.config, secret_keys=secret_keys)
         except MissingSecret as exc:
             # Nothing is applied, so running pods keep their policy; the Secret may come later: look again then.
-            self.report_unrendered(server, "MissingSecret", str(exc))
-            self.schedule_recheck(meta["namespace"], meta["name"])
-            return "MissingSecret"
+            await self.report_unrendered(server, "MissingSecret", str(exc))
+            self.look_again(namespace, meta["name"], known)
+            return Blocked("MissingSecret", str(exc))
         except ValueError as exc:
             # The schema normally stops a bad spec at the apiserver; one that slips through is reported, not retried.
-            self.report_unrendered(server, "InvalidSpec", str(exc))
-            return None
+            await self.report_unrendered(server, "InvalidSpec", str(exc))
+            return Blocked("InvalidSpec", str(exc))
         deployment = None
         try:
-            self.claim(server, rendered.manifests)
+            await self.claim(server, rendered.manifests)
             for manifest in rendered.manifests:
-                result = self.apply_if_changed(manifest, server)
+                result = await self.apply_if_changed(manifest, server)
                 if manifest["kind"] == "Deployment":
-                    deployment = result or self.kube.get("Deployment", meta["name"], meta["namespace"])
+                    deployment = result or await self.kube.get("Deployment", meta["name"], namespace)
         except NameConflict as conflict:
-            return self.refuse(server, rendered, conflict)
+            return await self.refuse(server, conflict, known)
         except KubeError as exc:
             if not _namespace_terminating(exc):
                 raise
             # The server goes with its namespace: nothing to create there any more, and nothing to retry.
-            log.info("MCPServer %s/%s: its namespace is being deleted", meta["namespace"], meta["name"])
+            log.info("MCPServer %s/%s: its namespace is being deleted", namespace, meta["name"])
             return None
-        self.update_server_status(server, lambda s: _owned(self.server_status(s, rendered, deployment)))
+        await self.update_server_status(server, lambda s: _owned(self.server_status(s, rendered, deployment)))
         self.remember_ready(meta, ready_condition(deployment, None))
-        self.cancel_recheck(meta["namespace"], meta["name"])
+        self.cancel_recheck(namespace, meta["name"])
         applied, reason, message = rendered.policy.describe()
         if not applied:
-            self.warn(server, reason, message)
+            await self.warn(server, reason, message)
         return None
 
-    def report_unrendered(self, server: Mapping[str, Any], reason: str, error: str) -> None:
+    async def report_unrendered(self, server: Mapping[str, Any], reason: str, error: str) -> None:
         """The server could not be rendered: PolicyApplied=False with `reason` and `error`, and a Warning Event."""
         generation = server["metadata"].get("generation")
 
@@ -193,8 +263,8 @@ class Reconciler:
                 "PolicyApplied", False, reason, error, generation), now())
             return _owned(status)
 
-        self.update_server_status(server, unrendered)
-        self.warn(server, reason, error)
+        await self.update_server_status(server, unrendered)
+        await self.warn(server, reason, error)
 
     @staticmethod
     def server_status(server: Mapping[str, Any], rendered: RenderedServer,
@@ -208,7 +278,8 @@ class Reconciler:
             "PolicyApplied", applied, reason, message, generation), now())
         return status
 
-    def refuse(self, server: Mapping[str, Any], rendered: RenderedServer, conflict: NameConflict) -> str | None:
+
+    async def refuse(self, server: Mapping[str, Any], conflict: NameConflict, known: Known) -> Blocked | None:
         """A child's name is taken: say so on the server (and in an Event), publish no endpoint, touch nothing."""
         meta = server["metadata"]
         reason = "Progressing" if conflict.predecessor else "NameConflict"
@@ -222,16 +293,16 @@ class Reconciler:
                 conditions = set_condition(conditions, cond, now())
             return _owned({"observedGeneration": generation, "conditions": conditions})
 
-        self.update_server_status(server, refused)
+        await self.update_server_status(server, refused)
         self.remember_ready(meta, {"status": "False", "message": str(conflict)})
-        self.schedule_recheck(meta["namespace"], meta["name"])
+        self.look_again(meta["namespace"], meta["name"], known)
         if conflict.predecessor:
             return None
         log.warning("MCPServer %s/%s: %s", meta["namespace"], meta["name"], conflict)
-        self.warn(server, "NameConflict", str(conflict))
-        return "NameConflict"
+        await self.warn(server, "NameConflict", str(conflict))
+        return Blocked("NameConflict", str(conflict))
 
-    def claim(self, server: Mapping[str, Any], manifests: Iterable[Mapping[str, Any]]) -> None:
+    async def claim(self, server: Mapping[str, Any], manifests: Iterable[Mapping[str, Any]]) -> None:
         """Check, before anything is written, that every child to apply is absent or controlled by this server.
 
         Raises NameConflict for the first that is not. A child whose uid is known from an earlier apply costs
@@ -239,23 +310,21 @@ class Reconciler:
         """
         for manifest in manifests:
             key = _key(manifest)
-            with self.lock:
-                if self.applied.get(key) == digest(manifest) or self.owned_child(key, server):
-                    continue
-            self.check_owner(manifest, server)
+            if self.applied.get(key) == digest(manifest) or self.owned_child(key, server):
+                continue
+            await self.check_owner(manifest, server)
 
     def owned_child(self, key: tuple[str, str, str], server: Mapping[str, Any]) -> str | None:
-        """The uid of the child `key` if it is known to be `server`'s (the caller holds the lock)."""
+        """The uid of the child `key` if it is known to be `server`'s."""
         server_uid, child_uid = self.owned.get(key, ("", ""))
         return child_uid if server_uid == server["metadata"]["uid"] else None
 
-    def check_owner(self, manifest: Mapping[str, Any], server: Mapping[str, Any]) -> None:
+    async def check_owner(self, manifest: Mapping[str, Any], server: Mapping[str, Any]) -> None:
         """Read the child: absent is fine, controlled by this server is remembered as ours, anything else refused."""
         meta, key = manifest["metadata"], _key(manifest)
-        live = self.kube.get(manifest["kind"], meta["name"], meta.get("namespace"))
+        live = await self.kube.get(manifest["kind"], meta["name"], meta.get("namespace"))
         if live is None:
-            with self.lock:
-                self.owned.pop(key, None)
+            self.owned.pop(key, None)
             return
         uid = controller_uid(live)
         if uid != server["metadata"]["uid"]:
@@ -263,83 +332,92 @@ class Reconciler:
             predecessor = (uid is not None and owner is not None and owner.get("uid") == uid
                            and owner.get("name") == server["metadata"]["name"])
             raise NameConflict(manifest["kind"], meta["name"], predecessor)
-        with self.lock:
-            self.owned[key] = (server["metadata"]["uid"], live["metadata"]["uid"])
+        self.owned[key] = (server["metadata"]["uid"], live["metadata"]["uid"])
 
-    def apply_if_changed(self, manifest: Mapping[str, Any], server: Mapping[str, Any]) -> dict[str, Any] | None:
+    async def apply_if_changed(self, manifest: Mapping[str, Any], server: Mapping[str, Any]) -> dict[str, Any] | None:
         """Apply unless this exact manifest was the last one applied; returns the live object if applied.
 
         The apply is pinned to the child this server owns (its uid), or, for a child that does not exist, may only
         create it: what someone else created in between is never written to, whatever its fields.
         """
         key, value = _key(manifest), digest(manifest)
-        with self.lock:
-            if self.applied.get(key) == value:
-                return None
+        if self.applied.get(key) == value:
+            return None
         for attempt in range(2):
-            with self.lock:
-                uid = self.owned_child(key, server)
+            uid = self.owned_child(key, server)
             pinned = {**manifest, "metadata": {**manifest["metadata"],
                                                **({"uid": uid} if uid else {"resourceVersion": CREATE_ONLY})}}
             try:
-                live = self.kube.apply(pinned)
+                live = await self.kube.apply(pinned)
                 break
             except KubeError as exc:
                 # 409: created meanwhile, or the pinned child is gone; 422: uid immutable, so it was replaced.
                 if exc.status not in (409, 422) or attempt:
                     raise
-            with self.lock:
-                self.owned.pop(key, None)
-            self.check_owner(manifest, server)
-        with self.lock:
-            self.applied[key] = value
-            self.owned[key] = (server["metadata"]["uid"], live["metadata"]["uid"])
+            self.owned.pop(key, None)
+            await self.check_owner(manifest, server)
+        self.applied[key] = value
+        self.owned[key] = (server["metadata"]["uid"], live["metadata"]["uid"])
         return live
 
-    def schedule_recheck(self, namespace: str, name: str) -> None:
-        """Look at a blocked server again later, each time waiting twice as long: never a hot loop."""
-        with self.lock:
-            timer, delay = self.rechecks.get((namespace, name), (None, 0.0))
-            if timer is not None:
-                return
-            delay = min(self.recheck_max, delay * 2 or self.recheck_after)
-            timer = threading.Timer(delay, self.recheck, (namespace, name))
-            timer.daemon = True
-            self.rechecks[(namespace, name)] = (timer, delay)
-        timer.start()
+    # --- looking again -------------------------------------------------------------------------------------------
+
+    def look_again(self, namespace: str, name: str, known: Known) -> None:
+        """Reconcile a blocked server, or one a watch event could not reconcile, again later."""
+        self.later(("MCPServer", namespace, name), lambda: self.recheck(namespace, name, known))
+
+    def later(self, key: tuple[str, ...], work: Callable[[], Awaitable[None]]) -> None:
+        """Run `work` after the delay for `key`, twice as long as the last one: never a hot loop.
+
+        kopf retries its change handlers, not its event handlers nor a server blocked by what it does not watch;
+        this is that retry. `work` that raises is logged and tried again; work that succeeds calls `settle(key)`.
+        """
+        handle, delay = self.rechecks.get(key, (None, 0.0))
+        if handle is not None:
+            return
+        delay = min(self.recheck_max, delay * 2 or self.recheck_after)
+        handle = asyncio.get_running_loop().call_later(delay, self.start_look, key, work)
+        self.rechecks[key] = (handle, delay)
+
+    def start_look(self, key: tuple[str, ...], work: Callable[[], Awaitable[None]]) -> None:
+        _, delay = self.rechecks.get(key, (None, 0.0))
+        self.rechecks[key] = (None, delay)
+        task = asyncio.get_running_loop().create_task(self.look(key, work))
+        self.looks.add(task)
+        task.add_done_callback(self.looks.discard)
+
+    async def look(self, key: tuple[str, ...], work: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await work()
+        except Exception as exc:  # noqa: BLE001 - no handler waits for this look: it is retried, and said
+            log.warning("%s: failed again, trying later: %s", " ".join(key), exc)
+            self.later(key, work)
+
+    def settle(self, key: tuple[str, ...]) -> None:
+        """`key` needs no further look: drop its pending one and its delay."""
+        handle, _ = self.rechecks.pop(key, (None, 0.0))
+        if handle is not None:
+            handle.cancel()
 
     def cancel_recheck(self, namespace: str, name: str) -> None:
-        with self.lock:
-            timer, _ = self.rechecks.pop((namespace, name), (None, 0.0))
-        if timer is not None:
-            timer.cancel()
+        self.settle(("MCPServer", namespace, name))
 
-    def recheck(self, namespace: str, name: str) -> None:
-        with self.lock:
-            _, delay = self.rechecks.get((namespace, name), (None, 0.0))
-            self.rechecks[(namespace, name)] = (None, delay)
-        try:
-            server = self.kube.get("MCPServer", name, namespace)
-            if server is None or server["metadata"].get("deletionTimestamp"):
-                self.cancel_recheck(namespace, name)
-                return
-            self.server_changed(server)  # schedules the next look if still blocked
-        except Exception as exc:  # noqa: BLE001 - a timer thread has no one to raise to; look again later
-            log.warning("looking again at MCPServer %s/%s failed: %s", namespace, name, exc)
-            self.schedule_recheck(namespace, name)
+    async def recheck(self, namespace: str, name: str, known: Known) -> None:
+        if await self.reconcile_named(namespace, name, known) is None:  # a blocked server schedules its next look
+            if known.policies_in(namespace):
+                await self.refresh_policy_statuses(namespace, known)
 
     def forget(self, namespace: str, name: str) -> None:
         """Drop what was applied for a deleted server, so a new one of the same name is applied afresh."""
         self.cancel_recheck(namespace, name)
-        with self.lock:
-            for known in (self.applied, self.owned):
-                for key in [k for k in known if k[1] == namespace and k[2] in (name, f"{name}-policy")]:
-                    del known[key]
-            self.readiness.pop((namespace, name), None)
-            self.server_locks.pop((namespace, name), None)
+        for known in (self.applied, self.owned):
+            for key in [k for k in known if k[1] == namespace and k[2] in (name, f"{name}-policy")]:
+                del known[key]
+        self.readiness.pop((namespace, name), None)
+        self.server_locks.pop((namespace, name), None)
 
-    def update_server_status(self, server: Mapping[str, Any],
-                             compute: Callable[[Mapping[str, Any]], dict[str, Any]]) -> None:
+    async def update_server_status(self, server: Mapping[str, Any],
+                                   compute: Callable[[Mapping[str, Any]], dict[str, Any]]) -> None:
         """Write the status `compute` derives from the server, re-reading the server when another writer won."""
         meta = server["metadata"]
         for _ in range(CONFLICT_RETRIES):
@@ -348,55 +426,47 @@ class Reconciler:
             if all(current.get(k) == v for k, v in status.items()):
                 return
             try:
-                self.kube.patch_status("MCPServer", meta["name"], meta["namespace"], status,
-                                       resource_version=server["metadata"].get("resourceVersion"))
+                await self.kube.patch_status("MCPServer", meta["name"], meta["namespace"], status,
+                                             resource_version=server["metadata"].get("resourceVersion"))
                 return
             except KubeError as exc:
                 if exc.status != 409:
                     raise
-            fresh = self.kube.get("MCPServer", meta["name"], meta["namespace"])
+            fresh = await self.kube.get("MCPServer", meta["name"], meta["namespace"])
             if fresh is None or fresh["metadata"]["uid"] != meta.get("uid", fresh["metadata"]["uid"]):
                 return
             server = fresh
         raise KubeError(409, f"status of MCPServer {meta['namespace']}/{meta['name']} kept changing under us")
 
-    def owner_of(self, child: Mapping[str, Any]) -> dict[str, Any] | None:
+    async def owner_of(self, child: Mapping[str, Any]) -> dict[str, Any] | None:
         """The live MCPServer that owns `child`, unless it is gone or going."""
         meta = child["metadata"]
         owner = _owner_reference(child)
         if owner is None:
             return None
-        server = self.kube.get("MCPServer", owner["name"], meta["namespace"])
+        server = await self.kube.get("MCPServer", owner["name"], meta["namespace"])
         if server is None or server["metadata"]["uid"] != owner.get("uid"):
             return None
         if server["metadata"].get("deletionTimestamp"):
             return None
         return server
 
-    def child_deleted(self, child: Mapping[str, Any]) -> None:
+    async def child_deleted(self, child: Mapping[str, Any], known: Known) -> None:
         """Someone deleted a child the operator manages: put it back, unless its MCPServer is going too."""
-        with self.lock:
-            self.applied.pop(_key(child), None)
-            self.owned.pop(_key(child), None)
+        self.applied.pop(_key(child), None)
+        self.owned.pop(_key(child), None)
         owner = _owner_reference(child)
-        if owner is None:
-            return
-        namespace = child["metadata"]["namespace"]
-        with self.server_lock(namespace, owner["name"]):
-            # Read inside the lock: the server may have changed while we waited. Looked up by name, not uid: a
-            # server re-created under the same name waits for its predecessor's children to go.
-            server = self.kube.get("MCPServer", owner["name"], namespace)
-            if server is not None and not server["metadata"].get("deletionTimestamp"):
-                self.reconcile_server(server, self.policies(namespace))
+        if owner is not None:
+            await self.reconcile_named(child["metadata"]["namespace"], owner["name"], known)
 
-    def deployment_changed(self, deployment: Mapping[str, Any]) -> None:
+    async def deployment_changed(self, deployment: Mapping[str, Any]) -> None:
         """A Deployment the operator owns changed: refresh its MCPServer's Ready condition."""
         meta = deployment["metadata"]
         seen = self.readiness.get((meta["namespace"], meta["name"]))
         ready = ready_condition(deployment, None)
         if seen == (ready["status"], ready["message"]):
             return
-        server = self.owner_of(deployment)
+        server = await self.owner_of(deployment)
         if server is None or not (server.get("status") or {}).get("conditions"):
             return  # not reconciled yet: the reconcile writes Ready along with the rest
         if any(c.get("type") == "Ready" and c.get("reason") == "NameConflict" for c in server["status"]["conditions"]):
@@ -407,54 +477,71 @@ class Reconciler:
             ready = ready_condition(deployment, status.get("observedGeneration"))
             return {"conditions": set_condition(status.get("conditions") or [], ready, now())}
 
-        self.update_server_status(server, with_ready)
+        await self.update_server_status(server, with_ready)
         self.remember_ready(server["metadata"], ready)
 
     def remember_ready(self, meta: Mapping[str, Any], ready: Mapping[str, Any]) -> None:
-        with self.lock:
-            self.readiness[(meta["namespace"], meta["name"])] = (ready["status"], ready["message"])
+        self.readiness[(meta["namespace"], meta["name"])] = (ready["status"], ready["message"])
 
     # --- MCPToolPolicy -------------------------------------------------------------------------------------------
 
-    def reconcile_namespace(self, namespace: str) -> None:
+    async def reconcile_namespace(self, namespace: str, known: Known) -> None:
         """After a policy changed: re-render every server of the namespace, then each policy's status.
 
-        Policy events of one namespace run one after the other, each reading the lists afresh, so the last event's
-        view of the policies is the one left applied.
+        Each server reads the policies when its turn comes, so whichever policy event comes last, its view is the
+        one left applied. A server the API refuses is logged and looked at again; the others go on.
         """
-        with self.namespace_lock(namespace):
-            bodies = self.kube.list("MCPToolPolicy", namespace)
-            policies = [PolicySource.from_body(b) for b in bodies]
-            servers = self.kube.list("MCPServer", namespace)
-            for listed in servers:
-                meta = listed["metadata"]
-                with self.server_lock(namespace, meta["name"]):
-                    # The listed body may predate a change a server handler applied while we waited: read it again.
-                    server = self.kube.get("MCPServer", meta["name"], namespace)
-                    if server is not None and not server["metadata"].get("deletionTimestamp"):
-                        self.reconcile_server(server, policies)
-            self.write_policy_statuses(namespace, bodies, policies, servers)
+        names = [s.name for s in known.servers_in(namespace)]
+        outcomes = await asyncio.gather(*(self.reconcile_named(namespace, name, known) for name in names),
+                                        return_exceptions=True)
+        for name, outcome in zip(names, outcomes):
+            if isinstance(outcome, Exception):
+                log.warning("MCPServer %s/%s: re-rendering after a policy change failed, trying later: %s",
+                            namespace, name, outcome)
+                self.look_again(namespace, name, known)
+            elif isinstance(outcome, BaseException):
+                raise outcome
+        await self.refresh_policy_statuses(namespace, known)
 
-    def refresh_policy_statuses(self, namespace: str) -> None:
-        """After a server came, changed or went: the policies' lists of servers."""
-        with self.namespace_lock(namespace):
-            bodies = self.kube.list("MCPToolPolicy", namespace)
-            if bodies:  # a list of servers only where policies need it
-                servers = self.kube.list("MCPServer", namespace)
-                self.write_policy_statuses(namespace, bodies, [PolicySource.from_body(b) for b in bodies], servers)
+    async def refresh_policy_statuses(self, namespace: str, known: Known) -> None:
+        """After a server or policy came, changed or went: the policies' statuses and lists of servers."""
+        async with self.namespace_lock(namespace):
+            # Read inside the lock: a refresh that waited reads the view the one before it could not have seen.
+            servers = [(s.name, s.labels) for s in known.servers_in(namespace)]
+            for policy in known.policies_in(namespace):
+                await self.write_policy_status(namespace, policy, servers)
 
-    def write_policy_statuses(self, namespace: str, bodies: list[dict[str, Any]], policies: list[PolicySource],
-                              servers: list[dict[str, Any]]) -> None:
-        labels_of = [(s["metadata"]["name"], s["metadata"].get("labels") or {}) for s in servers]
-        for body, policy in zip(bodies, policies):
-            selected = [name for name, labels in labels_of if policy.selects(labels)]
-            status = self.policy_status(policy, body, selected)
-            if not policy.valid:
-                log.warning("MCPToolPolicy %s/%s: %s", namespace, policy.name, policy.invalid_reason())
-                self.warn(body, "InvalidPolicy", policy.invalid_reason())
-            current = body.get("status") or {}
-            if any(current.get(k) != v for k, v in status.items()):
-                self.kube.patch_status("MCPToolPolicy", policy.name, namespace, status)
+    def refresh_policy_statuses_later(self, namespace: str, known: Known) -> None:
+        """The policies' statuses could not be written from a watch event: try again later."""
+        key = ("MCPToolPolicy", namespace)
+
+        async def refresh() -> None:
+            await self.refresh_policy_statuses(namespace, known)
+            self.settle(key)
+
+        self.later(key, refresh)
+
+    async def write_policy_status(self, namespace: str, known: KnownPolicy,
+                                  servers: list[tuple[str, Mapping[str, str]]]) -> None:
+        policy, body = known.source, known.body
+        uid = body["metadata"].get("uid", "")
+        written_uid, written = self.policy_statuses.get((namespace, policy.name), ("", None))
+        if written is not None and written_uid == uid:
+            body = {**body, "status": written}  # our last write, which the watch stream may not have shown yet
+        selected = [name for name, labels in servers if policy.selects(labels)]
+        status = self.policy_status(policy, body, selected)
+        if not policy.valid:
+            log.warning("MCPToolPolicy %s/%s: %s", namespace, policy.name, policy.invalid_reason())
+            await self.warn(body, "InvalidPolicy", policy.invalid_reason())
+        current = body.get("status") or {}
+        if all(current.get(k) == v for k, v in status.items()):
+            return
+        live = await self.kube.patch_status("MCPToolPolicy", policy.name, namespace, status)
+        if live is not None and live["metadata"].get("uid") == uid:
+            self.policy_statuses[(namespace, policy.name)] = (uid, dict(live.get("status") or {}))
+
+    def policy_deleted(self, namespace: str, name: str) -> None:
+        self.policy_statuses.pop((namespace, name), None)
 
     @staticmethod
     def policy_status(policy: PolicySource, body: Mapping[str, Any], selected: list[str]) -> dict[str, Any]:
