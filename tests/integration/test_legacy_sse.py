@@ -14,7 +14,7 @@ import pytest
 from helpers import async_wait_until, free_port, port_open, running, wait_until
 from helpers.stdio_servers import SAMPLING, UpstreamClient, collect_stream, sse_tools_server, text_of
 from toolmesh.sidecar.errors import UpstreamUnavailable
-from toolmesh.sidecar.legacy_sse import LegacySseUpstream
+from toolmesh.sidecar.transports.legacy_sse import LegacySseUpstream
 
 pytestmark = pytest.mark.timeout(60)
 

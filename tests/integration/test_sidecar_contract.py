@@ -29,7 +29,7 @@ from helpers.modern_calls import post_tools_call
 from helpers.sidecar import http_get, sidecar
 from helpers.tokens import TokenIssuer
 
-from toolmesh.sidecar.http_upstream import HttpUpstream
+from toolmesh.sidecar.transports.http import HttpUpstream
 
 BUDGET = "io.toolmesh/budget"
 

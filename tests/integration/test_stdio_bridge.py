@@ -16,7 +16,7 @@ from helpers.stdio_servers import (
     collect_stream,
     text_of,
 )
-from toolmesh.sidecar.stdio import StdioUpstream
+from toolmesh.sidecar.transports.stdio import StdioUpstream
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -158,10 +158,10 @@ async def test_a_client_that_goes_away_cancels_its_call_in_the_child(bridge, cap
     client = UpstreamClient(bridge)
     await client.initialize()
     call = asyncio.create_task(client.call_tool("wait_forever", {"label": "gone"}))
-    await async_wait_until(lambda: _true(bridge._mux.in_flight == 1), what="the call in flight")
+    await async_wait_until(lambda: _true(bridge.mux.in_flight == 1), what="the call in flight")
     call.cancel()
     await async_wait_until(lambda: _true("cancelled gone" in caplog.text), what="the child to see the cancellation")
-    assert bridge._mux.in_flight == 0
+    assert bridge.mux.in_flight == 0
 
 
 async def test_notifications_cancelled_names_the_clients_own_id(bridge, caplog):
@@ -171,7 +171,7 @@ async def test_notifications_cancelled_names_the_clients_own_id(bridge, caplog):
     await other.initialize()
     mine = asyncio.create_task(client.call_tool("wait_forever", {"label": "mine"}, request_id=5))
     theirs = asyncio.create_task(other.call_tool("wait_forever", {"label": "theirs"}, request_id=5))
-    await async_wait_until(lambda: _true(bridge._mux.in_flight == 2), what="both calls in flight")
+    await async_wait_until(lambda: _true(bridge.mux.in_flight == 2), what="both calls in flight")
     assert await client.notify("notifications/cancelled", {"requestId": 5, "reason": "changed my mind"}) == 202
     await async_wait_until(lambda: _true("cancelled mine" in caplog.text), what="the child to cancel the call")
     assert await mine == {}  # answered 202 with no response: the client itself withdrew it
@@ -212,7 +212,7 @@ async def test_sessions_left_without_a_delete_are_forgotten_after_their_idle_tim
 
         async def forgotten() -> bool:
             await UpstreamClient(upstream).initialize()  # new sessions sweep the idle ones
-            return left.session_id not in upstream._mux.sessions
+            return left.session_id not in upstream.mux.sessions
 
         await async_wait_until(forgotten, timeout=10, what="the idle session to be forgotten")
         answer = await upstream.post(b'{"jsonrpc":"2.0","id":1,"method":"ping"}', left.headers)

@@ -26,8 +26,8 @@ from helpers import async_wait_until, free_port, port_open, running, wait_until
 from helpers.sidecar import sidecar
 from helpers.stdio_servers import SAMPLING, STDIO_TOOLS, UpstreamClient, sse_tools_server, text_of
 from toolmesh.api.sessions import session_ref
-from toolmesh.sidecar.legacy_sse import LegacySseUpstream
-from toolmesh.sidecar.stdio import StdioUpstream
+from toolmesh.sidecar.transports.legacy_sse import LegacySseUpstream
+from toolmesh.sidecar.transports.stdio import StdioUpstream
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -249,7 +249,7 @@ async def test_session_ids_are_unguessable(stdio_bridge):
 
 
 async def test_at_the_cap_the_least_recently_used_idle_session_makes_room_else_initialize_is_refused(caplog):
-    caplog.set_level(logging.INFO, logger="toolmesh.sidecar.stdio")
+    caplog.set_level(logging.INFO, logger="toolmesh.sidecar")
     upstream = StdioUpstream(STDIO_TOOLS, start_timeout=20, max_sessions=3)
     await upstream.start()
     try:
@@ -295,7 +295,7 @@ async def test_idle_sessions_are_swept_on_a_timer_without_any_new_initialize():
         stream = await upstream.get(listening.headers)  # an open stream keeps its session
 
         async def forgotten() -> bool:
-            return left.session_id not in upstream._mux.sessions
+            return left.session_id not in upstream.mux.sessions
 
         await async_wait_until(forgotten, timeout=10, what="the idle session to be swept")
         assert (await upstream.post(message(1, "ping"), left.headers)).status == 404

@@ -15,7 +15,7 @@ import pytest
 from helpers import async_wait_until
 from helpers.stdio_servers import STDIO_TOOLS, UpstreamClient, text_of
 from toolmesh.sidecar.errors import UpstreamTimeout, UpstreamUnavailable
-from toolmesh.sidecar.stdio import StdioUpstream
+from toolmesh.sidecar.transports.stdio import StdioUpstream
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -39,7 +39,7 @@ async def test_a_crash_fails_every_call_in_flight_then_the_child_restarts(bridge
         await client.initialize()
     first_pid = text_of(await later.call_tool("whoami"))
     stuck = asyncio.create_task(waiting.call_tool("wait_forever", {"label": "a"}))
-    await async_wait_until(lambda: _true(bridge._mux.in_flight == 1), what="the waiting call in flight")
+    await async_wait_until(lambda: _true(bridge.mux.in_flight == 1), what="the waiting call in flight")
 
     with pytest.raises(UpstreamUnavailable) as crashed:
         await crashing.call_tool("crash", {"code": 3})
@@ -127,7 +127,7 @@ async def test_attached_through_fifos_like_a_kubernetes_pod(tmp_path):
         assert "whoami" in {tool["name"] for tool in listed["tools"]}
 
         stuck = asyncio.create_task(client.call_tool("wait_forever", {"label": "pod"}))
-        await async_wait_until(lambda: _true(upstream._mux.in_flight == 1), what="the call in flight")
+        await async_wait_until(lambda: _true(upstream.mux.in_flight == 1), what="the call in flight")
         os.killpg(children[0].pid, signal.SIGKILL)  # the container dies
         with pytest.raises(UpstreamUnavailable) as failed:
             await stuck

@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 
 from helpers.mux import Channel, request
 from toolmesh.sidecar.errors import ProxyError
-from toolmesh.sidecar.multiplex import ClientSession, Multiplexer
+from toolmesh.sidecar.transports.channel import Multiplexer
+from toolmesh.sidecar.transports.sessions import ClientSession
 
 CLIENT_IDS = st.sampled_from([1, 2, "a"])
 """Ids every session uses, so they collide across sessions as real clients' do."""

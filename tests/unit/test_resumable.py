@@ -8,8 +8,8 @@ import orjson
 import pytest
 
 from helpers.mux import Channel, request
-from toolmesh.sidecar.multiplex import Multiplexer
-from toolmesh.sidecar.resumable import GET_STREAM, RETRY_MS, EventLog, ResumeRefused
+from toolmesh.sidecar.transports.channel import Multiplexer
+from toolmesh.sidecar.transports.resumable import GET_STREAM, RETRY_MS, EventLog, ResumeRefused
 
 
 def test_every_stream_has_its_own_numbered_ids_and_a_priming_event_with_retry():

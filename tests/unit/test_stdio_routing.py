@@ -12,9 +12,10 @@ from hypothesis import strategies as st
 
 from helpers.mux import Channel, request
 from toolmesh.sidecar.errors import UpstreamUnavailable
-from toolmesh.sidecar.multiplex import Multiplexer, is_modern_request, modern_rejection, with_error_status
-from toolmesh.sidecar.stdio import read_lines
-from toolmesh.sidecar.upstream import UpstreamResponse
+from toolmesh.sidecar.transports.channel import Multiplexer
+from toolmesh.sidecar.transports.stateless import is_stateless_request, stateless_rejection, with_error_status
+from toolmesh.sidecar.transports.stdio import read_lines
+from toolmesh.sidecar.transports.base import UpstreamResponse
 
 
 LINE = st.binary(max_size=300).map(lambda b: b.replace(b"\n", b"."))
@@ -179,22 +180,22 @@ MODERN_META = {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
 
 
 def test_the_stateless_era_is_recognised_by_header_or_envelope():
-    assert is_modern_request({"method": "tools/list"}, {"MCP-Protocol-Version": "2026-07-28"})
-    assert is_modern_request({"method": "tools/list", "params": {"_meta": MODERN_META}}, {})
-    assert is_modern_request({"method": "server/discover"}, {})
-    assert not is_modern_request({"method": "tools/list", "params": {"_meta": {"progressToken": 1}}},
+    assert is_stateless_request({"method": "tools/list"}, {"MCP-Protocol-Version": "2026-07-28"})
+    assert is_stateless_request({"method": "tools/list", "params": {"_meta": MODERN_META}}, {})
+    assert is_stateless_request({"method": "server/discover"}, {})
+    assert not is_stateless_request({"method": "tools/list", "params": {"_meta": {"progressToken": 1}}},
                                  {"mcp-protocol-version": "2025-11-25"})
 
 
 def test_stateless_requests_are_checked_as_a_streamable_http_server_would():
     listing = {"jsonrpc": "2.0", "id": 3, "method": "tools/list", "params": {"_meta": MODERN_META}}
     headers = {"MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/list"}
-    assert modern_rejection(listing, headers) is None
-    mismatch = modern_rejection(listing, {**headers, "Mcp-Method": "tools/call"})
+    assert stateless_rejection(listing, headers) is None
+    mismatch = stateless_rejection(listing, {**headers, "Mcp-Method": "tools/call"})
     assert mismatch.status == 400 and orjson.loads(mismatch.body)["error"]["code"] == -32020
-    bad_envelope = modern_rejection({**listing, "params": {}}, headers)
+    bad_envelope = stateless_rejection({**listing, "params": {}}, headers)
     assert bad_envelope.status == 400
-    removed = modern_rejection({**listing, "method": "initialize"}, {**headers, "Mcp-Method": "initialize"})
+    removed = stateless_rejection({**listing, "method": "initialize"}, {**headers, "Mcp-Method": "initialize"})
     assert removed.status == 404 and orjson.loads(removed.body)["error"]["code"] == -32601
 
 

@@ -26,7 +26,7 @@ from mcp.shared.inbound import (
 from mcp_types import HEADER_MISMATCH
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
-from toolmesh.api.jsonrpc import METHOD_NOT_FOUND, error_message
+from toolmesh.api.jsonrpc import METHOD_NOT_FOUND, error_message, has_envelope
 
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 """Hosts a browser page may be served from to call a server that names no allowed origin."""
@@ -59,6 +59,26 @@ SESSION_ERA_VERSIONS: tuple[str, ...] = ("2025-11-25", "2025-06-18", "2025-03-26
 """Session-era versions a toolmesh server offers at initialize, newest first."""
 STATELESS_ERA_VERSIONS: tuple[str, ...] = tuple(MODERN_PROTOCOL_VERSIONS)
 """Stateless-era versions (2026-07-28): no initialize, no session."""
+
+
+def header(headers: Mapping[str, str], name: str) -> str | None:
+    """A header's value, matching the name case-insensitively whatever mapping the HTTP layer passed."""
+    value = headers.get(name)
+    if value is not None:
+        return value
+    lowered = name.lower()
+    for key, value in headers.items():
+        if key.lower() == lowered:
+            return value
+    return None
+
+
+def is_stateless_era(message: Any, headers: Mapping[str, str]) -> bool:
+    """A stateless-era request: its `MCP-Protocol-Version` header names that era, or its params carry the era's
+    `_meta` envelope. (A session-era request names its version only after initialize, beside `Mcp-Session-Id`.)"""
+    if header(headers, "MCP-Protocol-Version") in STATELESS_ERA_VERSIONS:
+        return True
+    return isinstance(message, Mapping) and has_envelope(message.get("params"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ from toolmesh.sidecar.proxy import McpEndpoint, add_routes
 from toolmesh.sidecar.settings import SidecarSettings
 from toolmesh.sidecar.state import SharedState
 from toolmesh.sidecar.telemetry import Telemetry
-from toolmesh.sidecar.upstream import Upstream
+from toolmesh.sidecar.transports.base import Upstream
 
 log = logging.getLogger("toolmesh.sidecar")
 

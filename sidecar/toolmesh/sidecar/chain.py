@@ -114,6 +114,8 @@ class CallContext:
     """Opens the client's SSE response with the upstream's headers before the first `emit`."""
     record: CallRecord | None = None
     """Set by the observe stage for calls it logs; stages further in note there what it cannot see itself."""
+    message: Mapping[str, Any] | None = None
+    """The message as parsed from `raw` (never changed): a transport that routes messages reads this, not `raw`."""
 
     @property
     def tool(self) -> str | None:

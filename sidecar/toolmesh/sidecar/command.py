@@ -76,21 +76,21 @@ def make_upstream(args: argparse.Namespace) -> Any:
         command = shlex.split(args.upstream_command)
         if not command:
             raise UsageError("--upstream-command is empty")
-        from toolmesh.sidecar.stdio import StdioUpstream  # each transport is imported only when asked for
+        from toolmesh.sidecar.transports.stdio import StdioUpstream  # each transport is imported only when asked for
 
         return StdioUpstream(command, **bridged)
     if args.upstream_fifo_dir:
-        from toolmesh.sidecar.stdio import StdioUpstream
+        from toolmesh.sidecar.transports.stdio import StdioUpstream
 
         return StdioUpstream.attach(args.upstream_fifo_dir, **bridged)
     url = args.upstream
     if not url.startswith(("http://", "https://")):
         raise UsageError(f"--upstream must be an http(s) URL, got {url!r}")
     if args.upstream_transport == "sse":
-        from toolmesh.sidecar.legacy_sse import LegacySseUpstream
+        from toolmesh.sidecar.transports.legacy_sse import LegacySseUpstream
 
         return LegacySseUpstream(url, **bridged)
-    from toolmesh.sidecar.http_upstream import HttpUpstream
+    from toolmesh.sidecar.transports.http import HttpUpstream
 
     return HttpUpstream(url, timeout=args.upstream_timeout)
 

@@ -33,7 +33,7 @@ from toolmesh.sidecar.chain import (
 )
 from toolmesh.sidecar.jsonrpc import serialise_request
 from toolmesh.sidecar.state import SharedState
-from toolmesh.sidecar.upstream import Upstream, UpstreamResponse
+from toolmesh.sidecar.transports.base import Upstream, UpstreamResponse
 
 log = logging.getLogger("toolmesh.sidecar.pipeline")
 
@@ -109,8 +109,10 @@ class UpstreamCall:
         kind = ctx.kind
         headers = forward_headers(ctx.headers, ctx.caller)
         if kind == REQUEST:
-            body = ctx.raw if not ctx.params_changed else serialise_request(ctx.method, ctx.request_id, ctx.params)
-            return await self._request(ctx, await self.upstream.post(body, headers))
+            if ctx.params_changed:
+                request = serialise_request(ctx.method, ctx.request_id, ctx.params)
+                return await self._request(ctx, await self.upstream.post(request, headers))
+            return await self._request(ctx, await self.upstream.post(ctx.raw, headers, ctx.message))
         if kind == NOTIFICATION or kind == RESPONSE:
             body = ctx.raw
             if ctx.params_changed and kind == NOTIFICATION:
@@ -155,6 +157,8 @@ class UpstreamCall:
     def _answer(self, ctx: CallContext, body: bytes | None, resp: UpstreamResponse,
                 message: Any = None) -> Outcome:
         if ctx.method in _PARSED_RESULTS and body and resp.status == 200:
+            if message is None:
+                message = resp.message
             if message is None:
                 try:
                     message = loads(body)

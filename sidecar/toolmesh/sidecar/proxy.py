@@ -242,7 +242,7 @@ class McpEndpoint:
             raise BodyTimeout(f"request body not received within {self.settings.body_timeout:g}s") from None
 
     def _context(self, request: web.Request, stream: ClientStream, kind: str, method: str, request_id: Any,
-                 params: Mapping[str, Any], raw: bytes) -> CallContext:
+                 params: Mapping[str, Any], raw: bytes, message: Mapping[str, Any] | None = None) -> CallContext:
         headers = request.headers
         version = headers.get("MCP-Protocol-Version")
         if version is None and params:
@@ -254,7 +254,7 @@ class McpEndpoint:
         return CallContext(
             method=method, request_id=request_id, params=params, raw=raw, headers=headers,
             session_id=headers.get("Mcp-Session-Id"), protocol_version=version if type(version) is str else None,
-            policy=self.pipeline.policy, emit=stream.emit, start_stream=stream.start, kind=kind,
+            policy=self.pipeline.policy, emit=stream.emit, start_stream=stream.start, kind=kind, message=message,
         )
 
     # -- handlers ----------------------------------------------------------------------------
@@ -271,7 +271,7 @@ class McpEndpoint:
         except Refused as exc:
             return _error_response(exc, request_id_of(message))
         stream = ClientStream(request)
-        ctx = self._context(request, stream, kind, method, request_id, params, body)
+        ctx = self._context(request, stream, kind, method, request_id, params, body, message)
         try:
             outcome = await run_chain(self.pipeline.handler, ctx)
         except ClientGone:
@@ -319,7 +319,7 @@ class McpEndpoint:
             except InvalidRequest as exc:
                 answers.append(exc.to_outcome(request_id_of(message)))
                 continue
-            ctx = self._context(request, stream, kind, method, request_id, params, dumps(message))
+            ctx = self._context(request, stream, kind, method, request_id, params, dumps(message), message)
             if routed:
                 ctx = replace(ctx, headers=_routing_headers(request.headers, method, params))
             try:

@@ -5,15 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 import aiohttp
 import orjson
 
-from toolmesh.api.mcp_http import iter_sse
-from toolmesh.sidecar.chain import SseEvent
-from toolmesh.sidecar.errors import UpstreamTimeout, UpstreamUnavailable
 from toolmesh.api.http_wire import WireError, WirePool, WireResponse
-from toolmesh.sidecar.upstream import UpstreamResponse
+from toolmesh.api.mcp_http import SseEvent, iter_sse
+from toolmesh.sidecar.errors import UpstreamTimeout, UpstreamUnavailable
+from toolmesh.sidecar.transports.base import UpstreamResponse
 
 log = logging.getLogger("toolmesh.sidecar.upstream")
 
@@ -63,7 +63,7 @@ class HttpUpstream:
             await self._session.close()
             self._session = None
 
-    async def post(self, body: bytes, headers: Mapping[str, str]) -> UpstreamResponse:
+    async def post(self, body: bytes, headers: Mapping[str, str], message: Any = None) -> UpstreamResponse:
         # A 2026-07-28 subscription stream, like the GET stream, may rightly stay silent for hours.
         timeout = None if b"subscriptions/listen" in body else self._read_timeout
         return await self._send("POST", headers, body, timeout)

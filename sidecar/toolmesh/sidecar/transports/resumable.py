@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from toolmesh.sidecar.chain import SseEvent
+from toolmesh.api.mcp_http import SseEvent
 
 RETRY_MS = 1000
 """The `retry:` field (milliseconds) on each stream's priming event: how soon a client that lost it reconnects."""

@@ -47,28 +47,13 @@ from urllib.parse import urljoin
 
 import aiohttp
 
-from toolmesh.api.sessions import session_ref
-from toolmesh.api.mcp_http import iter_sse
-from toolmesh.sidecar.chain import SseEvent
+from toolmesh.api.mcp_http import SseEvent, iter_sse
 from toolmesh.sidecar.errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
-from toolmesh.sidecar.multiplex import (
-    ClientSession,
-    Multiplexer,
-    ToolSchemas,
-    discover_params,
-    header,
-    is_modern_request,
-    as_modern_answer,
-    modern_rejection,
-    parse_body,
-    serve_modern,
-    serves_modern,
-    session_id_required,
-    session_not_found,
-    too_many_sessions,
-    without_envelope,
-)
-from toolmesh.sidecar.upstream import UpstreamResponse
+from toolmesh.sidecar.transports.base import UpstreamResponse
+from toolmesh.sidecar.transports.bridge import Channel, MessageBridge
+from toolmesh.sidecar.transports.channel import Multiplexer
+from toolmesh.sidecar.transports.sessions import ClientSession
+from toolmesh.sidecar.transports.stateless import ToolSchemas, discover_params, serves_stateless_era
 
 log = logging.getLogger("toolmesh.sidecar.legacy_sse")
 
@@ -99,10 +84,10 @@ def _message_headers() -> dict[str, str]:
 class _Connection:
     """One upstream SSE stream and its message endpoint, carrying one client session (or the adapter's own)."""
 
-    def __init__(self, owner: LegacySseUpstream, init_params: Mapping[str, Any] | None, *, modern: bool = False):
+    def __init__(self, owner: LegacySseUpstream, init_params: Mapping[str, Any] | None, *, stateless: bool = False):
         self._owner = owner
-        self.modern = modern
-        """True for the connection settled in the 2026-07-28 era by a server/discover (no session, no initialize)."""
+        self.stateless = stateless
+        """True for the connection settled in the stateless era by a server/discover (no session, no initialize)."""
         self.mux = Multiplexer(self._post_message, timeout=owner.silence_timeout, resume_grace=owner.resume_grace)
         self.mux.resumable = owner.resumable
         self.schemas = ToolSchemas(self.mux, owner.connect_timeout)
@@ -156,7 +141,7 @@ class _Connection:
         if self._response is not None:
             self._response.close()
         self.mux.fail_all(UpstreamUnavailable("upstream stream lost"))
-        if (self.init_params is not None or self.modern) and not self.closed and self._reconnecting is None:
+        if (self.init_params is not None or self.stateless) and not self.closed and self._reconnecting is None:
             log.warning("upstream SSE stream lost; reconnecting")
             self._reconnecting = asyncio.create_task(self._reconnect(), context=contextvars.Context())
 
@@ -182,11 +167,11 @@ class _Connection:
 
     async def handshake(self) -> None:
         """The connection's own opening (after a reconnect, or for the adapter's own connections)."""
-        if self.modern:
+        if self.stateless:
             answer = await self.mux.call_own("server/discover", discover_params(_OWN_INITIALIZE["clientInfo"]),
                                              self._owner.connect_timeout)
-            if not serves_modern(answer):
-                raise NotModern("upstream does not serve the 2026-07-28 protocol", data=answer.get("error"))
+            if not serves_stateless_era(answer):
+                raise NoStatelessEra("upstream does not serve the 2026-07-28 protocol", data=answer.get("error"))
             return
         answer = await self.mux.call_own("initialize", self.init_params, self._owner.connect_timeout)
         if "result" not in answer:
@@ -219,6 +204,15 @@ class _Connection:
         raise UpstreamUnavailable(f"upstream refused the message: HTTP {response.status}",
                                   data={"status": response.status, "body": text})
 
+    async def wait_ready(self) -> None:
+        """Return once the stream is up; a lost one gets `reconnect_wait` seconds to come back."""
+        if self.ready.is_set():
+            return
+        try:
+            await asyncio.wait_for(self.ready.wait(), self._owner.reconnect_wait)
+        except TimeoutError:
+            raise UpstreamUnavailable("upstream stream lost") from None
+
     async def close(self) -> None:
         self.closed = True
         self.ready.clear()
@@ -233,8 +227,8 @@ class _Connection:
         self.mux.end_streams()
 
 
-class NotModern(UpstreamUnavailable):
-    """The server answers only in the handshake era; 2026-07-28 requests then go where handshake ones go."""
+class NoStatelessEra(UpstreamUnavailable):
+    """The server answers only in the session era; stateless-era requests then go where session-era ones go."""
 
 
 async def _endpoint_event(events: AsyncIterator[SseEvent]) -> str:
@@ -244,16 +238,16 @@ async def _endpoint_event(events: AsyncIterator[SseEvent]) -> str:
     raise StopAsyncIteration
 
 
-class LegacySseUpstream:
-    """An `Upstream` for a server speaking the 2024-11-05 HTTP+SSE transport."""
+class LegacySseUpstream(MessageBridge):
+    """An `Upstream` for a server speaking the 2024-11-05 HTTP+SSE transport: one connection per client session."""
 
     def __init__(self, url: str, session: aiohttp.ClientSession | None = None, *, timeout: float = 300.0,
                  connect_timeout: float = 5.0, reconnect_backoff: tuple[float, float] = (0.2, 5.0),
                  reconnect_wait: float = 10.0, max_connections: int = 256, session_idle_timeout: float = 1800.0,
                  resume_grace: float = 30.0, max_sessions: int = 10_000):
+        super().__init__(max_sessions=max_sessions, session_idle_timeout=session_idle_timeout)
         self.url = url
         self.resume_grace = resume_grace
-        self._resumable = True
         self._given_session = session
         self._http: aiohttp.ClientSession | None = session
         self.message_timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
@@ -264,28 +258,12 @@ class LegacySseUpstream:
         self.reconnect_backoff = reconnect_backoff
         self.reconnect_wait = reconnect_wait
         self._max_connections = max_connections
-        self.session_idle_timeout = session_idle_timeout
-        self.max_sessions = max_sessions
-        """Most client sessions (each one upstream SSE connection) open at once (`--max-sessions`)."""
-        self._sweeper: asyncio.Task[None] | None = None
         self._opening = 0
         self._connections: dict[str, _Connection] = {}
         self._own: _Connection | None = None
         self._own_lock = asyncio.Lock()
-        self._modern: _Connection | None = None
-        self._modern_unsupported = False
-
-    @property
-    def resumable(self) -> bool:
-        """Whether clients may resume SSE streams with Last-Event-ID (see `Multiplexer.resumable`)."""
-        return self._resumable
-
-    @resumable.setter
-    def resumable(self, value: bool) -> None:
-        self._resumable = value
-        for connection in (*self._connections.values(), self._own, self._modern):
-            if connection is not None:
-                connection.mux.resumable = value
+        self._stateless: _Connection | None = None
+        self._no_stateless_era = False
 
     @property
     def http(self) -> aiohttp.ClientSession:
@@ -301,110 +279,66 @@ class LegacySseUpstream:
             # so sessions up to the cap can never leave a POST waiting for a free connection.
             self._http = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self.max_sessions + self._max_connections))
-        if self._sweeper is None:
-            self._sweeper = asyncio.create_task(self._sweep_idle_sessions(), name="legacy SSE session sweep",
-                                                context=contextvars.Context())
+        self._start_sweeper()
 
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
+        await self._stop_sweeper()
         connections = list(self._connections.values())
         self._connections.clear()
-        for own in (self._own, self._modern):
+        for own in (self._own, self._stateless):
             if own is not None:
                 connections.append(own)
-        self._own = self._modern = None
+        self._own = self._stateless = None
         for connection in connections:
             await connection.close()
         if self._given_session is None and self._http is not None:
             await self._http.close()
         self._http = None
 
-    async def post(self, body: bytes, headers: Mapping[str, str]) -> UpstreamResponse:
+    async def post(self, body: bytes, headers: Mapping[str, str], message: Any = None) -> UpstreamResponse:
         _client_headers.set(headers)  # the message POSTs this request causes carry them (identity, trace context)
-        message = parse_body(body)
-        if isinstance(message, UpstreamResponse):
-            return message
-        session_id = header(headers, "Mcp-Session-Id")
-        if session_id is None and is_modern_request(message, headers):
-            refused = modern_rejection(message, headers)
-            if refused is not None:
-                return refused
-            modern = await self._modern_connection()
-            if modern is not None:
-                await self._wait_ready(modern)
-                return await serve_modern(modern.mux, modern.schemas, message, body, headers)
-            if message.get("method") != "server/discover":
-                # A handshake-only server: ask it without the envelope, and answer in the client's era.
-                own = await self._own_connection()
-                await self._wait_ready(own)
-                answer = await own.mux.post(without_envelope(message), None)
-                return as_modern_answer(answer, str(message.get("method")))
-        if isinstance(message, dict) and message.get("method") == "initialize" and "id" in message:
-            return await self._open_session(message, body)
-        if session_id is None:
-            session = None
-            connection = await self._own_connection()
-        else:
-            connection = self._connections.get(session_id)
-            if connection is None or connection.session is None:
-                return session_not_found(message)
-            session = connection.session
-            connection.mux.touch(session)
-        await self._wait_ready(connection)
-        return await connection.mux.post(message, session, body)
-
-    async def get(self, headers: Mapping[str, str]) -> UpstreamResponse:
-        session_id = header(headers, "Mcp-Session-Id")
-        if session_id is None:
-            return session_id_required()
-        connection = self._connections.get(session_id)
-        if connection is None or connection.session is None:
-            return session_not_found(None)
-        last_event_id = header(headers, "Last-Event-ID")
-        if last_event_id is not None:
-            return connection.mux.resume(connection.session, last_event_id)
-        return connection.mux.open_stream(connection.session)
-
-    async def delete(self, headers: Mapping[str, str]) -> UpstreamResponse:
-        session_id = header(headers, "Mcp-Session-Id")
-        connection = self._connections.pop(session_id, None) if session_id is not None else None
-        if connection is None:
-            return session_not_found(None)
-        if connection.session is not None:
-            await connection.mux.end_session(connection.session)
-        await connection.close()  # closing the stream ends the session upstream
-        return UpstreamResponse(status=200)
+        return await super().post(body, headers, message)
 
     async def probe(self) -> bool:
         try:
-            connection = await self._own_connection()
-            await self._wait_ready(connection)
+            connection = await self._own_channel()
+            await connection.wait_ready()
             answer = await connection.mux.call_own("ping", None, self.connect_timeout)
         except ProxyError:
             return False
         return "result" in answer
 
-    # -- connections ------------------------------------------------------------------------------------------
+    # -- the bridge's channels: a connection per session, the adapter's own, one for the stateless era ----------
 
-    async def _open_session(self, message: dict[str, Any], body: bytes) -> UpstreamResponse:
-        if len(self._connections) + self._opening >= self.max_sessions:
-            room = self._least_recently_used_idle()
-            if room is None:
-                return too_many_sessions(message["id"], self.max_sessions)
-            log.info("session limit %d reached: closed session %s, the least recently used idle one",
-                     self.max_sessions, session_ref(room))
-            await self._connections.pop(room).close()
+    def _session(self, session_id: str) -> tuple[Channel, ClientSession] | None:
+        connection = self._connections.get(session_id)
+        if connection is None or connection.session is None:
+            return None
+        return connection, connection.session
+
+    def _sessions(self) -> list[tuple[Channel, ClientSession]]:
+        return [(c, c.session) for c in self._connections.values() if c.session is not None]
+
+    def _session_count(self) -> int:
+        return len(self._connections) + self._opening
+
+    def _muxes(self) -> list[Multiplexer]:
+        return [c.mux for c in (*self._connections.values(), self._own, self._stateless) if c is not None]
+
+    async def _new_session(self, message: dict[str, Any], body: bytes | None) -> UpstreamResponse:
         self._opening += 1  # (a slot held while the stream opens, so concurrent initializes stay within the cap)
         try:
             return await self._connect_session(message, body)
         finally:
             self._opening -= 1
 
-    async def _connect_session(self, message: dict[str, Any], body: bytes) -> UpstreamResponse:
+    async def _end_session(self, channel: Channel, session: ClientSession) -> None:
+        if self._connections.get(session.id) is channel:
+            del self._connections[session.id]
+        await channel.mux.end_session(session)
+        await channel.close()  # closing the stream ends the session upstream
+
+    async def _connect_session(self, message: dict[str, Any], body: bytes | None) -> UpstreamResponse:
         connection = _Connection(self, None)
         await connection.connect()
         session = connection.mux.new_session(message.get("params"))
@@ -424,43 +358,26 @@ class LegacySseUpstream:
         answer.headers = {**answer.headers, "Mcp-Session-Id": session.id}
         return answer
 
-    def _least_recently_used_idle(self) -> str | None:
-        idle = [(c.session.last_active, session_id) for session_id, c in self._connections.items()
-                if c.session is not None and c.mux.least_recently_used_idle() is not None]
-        return min(idle)[1] if idle else None
-
-    async def _sweep_idle_sessions(self) -> None:
-        """Close, on a timer, the upstream streams of sessions whose clients left without a DELETE."""
-        every = max(0.01, min(60.0, self.session_idle_timeout / 2))
-        while True:
-            await asyncio.sleep(every)
-            for session_id, connection in list(self._connections.items()):
-                if connection.session is not None and connection.mux.idle_sessions(self.session_idle_timeout):
-                    log.debug("closed session %s: idle for %gs", session_ref(session_id), self.session_idle_timeout)
-                    if self._connections.get(session_id) is connection:
-                        del self._connections[session_id]
-                    await connection.close()
-
-    async def _own_connection(self) -> _Connection:
-        """The adapter's handshake-era connection, for probes and session-less requests."""
+    async def _own_channel(self) -> _Connection:
+        """The adapter's session-era connection, for probes and session-less requests."""
         async with self._own_lock:
             if self._own is None or self._own.closed:
                 self._own = await self._open_own(_Connection(self, _OWN_INITIALIZE))
             return self._own
 
-    async def _modern_connection(self) -> _Connection | None:
-        """A connection settled in the 2026-07-28 era (a server serves one era per connection), if the server has it."""
+    async def _stateless_channel(self) -> _Connection | None:
+        """A connection settled in the stateless era (a server serves one era per connection), if the server has it."""
         async with self._own_lock:
-            if self._modern_unsupported:
+            if self._no_stateless_era:
                 return None
-            if self._modern is None or self._modern.closed:
+            if self._stateless is None or self._stateless.closed:
                 try:
-                    self._modern = await self._open_own(_Connection(self, None, modern=True))
-                except NotModern:
+                    self._stateless = await self._open_own(_Connection(self, None, stateless=True))
+                except NoStatelessEra:
                     log.info("the legacy SSE upstream does not serve the 2026-07-28 protocol")
-                    self._modern_unsupported = True
+                    self._no_stateless_era = True
                     return None
-            return self._modern
+            return self._stateless
 
     @staticmethod
     async def _open_own(connection: _Connection) -> _Connection:
@@ -472,11 +389,3 @@ class LegacySseUpstream:
             raise
         connection.ready.set()
         return connection
-
-    async def _wait_ready(self, connection: _Connection) -> None:
-        if connection.ready.is_set():
-            return
-        try:
-            await asyncio.wait_for(connection.ready.wait(), self.reconnect_wait)
-        except TimeoutError:
-            raise UpstreamUnavailable("upstream stream lost") from None

@@ -67,28 +67,12 @@ from typing import Any
 
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION
 
-from toolmesh.api.sessions import session_ref
 from toolmesh.sidecar.errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
-from toolmesh.sidecar.multiplex import (
-    ACCEPTED,
-    ClientSession,
-    Multiplexer,
-    ToolSchemas,
-    discover_params,
-    header,
-    is_modern_request,
-    json_response,
-    modern_rejection,
-    parse_body,
-    as_modern_answer,
-    serve_modern,
-    serves_modern,
-    session_id_required,
-    session_not_found,
-    too_many_sessions,
-    without_envelope,
-)
-from toolmesh.sidecar.upstream import UpstreamResponse
+from toolmesh.sidecar.transports.base import UpstreamResponse, json_response
+from toolmesh.sidecar.transports.bridge import Channel, MessageBridge
+from toolmesh.sidecar.transports.channel import Multiplexer
+from toolmesh.sidecar.transports.sessions import ClientSession
+from toolmesh.sidecar.transports.stateless import ToolSchemas, discover_params, serves_stateless_era
 
 log = logging.getLogger("toolmesh.sidecar.stdio")
 
@@ -99,8 +83,6 @@ _STABLE_AFTER = 10.0
 """A child that ran this long (seconds) before exiting restarts after the shortest backoff again."""
 _CLIENT_INFO = {"name": "toolmesh-sidecar", "version": "0.1.0"}
 _CAPABILITIES = {"sampling": {}, "elicitation": {"form": {}, "url": {}}, "roots": {"listChanged": True}}
-_SWEEP_EVERY = 60.0
-"""Most seconds between two sweeps of idle sessions (a sweep also runs every half idle timeout, if that is sooner)."""
 
 
 async def read_lines(reader: asyncio.StreamReader, on_line: Callable[[bytes], None], max_bytes: int,
@@ -154,15 +136,18 @@ SIDECAR_ONLY_ENV = frozenset({"TOOLMESH_REGISTRY_SECRET", "TOOLMESH_REGISTRY_SEC
 """Environment variables of the sidecar that a spawned stdio server never inherits."""
 
 
-class StdioUpstream:
-    """An `Upstream` that is one stdio MCP server, shared by every client session."""
+class StdioUpstream(MessageBridge):
+    """An `Upstream` that is one stdio MCP server, shared by every client session (and its own one channel)."""
+
+    answers_initialized = True
 
     def __init__(self, command: str | Sequence[str] = (), *, fifo_dir: str | os.PathLike[str] | None = None,
                  env: Mapping[str, str] | None = None, cwd: str | os.PathLike[str] | None = None,
                  restart_backoff: tuple[float, float] = (0.2, 5.0), start_timeout: float = 30.0,
                  ready_timeout: float = 10.0, probe_timeout: float = 5.0, timeout: float | None = 300.0,
-                 max_line_bytes: int = 32 << 20, session_idle_timeout: float = 1800.0, era: str = "handshake",
+                 max_line_bytes: int = 32 << 20, session_idle_timeout: float = 1800.0, era: str = "session",
                  resume_grace: float = 30.0, max_sessions: int = 10_000):
+        super().__init__(max_sessions=max_sessions, session_idle_timeout=session_idle_timeout)
         self.command = shlex.split(command) if isinstance(command, str) else list(command)
         if bool(self.command) == (fifo_dir is not None):
             raise ValueError("a stdio upstream needs either a command or a FIFO directory")
@@ -177,15 +162,12 @@ class StdioUpstream:
         self.probe_timeout = probe_timeout
         self.max_line_bytes = max_line_bytes
         self._era = era
-        self.session_idle_timeout = session_idle_timeout
-        self.max_sessions = max_sessions
-        """Most client sessions open at once (`--max-sessions`)."""
-        self._sweeper: asyncio.Task[None] | None = None
-        self._modern: StdioUpstream | None = None
-        self._modern_lock = asyncio.Lock()
-        self._modern_unsupported = self._fifo_dir is not None or era != "handshake"
-        self._mux = Multiplexer(self._write, timeout=timeout, resume_grace=resume_grace)
-        self._schemas = ToolSchemas(self._mux, probe_timeout)
+        """"session" (initialize, then any number of client sessions) or "stateless" (server/discover, no sessions)."""
+        self._stateless: StdioUpstream | None = None
+        self._stateless_lock = asyncio.Lock()
+        self._no_stateless_era = self._fifo_dir is not None or era != "session"
+        self.mux = Multiplexer(self._write, timeout=timeout, resume_grace=resume_grace)
+        self.schemas = ToolSchemas(self.mux, probe_timeout)
         self._link: _Link | None = None
         self._ready = asyncio.Event()
         self._init_result: dict[str, Any] = {}
@@ -204,19 +186,8 @@ class StdioUpstream:
 
     # -- Upstream ---------------------------------------------------------------------------------------------
 
-
-    @property
-    def resumable(self) -> bool:
-        """Whether clients may resume SSE streams with Last-Event-ID (see `Multiplexer.resumable`)."""
-        return self._mux.resumable
-
-    @resumable.setter
-    def resumable(self, value: bool) -> None:
-        self._mux.resumable = value
-        if self._modern is not None:
-            self._modern.resumable = value
     async def start(self) -> None:
-        self._sweeper = asyncio.create_task(self._sweep_idle_sessions(), name="stdio session sweep")
+        self._start_sweeper()
         if self._fifo_dir is not None:
             # The FIFOs exist once start() returns, so the server container can open its ends.
             for name in ("in.fifo", "out.fifo"):
@@ -233,72 +204,21 @@ class StdioUpstream:
 
     async def close(self) -> None:
         self._closing = True
-        if self._modern is not None:
-            await self._modern.close()
-        for task in (self._sweeper, self._supervisor):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        self._mux.fail_all(UpstreamUnavailable("upstream closed"))
-        self._mux.end_streams()
-
-    async def post(self, body: bytes, headers: Mapping[str, str]) -> UpstreamResponse:
-        message = parse_body(body)
-        if isinstance(message, UpstreamResponse):
-            return message
-        session: ClientSession | None = None
-        session_id = header(headers, "Mcp-Session-Id")
-        if session_id is None and is_modern_request(message, headers):
-            refused = modern_rejection(message, headers)
-            if refused is not None:
-                return refused
-            modern = await self._modern_child() if not self._modern_unsupported else None
-            if modern is not None:
-                return await modern._serve_modern(message, body, headers)
-            if message.get("method") != "server/discover":
-                # One process, one era: ask the handshake-era child, without the envelope it would refuse.
-                await self._wait_ready()
-                answer = await self._mux.post(without_envelope(message), None)
-                return as_modern_answer(answer, str(message.get("method")))
-        if isinstance(message, dict) and message.get("method") == "initialize" and "id" in message:
-            return await self._open_session(message)
-        if session_id is not None:
-            session = self._mux.sessions.get(session_id)
-            if session is None:
-                return session_not_found(message)
-            self._mux.touch(session)
-        if isinstance(message, dict) and message.get("method") == "notifications/initialized":
-            return ACCEPTED  # the bridge sent the one the child needs
-        await self._wait_ready()
-        return await self._mux.post(message, session, body)
-
-    async def get(self, headers: Mapping[str, str]) -> UpstreamResponse:
-        session_id = header(headers, "Mcp-Session-Id")
-        if session_id is None:
-            return session_id_required()
-        session = self._mux.sessions.get(session_id)
-        if session is None:
-            return session_not_found(None)
-        self._mux.touch(session)
-        last_event_id = header(headers, "Last-Event-ID")
-        if last_event_id is not None:
-            return self._mux.resume(session, last_event_id)
-        return self._mux.open_stream(session)
-
-    async def delete(self, headers: Mapping[str, str]) -> UpstreamResponse:
-        session_id = header(headers, "Mcp-Session-Id")
-        session = self._mux.sessions.get(session_id) if session_id is not None else None
-        if session is None:
-            return session_not_found(None)
-        await self._mux.end_session(session)
-        return UpstreamResponse(status=200)
+        if self._stateless is not None:
+            await self._stateless.close()
+        await self._stop_sweeper()
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        self.mux.fail_all(UpstreamUnavailable("upstream closed"))
+        self.mux.end_streams()
 
     async def probe(self) -> bool:
         if not self._ready.is_set():
             return False
         try:
-            answer = await self._mux.call_own("ping", None, self.probe_timeout)
+            answer = await self.mux.call_own("ping", None, self.probe_timeout)
         except ProxyError:
             return False
         return "result" in answer
@@ -316,61 +236,61 @@ class StdioUpstream:
         link = self._link
         return link.process.pid if link is not None and link.process is not None else None
 
-    async def _modern_child(self) -> StdioUpstream | None:
-        """A second child of the same command for 2026-07-28 requests (a stdio server serves one era per process)."""
-        async with self._modern_lock:
-            if self._modern is None and not self._modern_unsupported and not self._closing:
-                modern = StdioUpstream(self.command, env=None, cwd=self.cwd, restart_backoff=self.restart_backoff,
-                                       start_timeout=self.start_timeout, ready_timeout=self.ready_timeout,
-                                       probe_timeout=self.probe_timeout, timeout=self._mux.timeout,
-                                       max_line_bytes=self.max_line_bytes, era="modern")
-                modern.env = self.env
+    # -- the bridge's channels: this one child, and a second one for the stateless era --------------------------
+
+    async def _own_channel(self) -> Channel:
+        return self
+
+    async def _stateless_channel(self) -> Channel | None:
+        """A second child of the same command for stateless-era requests (a stdio server serves one era per process)."""
+        async with self._stateless_lock:
+            if self._stateless is None and not self._no_stateless_era and not self._closing:
+                stateless = StdioUpstream(self.command, env=None, cwd=self.cwd, restart_backoff=self.restart_backoff,
+                                          start_timeout=self.start_timeout, ready_timeout=self.ready_timeout,
+                                          probe_timeout=self.probe_timeout, timeout=self.mux.timeout,
+                                          max_line_bytes=self.max_line_bytes, era="stateless")
+                stateless.env = self.env
+                stateless.resumable = self.resumable
                 try:
-                    await modern.start()
+                    await stateless.start()
                 except UpstreamUnavailable as exc:
-                    # Not a 2026-07-28 server: its handshake child answers such requests itself.
+                    # No stateless era: the session-era child answers such requests itself.
                     log.info("the stdio upstream does not serve the 2026-07-28 protocol: %s", exc.data)
-                    self._modern_unsupported = True
+                    self._no_stateless_era = True
                 else:
-                    self._modern = modern
-            return self._modern
+                    self._stateless = stateless
+            return self._stateless
 
-    async def _serve_modern(self, message: Any, body: bytes, headers: Mapping[str, str]) -> UpstreamResponse:
-        """One 2026-07-28 request on the modern child, with the checks and statuses a Streamable HTTP server applies."""
-        await self._wait_ready()
-        return await serve_modern(self._mux, self._schemas, message, body, headers)
+    def _session(self, session_id: str) -> tuple[Channel, ClientSession] | None:
+        session = self.mux.sessions.get(session_id)
+        return None if session is None else (self, session)
 
-    # -- sessions ---------------------------------------------------------------------------------------------
+    def _sessions(self) -> list[tuple[Channel, ClientSession]]:
+        return [(self, session) for session in self.mux.sessions.values()]
 
-    async def _open_session(self, message: dict[str, Any]) -> UpstreamResponse:
-        await self._wait_ready()
-        if len(self._mux.sessions) >= self.max_sessions:
-            room = self._mux.least_recently_used_idle()
-            if room is None:
-                return too_many_sessions(message["id"], self.max_sessions)
-            log.info("session limit %d reached: ended session %s, the least recently used idle one",
-                     self.max_sessions, session_ref(room.id))
-            await self._mux.end_session(room)
+    def _session_count(self) -> int:
+        return len(self.mux.sessions)
+
+    def _muxes(self) -> list[Multiplexer]:
+        return [self.mux, *(self._stateless._muxes() if self._stateless is not None else ())]
+
+    async def _new_session(self, message: dict[str, Any], body: bytes | None) -> UpstreamResponse:
+        """Answer the client's initialize from the child's own, under a fresh session id."""
+        await self.wait_ready()
         params = message.get("params")
-        session = self._mux.new_session(params)
+        session = self.mux.new_session(params)
         result = dict(self._init_result)
         asked = params.get("protocolVersion") if isinstance(params, dict) else None
         if _older_or_same(asked, result.get("protocolVersion")):
-            # The child agreed to a newer handshake revision; a server speaking it also speaks the older ones.
+            # The child agreed to a newer session-era revision; a server speaking it also speaks the older ones.
             result["protocolVersion"] = asked
         return json_response(200, {"jsonrpc": "2.0", "id": message["id"], "result": result},
                              {"Mcp-Session-Id": session.id})
 
-    async def _sweep_idle_sessions(self) -> None:
-        """End sessions whose clients left without a DELETE, on a timer (not only when a new one opens)."""
-        every = max(0.01, min(_SWEEP_EVERY, self.session_idle_timeout / 2))
-        while True:
-            await asyncio.sleep(every)
-            for session in self._mux.idle_sessions(self.session_idle_timeout):
-                log.debug("ended session %s: idle for %gs", session_ref(session.id), self.session_idle_timeout)
-                await self._mux.end_session(session)
+    async def _end_session(self, channel: Channel, session: ClientSession) -> None:
+        await self.mux.end_session(session)
 
-    async def _wait_ready(self) -> None:
+    async def wait_ready(self) -> None:
         if self._ready.is_set():
             return
         if self._closing:
@@ -390,7 +310,7 @@ class StdioUpstream:
             link.writer.writelines((data, b"\n"))
             if link.writer.transport.get_write_buffer_size() > _CHUNK:
                 # A child that stops reading its stdin must not hang every caller behind it.
-                await asyncio.wait_for(link.writer.drain(), self._mux.timeout)
+                await asyncio.wait_for(link.writer.drain(), self.mux.timeout)
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise UpstreamUnavailable("upstream exited", data=self._last_exit) from exc
         except TimeoutError:
@@ -433,7 +353,7 @@ class StdioUpstream:
         stderr_task = asyncio.create_task(self._pump_stderr(link.stderr)) if link.stderr is not None else None
         stdout_task = asyncio.create_task(
             read_lines(link.stdout, self._on_line, self.max_line_bytes, "upstream output"))
-        initialize = asyncio.ensure_future(self._initialize() if self._era == "handshake" else self._discover())
+        initialize = asyncio.ensure_future(self._initialize() if self._era == "session" else self._discover())
         try:
             await asyncio.wait((initialize, stdout_task), return_when=asyncio.FIRST_COMPLETED)
             failure = _failure(initialize)
@@ -463,13 +383,13 @@ class StdioUpstream:
             self._last_exit = {"exitCode": exit_code, "stderr": list(self._stderr)}
             if not self._closing:
                 log.warning("stdio upstream exited (code %s)", exit_code)
-            self._mux.fail_all(UpstreamUnavailable("upstream exited", data=self._last_exit))
+            self.mux.fail_all(UpstreamUnavailable("upstream exited", data=self._last_exit))
             with contextlib.suppress(Exception):
                 link.writer.close()
             link.close_read()
 
     async def _initialize(self) -> None:
-        answer = await self._mux.call_own("initialize", {
+        answer = await self.mux.call_own("initialize", {
             "protocolVersion": LATEST_HANDSHAKE_VERSION,
             "capabilities": _CAPABILITIES,
             "clientInfo": _CLIENT_INFO,
@@ -478,18 +398,18 @@ class StdioUpstream:
         if not isinstance(result, dict):
             raise UpstreamUnavailable("upstream refused initialize", data=answer.get("error"))
         self._init_result = result
-        await self._mux.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
-        for uri in self._mux.subscribed_uris():
+        await self.mux.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        for uri in self.mux.subscribed_uris():
             # A restarted child knows nothing of the subscriptions its sessions hold.
-            await self._mux.call_own("resources/subscribe", {"uri": uri}, self.start_timeout)
+            await self.mux.call_own("resources/subscribe", {"uri": uri}, self.start_timeout)
         info = result.get("serverInfo") or {}
         log.info("stdio upstream ready: %s %s (protocol %s)", info.get("name"), info.get("version"),
                  result.get("protocolVersion"))
 
     async def _discover(self) -> None:
         """Open a child in the stateless era: its first message, server/discover, settles its era."""
-        answer = await self._mux.call_own("server/discover", discover_params(_CLIENT_INFO), self.start_timeout)
-        if not serves_modern(answer):
+        answer = await self.mux.call_own("server/discover", discover_params(_CLIENT_INFO), self.start_timeout)
+        if not serves_stateless_era(answer):
             raise UpstreamUnavailable("upstream does not serve the 2026-07-28 protocol", data=answer.get("error"))
         self._init_result = answer["result"]
         log.info("stdio upstream serving the 2026-07-28 protocol")
@@ -498,7 +418,7 @@ class StdioUpstream:
         if not line.strip():
             return
         try:
-            self._mux.receive(line)
+            self.mux.receive(line)
         except Exception:  # noqa: BLE001 - one bad message never stops the bridge
             log.exception("could not route a message from the stdio upstream")
 

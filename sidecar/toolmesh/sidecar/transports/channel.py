@@ -42,295 +42,42 @@ import asyncio
 import itertools
 import logging
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
-from mcp.shared.inbound import ERROR_CODE_HTTP_STATUS, validate_mcp_param_headers
-from mcp_types.version import LATEST_MODERN_VERSION, MODERN_PROTOCOL_VERSIONS
 
-from toolmesh.api.jsonrpc import PROTOCOL_VERSION_KEY, SUBSCRIPTION_ID_KEY, has_envelope, loads, strip_envelope
-from toolmesh.api.mcp_http import stateless_refusal
+from toolmesh.api.jsonrpc import INVALID_REQUEST, METHOD_NOT_FOUND, SUBSCRIPTION_ID_KEY, dumps, error_message, loads
+from toolmesh.api.mcp_http import SseEvent
 from toolmesh.api.sessions import session_ref, unguessable_id
-from toolmesh.sidecar.chain import SseEvent, header
-from toolmesh.sidecar.errors import (
-    INVALID_REQUEST,
-    METHOD_NOT_FOUND,
-    PARSE_ERROR,
-    UPSTREAM_UNAVAILABLE,
-    ProxyError,
-    UpstreamTimeout,
-    dumps,
-    error_message,
+from toolmesh.sidecar.errors import ProxyError, UpstreamTimeout
+from toolmesh.sidecar.transports.base import (
+    ACCEPTED,
+    JSON_HEADERS,
+    SSE_HEADERS,
+    UpstreamResponse,
+    invalid_request,
+    json_response,
 )
-from toolmesh.sidecar.resumable import GET_STREAM, MAX_BYTES, MAX_EVENTS, EventLog, ResumeRefused
-from toolmesh.sidecar.upstream import UpstreamResponse
+from toolmesh.sidecar.transports.resumable import GET_STREAM, MAX_BYTES, MAX_EVENTS, EventLog, ResumeRefused
+from toolmesh.sidecar.transports.sessions import ClientSession
 
 log = logging.getLogger("toolmesh.sidecar.multiplex")
-
-JSON_HEADERS: Mapping[str, str] = {"Content-Type": "application/json"}
-SSE_HEADERS: Mapping[str, str] = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 # Requests during which a server is likely to ask its client something.
 _SERVING_METHODS = frozenset({"tools/call", "prompts/get", "resources/read", "completion/complete"})
 # The client capability a server request needs; sessions without it never receive one.
 _CAPABILITY_OF = {"sampling/createMessage": "sampling", "elicitation/create": "elicitation", "roots/list": "roots"}
 
-_STREAM_LIMIT = 1000
-"""Events kept for a GET stream whose client reads slowly; older ones are dropped."""
-_BACKLOG_LIMIT = 100
-"""Notifications kept for a session that has no GET stream open yet."""
-
 # What a pending request's queue carries.
 _EVENT, _FINAL, _FAILED, _ENDED, _SILENT = range(5)
 
 
-def json_response(status: int, message: Any, headers: Mapping[str, str] | None = None) -> UpstreamResponse:
-    return UpstreamResponse(status=status, headers={**JSON_HEADERS, **(headers or {})}, body=dumps(message))
-
-
-def parse_body(body: bytes) -> Any | UpstreamResponse:
-    """The parsed JSON-RPC message or batch, or the HTTP answer to a body that is not JSON."""
-    try:
-        return loads(body)
-    except orjson.JSONDecodeError as exc:
-        return json_response(400, error_message(None, PARSE_ERROR, "Parse error", str(exc)))
-
-
-def session_not_found(message: Any) -> UpstreamResponse:
-    """The 404 for a request naming a session the bridge does not know: the client starts a new one."""
-    request_id = message.get("id") if isinstance(message, dict) else None
-    return json_response(404, error_message(request_id, INVALID_REQUEST, "Session not found"))
-
-
-def too_many_sessions(request_id: Any, max_sessions: int) -> UpstreamResponse:
-    """The 503 for an initialize when a bridge holds `max_sessions` sessions and none is idle enough to end."""
-    log.warning("refused a new session: all %d sessions are busy", max_sessions)
-    return json_response(503, error_message(
-        request_id, UPSTREAM_UNAVAILABLE,
-        f"too many sessions: this bridge holds at most {max_sessions} (--max-sessions) and every one "
-        "has a call in flight or a stream open; retry later", {"maxSessions": max_sessions}))
-
-
-def session_id_required() -> UpstreamResponse:
-    """The 400 for a GET without `Mcp-Session-Id`: only a session has a stream to open."""
-    return json_response(400, error_message(None, INVALID_REQUEST, "Bad Request: Mcp-Session-Id required"))
-
-
-ACCEPTED = UpstreamResponse(status=202)
-
-
-
-def is_modern_request(message: Any, headers: Mapping[str, str] | None = None) -> bool:
-    """A 2026-07-28 message: the MCP-Protocol-Version header names that era, or the body carries its envelope."""
-    if headers is not None and header(headers, "MCP-Protocol-Version") in MODERN_PROTOCOL_VERSIONS:
-        return True
-    if not isinstance(message, dict):
-        return False
-    if message.get("method") == "server/discover":
-        return True
-    return has_envelope(message.get("params"))
-
-
-def modern_rejection(message: Any, headers: Mapping[str, str]) -> UpstreamResponse | None:
-    """What a stateless-era server answers before dispatch (api.mcp_http.stateless_refusal). `initialize` is the one
-    removed method refused here: over HTTP it is an unknown method (404), whatever a stdio child would say."""
-    if not isinstance(message, dict) or "id" not in message or "method" not in message:
-        return None  # notifications are acknowledged; other shapes are the upstream's to refuse
-    refused = stateless_refusal(message, headers, removed=("initialize",))
-    return None if refused is None else rejection(message.get("id"), refused.code, refused.message, refused.data)
-
-
-def param_rejection(message: Mapping[str, Any], headers: Mapping[str, str], input_schema: Any) -> UpstreamResponse | None:
-    """A tools/call whose `Mcp-Param-*` headers disagree with its arguments, as the tool's schema declares them."""
-    params = message.get("params")
-    arguments = params.get("arguments") if isinstance(params, Mapping) else None
-    if input_schema is None or not isinstance(arguments if arguments is not None else {}, Mapping):
-        return None
-    refused = validate_mcp_param_headers(input_schema, arguments or {}, headers)
-    return rejection(message.get("id"), refused.code, refused.message, refused.data) if refused else None
-
-
-def rejection(request_id: Any, code: int, message: str, data: Any = None) -> UpstreamResponse:
-    """A JSON-RPC error with the HTTP status the 2026-07-28 transport gives its code."""
-    return json_response(ERROR_CODE_HTTP_STATUS.get(code, 200), error_message(request_id, code, message, data))
-
-
-def with_error_status(response: UpstreamResponse) -> UpstreamResponse:
-    """A 2026-07-28 JSON answer that is an error gets its code's HTTP status (404 for an unknown method, ...)."""
-    body = response.body
-    if body is not None and response.status == 200 and b'"error"' in body:
-        message = loads(body)
-        error = message.get("error") if isinstance(message, dict) else None
-        if isinstance(error, dict) and isinstance(error.get("code"), int):
-            response.status = ERROR_CODE_HTTP_STATUS.get(error["code"], 200)
-    return response
-
-
-class ToolSchemas:
-    """The upstream's tool input schemas from its own listing, for `Mcp-Param-*` checks; reused briefly."""
-
-    FRESH = 30.0
-    """Seconds a listing is reused before the next check lists again (an unknown tool always lists again)."""
-    PAGES = 100
-    """Most tools/list pages read; a paginator that never ends is cut off."""
-
-    def __init__(self, mux: Multiplexer, timeout: float):
-        self._mux = mux
-        self._timeout = timeout
-        self._schemas: dict[str, Any] = {}
-        self._listed_at = 0.0
-
-    async def get(self, tool: str, message: Mapping[str, Any]) -> Any:
-        """`tool`'s inputSchema as listed for the caller's envelope; None when it cannot be had (checks fail open)."""
-        now = time.monotonic()
-        if tool not in self._schemas or now - self._listed_at > self.FRESH:
-            meta = (message.get("params") or {}).get("_meta") or {}
-            envelope = {k: v for k, v in meta.items() if k.startswith("io.modelcontextprotocol/")}
-            schemas: dict[str, Any] = {}
-            params: dict[str, Any] = {"_meta": envelope}
-            try:
-                for _ in range(self.PAGES):
-                    answer = await self._mux.call_own("tools/list", params, self._timeout)
-                    result = answer.get("result") or {}
-                    schemas.update({t.get("name"): t.get("inputSchema") for t in result.get("tools", ())})
-                    cursor = result.get("nextCursor")
-                    if not isinstance(cursor, str):
-                        break
-                    params = {"_meta": envelope, "cursor": cursor}
-            except (ProxyError, AttributeError, TypeError):
-                return None
-            self._schemas, self._listed_at = schemas, now
-        return self._schemas.get(tool)
-
-
-async def serve_modern(mux: Multiplexer, schemas: ToolSchemas, message: Any, body: bytes,
-                       headers: Mapping[str, str]) -> UpstreamResponse:
-    """A 2026-07-28 request on an upstream connection settled in that era, checked and answered as over HTTP."""
-    tool = needs_param_check(message, headers)
-    if tool is not None:
-        refused = param_rejection(message, headers, await schemas.get(tool, message))
-        if refused is not None:
-            return refused
-    return with_error_status(await mux.post(message, None, body))
-
-
-def needs_param_check(message: Any, headers: Mapping[str, str]) -> str | None:
-    """The tool whose schema a 2026-07-28 tools/call must be checked against, if any header or argument is at stake."""
-    if not isinstance(message, dict) or message.get("method") != "tools/call":
-        return None
-    params = message.get("params")
-    name = params.get("name") if isinstance(params, dict) else None
-    if not isinstance(name, str):
-        return None
-    if params.get("arguments") or any(k.lower().startswith("mcp-param-") for k in headers):
-        return name
-    return None
-
-
-def without_envelope(message: dict[str, Any]) -> dict[str, Any]:
-    """A 2026-07-28 request as a handshake-era server takes it: `_meta` without the era's `io.modelcontextprotocol/*`."""
-    params = message.get("params")
-    if isinstance(params, dict):
-        message["params"] = strip_envelope(params)
-    return message
-
-
-_CACHEABLE = frozenset({"tools/list", "prompts/list", "resources/list", "resources/templates/list", "resources/read"})
-"""2026-07-28 results that must say how long they may be cached."""
-
-
-def _as_modern_result(data: bytes, method: str) -> bytes:
-    message = loads(data)
-    result = message.get("result") if isinstance(message, dict) and "method" not in message else None
-    if not isinstance(result, dict):
-        return data  # an error, or a notification on the way
-    result.setdefault("resultType", "complete")
-    if method in _CACHEABLE:
-        # A handshake-era server gave no cache hints: say "do not cache", never more than it promised.
-        result.setdefault("ttlMs", 0)
-        result.setdefault("cacheScope", "private")
-    return dumps(message)
-
-
-def as_modern_answer(response: UpstreamResponse, method: str) -> UpstreamResponse:
-    """A handshake-era server's answer in 2026-07-28 shape: `resultType`, and cache hints where that era needs them."""
-    if response.body is not None:
-        response.body = _as_modern_result(response.body, method)
-        return with_error_status(response)
-    if response.events is not None:
-        events = response.events
-
-        async def reshaped() -> AsyncIterator[SseEvent]:
-            async for event in events:
-                if b'"result"' in event.data:
-                    event = SseEvent(data=_as_modern_result(event.data, method), id=event.id, event=event.event,
-                                     retry=event.retry)
-                yield event
-
-        response.events = reshaped()
-    return response
-
-
-def discover_params(client_info: Mapping[str, Any]) -> dict[str, Any]:
-    """The params of the proxy's own `server/discover`, which settles a fresh connection in the stateless era."""
-    return {"_meta": {
-        PROTOCOL_VERSION_KEY: LATEST_MODERN_VERSION,
-        "io.modelcontextprotocol/clientInfo": dict(client_info),
-        "io.modelcontextprotocol/clientCapabilities": {},
-    }}
-
-
-def serves_modern(answer: Mapping[str, Any]) -> bool:
-    """Whether a `server/discover` answer names the stateless era this proxy speaks."""
-    result = answer.get("result")
-    return isinstance(result, Mapping) and LATEST_MODERN_VERSION in (result.get("supportedVersions") or ())
-
-
-class ClientSession:
-    """One client's MCP session as the bridge presents it (its own `Mcp-Session-Id`)."""
-
-    __slots__ = ("id", "capabilities", "protocol_version", "pending", "stream", "backlog", "last_active",
-                 "subscriptions", "events", "live")
-
-    def __init__(self, session_id: str, capabilities: Mapping[str, Any], protocol_version: str | None,
-                 events: EventLog | None = None):
-        self.id = session_id
-        self.capabilities = capabilities
-        """The client's declared capabilities (sampling, elicitation, roots, ...)."""
-        self.protocol_version = protocol_version
-        self.pending: dict[Any, _Pending] = {}
-        """In-flight requests by the client's own id (for notifications/cancelled)."""
-        self.stream: asyncio.Queue[SseEvent | None] | None = None
-        """The open GET stream, if any; None ends it."""
-        self.backlog: deque[SseEvent] = deque(maxlen=_BACKLOG_LIMIT)
-        self.last_active = time.monotonic()
-        self.subscriptions: set[str] = set()
-        """Resource URIs this client subscribed to; their updates go to it alone."""
-        self.events = events if events is not None else EventLog()
-        """The session's recent SSE events, for clients resuming a stream with Last-Event-ID."""
-        self.live: dict[int, _Pending] = {}
-        """Requests answered with SSE and still running, by stream number (what a resume attaches to)."""
-
-    def push(self, data: bytes) -> None:
-        """Send a message on the session's GET stream (kept briefly when none is open)."""
-        event = self.events.record(GET_STREAM, data)
-        stream = self.stream
-        if stream is None:
-            self.backlog.append(event)
-            return
-        if stream.qsize() >= _STREAM_LIMIT:
-            stream.get_nowait()
-            log.warning("session %s reads its stream too slowly; dropped its oldest event", session_ref(self.id))
-        stream.put_nowait(event)
-
-
-class _Pending:
+class Pending:
     """A client request forwarded upstream and not yet answered."""
 
     __slots__ = ("upstream_id", "client_id", "session", "method", "token", "queue", "started", "batch", "stream",
-                 "grace")
+                 "grace", "sent", "answer")
 
     def __init__(self, upstream_id: int, client_id: Any, session: ClientSession | None, method: str, batch: bool):
         self.upstream_id = upstream_id
@@ -345,6 +92,10 @@ class _Pending:
         """The session stream number once the answer is SSE (its events are then logged for resumption)."""
         self.grace: asyncio.TimerHandle | None = None
         """The timer cancelling the request upstream when its client left and has not resumed yet."""
+        self.sent = b""
+        """The request as the upstream gets it (its id and progress token the bridge's)."""
+        self.answer: dict[str, Any] | None = None
+        """The final answer, parsed, when it came first (as plain JSON)."""
 
     def deliver(self, data: bytes) -> None:
         """An event for this request's client: on its response stream, or its session's stream for batches."""
@@ -396,8 +147,8 @@ class Multiplexer:
         self.resume_bytes = resume_bytes
         """Bytes of events each session keeps for resumption."""
         self._ids = itertools.count(1)
-        self._pending: dict[int, _Pending] = {}
-        self._tokens: dict[int, _Pending] = {}
+        self._pending: dict[int, Pending] = {}
+        self._tokens: dict[int, Pending] = {}
         self._server_requests: dict[str, tuple[ClientSession, Any]] = {}
         """Server requests sent to a client, by the id the bridge gave them: (the session, the server's own id)."""
         self._server_ids: dict[Any, str] = {}
@@ -478,23 +229,9 @@ class Multiplexer:
             self.sessions[session.id] = session
 
     @staticmethod
-    def _idle(session: ClientSession) -> bool:
+    def is_idle(session: ClientSession) -> bool:
+        """Nothing in flight and no stream open: the session may be ended for room, or when it was left."""
         return not session.pending and session.stream is None
-
-    def idle_sessions(self, idle_seconds: float) -> list[ClientSession]:
-        """Sessions unused for `idle_seconds`, with nothing in flight and no stream open (clients that never DELETE)."""
-        cutoff = time.monotonic() - idle_seconds
-        idle = []
-        for session in self.sessions.values():
-            if session.last_active >= cutoff:
-                break  # the rest were used more recently still
-            if self._idle(session):
-                idle.append(session)
-        return idle
-
-    def least_recently_used_idle(self) -> ClientSession | None:
-        """The session to end for room for a new one: used longest ago, nothing in flight, no stream open."""
-        return next((s for s in self.sessions.values() if self._idle(s)), None)
 
     def end_streams(self) -> None:
         """End every GET stream (the upstream is going away for good)."""
@@ -510,7 +247,7 @@ class Multiplexer:
         if isinstance(message, list):
             return await self._batch(message, session)
         if not isinstance(message, dict):
-            return json_response(400, error_message(None, INVALID_REQUEST, "Invalid Request"))
+            return invalid_request()
         if "method" in message:
             if "id" in message:
                 return await self.call(message, session)
@@ -519,26 +256,28 @@ class Multiplexer:
         if "id" in message and ("result" in message or "error" in message):
             await self.respond(message, session)
             return ACCEPTED
-        return json_response(400, error_message(message.get("id"), INVALID_REQUEST, "Invalid Request"))
+        return invalid_request(message.get("id"))
 
-    def _register(self, message: dict[str, Any], session: ClientSession | None, batch: bool = False) -> _Pending:
+    def _register(self, message: Mapping[str, Any], session: ClientSession | None, batch: bool = False) -> Pending:
+        """Route a client request: a fresh upstream id (and progress token); the client's message is left as it was."""
         upstream_id = next(self._ids)
-        pending = _Pending(upstream_id, message.get("id"), session, str(message.get("method")), batch)
+        pending = Pending(upstream_id, message.get("id"), session, str(message.get("method")), batch)
+        upstream_message = {**message, "id": upstream_id}
         params = message.get("params")
         if isinstance(params, dict):
             meta = params.get("_meta")
             if isinstance(meta, dict) and "progressToken" in meta:
                 # Tokens are the client's choice and collide across sessions just like ids do.
                 pending.token = meta["progressToken"]
-                meta["progressToken"] = upstream_id
+                upstream_message["params"] = {**params, "_meta": {**meta, "progressToken": upstream_id}}
                 self._tokens[upstream_id] = pending
-        message["id"] = upstream_id
+        pending.sent = dumps(upstream_message)
         self._pending[upstream_id] = pending
         if session is not None:
             session.pending[pending.client_id] = pending
         return pending
 
-    def _forget(self, pending: _Pending) -> bool:
+    def _forget(self, pending: Pending) -> bool:
         """Drop the request's routes; False when it was already answered or forgotten."""
         if self._pending.pop(pending.upstream_id, None) is None:
             return False
@@ -550,7 +289,7 @@ class Multiplexer:
             pending.session.pending.pop(pending.client_id, None)
         return True
 
-    async def _abandon(self, pending: _Pending, reason: str) -> None:
+    async def _abandon(self, pending: Pending, reason: str) -> None:
         """The client no longer wants the answer: tell the upstream to stop working on it."""
         if not self._forget(pending):
             return
@@ -584,7 +323,7 @@ class Multiplexer:
                         return json_response(200, {"jsonrpc": "2.0", "id": message.get("id"), "result": {}})
         pending = self._register(message, session)
         try:
-            await self._send(dumps(message))
+            await self._send(pending.sent)
         except BaseException:
             self._forget(pending)
             raise
@@ -594,7 +333,7 @@ class Multiplexer:
             await asyncio.shield(self._abandon(pending, "client disconnected"))
             raise
         if kind == _FINAL:
-            return UpstreamResponse(status=200, headers=JSON_HEADERS, body=payload)
+            return UpstreamResponse(status=200, headers=JSON_HEADERS, body=payload, message=pending.answer)
         if kind == _FAILED:
             raise payload
         if kind == _ENDED:
@@ -605,7 +344,7 @@ class Multiplexer:
                                     release=lambda: self._abandon(pending, "client disconnected"))
         return self._stream(pending, session, payload)
 
-    def _stream(self, pending: _Pending, session: ClientSession, first: bytes) -> UpstreamResponse:
+    def _stream(self, pending: Pending, session: ClientSession, first: bytes) -> UpstreamResponse:
         """Answer with a resumable SSE stream: a priming event, then every event with an id, logged for replay."""
         stream, priming = session.events.open_stream()
         queue = pending.queue
@@ -650,7 +389,7 @@ class Multiplexer:
         return UpstreamResponse(status=200, headers=SSE_HEADERS, events=self._stream_events(pending, queue, missed),
                                 release=lambda: self._detach(pending, queue))
 
-    async def _detach(self, pending: _Pending, queue: asyncio.Queue[tuple[int, Any]]) -> None:
+    async def _detach(self, pending: Pending, queue: asyncio.Queue[tuple[int, Any]]) -> None:
         """A POST stream's client is gone: the call runs on `resume_grace` seconds for a resume, then is cancelled."""
         if pending.queue is not queue or self._pending.get(pending.upstream_id) is not pending:
             return  # a resume took it over, or it was answered
@@ -659,14 +398,14 @@ class Multiplexer:
             return
         pending.grace = asyncio.get_running_loop().call_later(self.resume_grace, self._give_up, pending, queue)
 
-    def _give_up(self, pending: _Pending, queue: asyncio.Queue[tuple[int, Any]]) -> None:
+    def _give_up(self, pending: Pending, queue: asyncio.Queue[tuple[int, Any]]) -> None:
         pending.grace = None
         if pending.queue is queue:
             task = asyncio.get_running_loop().create_task(self._abandon(pending, "client did not resume its stream"))
             self._answers.add(task)
             task.add_done_callback(self._answers.discard)
 
-    async def _stream_events(self, pending: _Pending, queue: asyncio.Queue[tuple[int, Any]],
+    async def _stream_events(self, pending: Pending, queue: asyncio.Queue[tuple[int, Any]],
                              first: list[SseEvent]) -> AsyncIterator[SseEvent]:
         for event in first:
             yield event
@@ -682,7 +421,7 @@ class Multiplexer:
             else:
                 return
 
-    async def _next(self, pending: _Pending, queue: asyncio.Queue[tuple[int, Any]] | None = None) -> tuple[int, Any]:
+    async def _next(self, pending: Pending, queue: asyncio.Queue[tuple[int, Any]] | None = None) -> tuple[int, Any]:
         """The request's next message; a silence longer than the timeout gives up on it (and cancels it upstream)."""
         if queue is None:
             queue = pending.queue
@@ -704,7 +443,7 @@ class Multiplexer:
             if item[0] != _SILENT:
                 return item  # (a marker from a timer that fired just after an answer is stale: skip it)
 
-    async def _events(self, pending: _Pending, first: bytes) -> AsyncIterator[SseEvent]:
+    async def _events(self, pending: Pending, first: bytes) -> AsyncIterator[SseEvent]:
         yield SseEvent(data=first)
         while True:
             kind, payload = await self._next(pending)
@@ -751,7 +490,7 @@ class Multiplexer:
         await self._send(dumps(message))
 
     async def _batch(self, messages: list[Any], session: ClientSession | None) -> UpstreamResponse:
-        pendings: list[_Pending] = []
+        pendings: list[Pending] = []
         answers: list[Any] = []
         for message in messages:
             if not isinstance(message, dict):
@@ -759,7 +498,7 @@ class Multiplexer:
             elif "method" in message and "id" in message:
                 pending = self._register(message, session, batch=True)
                 try:
-                    await self._send(dumps(message))
+                    await self._send(pending.sent)
                 except ProxyError as exc:
                     self._forget(pending)
                     answers.append(error_message(pending.client_id, exc.code, exc.message, exc.data))
@@ -773,7 +512,7 @@ class Multiplexer:
             for pending in pendings:
                 kind, payload = await self._next(pending)
                 if kind == _FINAL:
-                    answers.append(loads(payload))
+                    answers.append(pending.answer if pending.answer is not None else loads(payload))
                 elif kind == _FAILED:
                     answers.append(error_message(pending.client_id, payload.code, payload.message, payload.data))
         except asyncio.CancelledError:
@@ -844,6 +583,7 @@ class Multiplexer:
         self._forget(pending)
         message["id"] = pending.client_id
         if pending.stream is None:
+            pending.answer = message  # parsed once, here: the chain reads this, not the bytes again
             pending.queue.put_nowait((_FINAL, dumps(message)))
         else:
             pending.settle(_FINAL, dumps(message))
@@ -926,8 +666,8 @@ class Multiplexer:
         else:
             session.push(dumps(message))
 
-    def _pick_pending(self, capability: str | None) -> _Pending | None:
-        best: _Pending | None = None
+    def _pick_pending(self, capability: str | None) -> Pending | None:
+        best: Pending | None = None
         best_rank: tuple[bool, float] = (False, 0.0)
         for pending in self._pending.values():
             session = pending.session
