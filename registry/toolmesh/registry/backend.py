@@ -34,6 +34,10 @@ PROTOCOL_VERSION = "2025-11-25"
 Notify = Callable[[Mapping[str, Any]], Awaitable[None]]
 Ask = Callable[[Mapping[str, Any]], Awaitable[Mapping[str, Any]]]
 """Puts a server's request (sampling, elicitation, roots) to the caller; returns the caller's result or error."""
+
+
+async def discard(_: Mapping[str, Any]) -> None:
+    """The Notify of a request whose notifications nobody hears (listings, delegated tasks)."""
 LISTEN_OPEN_TIMEOUT = 2.0
 """Seconds a call that may be asked waits for its session's GET stream to open before going out anyway."""
 CLIENT_CAPABILITIES = {"sampling": {}, "elicitation": {"form": {}, "url": {}}, "roots": {"listChanged": True}}

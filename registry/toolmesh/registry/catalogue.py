@@ -51,6 +51,11 @@ class ServerTraits:
         )
 
 
+def precedence(priority: int, server: str) -> tuple[int, str]:
+    """Which of several servers wins a name or URI they share: the highest priority, then the name sorting first."""
+    return -priority, server
+
+
 class ServerKey(NamedTuple):
     """A server's identity in the registry: its MCPServer's namespace (None in local mode) and name."""
 
@@ -226,7 +231,7 @@ class Catalogue:
         inst.endpoint, inst.tools, inst.health = endpoint, tools, "ok"
         inst.last_seen_wall = seen_wall
         inst.last_seen = self._clock() - max(0.0, time.time() - seen_wall)
-        inst.expired = inst.last_seen < self._clock() - self.deadline(inst)
+        inst.expired = inst.last_seen < self._clock() - self.deadline(remote=inst.remote)
         if relevant:
             self._changed()
 
@@ -242,11 +247,11 @@ class Catalogue:
             self._instances.get(key, {}).pop(instance, None)
         self._changed()
 
-    def deadline(self, inst: Instance) -> float:
+    def deadline(self, *, remote: bool = False) -> float:
         """Seconds after its last heartbeat an instance stays alive: `missed_limit` intervals, and `STATUS_LAG` more
-        for an instance known from MCPServer.status (its replica writes it at most once an interval, and this
+        for one known from MCPServer.status, `remote` (its replica writes it at most once an interval, and this
         one reads it once an interval)."""
-        return self.interval * (self.missed_limit + (STATUS_LAG if inst.remote else 0))
+        return self.interval * (self.missed_limit + (STATUS_LAG if remote else 0))
 
     def expire(self) -> None:
         """Mark instances that missed the heartbeat limit; called periodically."""
@@ -254,7 +259,7 @@ class Catalogue:
         changed = False
         for instances in self._instances.values():
             for inst in instances.values():
-                if not inst.expired and inst.last_seen < now - self.deadline(inst):
+                if not inst.expired and inst.last_seen < now - self.deadline(remote=inst.remote):
                     inst.expired = True
                     changed = True
         if changed:
@@ -262,7 +267,7 @@ class Catalogue:
 
     def next_expiry_in(self) -> float | None:
         """Seconds until the next live instance misses its heartbeat limit, or None when none is live."""
-        ends = [i.last_seen + self.deadline(i) for instances in self._instances.values()
+        ends = [i.last_seen + self.deadline(remote=i.remote) for instances in self._instances.values()
                 for i in instances.values() if not i.expired]
         return min(ends) - self._clock() if ends else None
 
@@ -291,6 +296,10 @@ class Catalogue:
 
     def gateway_name(self, key: ServerKey) -> str | None:
         return self._names.get(key)
+
+    def by_priority(self, servers: Iterable[str]) -> list[str]:
+        """Gateway names in `precedence` order: the one that wins a shared name or URI first."""
+        return sorted(servers, key=lambda s: precedence(self.traits(s).priority, s))
 
     def instances(self, server: str | ServerKey) -> list[Instance]:
         return list(self._instances.get(self._resolve(server), {}).values())
@@ -427,8 +436,7 @@ class GatewayView:
                 owners.setdefault(name, []).append((traits.priority, server))
         ranked: dict[str, tuple[str, ...]] = {}
         for name, claimants in owners.items():
-            # Highest priority answers to the bare name; ties go to the first name alphabetically.
-            ranked[name] = tuple(server for _, server in sorted(claimants, key=lambda c: (-c[0], c[1])))
+            ranked[name] = tuple(server for _, server in sorted(claimants, key=lambda c: precedence(*c)))
             routes.setdefault(name, Route(ranked[name][0], name))
         return cls(version=version, tools=tuple(tools), routes=routes, claimants=ranked)
 

@@ -30,7 +30,7 @@ from aiohttp import web
 from toolmesh.api.kube import KubeClient, KubeError, load_api_client
 from toolmesh.api.status import set_condition
 from toolmesh.registry.auth import AuthResult, bearer
-from toolmesh.registry.catalogue import STATUS_LAG, Catalogue, ServerKey, ServerTraits
+from toolmesh.registry.catalogue import Catalogue, ServerKey, ServerTraits
 
 log = logging.getLogger("toolmesh.registry")
 
@@ -174,8 +174,7 @@ class ClusterSync:
     def _write(self, namespace: str, name: str, wanted: Mapping[str, Any], last: float) -> float | None:
         """Put our report in and recompute the summary; returns when to look again if other replicas' reports
         are what keeps the server healthy (they may stop), else None."""
-        interval = self.catalogue.interval
-        deadline = interval * self.catalogue.missed_limit
+        deadline = self.catalogue.deadline()
         ours = {"replica": self.replica, "lastHeartbeat": rfc3339(last), "healthyInstances": wanted["healthyInstances"]}
         for _ in range(CONFLICT_RETRIES):
             server = self.api.get_server(namespace, name)
@@ -189,8 +188,8 @@ class ClusterSync:
                       and (seen := parse_time(report.get("lastHeartbeat"))) is not None
                       and now - seen < REPORT_KEPT * deadline]
             reports = [ours, *(report for report, _ in theirs)]
-            # Another replica's report trails its heartbeats by up to STATUS_LAG intervals (it writes, we read).
-            slack = deadline + STATUS_LAG * interval
+            # Another replica's report trails its heartbeats as an instance known from status does.
+            slack = self.catalogue.deadline(remote=True)
             fresh = [(report, seen) for report, seen in theirs if now - seen < slack]
             count = wanted["healthyInstances"] + sum(int(r.get("healthyInstances") or 0) for r, _ in fresh)
             healthy = count > 0

@@ -42,8 +42,8 @@ def server_spec(file: Path, doc: Mapping[str, Any]) -> tuple[str, MCPServerSpec]
 
 
 def traits_of(spec: MCPServerSpec) -> ServerTraits:
-    return ServerTraits(priority=spec.priority, capabilities=tuple(spec.capabilities),
-                        max_concurrent=spec.maxConcurrent)
+    """The traits a validated MCPServer spec declares (read as the cluster's specs and heartbeats are)."""
+    return ServerTraits.from_fields(spec.model_dump())
 
 
 def declare_from_files(app: web.Application, paths: Iterable[Path]) -> None:
