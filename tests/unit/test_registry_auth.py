@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from toolmesh.registry.app import RegistrySettings
+from toolmesh.registry.settings import RegistrySettings
 from toolmesh.registry.auth import anyone, shared_secret
 
 

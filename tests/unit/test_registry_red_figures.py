@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from toolmesh.registry.app import CATALOGUE, TRACES, RegistrySettings, create_app
+from toolmesh.registry.app import CATALOGUE, TRACES, create_app
+from toolmesh.registry.settings import RegistrySettings
 from toolmesh.registry.traces import ToolCallSpan
 
 

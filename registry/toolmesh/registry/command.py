@@ -66,9 +66,10 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 def run(args: argparse.Namespace) -> int:
     from toolmesh.api.errors import UsageError
-    from toolmesh.registry.app import RegistrySettings, create_app
+    from toolmesh.registry.app import create_app
     from toolmesh.registry.auth import anyone, nobody, shared_secret
     from toolmesh.registry.manifests import declare_from_files
+    from toolmesh.registry.settings import RegistrySettings
 
     host, port = parse_listen(args.listen)
     if args.heartbeat_interval <= 0 or args.missed_heartbeats < 1 or args.page_size < 1:

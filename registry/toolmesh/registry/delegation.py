@@ -13,17 +13,21 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from toolmesh.api.sessions import ANONYMOUS, credential_principal, unguessable_id
+from toolmesh.registry.backend import Notify, discard
 from toolmesh.registry.catalogue import Catalogue, ServerKey
-from toolmesh.registry.gateway import Caller, Gateway, Notify, ToolCallFailed
+from toolmesh.registry.gateway import Caller, Gateway, Sidecars, ToolCallFailed
+from toolmesh.registry.gateway.calls import json_response
 
 
 class TaskSpec(BaseModel):
@@ -144,11 +148,12 @@ class WorkflowRun:
 
 
 class Delegation:
-    """Runs workflows over the catalogue's servers, keeping each within its `maxConcurrent`."""
+    """Runs workflows over the catalogue's servers, keeping each within its `maxConcurrent`; `/v1/workflows` starts
+    them and shows them to whoever started them."""
 
-    def __init__(self, catalogue: Catalogue, gateway: Gateway, *, keep: int = 1000) -> None:
+    def __init__(self, catalogue: Catalogue, sidecars: Sidecars, *, keep: int = 1000) -> None:
         self.catalogue = catalogue
-        self.gateway = gateway
+        self.sidecars = sidecars
         self.runs: dict[str, WorkflowRun] = {}
         self.running: dict[ServerKey, int] = {}
         """Delegated tasks running per server now (by key: a gateway name may change while a task runs)."""
@@ -156,6 +161,32 @@ class Delegation:
         self._keep = keep
         self._background: set[asyncio.Task] = set()
         catalogue.on_change(self._catalogue_changed)
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.post("/v1/workflows", self.post_workflow), web.get("/v1/workflows/{id}", self.get_workflow)]
+
+    async def post_workflow(self, request: web.Request) -> web.Response:
+        """Start a workflow with the caller's identity; `?wait=true` answers when it has finished."""
+        try:
+            spec = parse_workflow(orjson.loads(await request.read()))
+        except orjson.JSONDecodeError as exc:
+            return json_response({"error": f"not JSON: {exc}"}, 400)
+        except ValueError as exc:
+            return json_response({"error": str(exc)}, 400)
+        caller = Caller(request.headers.get("Authorization"), request.headers.get("Mcp-Budget-Key"))
+        run = self.start(spec, caller)
+        if request.query.get("wait") in ("1", "true", "yes"):
+            await run.done.wait()
+            return json_response(run.as_dict())
+        return json_response(run.as_dict(), 202)
+
+    async def get_workflow(self, request: web.Request) -> web.Response:
+        """A workflow's state and results, for the credential that started it; to anyone else it does not exist."""
+        run = self.runs.get(request.match_info["id"])
+        principal = credential_principal(request.headers.get("Authorization"))
+        if run is None or not secrets.compare_digest(run.principal, principal):
+            return json_response({"error": "no such workflow"}, 404)
+        return json_response(run.as_dict())
 
     def start(self, spec: WorkflowSpec, caller: Caller, notify: Notify | None = None) -> WorkflowRun:
         """Begin a workflow in the background; await `run.done` for the end."""
@@ -230,7 +261,7 @@ class Delegation:
         run.scheduling_seconds += time.perf_counter() - t0
         try:
             result = await asyncio.wait_for(
-                self.gateway.call_server(server, {"name": spec.tool, "arguments": arguments}, caller, _ignore),
+                self.sidecars.call_server(server, {"name": spec.tool, "arguments": arguments}, caller, discard),
                 timeout=max(0.001, deadline - time.monotonic()))
         except asyncio.TimeoutError:
             task.state, task.error = "failed", f"timed out after {spec.timeoutSeconds:g}s on {server}"
@@ -310,10 +341,6 @@ class Delegation:
         task.add_done_callback(self._background.discard)
 
 
-async def _ignore(_: Mapping[str, Any]) -> None:
-    return None
-
-
 RUN_WORKFLOW_TOOL: dict[str, Any] = {
     "name": "toolmesh__run_workflow",
     "description": "[toolmesh] Run a delegation workflow: tasks on servers by capability, in parallel where "
@@ -358,5 +385,5 @@ def install(gateway: Gateway, delegation: Delegation) -> None:
         return {"content": [{"type": "text", "text": "\n".join(lines)}], "structuredContent": summary,
                 "isError": run.state != "succeeded"}
 
-    gateway.add_local_tool(RUN_WORKFLOW_TOOL, run_workflow)
+    gateway.tools.add_local_tool(RUN_WORKFLOW_TOOL, run_workflow)
 
