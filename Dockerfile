@@ -17,7 +17,7 @@ RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /dist .
 # pip goes last: the runtime stage must not be able to install anything.
 RUN python -m venv /opt/toolmesh \
  && /opt/toolmesh/bin/pip install --no-cache-dir --constraint constraints.txt /dist/toolmesh-*.whl mcp-server-time==2026.10.19 \
- && TIKTOKEN_CACHE_DIR=/opt/toolmesh/tiktoken /opt/toolmesh/bin/python -c "from toolmesh.sidecar import tokenizer; [tokenizer.encoding(name) for name in tokenizer.ENCODINGS]" \
+ && TIKTOKEN_CACHE_DIR=/opt/toolmesh/tiktoken /opt/toolmesh/bin/python -c "from toolmesh.sidecar.chain.stages import tokenizer; [tokenizer.encoding(name) for name in tokenizer.ENCODINGS]" \
  && /opt/toolmesh/bin/python -m pip uninstall --yes pip
 
 # --- runtime: slim Python, the virtualenv, a non-root user --------------------------------------------------------

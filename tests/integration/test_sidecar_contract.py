@@ -25,7 +25,7 @@ from mcp.types import ResourceLink, TextContent
 
 from helpers import free_port, toolmesh_cli, wait_until
 from helpers.mcp_servers import sdk_http_server
-from helpers.modern_calls import post_tools_call
+from helpers.stateless_calls import post_tools_call
 from helpers.sidecar import http_get, sidecar
 from helpers.tokens import TokenIssuer
 
@@ -254,7 +254,7 @@ async def test_a_typed_result_is_counted_and_cut_whole(budgeted):
         assert meta["structuredContent"] == "truncated"
         assert 0 < len(structured["rows"]) < 3000 and structured["total"] == 3000
         assert structured["rows"][0] == {"id": 0, "name": "row-0", "note": "note number 0 of the table"}
-        from toolmesh.sidecar.tokenizer import Tokenizer
+        from toolmesh.sidecar.chain.stages.tokenizer import Tokenizer
 
         kept = Tokenizer().count(orjson.dumps(structured).decode()) + Tokenizer().count(text_of(result))
         assert kept <= limit
@@ -332,7 +332,7 @@ async def test_every_call_is_logged_at_info_with_subject_and_the_traceparent_hea
             "name": "echo", "arguments": {"text": "both"},
             "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
                       "io.modelcontextprotocol/clientCapabilities": {}, "traceparent": TRACE_META}}})
-        from helpers.modern_calls import tools_call_headers
+        from helpers.stateless_calls import tools_call_headers
 
         async with httpx2.AsyncClient(timeout=10) as http:
             assert (await http.post(sc.url, content=both, headers=tools_call_headers(

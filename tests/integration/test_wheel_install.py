@@ -110,7 +110,7 @@ def test_tokenizer_loads_the_baked_vocabulary_from_a_read_only_folder(image_env:
     assert len(list(folder.iterdir())) == 2, "both offline vocabularies are baked in"
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     result = _run(image_env, "python", "-c",
-                  "from toolmesh.sidecar.tokenizer import Tokenizer; print(Tokenizer().count('hello world'))", cwd=tmp_path)
+                  "from toolmesh.sidecar.chain.stages.tokenizer import Tokenizer; print(Tokenizer().count('hello world'))", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "2"
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before

@@ -65,7 +65,7 @@ def test_the_image_runs_read_only_as_uid_and_gid_10001_without_pip(images: dict)
 
 def test_the_tokenizer_counts_without_a_network(images: dict):
     script = (
-        "from toolmesh.sidecar import tokenizer\n"
+        "from toolmesh.sidecar.chain.stages import tokenizer\n"
         "for name in tokenizer.ENCODINGS:\n"
         "    print(name, len(tokenizer.encoding(name).encode('the tokenizer data is baked into the image')))\n"
     )

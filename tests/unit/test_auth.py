@@ -11,12 +11,12 @@ from helpers.tokens import JwksServer, TokenIssuer, tampered
 from multidict import CIMultiDict
 
 from toolmesh.api.policy import PolicyError, PolicyFile
-from toolmesh.sidecar.chain import NOTIFICATION, CallContext, Caller, Outcome, run_chain
-from toolmesh.sidecar.jwt_verify import scopes_of
-from toolmesh.sidecar.pipeline import forward_headers
-from toolmesh.sidecar.protected_resource import metadata_document
-from toolmesh.sidecar.stages import authenticate, authorize
-from toolmesh.sidecar.state import SharedState
+from toolmesh.sidecar.chain.frame import NOTIFICATION, CallContext, Caller, Outcome, run_chain
+from toolmesh.sidecar.chain.stages.jwt_verify import scopes_of
+from toolmesh.sidecar.chain.pipeline import forward_headers
+from toolmesh.sidecar.chain.protected_resource import metadata_document
+from toolmesh.sidecar.chain.stages import authenticate, authorize
+from toolmesh.sidecar.chain.state import SharedState
 
 
 @pytest.fixture(scope="module")
@@ -387,7 +387,7 @@ async def test_anonymous_caller_denied_by_scope_is_asked_to_authenticate(issuer)
 
 
 async def test_jwks_keys_are_kept_when_the_issuer_goes_down():
-    from toolmesh.sidecar.jwks import JwksKeys, JwksUnavailable
+    from toolmesh.sidecar.chain.stages.jwks import JwksKeys, JwksUnavailable
 
     now = [0.0]
     rotating = TokenIssuer("https://flaky.test")

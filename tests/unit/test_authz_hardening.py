@@ -12,11 +12,11 @@ from multidict import CIMultiDict
 
 from toolmesh.api.jsonrpc import FORBIDDEN, INVALID_PARAMS
 from toolmesh.api.policy import PolicyError, PolicyFile
-from toolmesh.sidecar.chain import NOTIFICATION, CallContext, Caller, Outcome, derive, run_chain
-from toolmesh.sidecar.jwt_verify import scopes_of
-from toolmesh.sidecar.protected_resource import challenge, metadata_document
-from toolmesh.sidecar.stages import authenticate, authorize
-from toolmesh.sidecar.state import SharedState
+from toolmesh.sidecar.chain.frame import NOTIFICATION, CallContext, Caller, Outcome, derive, run_chain
+from toolmesh.sidecar.chain.stages.jwt_verify import scopes_of
+from toolmesh.sidecar.chain.protected_resource import challenge, metadata_document
+from toolmesh.sidecar.chain.stages import authenticate, authorize
+from toolmesh.sidecar.chain.state import SharedState
 
 
 @pytest.fixture(scope="module")

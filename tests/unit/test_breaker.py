@@ -9,11 +9,12 @@ from helpers import yield_until
 import orjson
 import pytest
 
+from toolmesh.sidecar.chain import state
 from toolmesh.api.policy import MCPToolPolicySpec
-from toolmesh.sidecar.chain import CallContext, Outcome, SseEvent, run_chain
+from toolmesh.sidecar.chain.frame import CallContext, Outcome, SseEvent, run_chain
 from toolmesh.sidecar.errors import Refused, UpstreamUnavailable
-from toolmesh.sidecar.stages import circuit_breaker as cb
-from toolmesh.sidecar.state import SharedState
+from toolmesh.sidecar.chain.stages import circuit_breaker as cb
+from toolmesh.sidecar.chain.state import SharedState
 
 
 class Clock:
@@ -28,9 +29,9 @@ def make_stage(**section):
     policy = MCPToolPolicySpec.model_validate({"circuitBreaker": {"failureThreshold": 3, "openSeconds": 10, **section}})
     shared = SharedState(server_name="srv")
     clock = Clock()
-    shared.stage_state[cb.NAME] = cb.BreakerBoard(clock)
+    shared.stage_state[state.CIRCUIT_BREAKER] = cb.BreakerBoard(clock)
     stage = cb.build(policy, shared)
-    return stage, shared.stage_state[cb.NAME], clock
+    return stage, shared.stage_state[state.CIRCUIT_BREAKER], clock
 
 
 def call(tool="lookup", events=None, token=None):
@@ -181,4 +182,4 @@ async def test_state_is_exported_to_metrics():
     assert 'toolmesh_circuit_breaker_state{tool="lookup"} 1' in text
     assert 'toolmesh_circuit_breaker_opened_total{tool="lookup"} 1' in text
     assert 'toolmesh_circuit_breaker_rejected_total{tool="lookup"} 1' in text
-    assert shared.stage_state[cb.NAME].states() == {"lookup": "open"}
+    assert shared.stage_state[state.CIRCUIT_BREAKER].states() == {"lookup": "open"}

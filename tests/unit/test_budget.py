@@ -5,12 +5,13 @@ from __future__ import annotations
 import orjson
 import pytest
 
+from toolmesh.sidecar.chain import state
 from toolmesh.api.policy import MCPToolPolicySpec
-from toolmesh.sidecar.chain import Caller, CallContext, Outcome, run_chain
-from toolmesh.sidecar.results_store import ResultNotFound, ResultsStore, parse_uri
-from toolmesh.sidecar.stages import budget
-from toolmesh.sidecar.state import SharedState
-from toolmesh.sidecar.tokenizer import Tokenizer
+from toolmesh.sidecar.chain.frame import Caller, CallContext, Outcome, run_chain
+from toolmesh.sidecar.chain.stages.results_store import ResultNotFound, ResultsStore, parse_uri
+from toolmesh.sidecar.chain.stages import budget
+from toolmesh.sidecar.chain.state import SharedState
+from toolmesh.sidecar.chain.stages.tokenizer import Tokenizer
 
 TOKENIZER = Tokenizer()
 WORDS = " ".join(f"w{i}" for i in range(3000))  # a few thousand tokens of distinct text
@@ -36,7 +37,7 @@ def make_stage(**section):
     shared = SharedState(server_name="srv")
     stage = budget.build(policy, shared)
     assert stage is not None
-    return stage, shared.stage_state["budget"]
+    return stage, shared.stage_state[state.BUDGET]
 
 
 def call(tool="read", *, session="s1", subject="alice", rid=1, headers=None):
@@ -140,14 +141,14 @@ async def test_budgets_are_bounded_and_expire():
     now = [0.0]
     policy = MCPToolPolicySpec.model_validate({"budget": {"maxSessions": 3, "sessionTtlSeconds": 10}})
     shared = SharedState(server_name="srv")
-    shared.stage_state["budget"] = budget.BudgetState(clock=lambda: now[0])
+    shared.stage_state[state.BUDGET] = budget.BudgetState(clock=lambda: now[0])
     stage = budget.build(policy, shared)
     for i in range(10):
         await stage(call(session=f"s{i}"), Upstream())
-    assert len(shared.stage_state["budget"].budgets) == 3
+    assert len(shared.stage_state[state.BUDGET].budgets) == 3
     now[0] = 11
     await stage(call(session="late"), Upstream())
-    assert list(shared.stage_state["budget"].budgets) == [budget._session_key("late")]
+    assert list(shared.stage_state[state.BUDGET].budgets) == [budget._session_key("late")]
 
 
 def test_results_store_is_bounded_expires_and_checks_the_owner():
@@ -173,8 +174,8 @@ def test_results_store_is_bounded_expires_and_checks_the_owner():
 
 
 async def test_cached_answers_are_counted_and_truncated_per_caller():
-    from toolmesh.sidecar.chain import compose
-    from toolmesh.sidecar.stages import cache
+    from toolmesh.sidecar.chain.frame import compose
+    from toolmesh.sidecar.chain.stages import cache
 
     policy = MCPToolPolicySpec.model_validate({
         "budget": {"totalTokens": 20000, "reservedForResponse": 1000, "reservedForSystem": 1000},

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import orjson
 
+from toolmesh.sidecar.chain import state
 from toolmesh.api.policy import MCPToolPolicySpec
-from toolmesh.sidecar.chain import Caller, CallContext, Outcome
-from toolmesh.sidecar.stages import budget
-from toolmesh.sidecar.state import SharedState
+from toolmesh.sidecar.chain.frame import Caller, CallContext, Outcome
+from toolmesh.sidecar.chain.stages import budget
+from toolmesh.sidecar.chain.state import SharedState
 
 WORDS = " ".join(f"w{i}" for i in range(3000))
 
@@ -20,7 +21,7 @@ async def upstream(ctx: CallContext) -> Outcome:
 def make_stage():
     policy = MCPToolPolicySpec.model_validate({"budget": {"totalTokens": 20000}})
     shared = SharedState(server_name="srv")
-    return budget.build(policy, shared), shared.stage_state["budget"]
+    return budget.build(policy, shared), shared.stage_state[state.BUDGET]
 
 
 def call():

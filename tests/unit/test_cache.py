@@ -8,11 +8,12 @@ from dataclasses import replace
 import orjson
 import pytest
 
+from toolmesh.sidecar.chain import state
 from toolmesh.api.policy import MCPToolPolicySpec
-from toolmesh.sidecar.chain import Caller, CallContext, Outcome
+from toolmesh.sidecar.chain.frame import Caller, CallContext, Outcome
 from toolmesh.sidecar.errors import UpstreamUnavailable
-from toolmesh.sidecar.stages import cache
-from toolmesh.sidecar.state import SharedState
+from toolmesh.sidecar.chain.stages import cache
+from toolmesh.sidecar.chain.state import SharedState
 
 
 class Clock:
@@ -54,7 +55,7 @@ def make_stage(spec: dict | None = None, clock: Clock | None = None):
     shared = SharedState(server_name="srv")
     shared.tools.update(TOOLS)
     if clock is not None:
-        shared.stage_state[cache.NAME] = cache.CacheState(policy.cache, clock)
+        shared.stage_state[state.CACHE] = cache.CacheState(policy.cache, clock)
     stage = cache.build(policy, shared)
     assert stage is not None
     return stage, shared
@@ -83,8 +84,8 @@ async def test_second_identical_call_is_answered_from_cache_with_its_own_id():
     assert upstream.calls == 1
     assert text_of(first) == text_of(second) == "answer 1"
     assert id_of(second) == "second"
-    assert shared.stage_state["cache"].stats()["hits"] == 1
-    assert shared.stage_state["cache"].stats()["misses"] == 1
+    assert shared.stage_state[state.CACHE].stats()["hits"] == 1
+    assert shared.stage_state[state.CACHE].stats()["misses"] == 1
 
 
 async def test_argument_order_does_not_matter_but_values_do():
@@ -213,14 +214,14 @@ async def test_bounded_by_entries_and_bytes_with_lru_eviction():
     assert upstream.calls == 4
     await stage(call("lookup", {"i": 1}), upstream)
     assert upstream.calls == 5
-    stats = shared.stage_state["cache"].stats()
+    stats = shared.stage_state[state.CACHE].stats()
     assert stats["entries"] == 3 and stats["evictions"] >= 2
 
     stage, shared = make_stage({"cache": {"maxBytes": 200}})
     upstream = Upstream(result={"content": [{"type": "text", "text": "y" * 60}]})
     for i in range(10):
         await stage(call("lookup", {"i": i}), upstream)
-    stats = shared.stage_state["cache"].stats()
+    stats = shared.stage_state[state.CACHE].stats()
     assert stats["bytes"] <= 200 and stats["entries"] == 2
 
 
@@ -237,7 +238,7 @@ async def test_identical_concurrent_calls_coalesce_into_one_upstream_call():
     assert upstream.calls == 1
     assert [id_of(o) for o in outcomes] == list(range(5))
     assert {text_of(o) for o in outcomes} == {"answer 1"}
-    assert shared.stage_state["cache"].coalesced == 4
+    assert shared.stage_state[state.CACHE].coalesced == 4
 
 
 async def test_followers_of_a_failed_call_call_upstream_themselves():
@@ -274,7 +275,6 @@ async def test_other_methods_and_disabled_policy_pass_through():
     await stage(ctx, upstream)
     assert upstream.calls == 2
     assert cache.build(MCPToolPolicySpec.model_validate({"cache": {"enabled": False}}), SharedState("s")) is None
-    assert cache.build(None, SharedState("s")) is None
 
 
 async def test_state_survives_a_policy_reload():
@@ -304,7 +304,7 @@ async def test_hits_misses_and_evictions_are_in_the_metrics():
 
 
 async def test_many_distinct_subjects_stay_within_the_bounds():
-    from toolmesh.sidecar.stages import budget
+    from toolmesh.sidecar.chain.stages import budget
 
     policy = MCPToolPolicySpec.model_validate({"cache": {"maxEntries": 100}, "budget": {"maxSessions": 100}})
     shared = SharedState(server_name="srv")
@@ -316,17 +316,17 @@ async def test_many_distinct_subjects_stay_within_the_bounds():
         # budget key keeps none).
         ctx = replace(call("lookup", {"q": i % 7}, subject=f"subject-{i}"), session_id=f"session-{i}")
         await budget_stage(ctx, lambda c: cache_stage(c, upstream))
-    assert len(shared.stage_state["budget"].budgets) == 100
-    assert shared.stage_state["cache"].stats()["entries"] == 100
-    assert not shared.stage_state["cache"].in_flight
+    assert len(shared.stage_state[state.BUDGET].budgets) == 100
+    assert shared.stage_state[state.CACHE].stats()["entries"] == 100
+    assert not shared.stage_state[state.CACHE].in_flight
 
 
 async def test_hit_rate_per_tool_reaches_the_heartbeat():
-    from toolmesh.sidecar.heartbeat import _tool_stats
+    from toolmesh.sidecar.control.heartbeat import _tool_stats
 
     stage, shared = make_stage()
     upstream = Upstream()
     for _ in range(4):
         await stage(call("lookup"), upstream)
-    assert shared.stage_state["cache"].hit_rates() == {"lookup": 0.75}
+    assert shared.stage_state[state.CACHE].hit_rates() == {"lookup": 0.75}
     assert _tool_stats(shared)["lookup"]["cache_hit_rate"] == 0.75

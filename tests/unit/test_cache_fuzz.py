@@ -8,10 +8,11 @@ import orjson
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from toolmesh.sidecar.chain import state
 from toolmesh.api.policy import MCPToolPolicySpec
-from toolmesh.sidecar.chain import Caller, CallContext, Outcome, compose, run_chain
-from toolmesh.sidecar.stages import budget, cache, circuit_breaker, retry, timeout
-from toolmesh.sidecar.state import SharedState
+from toolmesh.sidecar.chain.frame import Caller, CallContext, Outcome, compose, run_chain
+from toolmesh.sidecar.chain.stages import budget, cache, circuit_breaker, retry, timeout
+from toolmesh.sidecar.chain.state import SharedState
 
 POLICY = MCPToolPolicySpec.model_validate({
     "cache": {"maxEntries": 50, "maxBytes": 20000, "tools": [{"tools": ["*"], "readOnly": True}]},
@@ -94,4 +95,4 @@ async def test_stages_never_fail_internally(method, call_params, answer, session
             assert message["error"].get("message") != "internal proxy error", message
         if isinstance(message, dict) and "id" in message:
             assert message["id"] == 1
-    assert orjson.dumps(shared.stage_state["cache"].stats())
+    assert orjson.dumps(shared.stage_state[state.CACHE].stats())

@@ -6,10 +6,10 @@ import dataclasses
 
 import pytest
 
-from toolmesh.sidecar.chain import Caller, CallContext, Outcome, compose, derive, run_chain
+from toolmesh.sidecar.chain.frame import Caller, CallContext, Outcome, compose, derive, run_chain
 from toolmesh.sidecar.errors import ClientGone, RetryLater, UpstreamTimeout
-from toolmesh.sidecar.pipeline import Pipeline, build_stages, forward_headers
-from toolmesh.sidecar.state import SharedState
+from toolmesh.sidecar.chain.pipeline import Pipeline, build_stages, forward_headers
+from toolmesh.sidecar.chain.state import SharedState
 from toolmesh.sidecar.telemetry import MetricsRegistry, Telemetry, ToolStats
 
 

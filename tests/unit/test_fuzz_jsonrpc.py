@@ -22,11 +22,11 @@ from helpers.mcp_servers import sdk_http_server
 from helpers.sidecar import ready, sidecar
 from helpers.tokens import TokenIssuer
 from toolmesh.api.policy import PolicyFile
-from toolmesh.sidecar.chain import REQUEST, CallContext, Caller, Outcome, compose, run_chain
+from toolmesh.sidecar.chain.frame import REQUEST, CallContext, Caller, Outcome, compose, run_chain
 from toolmesh.sidecar.errors import Refused
-from toolmesh.sidecar.jsonrpc import classify, loads
-from toolmesh.sidecar.stages import authenticate, authorize, rate_limit
-from toolmesh.sidecar.state import SharedState
+from toolmesh.sidecar.chain.jsonrpc import classify, loads
+from toolmesh.sidecar.chain.stages import authenticate, authorize, rate_limit
+from toolmesh.sidecar.chain.state import SharedState
 
 # TOOLMESH_FUZZ_SCALE=20 runs twenty times as many examples, for a deeper search than CI makes.
 SCALE = int(os.environ.get("TOOLMESH_FUZZ_SCALE", "1"))

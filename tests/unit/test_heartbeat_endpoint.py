@@ -1,6 +1,6 @@
 """The endpoint a sidecar reports must be one the gateway can reach, whatever address it listens on."""
 
-from toolmesh.sidecar.heartbeat import HeartbeatSettings, reachable
+from toolmesh.sidecar.control.heartbeat import HeartbeatSettings, reachable
 
 
 def test_a_wildcard_listen_address_is_reported_as_the_pod_ip():

@@ -7,8 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from toolmesh.api.mcp_http import SseEvent, SseParser, encode_sse
-from toolmesh.sidecar.chain import NOTIFICATION, REQUEST, RESPONSE
-from toolmesh.sidecar.jsonrpc import InvalidRequest, ParseError, classify, loads, serialise_request
+from toolmesh.sidecar.chain.frame import NOTIFICATION, REQUEST, RESPONSE
+from toolmesh.sidecar.chain.jsonrpc import InvalidRequest, ParseError, classify, loads, serialise_request
 
 
 def test_classify_requests_notifications_and_responses():

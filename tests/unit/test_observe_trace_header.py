@@ -5,9 +5,9 @@ from __future__ import annotations
 import orjson
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from toolmesh.sidecar.chain import CallContext, Outcome
-from toolmesh.sidecar.stages.observe import Observe
-from toolmesh.sidecar.state import SharedState
+from toolmesh.sidecar.chain.frame import CallContext, Outcome
+from toolmesh.sidecar.chain.stages.observe import Observe
+from toolmesh.sidecar.chain.state import SharedState
 from toolmesh.sidecar.telemetry import Telemetry
 
 HEADER = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"

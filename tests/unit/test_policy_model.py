@@ -194,7 +194,7 @@ def test_examples_load(path):
 
 # --- loading from files and watching them -----------------------------------------------------
 
-from toolmesh.sidecar.policy_source import PolicyWatcher, load_policy  # noqa: E402
+from toolmesh.sidecar.control.policy_source import PolicyWatcher, load_policy  # noqa: E402
 
 
 def configmap_dir(root, version: str, text: str):

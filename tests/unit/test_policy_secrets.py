@@ -14,9 +14,9 @@ from toolmesh.api.policy import PolicyError, PolicyFile
 from toolmesh.operator.inject import POLICY_SECRETS_DIR, SIDECAR_NAME, TOKEN_DIR
 from toolmesh.operator.merge import PolicySource
 from toolmesh.operator.render import MissingSecret, OperatorConfig, render_server, secret_keys_of
-from toolmesh.sidecar.chain import CallContext, Outcome, run_chain
-from toolmesh.sidecar.stages import authenticate
-from toolmesh.sidecar.state import SharedState
+from toolmesh.sidecar.chain.frame import CallContext, Outcome, run_chain
+from toolmesh.sidecar.chain.stages import authenticate
+from toolmesh.sidecar.chain.state import SharedState
 
 CONFIG = OperatorConfig(sidecar_image="ghcr.io/toolmesh/toolmesh:0.1.0",
                         registry_url="http://toolmesh-registry.toolmesh-system.svc:7401")

@@ -8,11 +8,12 @@ from dataclasses import replace
 import pytest
 from multidict import CIMultiDict
 
+from toolmesh.sidecar.chain import state
 from toolmesh.api.policy import PolicyFile
-from toolmesh.sidecar.chain import CallContext, Caller, Outcome, run_chain
-from toolmesh.sidecar.stages import rate_limit
-from toolmesh.sidecar.stages.rate_limit import Buckets
-from toolmesh.sidecar.state import SharedState
+from toolmesh.sidecar.chain.frame import CallContext, Caller, Outcome, run_chain
+from toolmesh.sidecar.chain.stages import rate_limit
+from toolmesh.sidecar.chain.stages.rate_limit import Buckets
+from toolmesh.sidecar.chain.state import SharedState
 
 
 class Clock:
@@ -35,7 +36,7 @@ async def answer(ctx: CallContext) -> Outcome:
 
 def stage_for(section: dict, clock: Clock):
     shared = SharedState("s")
-    shared.stage_state[rate_limit.NAME] = Buckets(10**6, clock)
+    shared.stage_state[state.RATE_LIMIT] = Buckets(10**6, clock)
     return rate_limit.build(PolicyFile.parse({"rateLimit": section}), shared), shared
 
 
@@ -84,7 +85,7 @@ async def test_memory_stays_bounded_under_many_subjects():
     clock = Clock()
     shared = SharedState("s")
     stage = rate_limit.build(PolicyFile.parse({"rateLimit": {"maxSubjects": 1000}}), shared)
-    buckets = shared.stage_state[rate_limit.NAME]
+    buckets = shared.stage_state[state.RATE_LIMIT]
     for i in range(100_000):
         assert await stage(call(subject=f"user-{i}"), answer)
     assert len(buckets) == 1000
@@ -101,4 +102,3 @@ async def test_buckets_survive_a_policy_reload():
 
 def test_no_section_no_stage():
     assert rate_limit.build(PolicyFile.parse({}), SharedState("s")) is None
-    assert rate_limit.build(None, SharedState("s")) is None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from toolmesh.sidecar.app import FAILURES_BEFORE_NOT_READY, Readiness
+from toolmesh.sidecar.front.app import FAILURES_BEFORE_NOT_READY, Readiness
 from toolmesh.sidecar.telemetry import Telemetry
 
 

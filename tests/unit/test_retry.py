@@ -6,11 +6,11 @@ import orjson
 import pytest
 
 from toolmesh.api.policy import Jitter, MCPToolPolicySpec, RetryStrategy
-from toolmesh.sidecar.chain import CallContext, Outcome, SseEvent
+from toolmesh.sidecar.chain.frame import CallContext, Outcome, SseEvent
 from toolmesh.sidecar.errors import Refused, UpstreamTimeout, UpstreamUnavailable
-from toolmesh.sidecar.stages import retry
-from toolmesh.sidecar.stages.retry import RetrySchedule
-from toolmesh.sidecar.state import SharedState
+from toolmesh.sidecar.chain.stages import retry
+from toolmesh.sidecar.chain.stages.retry import RetrySchedule
+from toolmesh.sidecar.chain.state import SharedState
 
 TOOLS = [
     {"name": "lookup", "annotations": {"readOnlyHint": True}},

@@ -10,10 +10,10 @@ import orjson
 import pytest
 
 from toolmesh.api.policy import MCPToolPolicySpec
-from toolmesh.sidecar.chain import NOTIFICATION, CallContext, Outcome, SseEvent
+from toolmesh.sidecar.chain.frame import NOTIFICATION, CallContext, Outcome, SseEvent
 from toolmesh.sidecar.errors import UpstreamTimeout
-from toolmesh.sidecar.stages import timeout
-from toolmesh.sidecar.state import SharedState
+from toolmesh.sidecar.chain.stages import timeout
+from toolmesh.sidecar.chain.state import SharedState
 
 
 def make_stage(**section):
@@ -113,7 +113,7 @@ async def test_notifications_are_not_timed():
 
 
 async def test_a_retry_wait_does_not_count_as_silence_but_the_hard_maximum_holds():
-    from toolmesh.sidecar.stages.retry import RetryStage
+    from toolmesh.sidecar.chain.stages.retry import RetryStage
 
     policy = MCPToolPolicySpec.model_validate({
         "timeouts": {"callSeconds": 0.3, "progressExtensionSeconds": 0.3, "maxSeconds": 5},

@@ -175,20 +175,20 @@ async def test_resource_updates_reach_subscribers_only_and_the_last_unsubscribe_
     assert unsubscribed["method"] == "resources/unsubscribe" and unsubscribed["params"] == {"uri": "file:///a"}
 
 
-MODERN_META = {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+STATELESS_META = {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
                "io.modelcontextprotocol/clientCapabilities": {}}
 
 
 def test_the_stateless_era_is_recognised_by_header_or_envelope():
     assert is_stateless_request({"method": "tools/list"}, {"MCP-Protocol-Version": "2026-07-28"})
-    assert is_stateless_request({"method": "tools/list", "params": {"_meta": MODERN_META}}, {})
+    assert is_stateless_request({"method": "tools/list", "params": {"_meta": STATELESS_META}}, {})
     assert is_stateless_request({"method": "server/discover"}, {})
     assert not is_stateless_request({"method": "tools/list", "params": {"_meta": {"progressToken": 1}}},
                                  {"mcp-protocol-version": "2025-11-25"})
 
 
 def test_stateless_requests_are_checked_as_a_streamable_http_server_would():
-    listing = {"jsonrpc": "2.0", "id": 3, "method": "tools/list", "params": {"_meta": MODERN_META}}
+    listing = {"jsonrpc": "2.0", "id": 3, "method": "tools/list", "params": {"_meta": STATELESS_META}}
     headers = {"MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/list"}
     assert stateless_rejection(listing, headers) is None
     mismatch = stateless_rejection(listing, {**headers, "Mcp-Method": "tools/call"})

@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from toolmesh.sidecar.tokenizer import Tokenizer
+from toolmesh.sidecar.chain.stages.tokenizer import Tokenizer
 
 # Runs in a fresh interpreter so nothing is already loaded; any socket use raises.
 _OFFLINE_PROBE = r"""
@@ -18,7 +18,7 @@ socket.socket.connect = refuse
 socket.socket.connect_ex = refuse
 socket.create_connection = refuse
 socket.getaddrinfo = refuse
-from toolmesh.sidecar.tokenizer import Tokenizer, cache_dir
+from toolmesh.sidecar.chain.stages.tokenizer import Tokenizer, cache_dir
 t = Tokenizer()
 text = "The quick brown fox jumps over the lazy dog. Ünïcödé — 東京"
 print(json.dumps({"count": t.count(text), "tokens": t.encode("hello world"), "dir": str(cache_dir())}))
@@ -64,7 +64,7 @@ def test_counts_cuts_and_decodes():
 def test_an_encoding_that_is_not_bundled_is_refused_with_the_policy():
     import pytest
 
-    from toolmesh.sidecar.tokenizer import TokenizerUnavailable
+    from toolmesh.sidecar.chain.stages.tokenizer import TokenizerUnavailable
 
     with pytest.raises(TokenizerUnavailable, match="not available offline"):
         Tokenizer("p50k_base").preload()
@@ -75,7 +75,7 @@ def test_an_encoding_that_is_not_bundled_is_refused_with_the_policy():
 # the load added, in MB.
 _MEMORY_PROBE = r"""
 import asyncio, json, sys
-from toolmesh.sidecar.tokenizer import Tokenizer
+from toolmesh.sidecar.chain.stages.tokenizer import Tokenizer
 def rss():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) // 1024

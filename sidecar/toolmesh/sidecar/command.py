@@ -11,10 +11,13 @@ import shlex
 import signal
 import socket
 import sys
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from toolmesh.api.errors import UsageError
 from toolmesh.sidecar.settings import DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_BYTES, SidecarSettings
+
+if TYPE_CHECKING:
+    from toolmesh.api.policy import MCPToolPolicySpec
 
 log = logging.getLogger("toolmesh.sidecar")
 
@@ -95,11 +98,11 @@ def make_upstream(args: argparse.Namespace) -> Any:
     return HttpUpstream(url, timeout=args.upstream_timeout)
 
 
-def load_policy(path: str | None) -> tuple[Any, Any]:
+def load_policy(path: str | None) -> tuple[MCPToolPolicySpec | None, Any]:
     """(initial policy, policy source module) for `--policy`; (None, None) without it."""
     if not path:
         return None, None
-    from toolmesh.sidecar import policy_source as source
+    from toolmesh.sidecar.control import policy_source as source
 
     try:
         return source.load_policy(path), source
@@ -109,10 +112,10 @@ def load_policy(path: str | None) -> tuple[Any, Any]:
         raise UsageError(f"cannot load policy {path}: {exc}") from None
 
 
-def replay_is_safe(policy: Any) -> bool:
+def replay_is_safe(policy: MCPToolPolicySpec | None) -> bool:
     """Whether a bridged stream's logged answers may be replayed to a resuming client under `policy`: not when it
     authenticates callers, filters what they see, or budgets results (the log holds answers before the chain)."""
-    return policy is None or not any(getattr(policy, section, None) for section in ("auth", "authorization", "budget"))
+    return policy is None or not (policy.auth or policy.authorization or policy.budget)
 
 
 def bind_listener(host: str, port: int) -> socket.socket:
@@ -135,7 +138,7 @@ def bind_listener(host: str, port: int) -> socket.socket:
 
 def build_app(args: argparse.Namespace):
     """(app, host, bound socket) for the parsed flags; UsageError for bad ones."""
-    from toolmesh.sidecar.app import READINESS, SHARED, create_app
+    from toolmesh.sidecar.front.app import READINESS, SHARED, create_app
 
     host, port = parse_listen(args.listen)
     if args.max_body_bytes <= 0:
@@ -158,11 +161,11 @@ def build_app(args: argparse.Namespace):
     upstream = make_upstream(args)
     policy, source = load_policy(args.policy)
     app = create_app(settings, upstream, policy=policy)
-    from toolmesh.sidecar.app import PIPELINE
+    from toolmesh.sidecar.front.app import PIPELINE
 
     if hasattr(upstream, "resumable"):
         # Bridged streams replay answers as the server sent them: only while the policy changes none of them.
-        def follow(policy: Any) -> None:
+        def follow(policy: MCPToolPolicySpec | None) -> None:
             upstream.resumable = replay_is_safe(policy)
 
         follow(policy)
@@ -170,7 +173,7 @@ def build_app(args: argparse.Namespace):
     if source is not None:
         source.attach(app, args.policy, app[PIPELINE])
     if args.registry:
-        from toolmesh.sidecar import heartbeat
+        from toolmesh.sidecar.control import heartbeat
 
         endpoint = f"http://{host}:{port}/mcp"
         hb_settings = heartbeat.HeartbeatSettings.from_env(args.registry, args.server_name, endpoint)

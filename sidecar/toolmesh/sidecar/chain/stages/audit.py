@@ -9,13 +9,13 @@ from typing import Any
 
 import orjson
 
+from toolmesh.api.policy import MCPToolPolicySpec
 from toolmesh.api.sessions import session_ref
 
-from toolmesh.sidecar.state import SharedState
+from toolmesh.sidecar.chain.state import AUDIT_LOGS, SharedState
 
 log = logging.getLogger("toolmesh.sidecar.audit")
 
-_STATE_KEY = "audit"
 
 
 class AuditLog:
@@ -81,12 +81,12 @@ class AuditLog:
             self._owned = False
 
 
-def audit_log_for(policy: Any, shared: SharedState) -> AuditLog | None:
+def audit_log_for(policy: MCPToolPolicySpec, shared: SharedState) -> AuditLog | None:
     """The audit log the policy asks for, or None. Logs are kept per sink across reloads so file descriptors are not leaked."""
-    section = getattr(policy, "audit", None)
+    section = policy.audit
     if section is None or not section.enabled:
         return None
-    logs: dict[str, AuditLog] = shared.stage_state.setdefault(_STATE_KEY, {})
+    logs = shared.kept(AUDIT_LOGS, dict)
     audit = logs.get(section.sink)
     if audit is None:
         try:

@@ -169,7 +169,7 @@ def attach(app: Any, path: str | os.PathLike[str], pipeline: Any) -> None:
     """Watch `path` for the lifetime of the sidecar `app`, swapping `pipeline`'s chain; serve the RFC 9728 metadata of the policy in force."""
     from aiohttp import web
 
-    from toolmesh.sidecar.protected_resource import METADATA_PATH, metadata_document
+    from toolmesh.sidecar.chain.protected_resource import METADATA_PATH, metadata_document
 
     interval = float(os.environ.get(POLL_SECONDS_ENV, "1"))
 

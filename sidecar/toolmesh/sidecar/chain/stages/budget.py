@@ -30,13 +30,13 @@ from typing import Any
 
 import orjson
 
-from toolmesh.api.policy import BudgetPolicy
-from toolmesh.sidecar import stage_metrics
-from toolmesh.sidecar.chain import CallContext, Handler, Outcome, header
+from toolmesh.api.policy import BudgetPolicy, MCPToolPolicySpec
+from toolmesh.sidecar.telemetry import stage_metrics
+from toolmesh.sidecar.chain.frame import CallContext, Handler, Outcome, header
 from toolmesh.sidecar.errors import BUDGET_EXHAUSTED, INVALID_PARAMS, Refused
-from toolmesh.sidecar.results_store import DEFAULT_PAGE_TOKENS, PREFIX, ResultNotFound, ResultsStore
-from toolmesh.sidecar.state import SharedState, ToolCatalog
-from toolmesh.sidecar.tokenizer import Tokenizer
+from toolmesh.sidecar.chain.stages.results_store import DEFAULT_PAGE_TOKENS, PREFIX, ResultNotFound, ResultsStore
+from toolmesh.sidecar.chain.state import BUDGET, SharedState, ToolCatalog
+from toolmesh.sidecar.chain.stages.tokenizer import Tokenizer
 
 NAME = "budget"
 META_KEY = "io.toolmesh/budget"
@@ -79,7 +79,7 @@ class Budget:
 class BudgetState:
     """What survives policy reloads: the budgets by session and the stored full results."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic, shared: Any = None):
+    def __init__(self, clock: Callable[[], float] = time.monotonic, shared: SharedState | None = None):
         self.clock = clock
         self.budgets: OrderedDict[str, Budget] = OrderedDict()
         self.results = ResultsStore(clock=clock)
@@ -409,12 +409,12 @@ def _text_of(item: Any) -> str | None:
     return None
 
 
-def build(policy: Any, shared: SharedState) -> BudgetStage | None:
+def build(policy: MCPToolPolicySpec, shared: SharedState) -> BudgetStage | None:
     """The budget stage when the policy has a `budget` section."""
-    section = getattr(policy, "budget", None)
+    section = policy.budget
     if section is None:
         return None
-    state = shared.kept(NAME, lambda: BudgetState(shared=shared))
+    state = shared.kept(BUDGET, lambda: BudgetState(shared=shared))
     tokenizer = Tokenizer(section.encoding)
     # An unknown encoding is refused here, with the policy. The vocabulary loads now at start-up
     # and in the background on a reload while serving; calls wait for it either way.

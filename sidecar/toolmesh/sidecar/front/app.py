@@ -7,16 +7,19 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from aiohttp import web
 
-from toolmesh.sidecar.pipeline import Pipeline, UpstreamCall
-from toolmesh.sidecar.proxy import McpEndpoint, add_routes
+from toolmesh.sidecar.chain.pipeline import Pipeline, UpstreamCall
+from toolmesh.sidecar.front.endpoint import McpEndpoint, add_routes
 from toolmesh.sidecar.settings import SidecarSettings
-from toolmesh.sidecar.state import SharedState
+from toolmesh.sidecar.chain.state import SharedState
 from toolmesh.sidecar.telemetry import Telemetry
 from toolmesh.sidecar.transports.base import Upstream
+
+if TYPE_CHECKING:
+    from toolmesh.api.policy import MCPToolPolicySpec
 
 log = logging.getLogger("toolmesh.sidecar")
 
@@ -90,7 +93,7 @@ READINESS = web.AppKey("readiness", Readiness)
 SETTINGS = web.AppKey("settings", SidecarSettings)
 
 
-def create_app(settings: SidecarSettings, upstream: Upstream, *, policy: Any = None,
+def create_app(settings: SidecarSettings, upstream: Upstream, *, policy: MCPToolPolicySpec | None = None,
                telemetry: Telemetry | None = None,
                lifetimes: tuple[Callable[[web.Application], AsyncIterator[None]], ...] = ()) -> web.Application:
     """The sidecar application for one upstream. `lifetimes` are extra `cleanup_ctx` entries (policy watching, heartbeats)."""

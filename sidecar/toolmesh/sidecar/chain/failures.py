@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import orjson
 
-from toolmesh.sidecar.chain import Outcome, header
+from toolmesh.sidecar.chain.frame import Outcome, header
 from toolmesh.sidecar.errors import INTERNAL_ERROR, UpstreamTimeout, UpstreamUnavailable
 
 TRANSIENT_STATUSES = frozenset({502, 503, 504})

@@ -19,16 +19,19 @@ import socket
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import orjson
 from aiohttp import web
 
-from toolmesh.sidecar.protected_resource import metadata_document
-from toolmesh.sidecar.state import SharedState
-from toolmesh.sidecar.upstream_tools import list_tools
+from toolmesh.sidecar.chain.protected_resource import metadata_document
+from toolmesh.sidecar.chain.state import CACHE, CIRCUIT_BREAKER, SharedState
+from toolmesh.sidecar.transports.tools import list_tools
+
+if TYPE_CHECKING:
+    from toolmesh.api.policy import MCPToolPolicySpec
 
 log = logging.getLogger("toolmesh.sidecar.heartbeat")
 
@@ -110,7 +113,7 @@ class Heartbeat:
     """The beat loop for one sidecar."""
 
     def __init__(self, settings: HeartbeatSettings, shared: SharedState,
-                 ready: Callable[[], bool] | None = None, policy: Callable[[], Any] | None = None) -> None:
+                 ready: Callable[[], bool] | None = None, policy: Callable[[], MCPToolPolicySpec | None] | None = None) -> None:
         self.settings = settings
         self.shared = shared
         self._ready = ready
@@ -136,7 +139,7 @@ class Heartbeat:
         }
         policy = self._policy() if self._policy else None
         # The gateway must then ask this sidecar which tools each caller may see.
-        beat["callerFiltered"] = getattr(policy, "auth", None) is not None
+        beat["callerFiltered"] = policy is not None and policy.auth is not None
         if beat["callerFiltered"]:
             beat["auth"] = _caller_auth(policy)
         beat.update(self.settings.traits)
@@ -196,7 +199,7 @@ class Heartbeat:
         self.listing_error = None
 
 
-def _caller_auth(policy: Any) -> dict[str, Any]:
+def _caller_auth(policy: MCPToolPolicySpec) -> dict[str, Any]:
     """What the gateway needs to speak OAuth for this sidecar: whether a token is required, and the authorization
     servers and scopes of its RFC 9728 metadata."""
     document = metadata_document(policy, {}) or {}
@@ -206,7 +209,7 @@ def _caller_auth(policy: Any) -> dict[str, Any]:
 
 
 def _breaker_states(shared: SharedState) -> dict[str, Any]:
-    breaker = shared.stage_state.get("circuit_breaker")
+    breaker = shared.stage_state.get(CIRCUIT_BREAKER)
     states = getattr(breaker, "states", None)
     if callable(states):
         with contextlib.suppress(Exception):
@@ -220,7 +223,7 @@ def _tool_stats(shared: SharedState) -> dict[str, Any]:
     if callable(stats):
         with contextlib.suppress(Exception):
             result = dict(stats())
-    hit_rates = getattr(shared.stage_state.get("cache"), "hit_rates", None)
+    hit_rates = getattr(shared.stage_state.get(CACHE), "hit_rates", None)
     if callable(hit_rates):
         with contextlib.suppress(Exception):
             for tool, rate in hit_rates().items():
@@ -229,7 +232,7 @@ def _tool_stats(shared: SharedState) -> dict[str, Any]:
 
 
 def attach(app: web.Application, settings: HeartbeatSettings, shared: SharedState,
-           ready: Callable[[], bool] | None = None, policy: Callable[[], Any] | None = None) -> Heartbeat:
+           ready: Callable[[], bool] | None = None, policy: Callable[[], MCPToolPolicySpec | None] | None = None) -> Heartbeat:
     """Run heartbeats for the life of the sidecar's aiohttp app (a `cleanup_ctx`); returns the beat loop.
     `policy` gives the policy in force (what callers must present, reported with each heartbeat)."""
     heartbeat = Heartbeat(settings, shared, ready, policy=policy or (lambda: None))

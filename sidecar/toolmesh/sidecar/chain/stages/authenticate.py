@@ -12,28 +12,24 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from toolmesh.api.policy import AuthPolicy, Issuer
+from toolmesh.api.policy import AuthPolicy, Issuer, MCPToolPolicySpec
 from toolmesh.api.sessions import ANONYMOUS as ANONYMOUS_PRINCIPAL
 from toolmesh.api.sessions import SessionBindings, verified_principal
-from toolmesh.sidecar import stage_metrics
-from toolmesh.sidecar.audit import AuditLog, audit_log_for
-from toolmesh.sidecar.chain import REQUEST, SESSION_END, Caller, CallContext, Handler, Outcome, derive, header
+from toolmesh.sidecar.telemetry import stage_metrics
+from toolmesh.sidecar.chain.stages.audit import AuditLog, audit_log_for
+from toolmesh.sidecar.chain.frame import REQUEST, SESSION_END, Caller, CallContext, Handler, Outcome, derive, header
 from toolmesh.sidecar.errors import SessionNotFound, Unauthenticated
-from toolmesh.sidecar.protected_resource import challenge
-from toolmesh.sidecar.state import SharedState
+from toolmesh.sidecar.chain.protected_resource import challenge
+from toolmesh.sidecar.chain.state import JWKS, SESSION_BINDINGS, SharedState
 
 if TYPE_CHECKING:
-    from toolmesh.sidecar.jwks import JwksKeys
-    from toolmesh.sidecar.jwt_verify import TokenVerifier
+    from toolmesh.sidecar.chain.stages.jwks import JwksKeys
+    from toolmesh.sidecar.chain.stages.jwt_verify import TokenVerifier
 
 NAME = "authenticate"
 
 ANONYMOUS = Caller(subject="anonymous")
 """The caller of a request without a token when the policy does not require one."""
-
-SESSION_BINDINGS = "session_bindings"
-"""`SharedState.stage_state` key of the session → principal table; it outlives policy reloads."""
-
 
 def principal_of(caller: Caller) -> str:
     """Whom a session belongs to: the verified issuer and subject, or the anonymous principal."""
@@ -56,7 +52,7 @@ class AuthenticateStage:
     def __init__(self, auth: AuthPolicy, verifier: TokenVerifier, audit: AuditLog | None, server_name: str | None = None,
                  shared: SharedState | None = None, sessions: SessionBindings | None = None):
         # pyjwt and cryptography cost ~0.1 s of start-up: imported only once a policy asks for auth.
-        from toolmesh.sidecar.jwt_verify import InvalidToken
+        from toolmesh.sidecar.chain.stages.jwt_verify import InvalidToken
 
         self._invalid_token = InvalidToken
         self.auth = auth
@@ -154,16 +150,15 @@ class AuthenticateStage:
             )
 
 
-def build(policy: Any, shared: SharedState) -> AuthenticateStage | None:
+def build(policy: MCPToolPolicySpec, shared: SharedState) -> AuthenticateStage | None:
     """The stage for `policy.auth`, or None without one. JWKS caches outlive reloads; verified tokens do not."""
-    auth = getattr(policy, "auth", None)
+    auth = policy.auth
     if auth is None:
         return None
-    from toolmesh.sidecar.jwks import JwksKeys
-    from toolmesh.sidecar.jwt_verify import TokenVerifier
+    from toolmesh.sidecar.chain.stages.jwks import JwksKeys
+    from toolmesh.sidecar.chain.stages.jwt_verify import TokenVerifier
 
-    state = shared.stage_state.setdefault(NAME, {"jwks": {}})
-    jwks_cache: dict[str, JwksKeys] = state["jwks"]
+    jwks_cache = shared.kept(JWKS, dict)
 
     def jwks_for(issuer: Issuer) -> JwksKeys:
         keys = jwks_cache.get(issuer.jwksUrl)

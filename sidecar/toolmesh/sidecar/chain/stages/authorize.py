@@ -7,14 +7,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
-from toolmesh.api.policy import AmbiguousUri, AuthorizationPolicy
-from toolmesh.sidecar import stage_metrics
-from toolmesh.sidecar.audit import AuditLog, audit_log_for
-from toolmesh.sidecar.chain import NOTIFICATION, REQUEST, CallContext, Caller, Handler, Outcome
+from toolmesh.api.policy import AmbiguousUri, AuthorizationPolicy, MCPToolPolicySpec
+from toolmesh.sidecar.telemetry import stage_metrics
+from toolmesh.sidecar.chain.stages.audit import AuditLog, audit_log_for
+from toolmesh.sidecar.chain.frame import NOTIFICATION, REQUEST, CallContext, Caller, Handler, Outcome
 from toolmesh.sidecar.errors import INVALID_PARAMS, Forbidden, Refused, Unauthenticated
-from toolmesh.sidecar.protected_resource import challenge
-from toolmesh.sidecar.results_store import PREFIX as RESULTS_PREFIX
-from toolmesh.sidecar.state import SharedState
+from toolmesh.sidecar.chain.protected_resource import challenge
+from toolmesh.sidecar.chain.stages.results_store import PREFIX as RESULTS_PREFIX
+from toolmesh.sidecar.chain.state import SharedState
 
 NAME = "authorize"
 
@@ -87,12 +87,12 @@ class AuthorizeStage:
     denied, dropped with the same error status a request would get.
     """
 
-    def __init__(self, policy: Any, authorization: AuthorizationPolicy | None, audit: AuditLog | None,
+    def __init__(self, policy: MCPToolPolicySpec, authorization: AuthorizationPolicy | None, audit: AuditLog | None,
                  server_name: str | None, shared: SharedState | None = None):
         self.decisions = stage_metrics.counter(
             shared, "toolmesh_authz_decisions_total",
             "Authorization decisions on tools, resources and prompts (allowed true/false).", ("kind", "allowed"))
-        self.auth = getattr(policy, "auth", None)
+        self.auth = policy.auth
         self.authorization = authorization
         self.audit = audit
         self.server_name = server_name
@@ -232,11 +232,11 @@ class AuthorizeStage:
         return replace(outcome, message=filtered, raw=None)
 
 
-def build(policy: Any, shared: SharedState) -> AuthorizeStage | None:
+def build(policy: MCPToolPolicySpec, shared: SharedState) -> AuthorizeStage | None:
     """The stage when the policy has `authorization` or an `audit` log; None otherwise."""
     if policy is None:
         return None
-    authorization = getattr(policy, "authorization", None)
+    authorization = policy.authorization
     audit = audit_log_for(policy, shared)
     if authorization is None and audit is None:
         return None

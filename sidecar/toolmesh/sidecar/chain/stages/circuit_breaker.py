@@ -16,12 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from toolmesh.api.policy import CircuitBreakerPolicy
-from toolmesh.sidecar import stage_metrics
-from toolmesh.sidecar.chain import CallContext, Handler, Outcome, SseEvent
+from toolmesh.api.policy import CircuitBreakerPolicy, MCPToolPolicySpec
+from toolmesh.sidecar.telemetry import stage_metrics
+from toolmesh.sidecar.chain.frame import CallContext, Handler, Outcome, SseEvent
 from toolmesh.sidecar.errors import CIRCUIT_OPEN, ProxyError, RetryLater, dumps
-from toolmesh.sidecar.failures import is_transient_error, is_transient_outcome, raise_if_unreadable
-from toolmesh.sidecar.state import SharedState
+from toolmesh.sidecar.chain.failures import is_transient_error, is_transient_outcome, raise_if_unreadable
+from toolmesh.sidecar.chain.state import CIRCUIT_BREAKER, SharedState
 
 NAME = "circuit_breaker"
 log = logging.getLogger("toolmesh.sidecar.circuit_breaker")
@@ -57,7 +57,7 @@ class Breaker:
 class BreakerBoard:
     """Every tool's breaker; survives policy reloads. Its `states()` feed /metrics and heartbeats."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic, shared: Any = None):
+    def __init__(self, clock: Callable[[], float] = time.monotonic, shared: SharedState | None = None):
         self.clock = clock
         self.breakers: OrderedDict[str, Breaker] = OrderedDict()
         self.rejected = 0
@@ -210,10 +210,10 @@ async def _report_wait(ctx: CallContext, tool: str) -> None:
     await ctx.emit(SseEvent(data=dumps({"jsonrpc": "2.0", "method": "notifications/progress", "params": params})))
 
 
-def build(policy: Any, shared: SharedState) -> CircuitBreakerStage | None:
+def build(policy: MCPToolPolicySpec, shared: SharedState) -> CircuitBreakerStage | None:
     """The breaker stage when the policy has a `circuitBreaker` section."""
-    section = getattr(policy, "circuitBreaker", None)
+    section = policy.circuitBreaker
     if section is None:
         return None
-    board = shared.kept(NAME, lambda: BreakerBoard(shared=shared))
+    board = shared.kept(CIRCUIT_BREAKER, lambda: BreakerBoard(shared=shared))
     return CircuitBreakerStage(section, board)

@@ -1,7 +1,7 @@
 """Long-lived sidecar state that outlives policy reloads: the upstream's tool metadata and each stage's own state.
 
 Stage modules follow one convention so the chain is assembled without a
-hand-kept list: `toolmesh.sidecar.stages.<name>` (one per name in
+hand-kept list: `toolmesh.sidecar.chain.stages.<name>` (one per name in
 `chain.STAGE_ORDER`) exposes
 
     def build(policy, shared: SharedState) -> Stage | None
@@ -11,16 +11,86 @@ It returns None when the policy does not ask for that stage. Without any
 policy (no `--policy`) only `observe` is built; the policy stages are not
 imported at all. Anything that must survive a reload
 (rate buckets, cached results, breaker states, budgets) is kept in
-`shared.stage_state[<name>]`, made on first build by `shared.kept(<name>, make)`.
+`shared.stage_state`, under a typed key (`StateKey`, as aiohttp's `AppKey`) named
+here, made on first build by `shared.kept(KEY, make)`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from toolmesh.api.sessions import SessionBindings
+    from toolmesh.sidecar.chain.stages.audit import AuditLog
+    from toolmesh.sidecar.chain.stages.budget import BudgetState
+    from toolmesh.sidecar.chain.stages.cache import CacheState
+    from toolmesh.sidecar.chain.stages.circuit_breaker import BreakerBoard
+    from toolmesh.sidecar.chain.stages.jwks import JwksKeys
+    from toolmesh.sidecar.chain.stages.rate_limit import Buckets
+    from toolmesh.sidecar.chain.tool_traits import Listing
+    from toolmesh.sidecar.transports.base import Upstream
 
 T = TypeVar("T")
+
+
+class StateKey(Generic[T]):
+    """A typed slot of `SharedState.stage_state` (as aiohttp's `AppKey`): what is kept under it is a `T`."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<StateKey {self.name}>"
+
+
+# Every slot of long-lived stage state, named once.
+CIRCUIT_BREAKER: StateKey[BreakerBoard] = StateKey("circuit_breaker")
+"""Each tool's breaker; heartbeats report their states."""
+BUDGET: StateKey[BudgetState] = StateKey("budget")
+"""Budgets per session and the truncated results' pages."""
+CACHE: StateKey[CacheState] = StateKey("cache")
+"""Cached results and their statistics; heartbeats report hit rates."""
+RATE_LIMIT: StateKey[Buckets] = StateKey("rate_limit")
+"""Token buckets per subject (and tool)."""
+JWKS: StateKey[dict[str, JwksKeys]] = StateKey("jwks")
+"""Fetched signing keys per JWKS URL."""
+SESSION_BINDINGS: StateKey[SessionBindings] = StateKey("session_bindings")
+"""Session id → the principal that opened it."""
+AUDIT_LOGS: StateKey[dict[str, AuditLog]] = StateKey("audit")
+"""Open audit logs per sink, so a reload leaks no file descriptor."""
+TOOL_LISTING: StateKey[Listing] = StateKey("tool_listing")
+"""The sidecar's own tools/list in flight, when the catalogue is stale."""
+
+
+class StageState:
+    """Long-lived stage state by `StateKey`; a plain string is refused, so every slot is one named above."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self) -> None:
+        self._values: dict[StateKey[Any], Any] = {}
+
+    def __getitem__(self, key: StateKey[T]) -> T:
+        return self._values[_checked(key)]
+
+    def __setitem__(self, key: StateKey[T], value: T) -> None:
+        self._values[_checked(key)] = value
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._values
+
+    def get(self, key: StateKey[T]) -> T | None:
+        return self._values.get(_checked(key))
+
+
+def _checked(key: StateKey[T]) -> StateKey[T]:
+    if not isinstance(key, StateKey):
+        raise TypeError(f"stage state is kept under a StateKey, not {key!r}")
+    return key
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,16 +174,16 @@ class SharedState:
     """The MCPServer's name (`--server-name`), used in cache keys, metrics and heartbeats."""
     tools: ToolCatalog = field(default_factory=ToolCatalog)
     """Tool metadata from the upstream's listings."""
-    stage_state: dict[str, Any] = field(default_factory=dict)
-    """Per-stage long-lived state, keyed by stage name; survives policy reloads."""
+    stage_state: StageState = field(default_factory=StageState)
+    """Per-stage long-lived state under typed keys; survives policy reloads."""
     telemetry: Any = None
     """The telemetry object (tracer, meters, per-tool stats for heartbeats)."""
-    upstream: Any = None
+    upstream: Upstream | None = None
     """The `Upstream` in use (for stages that must call it themselves, e.g. to refresh tools/list)."""
 
-    def kept(self, name: str, make: Callable[[], T]) -> T:
-        """The long-lived state kept under `name`, made by `make` on first use; it survives policy reloads."""
-        state = self.stage_state.get(name)
+    def kept(self, key: StateKey[T], make: Callable[[], T]) -> T:
+        """The long-lived state kept under `key`, made by `make` on first use; it survives policy reloads."""
+        state = self.stage_state.get(key)
         if state is None:
-            state = self.stage_state[name] = make()
+            state = self.stage_state[key] = make()
         return state

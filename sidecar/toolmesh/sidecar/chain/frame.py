@@ -19,11 +19,14 @@ import operator
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TYPE_CHECKING
 
-from toolmesh.api.mcp_http import SseEvent
+from toolmesh.api.mcp_http import SseEvent, header
 from toolmesh.sidecar.errors import INTERNAL_ERROR, ClientGone, ProxyError, error_message
 from toolmesh.sidecar.outcome import JsonRpcId, Outcome
+
+if TYPE_CHECKING:
+    from toolmesh.api.policy import MCPToolPolicySpec
 
 log = logging.getLogger("toolmesh.sidecar")
 
@@ -100,8 +103,8 @@ class CallContext:
     """`MCP-Protocol-Version` header, or `params._meta` protocol version in the stateless era."""
     caller: Caller | None = None
     """Set by the authenticate stage."""
-    policy: Any = None
-    """The frozen policy snapshot in force when the call arrived (an api model, or None for pass-through)."""
+    policy: MCPToolPolicySpec | None = None
+    """The frozen policy snapshot in force when the call arrived (None for pass-through)."""
     emit: Emit = _no_emit
     """Sends notifications/server requests to the client while the call runs."""
     started: float = field(default_factory=time.monotonic)
@@ -153,18 +156,6 @@ def derive(ctx: CallContext, **changes: Any) -> CallContext:
     return new
 
 
-def header(headers: Mapping[str, str], name: str) -> str | None:
-    """A header's value, matching the name case-insensitively whatever mapping the HTTP layer passed."""
-    value = headers.get(name)
-    if value is not None:
-        return value
-    lowered = name.lower()
-    for key, value in headers.items():
-        if key.lower() == lowered:
-            return value
-    return None
-
-
 Handler = Callable[[CallContext], Awaitable[Outcome]]
 
 
@@ -199,7 +190,7 @@ def _bind(stage: Stage, call_next: Handler) -> Handler:
     return _Bound(stage, call_next)
 
 
-# The order of the chain, written once. Each name is a module in sidecar/stages/
+# The order of the chain, written once. Each name is a module in chain/stages/
 # exposing `build(policy, shared) -> Stage | None` (see state.py); the pipeline
 # assembles the chain in this order and leaves out the stages that return None.
 STAGE_ORDER: tuple[str, ...] = (

@@ -13,11 +13,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from toolmesh.api.policy import RateLimitPolicy, match_tool_rule
-from toolmesh.sidecar import stage_metrics
-from toolmesh.sidecar.chain import CallContext, Handler, Outcome
+from toolmesh.api.policy import MCPToolPolicySpec, RateLimitPolicy, match_tool_rule
+from toolmesh.sidecar.telemetry import stage_metrics
+from toolmesh.sidecar.chain.frame import CallContext, Handler, Outcome
 from toolmesh.sidecar.errors import RetryLater
-from toolmesh.sidecar.state import SharedState
+from toolmesh.sidecar.chain.state import RATE_LIMIT, SharedState
 
 NAME = "rate_limit"
 CHARGED_METHODS = frozenset({"tools/call", "resources/read", "prompts/get", "completion/complete"})
@@ -94,11 +94,11 @@ class RateLimitStage:
         return await call_next(ctx)
 
 
-def build(policy: Any, shared: SharedState) -> RateLimitStage | None:
+def build(policy: MCPToolPolicySpec, shared: SharedState) -> RateLimitStage | None:
     """The stage for `policy.rateLimit`, or None without one. Buckets outlive reloads; the bound follows the policy."""
-    section = getattr(policy, "rateLimit", None)
+    section = policy.rateLimit
     if section is None:
         return None
-    buckets = shared.kept(NAME, lambda: Buckets(section.maxSubjects))
+    buckets = shared.kept(RATE_LIMIT, lambda: Buckets(section.maxSubjects))
     buckets.max_keys = section.maxSubjects
     return RateLimitStage(section, buckets, shared)

@@ -15,19 +15,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from toolmesh.api.policy import Jitter, RetryPolicy, RetryStrategy, match_tool_rule
-from toolmesh.sidecar import stage_metrics
-from toolmesh.sidecar.chain import CallContext, Handler, Outcome, SseEvent
+from toolmesh.api.policy import Jitter, MCPToolPolicySpec, RetryPolicy, RetryStrategy, match_tool_rule
+from toolmesh.sidecar.telemetry import stage_metrics
+from toolmesh.sidecar.chain.frame import CallContext, Handler, Outcome, SseEvent
 from toolmesh.sidecar.errors import ProxyError, dumps
-from toolmesh.sidecar.failures import (
+from toolmesh.sidecar.chain.failures import (
     is_transient_error,
     is_transient_outcome,
     raise_if_unreadable,
     retry_after_seconds,
 )
-from toolmesh.sidecar.stages.timeout import excuse_wait
-from toolmesh.sidecar.state import SharedState, ToolCatalog
-from toolmesh.sidecar.tool_traits import ensure_listed, tool_traits
+from toolmesh.sidecar.chain.stages.timeout import excuse_wait
+from toolmesh.sidecar.chain.state import SharedState, ToolCatalog
+from toolmesh.sidecar.chain.tool_traits import ensure_listed, tool_traits
 
 NAME = "retry"
 log = logging.getLogger("toolmesh.sidecar.retry")
@@ -78,9 +78,9 @@ def schedule_for(policy: RetryPolicy, tool: str) -> tuple[RetrySchedule, bool]:
 class RetryStage:
     """Repeats a failed tools/call by its schedule while the failure is transient and the tool allows it."""
 
-    def __init__(self, policy: RetryPolicy, catalog: ToolCatalog, *, spec: Any = None,
+    def __init__(self, policy: RetryPolicy, catalog: ToolCatalog, *, spec: MCPToolPolicySpec | None = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, rand: Callable[[], float] = random.random,
-                 shared: Any = None):
+                 shared: SharedState | None = None):
         self.policy = policy
         self.catalog = catalog
         self.shared = shared
@@ -154,9 +154,9 @@ class RetryStage:
         await ctx.emit(SseEvent(data=dumps({"jsonrpc": "2.0", "method": "notifications/progress", "params": params})))
 
 
-def build(policy: Any, shared: SharedState) -> RetryStage | None:
+def build(policy: MCPToolPolicySpec, shared: SharedState) -> RetryStage | None:
     """The retry stage when the policy has a `retry` section."""
-    section = getattr(policy, "retry", None)
+    section = policy.retry
     if section is None:
         return None
     return RetryStage(section, shared.tools, spec=policy, shared=shared)

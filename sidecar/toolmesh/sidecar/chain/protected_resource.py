@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TYPE_CHECKING
 from urllib.parse import urlsplit
+
+from toolmesh.api.mcp_http import header
+
+if TYPE_CHECKING:
+    from toolmesh.api.policy import MCPToolPolicySpec
 
 METADATA_PATH = "/.well-known/oauth-protected-resource"
 MCP_PATH = "/mcp"
@@ -15,13 +20,6 @@ MCP_PATH = "/mcp"
 _UNQUOTABLE = re.compile(r"[^\x20-\x7e]")
 # A host[:port] as the URL of the metadata may name it: reg-name or IP literal, nothing that changes the URL's shape.
 _HOST = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+,;=-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
-
-
-def _header(headers: Mapping[str, str], name: str) -> str | None:
-    value = headers.get(name)
-    if value is None:
-        value = headers.get(name.lower())
-    return value
 
 
 def base_url(auth: Any, headers: Mapping[str, str]) -> str:
@@ -36,9 +34,9 @@ def base_url(auth: Any, headers: Mapping[str, str]) -> str:
         return f"{parts.scheme}://{parts.netloc}"
     proto, host = "http", None
     if getattr(auth, "trustForwardedHeaders", False):
-        proto = (_header(headers, "X-Forwarded-Proto") or "http").split(",")[0].strip().lower()
-        host = _header(headers, "X-Forwarded-Host")
-    host = (host or _header(headers, "Host") or "localhost").split(",")[0].strip()
+        proto = (header(headers, "X-Forwarded-Proto") or "http").split(",")[0].strip().lower()
+        host = header(headers, "X-Forwarded-Host")
+    host = (host or header(headers, "Host") or "localhost").split(",")[0].strip()
     if proto not in ("http", "https"):
         proto = "http"
     if not _HOST.fullmatch(host):
@@ -81,13 +79,13 @@ def challenge(
     return "Bearer " + ", ".join(params)
 
 
-def metadata_document(policy: Any, headers: Mapping[str, str]) -> dict[str, Any] | None:
+def metadata_document(policy: MCPToolPolicySpec | None, headers: Mapping[str, str]) -> dict[str, Any] | None:
     """The RFC 9728 protected-resource metadata, or None when the policy has no auth."""
-    auth = getattr(policy, "auth", None)
+    auth = policy.auth if policy is not None else None
     if auth is None:
         return None
     scopes = list(auth.scopesSupported)
-    authorization = getattr(policy, "authorization", None)
+    authorization = policy.authorization if policy is not None else None
     if not scopes and authorization is not None:
         scopes = authorization.all_scopes()
     return {

@@ -1,7 +1,7 @@
 """Assembles the policy chain from a policy snapshot, swaps it atomically on reload, and ends it at the upstream.
 
 The stages come from the convention in `state.py`: for each name in
-`chain.STAGE_ORDER`, `toolmesh.sidecar.stages.<name>.build(policy, shared)`
+`chain.STAGE_ORDER`, `toolmesh.sidecar.chain.stages.<name>.build(policy, shared)`
 returns a stage or None. The terminal handler (`UpstreamCall`) forwards the
 client's bytes untouched unless a stage changed the params, relays SSE events
 through `ctx.emit` as they arrive, and records the upstream's tool listings.
@@ -12,12 +12,12 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import orjson
 
 from toolmesh.api.jsonrpc import loads
-from toolmesh.sidecar.chain import (
+from toolmesh.sidecar.chain.frame import (
     NOTIFICATION,
     REQUEST,
     RESPONSE,
@@ -31,9 +31,12 @@ from toolmesh.sidecar.chain import (
     Stage,
     compose,
 )
-from toolmesh.sidecar.jsonrpc import serialise_request
-from toolmesh.sidecar.state import SharedState
+from toolmesh.sidecar.chain.jsonrpc import serialise_request
+from toolmesh.sidecar.chain.state import SharedState
 from toolmesh.sidecar.transports.base import Upstream, UpstreamResponse
+
+if TYPE_CHECKING:
+    from toolmesh.api.policy import MCPToolPolicySpec
 
 log = logging.getLogger("toolmesh.sidecar.pipeline")
 
@@ -208,13 +211,13 @@ class UpstreamCall:
 UNCONDITIONAL_STAGES = frozenset({"observe"})
 
 
-def build_stages(policy: Any, shared: SharedState) -> list[Stage]:
+def build_stages(policy: MCPToolPolicySpec | None, shared: SharedState) -> list[Stage]:
     """The stages this policy asks for, in chain order (each stage module is imported when first needed)."""
     stages: list[Stage] = []
     for name in STAGE_ORDER:
         if policy is None and name not in UNCONDITIONAL_STAGES:
             continue
-        module = importlib.import_module(f"toolmesh.sidecar.stages.{name}")
+        module = importlib.import_module(f"toolmesh.sidecar.chain.stages.{name}")
         stage = module.build(policy, shared)
         if stage is not None:
             stages.append(stage)
@@ -224,18 +227,18 @@ def build_stages(policy: Any, shared: SharedState) -> list[Stage]:
 class Pipeline:
     """The chain in force. `swap(policy)` rebuilds it and replaces it in one assignment; calls in flight finish on the old one."""
 
-    def __init__(self, terminal: Handler, shared: SharedState, policy: Any = None):
+    def __init__(self, terminal: Handler, shared: SharedState, policy: MCPToolPolicySpec | None = None):
         self.terminal = terminal
         self.shared = shared
-        self.policy: Any = None
+        self.policy: MCPToolPolicySpec | None = None
         self.stages: list[Stage] = []
         self.handler: Handler = terminal
         self.generation = 0
         """Bumped on every successful swap."""
-        self._listeners: list[Callable[[Any], None]] = []
+        self._listeners: list[Callable[[MCPToolPolicySpec | None], None]] = []
         self.swap(policy)
 
-    def swap(self, policy: Any) -> None:
+    def swap(self, policy: MCPToolPolicySpec | None) -> None:
         """Build the chain for `policy` and put it in force. If a stage refuses the policy, the old chain stays and the error propagates."""
         stages = build_stages(policy, self.shared)
         handler = compose(stages, self.terminal)
@@ -250,7 +253,7 @@ class Pipeline:
             except Exception:  # noqa: BLE001 - a listener's bug must not undo a good swap
                 log.exception("policy listener failed")
 
-    def on_swap(self, listener: Callable[[Any], None]) -> None:
+    def on_swap(self, listener: Callable[[MCPToolPolicySpec | None], None]) -> None:
         """Call `listener(policy)` after every successful swap (heartbeats, metrics)."""
         self._listeners.append(listener)
 

@@ -19,19 +19,22 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import orjson
 
 from toolmesh.api.sessions import session_ref
-from toolmesh.sidecar.chain import NOTIFICATION, REQUEST, CallContext, CallRecord, Handler, Outcome, derive
+from toolmesh.sidecar.chain.frame import NOTIFICATION, REQUEST, CallContext, CallRecord, Handler, Outcome, derive
 from toolmesh.sidecar.errors import ProxyError
-from toolmesh.sidecar.state import SharedState
+from toolmesh.sidecar.chain.state import SharedState
+
+if TYPE_CHECKING:
+    from toolmesh.api.policy import MCPToolPolicySpec
 
 log = logging.getLogger("toolmesh.sidecar.calls")
 
 _TRACE_KEYS = ("traceparent", "tracestate")
-def build(policy: Any, shared: SharedState) -> Observe | None:
+def build(policy: MCPToolPolicySpec | None, shared: SharedState) -> Observe | None:
     """Observability is always on; it is the one stage that does not depend on the policy."""
     if shared.telemetry is None:
         return None

@@ -7,10 +7,13 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
-from toolmesh.sidecar.state import SharedState, ToolCatalog
-from toolmesh.sidecar.upstream_tools import list_tools
+from toolmesh.sidecar.chain.state import TOOL_LISTING, SharedState, ToolCatalog
+from toolmesh.sidecar.transports.tools import list_tools
+
+if TYPE_CHECKING:
+    from toolmesh.api.policy import MCPToolPolicySpec
 
 log = logging.getLogger("toolmesh.sidecar.tools")
 
@@ -32,7 +35,7 @@ class ToolTraits:
     """The annotation or the policy says destructive in so many words (nothing may then cache it)."""
 
 
-def tool_traits(catalog: ToolCatalog, policy: Any, tool: str) -> ToolTraits:
+def tool_traits(catalog: ToolCatalog, policy: MCPToolPolicySpec | None, tool: str) -> ToolTraits:
     """The traits of `tool`: the upstream's annotations, replaced field by field by the policy's `tools` override.
 
     The spec's default `destructiveHint: true` means "may be destructive unless read-only";
@@ -43,7 +46,7 @@ def tool_traits(catalog: ToolCatalog, policy: Any, tool: str) -> ToolTraits:
     explicit_destructive = isinstance(annotations, Mapping) and annotations.get("destructiveHint") is True
     read_only, idempotent = info.read_only, info.idempotent
     destructive = explicit_destructive or (not info.read_only and info.destructive)
-    override = policy.tool_override(tool) if policy is not None and hasattr(policy, "tool_override") else None
+    override = policy.tool_override(tool) if policy is not None else None
     explicit = explicit_destructive
     if override is not None:
         if override.readOnly is not None:
@@ -57,7 +60,7 @@ def tool_traits(catalog: ToolCatalog, policy: Any, tool: str) -> ToolTraits:
     return ToolTraits(read_only=read_only, idempotent=idempotent, destructive=destructive, explicitly_destructive=explicit)
 
 
-class _Listing:
+class Listing:
     """The one background `tools/list` in flight, and when the last one began."""
 
     def __init__(self) -> None:
@@ -75,7 +78,7 @@ def ensure_listed(shared: SharedState) -> None:
     """
     if not shared.tools.stale or shared.upstream is None:
         return
-    listing = shared.kept("tool_listing", _Listing)
+    listing = shared.kept(TOOL_LISTING, Listing)
     now = time.monotonic()
     if (listing.task is not None and not listing.task.done()) or now - listing.started < RELIST_MIN_SECONDS:
         return

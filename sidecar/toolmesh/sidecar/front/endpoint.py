@@ -20,7 +20,7 @@ from multidict import CIMultiDict
 
 from toolmesh.api.jsonrpc import PROTOCOL_VERSION_KEY
 from toolmesh.api.mcp_http import OriginPolicy, encode_sse
-from toolmesh.sidecar.chain import (
+from toolmesh.sidecar.chain.frame import (
     REQUEST,
     SESSION_END,
     STREAM,
@@ -30,8 +30,8 @@ from toolmesh.sidecar.chain import (
     run_chain,
 )
 from toolmesh.sidecar.errors import ClientGone, Refused, error_message, dumps
-from toolmesh.sidecar.jsonrpc import InvalidRequest, classify, loads, request_id_of
-from toolmesh.sidecar.pipeline import Pipeline
+from toolmesh.sidecar.chain.jsonrpc import InvalidRequest, classify, loads, request_id_of
+from toolmesh.sidecar.chain.pipeline import Pipeline
 from toolmesh.sidecar.settings import SidecarSettings
 
 log = logging.getLogger("toolmesh.sidecar.proxy")

@@ -17,11 +17,11 @@ from typing import Any
 import orjson
 
 from toolmesh.api.jsonrpc import dumps
-from toolmesh.api.policy import CachePolicy, match_tool_rule
-from toolmesh.sidecar import stage_metrics
-from toolmesh.sidecar.chain import CallContext, Handler, Outcome
-from toolmesh.sidecar.state import SharedState, ToolCatalog
-from toolmesh.sidecar.tool_traits import ensure_listed, tool_traits
+from toolmesh.api.policy import CachePolicy, MCPToolPolicySpec, match_tool_rule
+from toolmesh.sidecar.telemetry import stage_metrics
+from toolmesh.sidecar.chain.frame import CallContext, Handler, Outcome
+from toolmesh.sidecar.chain.state import CACHE, SharedState, ToolCatalog
+from toolmesh.sidecar.chain.tool_traits import ensure_listed, tool_traits
 
 NAME = "cache"
 
@@ -168,7 +168,7 @@ def storable_result(outcome: Outcome) -> tuple[bytes, Mapping[str, Any]] | None:
 class CacheMetrics:
     """The cache's series in /metrics."""
 
-    def __init__(self, shared: Any = None):
+    def __init__(self, shared: SharedState | None = None):
         self.lookups = stage_metrics.counter(
             shared, "toolmesh_cache_lookups_total",
             "Cache lookups of cacheable tool calls by result (hit, miss, coalesced).", ("tool", "result"))
@@ -182,7 +182,7 @@ class CacheStage:
     """Answers repeated calls of read-only tools from the store; coalesces identical calls in flight."""
 
     def __init__(self, policy: CachePolicy, state: CacheState, catalog: ToolCatalog, *,
-                 server: str = "", spec: Any = None, metrics: CacheMetrics | None = None,
+                 server: str = "", spec: MCPToolPolicySpec | None = None, metrics: CacheMetrics | None = None,
                  shared: SharedState | None = None):
         self.shared = shared
         self.policy = policy
@@ -288,14 +288,14 @@ class CacheStage:
             self.metrics.bytes.set(store.bytes)
 
 
-def build(policy: Any, shared: SharedState) -> CacheStage | None:
+def build(policy: MCPToolPolicySpec, shared: SharedState) -> CacheStage | None:
     """The cache stage when the policy has an enabled `cache` section."""
-    section = getattr(policy, "cache", None)
+    section = policy.cache
     if section is None or not section.enabled:
         return None
-    state = shared.stage_state.get(NAME)
+    state = shared.stage_state.get(CACHE)
     if state is None:
-        state = shared.stage_state[NAME] = CacheState(section)
+        state = shared.stage_state[CACHE] = CacheState(section)
     else:
         state.store.resize(section.maxEntries, section.maxBytes)
     return CacheStage(section, state, shared.tools, server=shared.server_name, spec=policy,

@@ -13,7 +13,7 @@ import orjson
 
 from toolmesh.api.jsonrpc import dumps as _dumps
 from toolmesh.api.jsonrpc import loads as _loads
-from toolmesh.sidecar.chain import NOTIFICATION, REQUEST, RESPONSE
+from toolmesh.sidecar.chain.frame import NOTIFICATION, REQUEST, RESPONSE
 from toolmesh.sidecar.errors import INVALID_REQUEST, PARSE_ERROR, Refused
 
 _EMPTY: Mapping[str, Any] = {}

@@ -13,8 +13,8 @@ import jwt
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from toolmesh.api.policy import AuthPolicy, Issuer, PolicyError
-from toolmesh.sidecar.chain import Caller
-from toolmesh.sidecar.jwks import JwksKeys, JwksUnavailable
+from toolmesh.sidecar.chain.frame import Caller
+from toolmesh.sidecar.chain.stages.jwks import JwksKeys, JwksUnavailable
 
 log = logging.getLogger("toolmesh.sidecar.auth")
 

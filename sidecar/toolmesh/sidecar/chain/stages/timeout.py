@@ -15,11 +15,11 @@ import logging
 from dataclasses import dataclass, replace
 from typing import Any
 
-from toolmesh.api.policy import TimeoutPolicy
-from toolmesh.sidecar import stage_metrics
-from toolmesh.sidecar.chain import NOTIFICATION, REQUEST, CallContext, Handler, Outcome, SseEvent, derive
+from toolmesh.api.policy import MCPToolPolicySpec, TimeoutPolicy
+from toolmesh.sidecar.telemetry import stage_metrics
+from toolmesh.sidecar.chain.frame import NOTIFICATION, REQUEST, CallContext, Handler, Outcome, SseEvent, derive
 from toolmesh.sidecar.errors import UpstreamTimeout, dumps
-from toolmesh.sidecar.state import SharedState
+from toolmesh.sidecar.chain.state import SharedState
 
 NAME = "timeout"
 log = logging.getLogger("toolmesh.sidecar.timeout")
@@ -65,7 +65,7 @@ def excuse_wait(seconds: float) -> None:
 class TimeoutStage:
     """Bounds every request's time; progress from the upstream (or from retry waits) extends the bound."""
 
-    def __init__(self, policy: TimeoutPolicy, shared: Any = None):
+    def __init__(self, policy: TimeoutPolicy, shared: SharedState | None = None):
         self.call_seconds = policy.callSeconds
         self.extension = policy.progressExtensionSeconds
         self.max_seconds = policy.maxSeconds
@@ -130,9 +130,9 @@ class TimeoutStage:
             log.info("could not forward cancellation upstream: %r", exc)
 
 
-def build(policy: Any, shared: SharedState) -> TimeoutStage | None:
+def build(policy: MCPToolPolicySpec, shared: SharedState) -> TimeoutStage | None:
     """The timeout stage when the policy has a `timeouts` section."""
-    section = getattr(policy, "timeouts", None)
+    section = policy.timeouts
     if section is None:
         return None
     return TimeoutStage(section, shared)
