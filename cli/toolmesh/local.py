@@ -199,6 +199,22 @@ def _tail(path: Path, lines: int = 12, since: int = 0) -> str:
     return "\n".join("    " + line for line in text[-lines:])
 
 
+def _port_taken(log: Path, since: int) -> bool:
+    """Whether what a process wrote to `log` after offset `since` says its port was in use."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(since)
+            return bool(_PORT_TAKEN.search(f.read()))
+    except OSError:
+        return False
+
+
+def _failed_start(message: str, log: Path, since: int) -> StartFailed:
+    """A start that failed, with what the process wrote to `log` after offset `since`."""
+    tail = _tail(log, since=since)
+    return StartFailed(message + (f"\n{tail}" if tail else ""))
+
+
 def _size(path: Path) -> int:
     try:
         return path.stat().st_size
@@ -341,17 +357,14 @@ class LocalServer:
                             await _terminate(proc)
                             break
                     if proc.returncode is not None:
-                        with open(log, "rb") as f:
-                            f.seek(since)
-                            if _PORT_TAKEN.search(f.read()):
-                                taken = "it was taken before the " + what + " bound it"
-                                break
-                        raise StartFailed(f"{who}exited with {_exit_status(proc.returncode)} before listening"
-                                          + (f"\n{_tail(log, since=since)}" if _tail(log, since=since) else ""))
+                        if _port_taken(log, since):
+                            taken = "it was taken before the " + what + " bound it"
+                            break
+                        raise _failed_start(f"{who}exited with {_exit_status(proc.returncode)} before listening",
+                                            log, since)
                     if time.monotonic() > deadline:
                         await _terminate(proc)
-                        raise StartFailed(f"{who}did not listen on port {port} within {timeout:g}s"
-                                          + (f"\n{_tail(log, since=since)}" if _tail(log, since=since) else ""))
+                        raise _failed_start(f"{who}did not listen on port {port} within {timeout:g}s", log, since)
                     await asyncio.sleep(0.05)
             except asyncio.CancelledError:
                 if proc is not None:  # stopped while starting: nothing is left running
@@ -380,18 +393,14 @@ class LocalServer:
                         if text.isdigit() and proc.returncode is None:
                             return proc, int(text)
                     if proc.returncode is not None:
-                        with open(log, "rb") as f:
-                            f.seek(since)
-                            if port and _PORT_TAKEN.search(f.read()):
-                                self.say(f"==> {self.plan.name}: port {port} for the sidecar was taken; "
-                                         "it takes another")
-                                break
-                        raise StartFailed(f"sidecar exited with {_exit_status(proc.returncode)} before listening"
-                                          + (f"\n{_tail(log, since=since)}" if _tail(log, since=since) else ""))
+                        if port and _port_taken(log, since):
+                            self.say(f"==> {self.plan.name}: port {port} for the sidecar was taken; it takes another")
+                            break
+                        raise _failed_start(f"sidecar exited with {_exit_status(proc.returncode)} before listening",
+                                            log, since)
                     if time.monotonic() > deadline:
                         await _terminate(proc)
-                        raise StartFailed(f"sidecar did not listen within {timeout:g}s"
-                                          + (f"\n{_tail(log, since=since)}" if _tail(log, since=since) else ""))
+                        raise _failed_start(f"sidecar did not listen within {timeout:g}s", log, since)
                     await asyncio.sleep(0.05)
             except asyncio.CancelledError:
                 await _terminate(proc)  # stopped while starting: nothing is left running

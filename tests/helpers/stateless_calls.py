@@ -7,8 +7,8 @@ from typing import Any
 import httpx2
 import orjson
 
-MODERN = "2026-07-28"
-ENVELOPE = {"io.modelcontextprotocol/protocolVersion": MODERN, "io.modelcontextprotocol/clientCapabilities": {}}
+STATELESS_ERA = "2026-07-28"
+ENVELOPE = {"io.modelcontextprotocol/protocolVersion": STATELESS_ERA, "io.modelcontextprotocol/clientCapabilities": {}}
 
 
 def tools_call(tool: str, arguments: dict[str, Any], request_id: int = 1) -> dict[str, Any]:
@@ -22,7 +22,7 @@ def tools_call_headers(tool: str, token: str | None = None, **headers: str) -> d
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
     return {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
-            "MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/call", "Mcp-Name": tool, **headers}
+            "MCP-Protocol-Version": STATELESS_ERA, "Mcp-Method": "tools/call", "Mcp-Name": tool, **headers}
 
 
 async def post_tools_call(url: str, tool: str, arguments: dict[str, Any], *, token: str | None = None,

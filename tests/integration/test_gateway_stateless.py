@@ -14,7 +14,7 @@ from mcp.types import CreateMessageResult, ElicitResult, ListRootsResult, Root, 
 
 from helpers import ROOT, async_wait_until, free_port, listening
 from helpers.mcp_servers import everything_http_server, sdk_http_server
-from helpers.modern_calls import MODERN as STATELESS
+from helpers.stateless_calls import STATELESS_ERA as STATELESS
 from helpers.registry_procs import get_json, registry_process
 from helpers.sidecar import http_get, sidecar
 

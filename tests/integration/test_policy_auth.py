@@ -21,7 +21,7 @@ from mcp.types import TextContent
 
 from helpers import ROOT, wait_until
 from helpers.mcp_servers import sdk_http_server
-from helpers.modern_calls import MODERN
+from helpers.stateless_calls import STATELESS_ERA
 from helpers.sidecar import guarded_sidecar, http_get
 from helpers.tokens import JwksServer, TokenIssuer
 
@@ -97,10 +97,10 @@ async def raw_call(url: str, tool: str, token: str | None = None, **headers: str
     async with httpx2.AsyncClient(timeout=10) as http:
         return await http.post(url, content=orjson.dumps(message), headers={
             "Content-Type": "application/json", "Accept": "application/json, text/event-stream",
-            "MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/call", "Mcp-Name": tool, **headers})
+            "MCP-Protocol-Version": STATELESS_ERA, "Mcp-Method": "tools/call", "Mcp-Name": tool, **headers})
 
 
-@pytest.mark.parametrize("mode", ["legacy", MODERN])
+@pytest.mark.parametrize("mode", ["legacy", STATELESS_ERA])
 async def test_caller_sees_and_calls_only_its_tools(guarded, jwks_issuer, mode):
     issuer, _ = jwks_issuer
     async with client(guarded.url, issuer.token("alice", "tools:echo"), mode) as session:

@@ -9,7 +9,7 @@ from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 
 from helpers.guarded_server import TOOLS, guarded_http_server
-from helpers.modern_calls import MODERN
+from helpers.stateless_calls import STATELESS_ERA
 from helpers.sidecar import guarded_sidecar
 from helpers.tokens import TokenIssuer
 
@@ -56,7 +56,7 @@ async def all_tools(session) -> tuple[list[str], int]:
     return names, pages
 
 
-@pytest.mark.parametrize("mode", ["legacy", MODERN])
+@pytest.mark.parametrize("mode", ["legacy", STATELESS_ERA])
 async def test_every_page_of_tools_list_is_filtered(guarded, issuer, mode):
     async with client(guarded.url, issuer.token("reader", "docs", alg="HS256"), mode) as session:
         names, pages = await all_tools(session)
@@ -67,7 +67,7 @@ async def test_every_page_of_tools_list_is_filtered(guarded, issuer, mode):
     assert names == list(TOOLS)
 
 
-@pytest.mark.parametrize("mode", ["legacy", MODERN])
+@pytest.mark.parametrize("mode", ["legacy", STATELESS_ERA])
 async def test_resources_follow_their_rules(guarded, issuer, mode):
     async with client(guarded.url, issuer.token("reader", "docs", alg="HS256"), mode) as session:
         listed = [str(r.uri) for r in (await session.list_resources()).resources]
@@ -78,7 +78,7 @@ async def test_resources_follow_their_rules(guarded, issuer, mode):
             await session.read_resource("file:///secret/keys.txt")
 
 
-@pytest.mark.parametrize("mode", ["legacy", MODERN])
+@pytest.mark.parametrize("mode", ["legacy", STATELESS_ERA])
 async def test_prompts_follow_their_rules(guarded, issuer, mode):
     async with client(guarded.url, issuer.token("someone", "", alg="HS256"), mode) as session:
         assert [p.name for p in (await session.list_prompts()).prompts] == ["greet"]

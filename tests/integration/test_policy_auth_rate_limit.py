@@ -12,7 +12,7 @@ from mcp.shared.exceptions import MCPError
 
 from helpers import ROOT
 from helpers.mcp_servers import sdk_http_server
-from helpers.modern_calls import MODERN, post_tools_call
+from helpers.stateless_calls import STATELESS_ERA, post_tools_call
 from helpers.sidecar import guarded_sidecar
 from helpers.tokens import TokenIssuer
 
@@ -64,7 +64,7 @@ async def test_a_tool_rule_has_its_own_tighter_bucket(limited, issuer):
 async def test_sdk_client_sees_the_rate_limit_as_an_error(limited, issuer):
     token = issuer.token("dave", alg="HS256")
     http = create_mcp_http_client(headers={"Authorization": f"Bearer {token}"})
-    async with Client(streamable_http_client(limited.url, http_client=http), mode=MODERN) as session:
+    async with Client(streamable_http_client(limited.url, http_client=http), mode=STATELESS_ERA) as session:
         await session.call_tool("add", {"a": 1, "b": 1})
         with pytest.raises(MCPError, match="rate limit exceeded for tool 'add'"):
             await session.call_tool("add", {"a": 1, "b": 1})

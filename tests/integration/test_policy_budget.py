@@ -11,7 +11,7 @@ from mcp.shared.exceptions import MCPError
 from mcp.types import ResourceLink, TextContent
 
 from helpers import ROOT
-from helpers.modern_calls import MODERN
+from helpers.stateless_calls import STATELESS_ERA
 from helpers.sidecar import guarded_sidecar
 from helpers.tokens import TokenIssuer
 
@@ -65,9 +65,9 @@ async def read_all_pages(session: Client, uri: str) -> list[str]:
     return pages
 
 
-@pytest.mark.parametrize("mode", ["legacy", MODERN])
+@pytest.mark.parametrize("mode", ["legacy", STATELESS_ERA])
 async def test_large_result_is_truncated_and_readable_in_full_by_pages(proxied, issuer, mode):
-    headers = {"Mcp-Budget-Key": f"truncation-{mode}"} if mode == MODERN else {}
+    headers = {"Mcp-Budget-Key": f"truncation-{mode}"} if mode == STATELESS_ERA else {}
     async with client(proxied.url, issuer.token("alice", alg="HS256"), mode, **headers) as session:
         small = await session.call_tool("words", {"count": 10})
         assert text_of(small) == words(10)

@@ -16,7 +16,7 @@ from mcp.types import TextContent
 
 from helpers import ROOT, async_wait_until
 from helpers.fault_upstream import Fault
-from helpers.modern_calls import MODERN
+from helpers.stateless_calls import STATELESS_ERA
 from helpers.sidecar import guarded_sidecar, http_get, sidecar
 from helpers.tokens import TokenIssuer
 
@@ -45,7 +45,7 @@ def text_of(result) -> str:
     return "".join(c.text for c in result.content if isinstance(c, TextContent))
 
 
-@pytest.mark.parametrize("mode", ["legacy", MODERN])
+@pytest.mark.parametrize("mode", ["legacy", STATELESS_ERA])
 async def test_repeated_read_only_call_is_answered_without_reaching_upstream(proxied, relay, issuer, mode):
     async with client(proxied.url, issuer.token("alice", alg="HS256"), mode) as session:
         await session.list_tools()
@@ -124,7 +124,7 @@ async def test_result_ttl_ms_and_public_cache_scope_are_honoured(proxied, relay,
 
 async def test_results_are_not_shared_between_protocol_revisions(proxied, relay, issuer):
     token = issuer.token("alice", alg="HS256")
-    async with client(proxied.url, token, "legacy") as legacy, client(proxied.url, token, MODERN) as modern:
+    async with client(proxied.url, token, "legacy") as legacy, client(proxied.url, token, STATELESS_ERA) as modern:
         await legacy.list_tools()
         before = relay.count("lookup")
         assert text_of(await legacy.call_tool("lookup", {"q": "eras"})) == "result for eras"
@@ -142,12 +142,12 @@ async def test_annotations_are_fetched_by_the_sidecar_when_no_client_listed_tool
         # Plain 2026-07-28 requests: no initialize, no tools/list that would fill the catalogue.
         message = {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
                    "params": {"name": "lookup", "arguments": {"q": "unlisted"},
-                              "_meta": {"io.modelcontextprotocol/protocolVersion": MODERN,
+                              "_meta": {"io.modelcontextprotocol/protocolVersion": STATELESS_ERA,
                                         "io.modelcontextprotocol/clientCapabilities": {},
                                         "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "1"}}}}
         resp = await http.post(url, content=json.dumps(message), headers={
             "Content-Type": "application/json", "Accept": "application/json, text/event-stream",
-            "MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/call", "Mcp-Name": "lookup"})
+            "MCP-Protocol-Version": STATELESS_ERA, "Mcp-Method": "tools/call", "Mcp-Name": "lookup"})
         assert resp.status_code == 200, resp.text
         assert "result for unlisted" in resp.text
 

@@ -12,7 +12,7 @@ import yaml
 
 from helpers import wait_until
 from helpers.mcp_servers import sdk_http_server
-from helpers.modern_calls import tools_call, tools_call_headers
+from helpers.stateless_calls import tools_call, tools_call_headers
 from helpers.sidecar import readyz, sidecar
 from helpers.tokens import TokenIssuer
 

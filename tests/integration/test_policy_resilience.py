@@ -13,7 +13,7 @@ from mcp.types import ElicitResult, TextContent
 
 from helpers import ROOT, async_wait_until
 from helpers.fault_upstream import Fault
-from helpers.modern_calls import MODERN
+from helpers.stateless_calls import STATELESS_ERA
 from helpers.sidecar import http_get, sidecar
 
 CIRCUIT_OPEN = -32006
@@ -54,7 +54,7 @@ def healed(relay):
     relay.heal()
 
 
-@pytest.mark.parametrize("mode", ["legacy", MODERN])
+@pytest.mark.parametrize("mode", ["legacy", STATELESS_ERA])
 @pytest.mark.parametrize("fault", [Fault("status", status=503), Fault("status", status=502), Fault("drop"),
                                    Fault("garbage")], ids=["503", "502", "drop", "garbage"])
 async def test_transient_failures_of_a_safe_tool_are_retried(proxied, relay, mode, fault):
@@ -144,7 +144,7 @@ async def test_breaker_opens_answers_at_once_then_half_opens_and_closes(proxied,
         assert metric(proxied.base, 'toolmesh_circuit_breaker_opened_total{tool="lookup"}') == "2"
 
 
-@pytest.mark.parametrize("mode", ["legacy", MODERN])
+@pytest.mark.parametrize("mode", ["legacy", STATELESS_ERA])
 async def test_progress_extends_the_timeout(proxied, mode):
     seen: list[float] = []
 

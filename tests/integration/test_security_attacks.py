@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from helpers.mcp_servers import sdk_http_server
-from helpers.modern_calls import post_tools_call
+from helpers.stateless_calls import post_tools_call
 from helpers.sidecar import sidecar
 from helpers.tokens import JwksServer, TokenIssuer, tampered
 

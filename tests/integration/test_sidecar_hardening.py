@@ -16,17 +16,17 @@ from helpers.sidecar import http_get, sidecar
 
 ACCEPT = "application/json, text/event-stream"
 JSON = {"Content-Type": "application/json", "Accept": ACCEPT}
-MODERN_META = {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+STATELESS_META = {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
                "io.modelcontextprotocol/clientCapabilities": {},
                "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "1"}}
 
 
-def modern_call(tool: str, arguments: dict, request_id=1) -> dict:
+def stateless_call(tool: str, arguments: dict, request_id=1) -> dict:
     return {"jsonrpc": "2.0", "id": request_id, "method": "tools/call",
-            "params": {"name": tool, "arguments": arguments, "_meta": MODERN_META}}
+            "params": {"name": tool, "arguments": arguments, "_meta": STATELESS_META}}
 
 
-def modern_headers(tool: str) -> dict:
+def stateless_headers(tool: str) -> dict:
     return {**JSON, "MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/call", "Mcp-Name": tool}
 
 
@@ -56,8 +56,8 @@ def error_of(resp: httpx2.Response) -> dict:
 
 
 async def test_body_over_the_limit_is_413_with_a_jsonrpc_error(proxied):
-    big = orjson.dumps(modern_call("echo", {"text": "x" * 5000}))
-    resp = await post(proxied.url, big, modern_headers("echo"))
+    big = orjson.dumps(stateless_call("echo", {"text": "x" * 5000}))
+    resp = await post(proxied.url, big, stateless_headers("echo"))
     assert resp.status_code == 413
     assert error_of(resp)["code"] == -32600
     # Chunked, so the length is not known up front.
@@ -65,7 +65,7 @@ async def test_body_over_the_limit_is_413_with_a_jsonrpc_error(proxied):
         for _ in range(10):
             yield b" " * 500
     async with httpx2.AsyncClient(timeout=10) as http:
-        resp = await http.post(proxied.url, content=chunks(), headers=modern_headers("echo"))
+        resp = await http.post(proxied.url, content=chunks(), headers=stateless_headers("echo"))
     assert resp.status_code == 413
 
 
@@ -84,15 +84,15 @@ async def test_invalid_jsonrpc_is_an_invalid_request(proxied, body):
 
 
 async def test_wrong_content_type_is_415(proxied):
-    resp = await post(proxied.url, orjson.dumps(modern_call("echo", {"text": "a"})),
-                      {**modern_headers("echo"), "Content-Type": "text/plain"})
+    resp = await post(proxied.url, orjson.dumps(stateless_call("echo", {"text": "a"})),
+                      {**stateless_headers("echo"), "Content-Type": "text/plain"})
     assert resp.status_code == 415
     assert error_of(resp)["code"] == -32600
 
 
 async def test_unacceptable_accept_is_406(proxied):
-    resp = await post(proxied.url, orjson.dumps(modern_call("echo", {"text": "a"})),
-                      {**modern_headers("echo"), "Accept": "text/html"})
+    resp = await post(proxied.url, orjson.dumps(stateless_call("echo", {"text": "a"})),
+                      {**stateless_headers("echo"), "Accept": "text/html"})
     assert resp.status_code == 406
     async with httpx2.AsyncClient(timeout=10) as http:
         resp = await http.get(proxied.url, headers={"Accept": "application/json"})
@@ -102,10 +102,10 @@ async def test_unacceptable_accept_is_406(proxied):
 @pytest.mark.parametrize("origin,status", [("https://evil.example", 403), ("http://localhost:3000", 200),
                                            ("http://127.0.0.1:8080", 200), (None, 200)])
 async def test_origin_checked_against_localhost_by_default(proxied, origin, status):
-    headers = modern_headers("echo")
+    headers = stateless_headers("echo")
     if origin:
         headers["Origin"] = origin
-    resp = await post(proxied.url, orjson.dumps(modern_call("echo", {"text": "o"})), headers)
+    resp = await post(proxied.url, orjson.dumps(stateless_call("echo", {"text": "o"})), headers)
     assert resp.status_code == status
     if status == 403:
         assert error_of(resp)["message"] == "origin not allowed"
@@ -115,17 +115,17 @@ async def test_origin_checked_against_localhost_by_default(proxied, origin, stat
 
 async def test_explicit_allowed_origin_replaces_the_default(upstream, tmp_path):
     with sidecar(["--upstream", upstream], tmp_path, "--allowed-origin", "https://app.example") as sc:
-        body = orjson.dumps(modern_call("echo", {"text": "o"}))
-        ok = await post(sc.url, body, {**modern_headers("echo"), "Origin": "https://app.example"})
+        body = orjson.dumps(stateless_call("echo", {"text": "o"}))
+        ok = await post(sc.url, body, {**stateless_headers("echo"), "Origin": "https://app.example"})
         assert ok.status_code == 200
-        local = await post(sc.url, body, {**modern_headers("echo"), "Origin": "http://localhost:3000"})
+        local = await post(sc.url, body, {**stateless_headers("echo"), "Origin": "http://localhost:3000"})
         assert local.status_code == 403
 
 
 async def test_upstream_down_is_502_with_a_jsonrpc_error(tmp_path):
     dead = f"http://127.0.0.1:{free_port()}/mcp"
     with sidecar(["--upstream", dead], tmp_path, wait_ready=False) as sc:
-        resp = await post(sc.url, orjson.dumps(modern_call("echo", {"text": "a"}, request_id=41)), modern_headers("echo"))
+        resp = await post(sc.url, orjson.dumps(stateless_call("echo", {"text": "a"}, request_id=41)), stateless_headers("echo"))
         assert resp.status_code == 502
         body = resp.json()
         assert body["id"] == 41
@@ -135,8 +135,8 @@ async def test_upstream_down_is_502_with_a_jsonrpc_error(tmp_path):
 
 
 async def test_silent_upstream_is_504(proxied):
-    resp = await post(proxied.url, orjson.dumps(modern_call("slow", {"seconds": 3}, request_id="t")),
-                      modern_headers("slow"))
+    resp = await post(proxied.url, orjson.dumps(stateless_call("slow", {"seconds": 3}, request_id="t")),
+                      stateless_headers("slow"))
     assert resp.status_code == 504
     assert resp.json()["id"] == "t"
     assert resp.json()["error"]["code"] == -32002
@@ -184,8 +184,8 @@ async def test_client_disconnect_closes_the_upstream_request(tmp_path):
                     return (await http.get(f"{sc.base}/readyz")).status_code == 200
 
                 await async_wait_until(ready, timeout=20, what="sidecar ready")
-                task = asyncio.create_task(http.post(sc.url, content=orjson.dumps(modern_call("slow", {})),
-                                                     headers=modern_headers("slow")))
+                task = asyncio.create_task(http.post(sc.url, content=orjson.dumps(stateless_call("slow", {})),
+                                                     headers=stateless_headers("slow")))
                 await asyncio.wait_for(seen["started"].wait(), 10)
                 task.cancel()
                 with pytest.raises(asyncio.CancelledError):
@@ -205,7 +205,7 @@ async def test_garbage_never_crashes_or_hangs_the_proxy(proxied):
             resp = await http.post(proxied.url, content=body, headers=JSON)
             assert resp.status_code < 500 or resp.status_code in (502, 504), body
     assert http_get(f"{proxied.base}/healthz")[0] == 200
-    resp = await post(proxied.url, orjson.dumps(modern_call("echo", {"text": "still here"})), modern_headers("echo"))
+    resp = await post(proxied.url, orjson.dumps(stateless_call("echo", {"text": "still here"})), stateless_headers("echo"))
     assert resp.json()["result"]["content"][0]["text"] == "still here"
 
 
@@ -217,5 +217,5 @@ async def test_stalled_upload_gets_408_and_the_proxy_keeps_serving(proxied):
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
     writer.close()
     assert head.startswith(b"HTTP/1.1 408")
-    resp = await post(proxied.url, orjson.dumps(modern_call("echo", {"text": "after"})), modern_headers("echo"))
+    resp = await post(proxied.url, orjson.dumps(stateless_call("echo", {"text": "after"})), stateless_headers("echo"))
     assert resp.json()["result"]["content"][0]["text"] == "after"

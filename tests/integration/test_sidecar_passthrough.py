@@ -11,7 +11,7 @@ from mcp import Client
 from mcp.types import CreateMessageResult, ElicitResult, TextContent
 
 from helpers.mcp_servers import sdk_http_server
-from helpers.modern_calls import MODERN
+from helpers.stateless_calls import STATELESS_ERA
 from helpers.sidecar import sidecar
 
 ACCEPT = "application/json, text/event-stream"
@@ -55,7 +55,7 @@ async def answer_elicitation(ctx, params):
     return ElicitResult(action="accept", content={"colour": "teal"})
 
 
-@pytest.mark.parametrize("mode", ["legacy", MODERN])
+@pytest.mark.parametrize("mode", ["legacy", STATELESS_ERA])
 async def test_tools_list_and_call_through_the_sidecar(proxied, mode):
     async with Client(proxied.url, mode=mode) as client:
         names = {t.name for t in (await client.list_tools()).tools}
@@ -66,7 +66,7 @@ async def test_tools_list_and_call_through_the_sidecar(proxied, mode):
         assert failed.is_error
 
 
-@pytest.mark.parametrize("mode", ["legacy", MODERN])
+@pytest.mark.parametrize("mode", ["legacy", STATELESS_ERA])
 async def test_progress_notifications_arrive_in_order(proxied, mode):
     seen = []
 
@@ -86,7 +86,7 @@ async def test_sampling_and_elicitation_round_trips_in_a_session(proxied):
         assert text_of(await client.call_tool("ask_elicitation", {})) == "colour=teal"
 
 
-@pytest.mark.parametrize("mode", ["legacy", MODERN])
+@pytest.mark.parametrize("mode", ["legacy", STATELESS_ERA])
 async def test_stateless_json_upstream(proxied_stateless, mode):
     async with Client(proxied_stateless.url, mode=mode) as client:
         assert text_of(await client.call_tool("echo", {"text": "plain json"})) == "plain json"
@@ -136,7 +136,7 @@ async def test_session_headers_notifications_202_and_delete(proxied):
 
 
 async def test_batch_is_split_through_the_chain_and_reassembled(proxied_stateless):
-    meta = {"io.modelcontextprotocol/protocolVersion": MODERN,
+    meta = {"io.modelcontextprotocol/protocolVersion": STATELESS_ERA,
             "io.modelcontextprotocol/clientCapabilities": {},
             "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "1"}}
     batch = [
@@ -147,7 +147,7 @@ async def test_batch_is_split_through_the_chain_and_reassembled(proxied_stateles
         {"jsonrpc": "2.0", "method": "notifications/initialized"},
         {"not": "json-rpc"},
     ]
-    resp = await raw_post(proxied_stateless.url, batch, {"MCP-Protocol-Version": MODERN})
+    resp = await raw_post(proxied_stateless.url, batch, {"MCP-Protocol-Version": STATELESS_ERA})
     assert resp.status_code == 200, resp.content
     answers = {a["id"]: a for a in resp.json()}
     assert answers["a"]["result"]["content"][0]["text"] == "one"
@@ -276,7 +276,7 @@ async def test_subscription_stream_outlives_the_upstream_timeout(tmp_path):
 
     with sdk_http_server(stateless=True, log_path=tmp_path / "up.log") as url:
         with sidecar(["--upstream", url], tmp_path, "--upstream-timeout", "1") as sc:
-            async with Client(sc.url, mode=MODERN) as listener, Client(sc.url, mode=MODERN) as caller:
+            async with Client(sc.url, mode=STATELESS_ERA) as listener, Client(sc.url, mode=STATELESS_ERA) as caller:
                 async with listener.listen(tools_list_changed=True) as subscription:
                     await asyncio.sleep(1.5)  # quiet for longer than --upstream-timeout, on purpose
                     await caller.call_tool("change_tools", {})
@@ -292,9 +292,9 @@ async def test_concurrent_calls_each_get_their_own_answer(proxied, proxied_state
         results = await asyncio.gather(*(client.call_tool("echo", {"text": t}) for t in texts))
         assert [text_of(r) for r in results] == texts
 
-    meta = {"io.modelcontextprotocol/protocolVersion": MODERN, "io.modelcontextprotocol/clientCapabilities": {},
+    meta = {"io.modelcontextprotocol/protocolVersion": STATELESS_ERA, "io.modelcontextprotocol/clientCapabilities": {},
             "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "1"}}
-    headers = {"Content-Type": "application/json", "Accept": ACCEPT, "MCP-Protocol-Version": MODERN,
+    headers = {"Content-Type": "application/json", "Accept": ACCEPT, "MCP-Protocol-Version": STATELESS_ERA,
                "Mcp-Method": "tools/call", "Mcp-Name": "add"}
     async with httpx2.AsyncClient(timeout=30, limits=httpx2.Limits(max_connections=40)) as http:
         async def add(i: int) -> dict:

@@ -11,7 +11,7 @@ from mcp.shared.exceptions import MCPError
 from mcp.types import CreateMessageResult, ElicitResult, TextContent
 
 from helpers import free_port, port_open, running, wait_until
-from helpers.modern_calls import MODERN
+from helpers.stateless_calls import STATELESS_ERA
 from helpers.sidecar import sidecar
 from helpers.stdio_servers import EVERYTHING_SERVER, STDIO_TOOLS, TIME_SERVER, sse_tools_server
 
@@ -44,7 +44,7 @@ async def test_sdk_clients_share_one_stdio_child_through_the_sidecar(tools_sidec
     assert len({pid for _, pid in results}) == 1
 
 
-@pytest.mark.parametrize("mode", [MODERN, "auto"])
+@pytest.mark.parametrize("mode", [STATELESS_ERA, "auto"])
 async def test_stateless_era_clients_reach_a_stdio_server(tools_sidecar, mode):
     seen = []
 
@@ -52,7 +52,7 @@ async def test_stateless_era_clients_reach_a_stdio_server(tools_sidecar, mode):
         seen.append(progress)
 
     async with Client(tools_sidecar.url, mode=mode) as client:
-        assert client.protocol_version == MODERN  # auto mode finds the era the server serves
+        assert client.protocol_version == STATELESS_ERA  # auto mode finds the era the server serves
         assert "echo" in {t.name for t in (await client.list_tools()).tools}
         assert text_of(await client.call_tool("echo", {"text": "stateless"})) == "stateless"
         counted = await client.call_tool("count", {"steps": 2}, progress_callback=on_progress)
@@ -122,7 +122,7 @@ async def test_a_stateless_era_client_reaches_a_handshake_only_stdio_server(tmp_
         async def on_progress(progress, total, message):
             seen.append(progress)
 
-        async with Client(sc.url, mode=MODERN) as client:
+        async with Client(sc.url, mode=STATELESS_ERA) as client:
             assert "echo" in {t.name for t in (await client.list_tools()).tools}
             assert text_of(await client.call_tool("echo", {"message": "now"})) == "Echo: now"
             result = await client.call_tool("trigger-long-running-operation", {"duration": 0.3, "steps": 3},
@@ -163,7 +163,7 @@ def sse_sidecar(tmp_path_factory):
             yield sc
 
 
-@pytest.mark.parametrize("mode", ["legacy", MODERN, "auto"])
+@pytest.mark.parametrize("mode", ["legacy", STATELESS_ERA, "auto"])
 async def test_a_legacy_sse_server_behind_the_sidecar(sse_sidecar, mode):
     seen = []
 
@@ -171,7 +171,7 @@ async def test_a_legacy_sse_server_behind_the_sidecar(sse_sidecar, mode):
         seen.append(progress)
 
     async with Client(sse_sidecar.url, mode=mode, sampling_callback=answer_sampling) as client:
-        assert client.protocol_version == ("2025-11-25" if mode == "legacy" else MODERN)
+        assert client.protocol_version == ("2025-11-25" if mode == "legacy" else STATELESS_ERA)
         assert "echo" in {t.name for t in (await client.list_tools()).tools}
         assert text_of(await client.call_tool("echo", {"text": "via sse"})) == "via sse"
         counted = await client.call_tool("count", {"steps": 2}, progress_callback=on_progress)
@@ -181,7 +181,7 @@ async def test_a_legacy_sse_server_behind_the_sidecar(sse_sidecar, mode):
 
 
 @pytest.mark.node
-@pytest.mark.parametrize("mode", ["legacy", MODERN])
+@pytest.mark.parametrize("mode", ["legacy", STATELESS_ERA])
 async def test_a_handshake_only_legacy_sse_server_serves_both_eras_through_the_sidecar(tmp_path, mode):
     port = free_port()
     with running([EVERYTHING_SERVER[0], "sse"], env={"PORT": str(port)}, log_path=tmp_path / "everything.log"):

@@ -11,7 +11,12 @@ from toolmesh.api.policy import MCPToolPolicySpec, describe_validation_error
 from toolmesh.api.server import GROUP, VERSION, MCPServerSpec
 from toolmesh.operator.render import MANAGED_BY
 from toolmesh.operator.webhook import (
-    NAMESPACE_NAME_LABEL, WebhookConfiguration, WebhookEndpoint, namespace_requirements, skipped_namespaces,
+    NAMESPACE_NAME_LABEL,
+    WebhookConfiguration,
+    WebhookEndpoint,
+    admission_webhook,
+    namespace_requirements,
+    skipped_namespaces,
 )
 
 VALIDATING_CONFIGURATION_NAME = "toolmesh-policy-validator"
@@ -79,12 +84,7 @@ def render_validating_configuration(endpoint: WebhookEndpoint, ca: bytes, operat
 
     def webhook(name: str, plural: str) -> dict[str, Any]:
         return {
-            "name": name,
-            "admissionReviewVersions": ["v1"],
-            "sideEffects": "None",
-            "failurePolicy": failure_policy,
-            "matchPolicy": "Equivalent",
-            "timeoutSeconds": timeout_seconds,
+            **admission_webhook(name, failure_policy, timeout_seconds),
             "rules": [{"apiGroups": [GROUP], "apiVersions": [VERSION], "resources": [plural],
                        "operations": ["CREATE", "UPDATE"], "scope": "Namespaced"}],
             "clientConfig": endpoint.client_config(ca, VALIDATION.hooks[name]),

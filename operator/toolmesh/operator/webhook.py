@@ -67,6 +67,18 @@ def namespace_requirements(selector: Mapping[str, str] | None) -> list[dict[str,
     return [{"key": key, "operator": "In", "values": [value]} for key, value in sorted((selector or {}).items())]
 
 
+def admission_webhook(name: str, failure_policy: str, timeout_seconds: int) -> dict[str, Any]:
+    """What every webhook of ours says of itself, whatever it admits; rules, selectors and client are its own."""
+    return {
+        "name": name,
+        "admissionReviewVersions": ["v1"],
+        "sideEffects": "None",
+        "failurePolicy": failure_policy,
+        "matchPolicy": "Equivalent",
+        "timeoutSeconds": timeout_seconds,
+    }
+
+
 def render_webhook_configuration(endpoint: WebhookEndpoint, ca: bytes, operator_namespace: str,
                                  failure_policy: str = "Fail",
                                  namespace_selector: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -80,16 +92,11 @@ def render_webhook_configuration(endpoint: WebhookEndpoint, ca: bytes, operator_
 
     def webhook(name: str, object_selector: dict[str, Any], namespace_exprs: list[dict[str, Any]]) -> dict[str, Any]:
         return {
-            "name": name,
-            "admissionReviewVersions": ["v1"],
-            "sideEffects": "None",
-            "failurePolicy": failure_policy,
-            "matchPolicy": "Equivalent",
+            **admission_webhook(name, failure_policy, 10),
             # Never: the sidecar is complete once added and nothing a later plugin adds (the ServiceAccount
             # plugin's token volume, another webhook's containers) calls for it again. IfNeeded made every
             # labelled pod cost two calls, the second one changing nothing.
             "reinvocationPolicy": "Never",
-            "timeoutSeconds": 10,
             "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "operations": ["CREATE"],
                        "scope": "Namespaced"}],
             "clientConfig": endpoint.client_config(ca),

@@ -47,7 +47,7 @@ class MethodCall:
     method: str
 
     @property
-    def modern(self) -> bool:
+    def stateless_era(self) -> bool:
         """A stateless-era (2026-07-28) request: no session."""
         return self.session is None
 

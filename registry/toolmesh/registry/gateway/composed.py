@@ -47,7 +47,8 @@ class Composed:
         methods.register(self.set_level, "logging/setLevel")
 
     async def listing(self, call: MethodCall) -> web.StreamResponse:
-        return json_response(await self._composed_list(call.request_id, call.method, call.caller, modern=call.modern))
+        return json_response(await self._composed_list(call.request_id, call.method, call.caller,
+                                                       stateless_era=call.stateless_era))
 
     async def prompts_get(self, call: MethodCall) -> web.StreamResponse:
         params = call.params
@@ -58,12 +59,12 @@ class Composed:
         if not bare or server not in self.catalogue.servers():
             bare = name
             if name not in self._prompt_owners:
-                await self._composed_list(None, "prompts/list", call.caller, modern=False)
+                await self._composed_list(None, "prompts/list", call.caller, stateless_era=False)
             server = self._prompt_owners.get(name, "")
         if not server:
             return json_response(error_message(call.request_id, INVALID_PARAMS, f"unknown prompt: {name}"))
         return json_response(await self.sidecars.routed(call.request_id, server, "prompts/get",
-                                                        {**params, "name": bare}, call.caller, call.modern))
+                                                        {**params, "name": bare}, call.caller, call.stateless_era))
 
     async def resources_read(self, call: MethodCall) -> web.StreamResponse:
         return json_response(await self.resource_request(call))
@@ -71,20 +72,22 @@ class Composed:
     async def resource_request(self, call: MethodCall, relay: Notify | None = None) -> dict[str, Any]:
         """The answer to a request naming a resource by `uri`, from the server that serves it; `relay` takes the
         notifications that server sends later (a subscription's updates)."""
-        method, params, caller, modern = call.method, call.params, call.caller, call.modern
+        method, params, caller, stateless_era = call.method, call.params, call.caller, call.stateless_era
         uri = params.get("uri")
         if not isinstance(uri, str):
             return error_message(call.request_id, INVALID_PARAMS, f"{method} needs a uri")
         forwarded = dict(params)
         if uri not in self._resource_owners:
-            await self._composed_list(None, "resources/list", caller, modern=False)
+            await self._composed_list(None, "resources/list", caller, stateless_era=False)
         owner = self._resource_owners.get(uri)
         if owner is not None:
-            return await self.sidecars.routed(call.request_id, owner, method, forwarded, caller, modern, relay)
+            return await self.sidecars.routed(call.request_id, owner, method, forwarded, caller, stateless_era,
+                                              relay)
         # Not a listed resource: perhaps one of a template's; the first server (by priority) that knows it answers.
         answer = error_message(call.request_id, INVALID_PARAMS, f"unknown resource: {uri}")
         for server in self._answering():
-            routed = await self.sidecars.routed(call.request_id, server, method, forwarded, caller, modern, relay)
+            routed = await self.sidecars.routed(call.request_id, server, method, forwarded, caller, stateless_era,
+                                                relay)
             if "result" in routed:
                 self._resource_owners[uri] = server
                 return routed
@@ -110,17 +113,17 @@ class Composed:
                 server, forwarded["ref"] = prefix, {**ref, "name": bare}
             else:
                 if ref["name"] not in self._prompt_owners:
-                    await self._composed_list(None, "prompts/list", caller, modern=False)
+                    await self._composed_list(None, "prompts/list", caller, stateless_era=False)
                 server = self._prompt_owners.get(ref["name"])
         elif isinstance(ref.get("uri"), str):
             if ref["uri"] not in self._resource_owners:
-                await self._composed_list(None, "resources/templates/list", caller, modern=False)
+                await self._composed_list(None, "resources/templates/list", caller, stateless_era=False)
             server = self._resource_owners.get(ref["uri"])
         if server is None:
             return json_response(error_message(call.request_id, INVALID_PARAMS,
                                                "unknown prompt or resource template in ref"))
         return json_response(await self.sidecars.routed(call.request_id, server, "completion/complete", forwarded,
-                                                        caller, call.modern))
+                                                        caller, call.stateless_era))
 
     def _answering(self) -> list[str]:
         """Servers that can answer now, the one that wins a clash of names or URIs first."""
@@ -142,7 +145,8 @@ class Composed:
             pass
         return items
 
-    async def _composed_list(self, request_id: Any, method: str, caller: Caller, *, modern: bool) -> dict[str, Any]:
+    async def _composed_list(self, request_id: Any, method: str, caller: Caller, *,
+                             stateless_era: bool) -> dict[str, Any]:
         key = LISTED[method]
         servers = self._answering()
         listings = await asyncio.gather(*(self._server_list(s, method, caller) for s in servers))
@@ -164,6 +168,6 @@ class Composed:
                 composed.append(item)
         (self._prompt_owners if key == "prompts" else self._resource_owners).update(owners)
         result: dict[str, Any] = {key: composed}
-        if modern:
+        if stateless_era:
             result.update(private_listing(self.server_info))
         return {"jsonrpc": "2.0", "id": request_id, "result": result}

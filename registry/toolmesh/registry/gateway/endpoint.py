@@ -19,10 +19,15 @@ from toolmesh.api.jsonrpc import (
     RATE_LIMITED,
     UNAUTHORIZED,
     error_message,
-    has_envelope,
     loads,
 )
-from toolmesh.api.mcp_http import SESSION_ERA_VERSIONS, STATELESS_ERA_VERSIONS, OriginPolicy, stateless_refusal
+from toolmesh.api.mcp_http import (
+    SESSION_ERA_VERSIONS,
+    STATELESS_ERA_VERSIONS,
+    OriginPolicy,
+    is_stateless_era,
+    stateless_refusal,
+)
 from toolmesh.api.sessions import credential_principal
 from toolmesh.registry.backend import BackendPool
 from toolmesh.registry.catalogue import Catalogue
@@ -158,11 +163,11 @@ class Gateway:
             return json_response(error_message(None, INVALID_REQUEST, "one JSON-RPC message per POST"), 400)
         method = message.get("method")
         if (not isinstance(method, str) or "id" not in message or request.headers.get("Mcp-Session-Id")
-                or not _is_modern(message, request.headers)):
+                or not is_stateless_era(message, request.headers)):
             return await self._dispatch(request, message, method)
         # A 2026-07-28 request: checked before dispatch as an SDK server checks it, and every error answer
         # carries the HTTP status that era gives its code.
-        answer = _modern_rejection(message, request.headers)
+        answer = _stateless_rejection(message, request.headers)
         if answer is None:
             answer = await self._dispatch(request, message, method)
         body = answer.body if isinstance(answer, web.Response) and answer.status == 200 else None
@@ -255,14 +260,7 @@ class Gateway:
         return json_response({"jsonrpc": "2.0", "id": call.request_id, "result": result})
 
 
-def _is_modern(message: Mapping[str, Any], headers: Mapping[str, str]) -> bool:
-    """A 2026-07-28 request: the MCP-Protocol-Version header names that era, or the body carries its envelope."""
-    if headers.get("MCP-Protocol-Version") in STATELESS_ERA_VERSIONS:
-        return True
-    return has_envelope(message.get("params"))
-
-
-def _modern_rejection(message: Mapping[str, Any], headers: Mapping[str, str]) -> web.Response | None:
+def _stateless_rejection(message: Mapping[str, Any], headers: Mapping[str, str]) -> web.Response | None:
     """What the gateway answers a stateless-era request before dispatch: every method that era removed is refused,
     as are bad routing headers and envelopes (api.mcp_http.stateless_refusal)."""
     refused = stateless_refusal(message, headers, removed=REMOVED_IN_STATELESS_ERA)

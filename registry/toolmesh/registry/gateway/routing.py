@@ -86,7 +86,7 @@ class Sidecars:
             return response.get("result") or {}
 
     async def routed(self, request_id: Any, server: str, method: str, params: Mapping[str, Any], caller: Caller,
-                     modern: bool, relay: Notify | None = None) -> dict[str, Any]:
+                     stateless_era: bool, relay: Notify | None = None) -> dict[str, Any]:
         """The JSON-RPC answer to a request routed to `server`: its result (stamped for a 2026-07-28 caller) or its
         error. Only a sidecar's 401/403 is raised, to be answered with that status and the gateway's challenge."""
         try:
@@ -95,7 +95,7 @@ class Sidecars:
             if exc.unauthorized:
                 raise
             return error_message(request_id, exc.code, exc.message, exc.data)
-        if modern and result.get("resultType", "complete") == "complete":
+        if stateless_era and result.get("resultType", "complete") == "complete":
             result = stamped(result, self.server_info)
             if method in CACHEABLE:
                 # Routed per caller to servers that may change at any heartbeat: unless the server itself gave hints

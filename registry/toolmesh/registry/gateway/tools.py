@@ -76,7 +76,7 @@ class Tools:
         extra: dict[str, Any] = {}
         if cursor:
             extra["nextCursor"] = cursor
-        if call.modern:
+        if call.stateless_era:
             extra.update(private_listing(self.server_info))
         tail = dumps(extra)[1:-1]
         body = b"".join([b'{"jsonrpc":"2.0","id":', dumps(call.request_id), b',"result":{"tools":[',
