@@ -3,6 +3,9 @@ through the same bounded SSE parser as the sidecar reads its upstream's."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from toolmesh.api.mcp_http import (
@@ -86,3 +89,15 @@ def test_a_routing_header_that_disagrees_with_the_body_is_refused_and_one_that_a
 def test_the_era_constants_do_not_overlap():
     assert SESSION_ERA_VERSIONS[0] == "2025-11-25" and "2026-07-28" in STATELESS_ERA_VERSIONS
     assert not set(SESSION_ERA_VERSIONS) & set(STATELESS_ERA_VERSIONS)
+
+
+def test_the_era_constants_are_the_sdks_and_cost_a_sidecar_nothing_to_import():
+    from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
+
+    assert STATELESS_ERA_VERSIONS == tuple(MODERN_PROTOCOL_VERSIONS)
+    assert set(SESSION_ERA_VERSIONS) <= set(HANDSHAKE_PROTOCOL_VERSIONS)
+    # The written-out constants exist so that a pass-through sidecar never loads the SDK (38 MB) to start.
+    probe = ("import sys, toolmesh.sidecar.command, toolmesh.sidecar.front.app, toolmesh.sidecar.transports.http; "
+             "print(sorted(m for m in sys.modules if m == 'mcp' or m.startswith(('mcp.', 'mcp_types'))))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"

@@ -17,15 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from mcp.shared.inbound import (
-    ERROR_CODE_HTTP_STATUS,
-    InboundLadderRejection,
-    classify_inbound_request,
-    find_duplicated_routing_header,
-)
-from mcp_types import HEADER_MISMATCH
-from mcp_types.version import MODERN_PROTOCOL_VERSIONS
-
 from toolmesh.api.jsonrpc import METHOD_NOT_FOUND, error_message, has_envelope
 
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -57,8 +48,10 @@ class OriginPolicy:
 
 SESSION_ERA_VERSIONS: tuple[str, ...] = ("2025-11-25", "2025-06-18", "2025-03-26")
 """Session-era versions a toolmesh server offers at initialize, newest first."""
-STATELESS_ERA_VERSIONS: tuple[str, ...] = tuple(MODERN_PROTOCOL_VERSIONS)
-"""Stateless-era versions (2026-07-28): no initialize, no session."""
+STATELESS_ERA_VERSIONS: tuple[str, ...] = ("2026-07-28",)
+"""Stateless-era versions: no initialize, no session. Written here, not read from the MCP SDK, whose import costs a
+pass-through sidecar 38 MB and a second at start; a test holds it equal to the SDK's `MODERN_PROTOCOL_VERSIONS`.
+The SDK's inbound rules, which stateless-era refusals need, are imported when the first such request comes."""
 
 
 def header(headers: Mapping[str, str], name: str) -> str | None:
@@ -91,6 +84,8 @@ class Refusal:
 
     @property
     def status(self) -> int:
+        from mcp.shared.inbound import ERROR_CODE_HTTP_STATUS
+
         return ERROR_CODE_HTTP_STATUS.get(self.code, 200)
 
     def error(self, request_id: Any) -> dict[str, Any]:
@@ -103,6 +98,9 @@ def stateless_refusal(message: Mapping[str, Any], headers: Mapping[str, str], *,
     """What a stateless-era server refuses before dispatch: a method in `removed` (gone in that era; the sidecar
     passes only `initialize`, leaving the rest to its upstream, the gateway every method it no longer serves),
     duplicated or mismatched routing headers, a bad `_meta` envelope. None: dispatch it."""
+    from mcp.shared.inbound import InboundLadderRejection, classify_inbound_request, find_duplicated_routing_header
+    from mcp_types import HEADER_MISMATCH
+
     method = message.get("method")
     if method in removed:
         return Refusal(METHOD_NOT_FOUND, "Method not found", method)
