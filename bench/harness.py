@@ -161,16 +161,32 @@ def open_session(url: str, token: str = "") -> Session:
     session_id = head.get("mcp-session-id", "")
     version = reply["result"].get("protocolVersion", PROTOCOL)
     headers = {**auth, "MCP-Protocol-Version": version, **({"Mcp-Session-Id": session_id} if session_id else {})}
-    post(url, {"jsonrpc": "2.0", "method": "notifications/initialized"}, headers)
-    # As a real client does before calling: it also tells a proxy the tools' annotations (read-only echo).
-    status, _, reply = post(url, {"jsonrpc": "2.0", "id": 3, "method": "tools/list"}, headers)
-    if status != 200 or "echo" not in json.dumps(reply):
-        raise RuntimeError(f"tools/list through the proxy failed: HTTP {status} {reply}")
-    status, _, reply = post(url, {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
-                                  "params": {"name": "echo", "arguments": {"text": ECHO_TEXT}}}, headers)
-    if status != 200 or ECHO_TEXT not in json.dumps(reply):
-        raise RuntimeError(f"echo through the proxy failed: HTTP {status} {reply}")
+    try:
+        post(url, {"jsonrpc": "2.0", "method": "notifications/initialized"}, headers)
+        # As a real client does before calling: it also tells a proxy the tools' annotations (read-only echo).
+        status, _, reply = post(url, {"jsonrpc": "2.0", "id": 3, "method": "tools/list"}, headers)
+        if status != 200 or "echo" not in json.dumps(reply):
+            raise RuntimeError(f"tools/list through the proxy failed: HTTP {status} {reply}")
+        status, _, reply = post(url, {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                                      "params": {"name": "echo", "arguments": {"text": ECHO_TEXT}}}, headers)
+        if status != 200 or ECHO_TEXT not in json.dumps(reply):
+            raise RuntimeError(f"echo through the proxy failed: HTTP {status} {reply}")
+    except (OSError, RuntimeError, ValueError):
+        if session_id:
+            # A readiness poll retries every few ms: a session left open by each failed try would fill the
+            # gateway's per-caller session cap before the sidecar's first heartbeat lands.
+            end_session(url, headers)
+        raise
     return Session(session_id, version)
+
+
+def end_session(url: str, headers: dict[str, str]) -> None:
+    request = urllib.request.Request(url, method="DELETE", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=5):
+            pass
+    except (OSError, urllib.error.HTTPError):
+        pass
 
 
 def upstream_calls(upstream: str) -> int:
