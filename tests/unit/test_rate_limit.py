@@ -12,7 +12,7 @@ from toolmesh.sidecar.chain import state
 from toolmesh.api.policy import PolicyFile
 from toolmesh.sidecar.chain.frame import CallContext, Caller, Outcome, run_chain
 from toolmesh.sidecar.chain.stages import rate_limit
-from toolmesh.sidecar.chain.stages.rate_limit import Buckets
+from toolmesh.sidecar.store.local import LocalStore as Buckets
 from toolmesh.sidecar.chain.state import SharedState
 
 

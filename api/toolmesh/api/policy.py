@@ -539,6 +539,8 @@ class RateLimitPolicy(SpecModel):
     """Per-tool overrides (own bucket per subject and tool), first match wins. Default []."""
     maxSubjects: int = Field(default=10000, ge=1, le=10_000_000)
     """Most buckets kept in memory; the least recently used is dropped beyond it. Default 10000."""
+    onStoreError: Literal["allow", "deny"] = "allow"
+    """With a shared store (`--state-redis-url`): what a call gets when the store does not answer. `allow` lets it through uncharged, `deny` refuses it with 503 and `Retry-After`; either way `toolmesh_rate_limit_store_errors_total` counts it and a log line says so. Default allow: a store outage must not become an outage of every server sharing it."""
 
 
 # ---------------------------------------------------------------------------

@@ -56,6 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how long the upstream may stay silent on a request before 504 (default 300)")
     parser.add_argument("--probe-interval", type=float, default=5.0, metavar="SECONDS",
                         help="seconds between readiness probes of the upstream (default 5)")
+    parser.add_argument("--state-redis-url", metavar="URL", default=os.environ.get("TOOLMESH_STATE_REDIS_URL"),
+                        help="share rate limits with every replica of this server through a Redis-protocol server "
+                             "(redis://, rediss:// for TLS, unix://); the password comes from "
+                             "TOOLMESH_STATE_REDIS_PASSWORD (default: $TOOLMESH_STATE_REDIS_URL, else in-process)")
     parser.add_argument("--port-file", metavar="FILE",
                         help="once listening, write the port there (with --listen HOST:0 the kernel picks a free one)")
     parser.add_argument("--log-level", default=os.environ.get("TOOLMESH_LOG_LEVEL", "INFO"),
@@ -118,6 +122,21 @@ def replay_is_safe(policy: MCPToolPolicySpec | None) -> bool:
     return policy is None or not (policy.auth or policy.authorization or policy.budget)
 
 
+def make_store(args: argparse.Namespace):
+    """The store replicas share (`--state-redis-url`), or None to keep state in this process."""
+    url = args.state_redis_url
+    if not url:
+        return None
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise UsageError(f"--state-redis-url must be redis://, rediss:// or unix://, not {url.split('://')[0]!r}")
+    from toolmesh.sidecar.store.redis_store import RedisStore
+
+    # Keys name the server (and its namespace in a cluster): replicas of one server share them, other servers never.
+    namespace = os.environ.get("TOOLMESH_NAMESPACE") or "local"
+    return RedisStore(url, f"toolmesh:{namespace}/{args.server_name}:",
+                      password=os.environ.get("TOOLMESH_STATE_REDIS_PASSWORD") or None)
+
+
 def bind_listener(host: str, port: int) -> socket.socket:
     """The listening socket, bound now: with port 0 the kernel picks a free port, so nothing can take it first,
     and heartbeats announce the port actually bound."""
@@ -160,7 +179,7 @@ def build_app(args: argparse.Namespace):
     port = sock.getsockname()[1]
     upstream = make_upstream(args)
     policy, source = load_policy(args.policy)
-    app = create_app(settings, upstream, policy=policy)
+    app = create_app(settings, upstream, policy=policy, store=make_store(args))
     from toolmesh.sidecar.front.app import PIPELINE
 
     if hasattr(upstream, "resumable"):

@@ -98,6 +98,16 @@ class UpstreamUnavailable(ProxyError):
     code = UPSTREAM_UNAVAILABLE
 
 
+class StoreUnavailableError(ProxyError):
+    """Retry shortly: the shared store a policy section needs did not answer, and it says deny (HTTP 503)."""
+
+    status = 503
+    code = UPSTREAM_UNAVAILABLE
+
+    def __init__(self, message: str):
+        super().__init__(message, headers={"Retry-After": "1"})
+
+
 class UpstreamTimeout(ProxyError):
     """Retryable: the upstream did not answer in time (HTTP 504)."""
 

@@ -28,8 +28,9 @@ if TYPE_CHECKING:
     from toolmesh.sidecar.chain.stages.cache import CacheState
     from toolmesh.sidecar.chain.stages.circuit_breaker import BreakerBoard
     from toolmesh.sidecar.chain.stages.jwks import JwksKeys
-    from toolmesh.sidecar.chain.stages.rate_limit import Buckets
     from toolmesh.sidecar.chain.tool_traits import Listing
+    from toolmesh.sidecar.store.base import SharedStore
+    from toolmesh.sidecar.store.local import LocalStore
     from toolmesh.sidecar.transports.base import Upstream
 
 T = TypeVar("T")
@@ -54,8 +55,8 @@ BUDGET: StateKey[BudgetState] = StateKey("budget")
 """Budgets per session and the truncated results' pages."""
 CACHE: StateKey[CacheState] = StateKey("cache")
 """Cached results and their statistics; heartbeats report hit rates."""
-RATE_LIMIT: StateKey[Buckets] = StateKey("rate_limit")
-"""Token buckets per subject (and tool)."""
+RATE_LIMIT: StateKey[LocalStore] = StateKey("rate_limit")
+"""Token buckets per subject (and tool), in this process (without a shared store)."""
 JWKS: StateKey[dict[str, JwksKeys]] = StateKey("jwks")
 """Fetched signing keys per JWKS URL."""
 SESSION_BINDINGS: StateKey[SessionBindings] = StateKey("session_bindings")
@@ -180,6 +181,8 @@ class SharedState:
     """The telemetry object (tracer, meters, per-tool stats for heartbeats)."""
     upstream: Upstream | None = None
     """The `Upstream` in use (for stages that must call it themselves, e.g. to refresh tools/list)."""
+    store: SharedStore | None = None
+    """The store every replica of this server shares (`--state-redis-url`); None keeps state in this process."""
 
     def kept(self, key: StateKey[T], make: Callable[[], T]) -> T:
         """The long-lived state kept under `key`, made by `make` on first use; it survives policy reloads."""

@@ -20,6 +20,7 @@ from toolmesh.sidecar.transports.base import Upstream
 
 if TYPE_CHECKING:
     from toolmesh.api.policy import MCPToolPolicySpec
+    from toolmesh.sidecar.store.base import SharedStore
 
 log = logging.getLogger("toolmesh.sidecar")
 
@@ -94,7 +95,7 @@ SETTINGS = web.AppKey("settings", SidecarSettings)
 
 
 def create_app(settings: SidecarSettings, upstream: Upstream, *, policy: MCPToolPolicySpec | None = None,
-               telemetry: Telemetry | None = None,
+               telemetry: Telemetry | None = None, store: SharedStore | None = None,
                lifetimes: tuple[Callable[[web.Application], AsyncIterator[None]], ...] = ()) -> web.Application:
     """The sidecar application for one upstream. `lifetimes` are extra `cleanup_ctx` entries (policy watching, heartbeats)."""
     # The body limit is enforced by the /mcp handler (to answer with a JSON-RPC error); this is a backstop.
@@ -102,7 +103,7 @@ def create_app(settings: SidecarSettings, upstream: Upstream, *, policy: MCPTool
     telemetry = telemetry or Telemetry(
         settings.server_name, network_transport="pipe" if settings.transport == "stdio" else "tcp",
         default_traces_endpoint=f"{settings.registry.rstrip('/')}/v1/traces" if settings.registry else None)
-    shared = SharedState(server_name=settings.server_name, telemetry=telemetry, upstream=upstream)
+    shared = SharedState(server_name=settings.server_name, telemetry=telemetry, upstream=upstream, store=store)
     pipeline = Pipeline(UpstreamCall(upstream, shared), shared, policy)
     readiness = Readiness(upstream, telemetry, settings.probe_interval, settings.ready_window)
     app[SETTINGS] = settings
@@ -129,6 +130,8 @@ async def _upstream_lifetime(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await upstream.close()
+        if app[SHARED].store is not None:
+            await app[SHARED].store.close()
         app[TELEMETRY].shutdown()
 
 

@@ -1,4 +1,9 @@
-"""Rate-limit stage: a token bucket per subject (and per tool where the policy says), bounded in memory, 429 with Retry-After.
+"""Rate-limit stage: a token bucket per subject (and per tool where the policy says), 429 with Retry-After.
+
+The buckets are in this process (bounded, `maxSubjects`) unless the sidecar has a shared store
+(`--state-redis-url`): then every replica of the server charges the same buckets, and a subject's rate holds
+whatever the number of replicas. When the shared store cannot answer, `onStoreError` decides: `allow` lets the
+call through (a metric and a log line say so), `deny` refuses it with 503.
 
 A limit counts calls, the requests that make a server work for the caller (`CHARGED_METHODS`). Protocol
 chatter is free: `initialize`, `ping`, the `*/list` methods, subscriptions, `logging/setLevel` and every
@@ -8,64 +13,37 @@ the caller a call. A charged method sent as a notification is charged too: the s
 
 from __future__ import annotations
 
-import time
-from collections import OrderedDict
-from collections.abc import Callable
-from typing import Any
+import logging
 
 from toolmesh.api.policy import MCPToolPolicySpec, RateLimitPolicy, match_tool_rule
-from toolmesh.sidecar.telemetry import stage_metrics
 from toolmesh.sidecar.chain.frame import CallContext, Handler, Outcome
-from toolmesh.sidecar.errors import RetryLater
 from toolmesh.sidecar.chain.state import RATE_LIMIT, SharedState
+from toolmesh.sidecar.errors import RetryLater, StoreUnavailableError
+from toolmesh.sidecar.store.base import SharedStore, StoreUnavailable
+from toolmesh.sidecar.store.local import LocalStore
+from toolmesh.sidecar.telemetry import stage_metrics
+
+log = logging.getLogger("toolmesh.sidecar.rate_limit")
 
 NAME = "rate_limit"
 CHARGED_METHODS = frozenset({"tools/call", "resources/read", "prompts/get", "completion/complete"})
 """The methods a rate limit counts."""
 
 
-class Buckets:
-    """Token buckets by key, least recently used dropped beyond `max_keys`. A dropped bucket comes back full."""
-
-    def __init__(self, max_keys: int, clock: Callable[[], float] = time.monotonic):
-        self.max_keys = max_keys
-        self._clock = clock
-        # key → [tokens, last refill time]; a list so the hot path mutates in place.
-        self._buckets: OrderedDict[Any, list[float]] = OrderedDict()
-        self.evictions = 0
-        """Buckets dropped to stay under `max_keys`."""
-
-    def __len__(self) -> int:
-        return len(self._buckets)
-
-    def take(self, key: Any, rate: float, burst: int) -> float:
-        """Take one token; 0.0 when granted, else the seconds until one is available."""
-        now = self._clock()
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            bucket = self._buckets[key] = [float(burst), now]
-            while len(self._buckets) > self.max_keys:
-                self._buckets.popitem(last=False)
-                self.evictions += 1
-        else:
-            self._buckets.move_to_end(key)
-            bucket[0] = min(float(burst), bucket[0] + (now - bucket[1]) * rate)
-            bucket[1] = now
-        if bucket[0] >= 1.0:
-            bucket[0] -= 1.0
-            return 0.0
-        return (1.0 - bucket[0]) / rate
-
-
 class RateLimitStage:
     """Charges each request to its subject's bucket; tools with a rule (or every tool, with `perTool`) get their own."""
 
-    def __init__(self, policy: RateLimitPolicy, buckets: Buckets, shared: SharedState | None = None):
+    def __init__(self, policy: RateLimitPolicy, store: SharedStore, shared: SharedState | None = None):
         self.policy = policy
-        self.buckets = buckets
+        self.store = store
+        self.local = store if type(store) is LocalStore else None
+        """The in-process store, called without a coroutine on the hot path."""
         self.limited = stage_metrics.counter(
             shared, "toolmesh_rate_limited_total", "Requests refused with 429 by the rate limit.")
         self.bucket_count = stage_metrics.gauge(shared, "toolmesh_rate_limit_buckets", "Token buckets held in memory now.")
+        self.store_errors = stage_metrics.counter(
+            shared, "toolmesh_rate_limit_store_errors_total",
+            "Calls the rate limit could not charge because the shared store did not answer (onStoreError decided).")
 
     async def __call__(self, ctx: CallContext, call_next: Handler) -> Outcome:
         # Other kinds have no method (""); a tools/call sent as a notification still runs the tool, so it pays.
@@ -85,8 +63,21 @@ class RateLimitStage:
                 scope = tool
             elif policy.perTool:
                 scope = tool
-        wait = self.buckets.take((subject, scope), rate, burst)
-        self.bucket_count.set(len(self.buckets))
+        local = self.local
+        if local is not None:
+            wait = local.take((subject, scope), rate, burst)
+            self.bucket_count.set(len(local))
+        else:
+            try:
+                wait = await self.store.take_token((subject, scope), rate, burst)
+            except StoreUnavailable as exc:
+                self.store_errors.inc()
+                if policy.onStoreError == "deny":
+                    log.warning("rate limit refused a call: the shared store did not answer (%s)", exc)
+                    raise StoreUnavailableError("the rate limit's shared store did not answer and onStoreError is "
+                                                "deny: retry shortly") from None
+                log.warning("rate limit let a call through uncharged: the shared store did not answer (%s)", exc)
+                wait = 0.0
         if wait > 0.0:
             self.limited.inc()
             what = f"tool {tool!r}" if scope else "this server"
@@ -99,6 +90,8 @@ def build(policy: MCPToolPolicySpec, shared: SharedState) -> RateLimitStage | No
     section = policy.rateLimit
     if section is None:
         return None
-    buckets = shared.kept(RATE_LIMIT, lambda: Buckets(section.maxSubjects))
+    if shared.store is not None:
+        return RateLimitStage(section, shared.store, shared)
+    buckets = shared.kept(RATE_LIMIT, lambda: LocalStore(section.maxSubjects))
     buckets.max_keys = section.maxSubjects
     return RateLimitStage(section, buckets, shared)

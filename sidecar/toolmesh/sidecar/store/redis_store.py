@@ -1,0 +1,76 @@
+"""A Redis-protocol store (Redis 7, Valkey): every replica of a server shares its buckets.
+
+Each operation is one Lua script, run atomically by the server with the server's own clock (`TIME`), so a call
+costs one round trip and replicas never race or disagree about time. Keys are `<prefix><key>`, where the prefix
+names the server (`toolmesh:<namespace>/<server>:`), and expire once a bucket would be full again, so the store
+holds only what is in use. The password comes from the environment (a Kubernetes Secret), never the URL flag.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from toolmesh.sidecar.store.base import StoreUnavailable
+
+log = logging.getLogger("toolmesh.sidecar.store")
+
+_TAKE_TOKEN = """
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local bucket = redis.call('HMGET', KEYS[1], 't', 'at')
+local tokens = tonumber(bucket[1])
+local at = tonumber(bucket[2])
+if tokens == nil then
+  tokens = burst
+else
+  tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
+end
+local wait = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+else
+  wait = (1 - tokens) / rate
+end
+redis.call('HSET', KEYS[1], 't', tostring(tokens), 'at', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / rate * 1000) + 1000)
+return tostring(wait)
+"""
+
+
+class RedisStore:
+    """The shared store on a Redis-protocol server at `url` (`redis://`, `rediss://` for TLS, `unix://`)."""
+
+    name = "redis"
+
+    def __init__(self, url: str, prefix: str, *, password: str | None = None, timeout: float = 0.5):
+        self.url = url
+        self.prefix = prefix
+        # A store that hangs would hang every call behind it: each command gets `timeout` seconds, then the
+        # stage's onStoreError decides. No retries here: the caller's call is waiting.
+        self._client = aioredis.Redis.from_url(url, password=password, socket_timeout=timeout,
+                                               socket_connect_timeout=timeout, retry_on_timeout=False,
+                                               health_check_interval=0, max_connections=256)
+        self._take = self._client.register_script(_TAKE_TOKEN)
+
+    async def take_token(self, key: Hashable, rate: float, burst: int) -> float:
+        try:
+            return float(await self._take(keys=[self.prefix + "rate:" + orjson.dumps(key).decode()],
+                                          args=[repr(rate), burst]))
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StoreUnavailable(f"{self.url_for_logs}: {exc.__class__.__name__}: {exc}") from None
+
+    @property
+    def url_for_logs(self) -> str:
+        """The URL without credentials a user may have put in it after all."""
+        scheme, _, rest = self.url.partition("://")
+        return f"{scheme}://{rest.rpartition('@')[2]}"
+
+    async def close(self) -> None:
+        await self._client.aclose()
