@@ -123,7 +123,7 @@ def test_tool_stats_percentiles():
     for ms in range(1, 101):
         stats.record("echo", ms / 1000, error=ms > 95)
     snap = stats.snapshot()["echo"]
-    assert snap == {"count": 100, "errors": 5, "p50_ms": 50.0, "p95_ms": 95.0}
+    assert snap == {"count": 100, "errors": 5, "p50_ms": 50.0, "p95_ms": 95.0, "result_bytes_total": 0}
 
 
 def test_derive_is_replace_and_leaves_the_original_alone():

@@ -80,7 +80,7 @@ class Instance:
     breakers: Mapping[str, Any] = field(default_factory=dict)
     """Circuit breaker state per tool."""
     stats: Mapping[str, Any] = field(default_factory=dict)
-    """Per-tool count, errors, p50/p95, cache hit rate."""
+    """Per-tool count, errors, p50/p95, result bytes and tokens, truncations, cache hits and hit rate."""
     traits: ServerTraits | None = None
     """Traits the heartbeat carried (used when the registry knows no MCPServer spec for it)."""
     last_seen: float = 0.0

@@ -113,8 +113,9 @@ class RegistryApi:
                           "tool": route.tool, "stats": stats, "red": red.figures(route.server, route.tool)})
         return json_response({"tools": tools, "version": view.version, "figures": {
             "stats": "from the sidecars' heartbeats: what each healthy instance counted since its sidecar started, "
-                     "count and errors summed over them, latency and cache hit rate of the instance with the most "
-                     "calls; it outlives a registry restart (the next heartbeat brings it back)",
+                     "count, errors, result bytes and tokens, truncations and cache hits summed over them, latency, "
+                     "result token percentiles and cache hit rate of the instance with the most calls; it outlives a "
+                     "registry restart (the next heartbeat brings it back)",
             "red": f"from the OTLP traces this registry received: the last {red.window:g} s (calls, errors, p50/p95) "
                    "and totalCalls/totalErrors since this registry started; kept in memory, so empty after a "
                    "registry restart until new calls are traced, and counting only sidecars that export traces "
@@ -152,11 +153,15 @@ def _refused(reason: str) -> web.Response:
                              headers={"WWW-Authenticate": 'Bearer realm="toolmesh-registry"'})
 
 
+SUMMED_STATS = ("count", "errors", "result_bytes_total", "result_tokens_total", "truncations", "cache_hits")
+"""Per-tool heartbeat figures that are totals: a server's is the sum over its instances."""
+
+
 def _server_stats(per_instance: list[Any]) -> dict[str, Any]:
-    """One tool's heartbeat stats over a server's instances: count and errors summed, the rest from the busiest."""
+    """One tool's heartbeat stats over a server's instances: totals summed, the rest (percentiles, rates) from the busiest."""
     figures = [f for f in per_instance if isinstance(f, dict)]
     if not figures:
         return {}
     busiest = max(figures, key=lambda f: f.get("count") or 0)
-    summed = {k: sum(f.get(k) or 0 for f in figures) for k in ("count", "errors") if any(k in f for f in figures)}
+    summed = {k: sum(f.get(k) or 0 for f in figures) for k in SUMMED_STATS if any(k in f for f in figures)}
     return {**busiest, **summed, "instances": len(figures)}

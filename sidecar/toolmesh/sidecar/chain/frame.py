@@ -47,10 +47,14 @@ class Caller:
 
 @dataclass(slots=True)
 class CallRecord:
-    """What stages learn of one call for the observe stage's log line; the one mutable thing a context carries."""
+    """What stages learn of one call for the observe stage's log line and figures; the one mutable thing a context carries."""
 
     caller: Caller | None = None
     """Set by the authenticate stage once it verified the caller."""
+    result_tokens: int | None = None
+    """Tokens of the tool result charged to the caller's budget; set by the budget stage (none without one)."""
+    truncated: bool = False
+    """Set by the budget stage when it cut the result to fit."""
 
 
 Emit = Callable[[SseEvent], Awaitable[None]]
@@ -116,7 +120,7 @@ class CallContext:
     start_stream: StartStream = _no_start_stream
     """Opens the client's SSE response with the upstream's headers before the first `emit`."""
     record: CallRecord | None = None
-    """Set by the observe stage for calls it logs; stages further in note there what it cannot see itself."""
+    """Set by the observe stage for tools/call and calls it logs; stages further in note there what it cannot see itself."""
     message: Mapping[str, Any] | None = None
     """The message as parsed from `raw` (never changed): a transport that routes messages reads this, not `raw`."""
 

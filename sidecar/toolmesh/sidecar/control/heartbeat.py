@@ -223,11 +223,13 @@ def _tool_stats(shared: SharedState) -> dict[str, Any]:
     if callable(stats):
         with contextlib.suppress(Exception):
             result = dict(stats())
-    hit_rates = getattr(shared.stage_state.get(CACHE), "hit_rates", None)
-    if callable(hit_rates):
+    cache = shared.stage_state.get(CACHE)
+    hit_rates, hits = getattr(cache, "hit_rates", None), getattr(cache, "hits", None)
+    if callable(hit_rates) and callable(hits):
         with contextlib.suppress(Exception):
+            counts = hits()
             for tool, rate in hit_rates().items():
-                result[tool] = {**result.get(tool, {}), "cache_hit_rate": rate}
+                result[tool] = {**result.get(tool, {}), "cache_hit_rate": rate, "cache_hits": counts.get(tool, 0)}
     return result
 
 

@@ -29,6 +29,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -41,6 +42,10 @@ EXPORT_SWITCH_INTERVAL = 0.0005
 """Seconds the interpreter lets one thread hold the GIL when another wants it, while spans are exported."""
 
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TOKEN_BUCKETS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+"""Result tokens: from a one-line answer to more than a model's whole context window."""
+BYTE_BUCKETS = (256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216)
+"""Result bytes: 256 B … 16 MiB."""
 
 
 def _labels(names: Sequence[str], values: Sequence[str]) -> str:
@@ -180,37 +185,73 @@ class MetricsRegistry:
 
 
 class ToolStats:
-    """Per-tool call count, errors and recent durations (p50/p95 over the last `window` calls)."""
+    """Per-tool call count, errors, recent durations (p50/p95 over the last `window` calls) and what results cost:
+    bytes answered, tokens charged to a budget (p50/p95 over the last `window` results), truncations."""
 
     def __init__(self, window: int = 1024, max_tools: int = 1000):
         self._window = window
         self._max_tools = max_tools
-        self._tools: dict[str, list[Any]] = {}
+        self._tools: dict[str, _ToolFigures] = {}
 
-    def record(self, tool: str, seconds: float, error: bool) -> None:
+    def _entry(self, tool: str) -> _ToolFigures:
         entry = self._tools.get(tool)
         if entry is None:
             if len(self._tools) >= self._max_tools:
                 tool = "overflow"
                 entry = self._tools.get(tool)
             if entry is None:
-                entry = self._tools[tool] = [0, 0, deque(maxlen=self._window)]
-        entry[0] += 1
+                entry = self._tools[tool] = _ToolFigures(deque(maxlen=self._window))
+        return entry
+
+    def record(self, tool: str, seconds: float, error: bool) -> None:
+        entry = self._entry(tool)
+        entry.count += 1
         if error:
-            entry[1] += 1
-        entry[2].append(seconds)
+            entry.errors += 1
+        entry.durations.append(seconds)
+
+    def record_result(self, tool: str, size: int, tokens: int | None, truncated: bool) -> None:
+        """One answered call's result: its bytes, and its tokens and truncation when a budget counted them."""
+        entry = self._entry(tool)
+        entry.result_bytes += size
+        if tokens is not None:
+            if entry.tokens is None:
+                entry.tokens = deque(maxlen=self._window)
+            entry.tokens.append(tokens)
+            entry.tokens_total += tokens
+        if truncated:
+            entry.truncations += 1
 
     def snapshot(self) -> dict[str, dict[str, float]]:
         out: dict[str, dict[str, float]] = {}
-        for tool, (count, errors, durations) in self._tools.items():
-            ordered = sorted(durations)
-            out[tool] = {
-                "count": count,
-                "errors": errors,
+        for tool, entry in self._tools.items():
+            ordered = sorted(entry.durations)
+            figures: dict[str, float] = {
+                "count": entry.count,
+                "errors": entry.errors,
                 "p50_ms": round(_percentile(ordered, 0.50) * 1000, 3),
                 "p95_ms": round(_percentile(ordered, 0.95) * 1000, 3),
+                "result_bytes_total": entry.result_bytes,
             }
+            if entry.tokens is not None:
+                # Only a sidecar with a budget counts tokens: without one, no figure rather than a false zero.
+                tokens = sorted(entry.tokens)
+                figures.update(result_tokens_p50=_percentile(tokens, 0.50), result_tokens_p95=_percentile(tokens, 0.95),
+                               result_tokens_total=entry.tokens_total, truncations=entry.truncations)
+            out[tool] = figures
         return out
+
+
+@dataclass(slots=True)
+class _ToolFigures:
+    durations: deque[float]
+    count: int = 0
+    errors: int = 0
+    result_bytes: int = 0
+    tokens: deque[int] | None = None
+    """Tokens of recent results, None until a budget counted one."""
+    tokens_total: int = 0
+    truncations: int = 0
 
 
 def _percentile(ordered: Sequence[float], q: float) -> float:
@@ -253,6 +294,12 @@ class Telemetry:
         self.upstream_up = self.metrics.gauge("toolmesh_upstream_up", "1 while the upstream answers readiness probes.")
         self.probes = self.metrics.counter("toolmesh_upstream_probes_total", "Readiness probes of the upstream, by result.",
                                            ("result",))
+        self.result_bytes = self.metrics.histogram(
+            "toolmesh_tool_result_bytes", "Bytes of tools/call results answered (JSON-RPC response), by tool.",
+            ("tool",), buckets=BYTE_BUCKETS)
+        self.result_tokens = self.metrics.histogram(
+            "toolmesh_tool_result_tokens", "Tokens of tools/call results charged to the caller's context budget, by tool.",
+            ("tool",), buckets=TOKEN_BUCKETS)
         self.tools = ToolStats()
         self.tracer: Any = None
         self._tracer_provider: Any = None
@@ -318,8 +365,16 @@ class Telemetry:
         if self.otel_duration is not None:
             self.otel_duration.record(seconds, attributes or {"mcp.method.name": method})
 
+    def record_result(self, tool: str, size: int, tokens: int | None = None, truncated: bool = False) -> None:
+        """One tools/call answered with a result: its size in bytes, and in tokens when a budget counted them."""
+        self.result_bytes.observe(size, tool)
+        if tokens is not None:
+            self.result_tokens.observe(tokens, tool)
+        self.tools.record_result(tool, size, tokens, truncated)
+
     def tool_stats(self) -> dict[str, dict[str, float]]:
-        """Per tool: count, errors, p50_ms, p95_ms (for heartbeats)."""
+        """Per tool: count, errors, p50_ms, p95_ms, result_bytes_total; with a budget also result_tokens_p50,
+        result_tokens_p95, result_tokens_total and truncations (for heartbeats)."""
         return self.tools.snapshot()
 
     def render_metrics(self) -> str:

@@ -254,6 +254,10 @@ class BudgetStage:
             self.state.truncations += 1
             self.state.tokens_total.inc(ctx.tool or "", amount=limit)
             self.state.truncations_total.inc(ctx.tool or "")
+        record = ctx.record
+        if record is not None:
+            record.result_tokens = limit if meta_extra["truncated"] else tokens
+            record.truncated = meta_extra["truncated"]
         old_meta = new_result.get("_meta")
         meta = dict(old_meta) if _is_map(old_meta) else {}
         meta[META_KEY] = self._meta(budget, **meta_extra)

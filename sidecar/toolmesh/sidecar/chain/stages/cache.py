@@ -136,6 +136,10 @@ class CacheState:
         return {tool: round(hits / (hits + misses), 4) for tool, (hits, misses) in self.by_tool.items()
                 if hits + misses}
 
+    def hits(self) -> dict[str, int]:
+        """tool → its calls answered without the upstream (heartbeats)."""
+        return {tool: hits for tool, (hits, _) in self.by_tool.items()}
+
     def stats(self) -> dict[str, int]:
         """Counters for /metrics and heartbeats."""
         s = self.store

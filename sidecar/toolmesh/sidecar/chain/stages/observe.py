@@ -10,6 +10,10 @@ and `tracestate` HTTP headers (`_meta` wins when both are sent, as MCP says), an
 the sidecar's span context is written back to `_meta` for the upstream, which is
 the only time params are re-serialised. Without a tracer none of that work is done.
 
+Every `tools/call` answered with a result is counted by its size in bytes and, when the
+policy has a budget (whose stage counts them with the tokenizer it loads anyway),
+by the tokens charged and whether it was truncated.
+
 Every `tools/call` is logged at INFO, one JSON line: tool, subject, outcome,
 error type, duration, trace id, request id and the session as `session_ref`
 (never the id). Other requests are logged at INFO when they fail, else at DEBUG.
@@ -97,8 +101,9 @@ class Observe:
         started = time.perf_counter()
         seen = None
         try:
-            if ctx.method == "tools/call" and log.isEnabledFor(logging.INFO):
-                # The authenticate stage, further in, writes who the caller is here: the call log names them.
+            if ctx.method == "tools/call":
+                # Stages further in write here what the log line and the figures need: who the caller is
+                # (authenticate), what the result cost the caller's budget (budget).
                 seen = CallRecord()
                 ctx = derive(ctx, record=seen)
             outcome = await call_next(ctx)
@@ -112,6 +117,22 @@ class Observe:
             telemetry.in_flight.dec()
         label, error_type = _outcome_label(outcome)
         self._finish(ctx, started, label, error_type, None, seen)
+        if seen is not None and label != "error":
+            outcome = self._record_result(ctx, outcome, seen)
+        return outcome
+
+    def _record_result(self, ctx: CallContext, outcome: Outcome, seen: CallRecord) -> Outcome:
+        """Counts what a tools/call result costs: its bytes, and its tokens when a budget counted them."""
+        body = outcome.body()
+        if body is None:
+            return outcome
+        tool = ctx.tool
+        label = tool if tool is not None and tool in self.listed else UNLISTED_TOOL
+        self.telemetry.record_result(label, len(body), seen.result_tokens, seen.truncated)
+        if outcome.raw is None:
+            # The client gets these very bytes: keep them, so the answer is not serialised a second time.
+            return Outcome(message=outcome.message, raw=body, status=outcome.status, headers=outcome.headers,
+                           event_id=outcome.event_id, streamed=outcome.streamed)
         return outcome
 
     def _finish(self, ctx: CallContext, started: float, label: str, error_type: str | None, trace_id: str | None,
@@ -175,7 +196,7 @@ class Observe:
             self._propagator.inject(outgoing, context=trace.set_span_in_context(span))
             ctx = derive(ctx, params={**params, "_meta": {**meta, **outgoing}}, params_changed=True)
             seen = None
-            if tool is not None and log.isEnabledFor(logging.INFO):
+            if ctx.method == "tools/call":
                 seen = CallRecord()
                 ctx = derive(ctx, record=seen)
             try:
@@ -195,6 +216,8 @@ class Observe:
                 span.set_attribute("error.type", error_type)
                 span.set_status(Status(StatusCode.ERROR))
             self._finish(ctx, started, label, error_type, trace_id, seen)
+            if seen is not None and label != "error":
+                outcome = self._record_result(ctx, outcome, seen)
             return outcome
         finally:
             telemetry.in_flight.dec()
