@@ -52,9 +52,14 @@ async def test_a_sidecar_reports_its_upstreams_tools_and_leaves_when_stopped(tmp
 
             async def counted():
                 stats = {t["name"]: t["stats"] for t in (await get_json(f"{registry}/v1/tools"))["tools"]}
-                return stats["alpha__echo"].get("count", 0) >= 1
+                return stats["alpha__echo"] if stats["alpha__echo"].get("count", 0) >= 1 else None
 
-            await async_wait_until(counted, timeout=10, what="per-tool stats in a heartbeat")
+            echo = await async_wait_until(counted, timeout=10, what="per-tool stats in a heartbeat")
+            # What the result cost: its bytes (the answer carries at least its text); no budget, so no tokens.
+            assert echo["result_bytes_total"] > len("alpha:via sidecar")
+            assert "result_tokens_p95" not in echo and "truncations" not in echo
+            (server,) = (await get_json(f"{registry}/v1/servers"))["servers"]
+            assert server["instances"][0]["stats"]["echo"]["result_bytes_total"] == echo["result_bytes_total"]
             proc.proc.send_signal(signal.SIGTERM)
             proc.proc.wait(timeout=10)
             # A clean stop says goodbye: the tools leave now, not after missed heartbeats.

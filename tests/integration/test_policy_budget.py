@@ -12,7 +12,7 @@ from mcp.types import ResourceLink, TextContent
 
 from helpers import ROOT
 from helpers.stateless_calls import STATELESS_ERA
-from helpers.sidecar import guarded_sidecar
+from helpers.sidecar import guarded_sidecar, http_get
 from helpers.tokens import TokenIssuer
 
 META = "io.toolmesh/budget"
@@ -117,3 +117,43 @@ async def test_exhausted_budget_answers_without_calling_upstream(proxied, relay,
     # A new session starts with a full budget.
     async with client(proxied.url, issuer.token("alice", alg="HS256")) as session:
         assert text_of(await session.call_tool("words", {"count": 5})) == words(5)
+
+
+def figures(base: str, tool: str) -> dict[str, float]:
+    """The sidecar's result series for `tool` from /metrics: histogram counts and sums, truncations."""
+    status, body = http_get(f"{base}/metrics")
+    assert status == 200
+    wanted = {f'toolmesh_tool_result_tokens_count{{tool="{tool}"}}': "tokens_count",
+              f'toolmesh_tool_result_tokens_sum{{tool="{tool}"}}': "tokens_sum",
+              f'toolmesh_tool_result_bytes_count{{tool="{tool}"}}': "bytes_count",
+              f'toolmesh_tool_result_bytes_sum{{tool="{tool}"}}': "bytes_sum",
+              f'toolmesh_budget_truncations_total{{tool="{tool}"}}': "truncations"}
+    found = dict.fromkeys(wanted.values(), 0.0)
+    for line in body.decode().splitlines():
+        series, _, value = line.rpartition(" ")
+        if series in wanted:
+            found[wanted[series]] = float(value)
+    return found
+
+
+async def test_metrics_count_result_tokens_bytes_and_truncations_per_tool(proxied, issuer):
+    async with client(proxied.url, issuer.token("metrics-reader", alg="HS256")) as session:
+        # Series are labelled by tools the server listed (others share `_unlisted`): list, as clients do.
+        await session.list_tools()
+        before = figures(proxied.base, "words")
+        small = await session.call_tool("words", {"count": 10})
+        after_small = figures(proxied.base, "words")
+        assert after_small["tokens_count"] == before["tokens_count"] + 1
+        assert after_small["tokens_sum"] == before["tokens_sum"] + small.meta[META]["resultTokens"] == \
+            before["tokens_sum"] + 20
+        assert after_small["bytes_count"] == before["bytes_count"] + 1
+        assert after_small["bytes_sum"] - before["bytes_sum"] > len(words(10))
+        assert after_small["truncations"] == before["truncations"]
+
+        large = await session.call_tool("words", {"count": 3000})
+        assert large.meta[META]["truncated"] is True
+        after_large = figures(proxied.base, "words")
+        assert after_large["truncations"] == after_small["truncations"] + 1
+        assert after_large["tokens_count"] == after_small["tokens_count"] + 1
+        # What entered the caller's context: the kept share, not the 8000 tokens the tool returned.
+        assert after_large["tokens_sum"] == after_small["tokens_sum"] + large.meta[META]["keptTokens"]
