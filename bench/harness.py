@@ -14,6 +14,7 @@ bench/results/sidecar.json target by target, so a partial run keeps the rest.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
@@ -317,6 +318,27 @@ def fastmcp_proxy(*extra: str) -> Callable[[str, int], list[str]]:
                                    "--port", str(port), *extra]
 
 
+_REDIS: list[subprocess.Popen] = []
+
+
+def redis_url() -> str:
+    """A redis-server for the shared-store targets, started once per run on a Unix socket, stopped at exit."""
+    sock = BENCH / "tmp" / "redis.sock"
+    if not _REDIS or _REDIS[0].poll() is not None:
+        sock.parent.mkdir(parents=True, exist_ok=True)
+        sock.unlink(missing_ok=True)
+        proc = subprocess.Popen(["redis-server", "--port", "0", "--unixsocket", str(sock), "--save", "",
+                                 "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        atexit.register(proc.kill)
+        _REDIS[:] = [proc]
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start (make system-deps installs it)")
+            time.sleep(0.01)
+    return f"unix://{sock}"
+
+
 STATELESS_LOAD = {"MCP_ERA": "stateless"}
 
 TARGETS: dict[str, Target] = {
@@ -356,6 +378,12 @@ for policy in sorted(POLICY_DIR.glob("*.yaml")):
     TARGETS[f"sidecar-{policy.stem}"] = Target(
         f"toolmesh sidecar with bench/policies/{policy.name}", sidecar("--policy", str(policy)), "/readyz",
         [TOOLMESH], token=(lambda p=policy: bench_token(p)), load_env=POLICY_LOAD.get(policy.stem, {}))
+# The same full policy with its rate limit in a shared redis-server: what one round trip per call costs.
+TARGETS["sidecar-full-redis"] = Target(
+    "toolmesh sidecar with bench/policies/full.yaml, rate limit shared through redis-server (--state-redis-url)",
+    lambda upstream, port: sidecar("--policy", str(POLICY_DIR / "full.yaml"),
+                                   "--state-redis-url", redis_url())(upstream, port),
+    "/readyz", [TOOLMESH], token=lambda: bench_token(POLICY_DIR / "full.yaml"), load_env=POLICY_LOAD["full"])
 
 
 def bench_token(policy: Path) -> str:
