@@ -134,3 +134,19 @@ def test_the_registry_sums_totals_over_instances_and_takes_percentiles_from_the_
     assert _server_stats([busy, quiet, None]) == {
         "count": 12, "errors": 1, "p95_ms": 5.0, "result_bytes_total": 1050, "result_tokens_total": 320,
         "result_tokens_p95": 40, "truncations": 3, "cache_hits": 5, "instances": 2}
+
+
+async def test_made_up_tool_names_never_grow_the_budget_series():
+    shared, stages = sidecar({"budget": {"totalTokens": 1000, "reservedForResponse": 0, "reservedForSystem": 0,
+                                         "minAvailable": 990}})
+    handler = compose(stages, Upstream(LONG))
+    refused = 0
+    for n in range(40):  # the first answers use the budget up; then each made-up name is refused
+        outcome = await handler(call(f"made-up-{n}", rid=n))
+        refused += b"budget" in (outcome.body() or b"").lower() and b'"isError":true' in (outcome.body() or b"")
+    text = shared.telemetry.render_metrics()
+    exhausted = [line for line in text.splitlines() if line.startswith("toolmesh_budget_exhausted_total{")]
+    assert refused >= 30 and len(exhausted) == 1, exhausted
+    assert exhausted[0].startswith('toolmesh_budget_exhausted_total{tool="_unlisted"} ')
+    assert float(exhausted[0].rsplit(" ", 1)[1]) == refused
+    assert "made-up" not in text

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from typing import Any
+
+UNLISTED_TOOL = "_unlisted"
+"""The `tool` label of a call to a tool the upstream never listed: names a caller makes up must not grow the series."""
+
+
+def tool_label(tool: str | None, listed: Container[str] | None) -> str:
+    """A tool's metric label: its name when the upstream listed it, else `UNLISTED_TOOL`."""
+    return tool if tool is not None and listed is not None and tool in listed else UNLISTED_TOOL
 
 
 class _Discard:

@@ -197,7 +197,7 @@ class BudgetStage:
         available = self.capacity - budget.used
         if available < self.policy.minAvailable:
             self.state.exhausted += 1
-            self.state.exhausted_total.inc(ctx.tool or "")
+            self.state.exhausted_total.inc(stage_metrics.tool_label(ctx.tool, self.tools))
             text = EXHAUSTED.format(available=max(available, 0), minimum=self.policy.minAvailable)
             result = {"content": [{"type": "text", "text": text}], "isError": True,
                       "_meta": {META_KEY: self._meta(budget, exhausted=True)}, **_era_fields(ctx)}
@@ -224,7 +224,7 @@ class BudgetStage:
         new_result = dict(result)
         if tokens <= limit:
             self.state.charge(key, budget, tokens)
-            self.state.tokens_total.inc(ctx.tool or "", amount=tokens)
+            self.state.tokens_total.inc(stage_metrics.tool_label(ctx.tool, self.tools), amount=tokens)
             meta_extra: dict[str, Any] = {"resultTokens": tokens, "truncated": False}
             if structured_json is not None:
                 meta_extra["structuredTokens"] = structured_tokens
@@ -252,8 +252,8 @@ class BudgetStage:
                 new_result["structuredContent"] = {name: kept[0].get("text", "")}
             self.state.charge(key, budget, limit)
             self.state.truncations += 1
-            self.state.tokens_total.inc(ctx.tool or "", amount=limit)
-            self.state.truncations_total.inc(ctx.tool or "")
+            self.state.tokens_total.inc(stage_metrics.tool_label(ctx.tool, self.tools), amount=limit)
+            self.state.truncations_total.inc(stage_metrics.tool_label(ctx.tool, self.tools))
         record = ctx.record
         if record is not None:
             record.result_tokens = limit if meta_extra["truncated"] else tokens

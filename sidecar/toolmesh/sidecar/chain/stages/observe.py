@@ -31,6 +31,7 @@ from toolmesh.api.sessions import session_ref
 from toolmesh.sidecar.chain.frame import NOTIFICATION, REQUEST, CallContext, CallRecord, Handler, Outcome, derive
 from toolmesh.sidecar.errors import ProxyError
 from toolmesh.sidecar.chain.state import SharedState
+from toolmesh.sidecar.telemetry import stage_metrics
 
 if TYPE_CHECKING:
     from toolmesh.api.policy import MCPToolPolicySpec
@@ -71,8 +72,7 @@ def _outcome_label(outcome: Outcome) -> tuple[str, str | None]:
     return "ok", None
 
 
-UNLISTED_TOOL = "_unlisted"
-"""The metric label of a call to a tool the upstream never listed: made-up names must not grow the label set."""
+UNLISTED_TOOL = stage_metrics.UNLISTED_TOOL
 
 
 class Observe:
@@ -126,8 +126,7 @@ class Observe:
         body = outcome.body()
         if body is None:
             return outcome
-        tool = ctx.tool
-        label = tool if tool is not None and tool in self.listed else UNLISTED_TOOL
+        label = stage_metrics.tool_label(ctx.tool, self.listed)
         self.telemetry.record_result(label, len(body), seen.result_tokens, seen.truncated)
         if outcome.raw is None:
             # The client gets these very bytes: keep them, so the answer is not serialised a second time.
