@@ -544,6 +544,56 @@ class RateLimitPolicy(SpecModel):
 
 
 # ---------------------------------------------------------------------------
+# quota
+
+QUOTA_WINDOWS = {"minute": 60, "hour": 3600, "day": 86400}
+"""Seconds in each quota window; windows are aligned to the clock (a day starts at 00:00 UTC)."""
+
+
+class QuotaRule(SpecModel):
+    """A named allowance per subject per window: calls, or tokens of tool results, or both."""
+
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+    """The quota's name, given back in the 429 that refuses a call (required; a DNS label)."""
+    window: Literal["minute", "hour", "day"] = "day"
+    """The period the allowance is for, aligned to the clock (a day starts at 00:00 UTC). Default day."""
+    calls: int | None = Field(default=None, ge=1)
+    """Charged calls a subject may make per window (`tools/call`, `resources/read`, `prompts/get`, `completion/complete`)."""
+    resultTokens: int | None = Field(default=None, ge=1)
+    """Tokens of tool results a subject may receive per window, as the budget counts them (needs a `budget` section). A call is refused once the tokens already received reach it; the call that crosses it completes."""
+    tools: GlobList = Field(default_factory=lambda: ["*"])
+    """The tools the quota counts (names or globs); resources, prompts and completions count under `*` only. Default ["*"]."""
+    perTool: bool = False
+    """When true each subject has one allowance per tool instead of one for all the tools matched. Default false."""
+
+    @model_validator(mode="after")
+    def _counts_something(self) -> QuotaRule:
+        if self.calls is None and self.resultTokens is None:
+            raise ValueError(f"quota {self.name!r} counts nothing: give calls, resultTokens or both")
+        return self
+
+
+class QuotaPolicy(SpecModel):
+    """Allowances per subject per minute, hour or day, held across every replica when the sidecars share a store.
+
+    Every rule applies: a call is refused with 429, `Retry-After` until its window resets and the quota's name in
+    the error, when any quota it counts towards is used up.
+    """
+
+    rules: list[QuotaRule] = Field(min_length=1)
+    """The quotas (required, at least one); names are unique."""
+    onStoreError: Literal["allow", "deny"] = "deny"
+    """With a shared store (`--state-redis-url`): what a call gets when the store does not answer. `deny` (the default) refuses it with 503 and `Retry-After`: a quota is an allowance someone pays for, and an outage must not hand out more; `allow` lets it through uncounted. Either way `toolmesh_quota_store_errors_total` counts it."""
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> QuotaPolicy:
+        names = [rule.name for rule in self.rules]
+        if len(names) != len(set(names)):
+            raise ValueError("quota names must be unique")
+        return self
+
+
+# ---------------------------------------------------------------------------
 # cache
 
 
@@ -800,6 +850,8 @@ class MCPToolPolicySpec(SpecModel):
     """Required scopes per tool, resource and prompt. Default: off (every caller may call everything)."""
     rateLimit: RateLimitPolicy | None = None
     """Token-bucket rate limits. Default: off."""
+    quota: QuotaPolicy | None = None
+    """Calls and result tokens per subject per minute, hour or day. Default: off."""
     cache: CachePolicy | None = None
     """Result cache for read-only tools. Default: off."""
     budget: BudgetPolicy | None = None
@@ -819,6 +871,12 @@ class MCPToolPolicySpec(SpecModel):
     def _authorization_needs_auth(self) -> MCPToolPolicySpec:
         if self.authorization is not None and self.auth is None:
             raise ValueError("authorization needs auth: scopes come from verified tokens")
+        return self
+
+    @model_validator(mode="after")
+    def _token_quotas_need_a_budget(self) -> MCPToolPolicySpec:
+        if self.quota is not None and self.budget is None and any(r.resultTokens for r in self.quota.rules):
+            raise ValueError("quota resultTokens needs budget: the budget counts the tokens of tool results")
         return self
 
     def tool_override(self, tool: str) -> ToolOverride | None:

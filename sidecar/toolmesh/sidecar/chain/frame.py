@@ -2,7 +2,7 @@
 
 Every JSON-RPC request the sidecar acts on runs through the chain:
 
-    observe → authenticate → authorize → rate limit → budget → cache
+    observe → authenticate → authorize → rate limit → quota → budget → cache
             → timeout/progress → retry → circuit breaker → upstream
 
 A stage is any object with `async def __call__(ctx, call_next) -> Outcome`.
@@ -202,6 +202,9 @@ STAGE_ORDER: tuple[str, ...] = (
     "authenticate",
     "authorize",
     "rate_limit",
+    # Quota after the rate limit (a call refused for its rate uses none of a quota) and outside the budget,
+    # which counts the result's tokens a token quota adds once the call is done.
+    "quota",
     # Budget before cache: a cached answer still enters the caller's context, so it is
     # counted and truncated per session, and the cache only ever holds upstream results
     # (never one caller's truncation link or remaining-budget figure).

@@ -55,6 +55,8 @@ BUDGET: StateKey[BudgetState] = StateKey("budget")
 """Budgets per session and the truncated results' pages."""
 CACHE: StateKey[CacheState] = StateKey("cache")
 """Cached results and their statistics; heartbeats report hit rates."""
+QUOTAS: StateKey[LocalStore] = StateKey("quota")
+"""Quota counts in this process (without a shared store)."""
 RATE_LIMIT: StateKey[LocalStore] = StateKey("rate_limit")
 """Token buckets per subject (and tool), in this process (without a shared store)."""
 JWKS: StateKey[dict[str, JwksKeys]] = StateKey("jwks")

@@ -23,5 +23,13 @@ class SharedStore(Protocol):
         """Take one token from the bucket `key` (refilled at `rate` per second up to `burst`): 0.0 when granted,
         else the seconds until one is available. Raises StoreUnavailable."""
 
+    async def take_quota(self, key: Hashable, window: int, limit: int, amount: int) -> tuple[bool, float]:
+        """Add `amount` to what `key` used in the current `window` (seconds, aligned to the clock) if that stays
+        within `limit`; with `amount` 0, only whether anything is left. (granted, seconds until the window resets).
+        Raises StoreUnavailable."""
+
+    async def add_quota(self, key: Hashable, window: int, amount: int) -> None:
+        """Add `amount` (negative to give back) to what `key` used in the current window, whatever the limit."""
+
     async def close(self) -> None:
         """Release connections."""

@@ -8,13 +8,18 @@ from collections.abc import Callable, Hashable
 
 
 class LocalStore:
-    """Token buckets in this process, at most `max_keys` (a dropped bucket comes back full)."""
+    """Token buckets and quota counts in this process, at most `max_keys` of each (a dropped bucket comes back full, a
+    dropped count empty)."""
 
     name = "local"
 
-    def __init__(self, max_keys: int = 10_000, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, max_keys: int = 10_000, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time):
         self.max_keys = max_keys
         self._clock = clock
+        self._wall = wall
+        # key → [start of its window, used in it]; quota windows are aligned to the wall clock.
+        self._quotas: OrderedDict[Hashable, list[float]] = OrderedDict()
         # key → [tokens, last refill time]; a list so the hot path mutates in place.
         self._buckets: OrderedDict[Hashable, list[float]] = OrderedDict()
         self.evictions = 0
@@ -44,5 +49,29 @@ class LocalStore:
     async def take_token(self, key: Hashable, rate: float, burst: int) -> float:
         return self.take(key, rate, burst)
 
+    def _window(self, key: Hashable, window: int) -> tuple[list[float], float]:
+        now = self._wall()
+        start = now - now % window
+        entry = self._quotas.get(key)
+        if entry is None or entry[0] != start:
+            entry = self._quotas[key] = [start, 0.0]
+            while len(self._quotas) > self.max_keys:
+                self._quotas.popitem(last=False)
+        else:
+            self._quotas.move_to_end(key)
+        return entry, start + window - now
+
+    async def take_quota(self, key: Hashable, window: int, limit: int, amount: int) -> tuple[bool, float]:
+        entry, reset = self._window(key, window)
+        if entry[1] + max(amount, 1) > limit:
+            return False, reset
+        entry[1] += amount
+        return True, reset
+
+    async def add_quota(self, key: Hashable, window: int, amount: int) -> None:
+        entry, _ = self._window(key, window)
+        entry[1] += amount
+
     async def close(self) -> None:
         self._buckets.clear()
+        self._quotas.clear()

@@ -44,6 +44,34 @@ return tostring(wait)
 """
 
 
+# A quota's count lives under `<key>@<start of its window>`, which expires a minute after the window ends.
+_WINDOW = """
+local window = tonumber(ARGV[1])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local start = math.floor(now / window) * window
+return {KEYS[1] .. '@' .. string.format('%d', start), start + window - now}
+"""
+_TAKE_QUOTA = _WINDOW.replace("return ", "local counted = ", 1) + """
+local limit = tonumber(ARGV[2])
+local amount = tonumber(ARGV[3])
+local used = tonumber(redis.call('GET', counted[1]) or '0')
+if used + math.max(amount, 1) > limit then
+  return {0, tostring(counted[2])}
+end
+if amount ~= 0 then
+  redis.call('INCRBY', counted[1], amount)
+  redis.call('EXPIRE', counted[1], window + 60)
+end
+return {1, tostring(counted[2])}
+"""
+_ADD_QUOTA = _WINDOW.replace("return ", "local counted = ", 1) + """
+redis.call('INCRBY', counted[1], tonumber(ARGV[2]))
+redis.call('EXPIRE', counted[1], window + 60)
+return 1
+"""
+
+
 class RedisStore:
     """The shared store on a Redis-protocol server at `url` (`redis://`, `rediss://` for TLS, `unix://`)."""
 
@@ -58,6 +86,8 @@ class RedisStore:
                                                socket_connect_timeout=timeout, retry_on_timeout=False,
                                                health_check_interval=0, max_connections=256)
         self._take = self._client.register_script(_TAKE_TOKEN)
+        self._take_quota = self._client.register_script(_TAKE_QUOTA)
+        self._add_quota = self._client.register_script(_ADD_QUOTA)
 
     async def take_token(self, key: Hashable, rate: float, burst: int) -> float:
         try:
@@ -65,6 +95,22 @@ class RedisStore:
                                           args=[repr(rate), burst]))
         except (RedisError, OSError, TimeoutError) as exc:
             raise StoreUnavailable(f"{self.url_for_logs}: {exc.__class__.__name__}: {exc}") from None
+
+    async def take_quota(self, key: Hashable, window: int, limit: int, amount: int) -> tuple[bool, float]:
+        try:
+            granted, reset = await self._take_quota(keys=[self._quota_key(key)], args=[window, limit, amount])
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StoreUnavailable(f"{self.url_for_logs}: {exc.__class__.__name__}: {exc}") from None
+        return bool(int(granted)), float(reset)
+
+    async def add_quota(self, key: Hashable, window: int, amount: int) -> None:
+        try:
+            await self._add_quota(keys=[self._quota_key(key)], args=[window, amount])
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StoreUnavailable(f"{self.url_for_logs}: {exc.__class__.__name__}: {exc}") from None
+
+    def _quota_key(self, key: Hashable) -> str:
+        return self.prefix + "quota:" + orjson.dumps(key).decode()
 
     @property
     def url_for_logs(self) -> str:

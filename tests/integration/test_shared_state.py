@@ -1,4 +1,4 @@
-"""A subject's rate holds across sidecar replicas that share a real redis-server, and a store outage is decided."""
+"""Rate limits and quotas hold across sidecar replicas that share a real redis-server, and a store outage is decided."""
 
 from __future__ import annotations
 
@@ -92,3 +92,37 @@ def test_a_store_url_of_another_scheme_is_refused_at_start():
     with pytest.raises(UsageError, match="redis://, rediss:// or unix://"):
         make_store(argparse.Namespace(state_redis_url="http://127.0.0.1:6379", server_name="s"))
     assert make_store(argparse.Namespace(state_redis_url=None, server_name="s")) is None
+
+
+def quotas(issuer: TokenIssuer, **section) -> dict:
+    return {"auth": issuer.hmac_auth(), "budget": {"totalTokens": 1_000_000},
+            "quota": {"rules": [{"name": "daily-calls", "calls": 4, "window": "day"},
+                                {"name": "echo-tokens", "resultTokens": 2, "window": "hour", "tools": ["add"]}],
+                      **section}}
+
+
+async def test_quotas_hold_across_replicas_name_themselves_and_deny_by_default_when_redis_is_down(issuer, tmp_path):
+    with ExitStack() as stack:
+        upstream = stack.enter_context(sdk_http_server(log_path=tmp_path / "server.log"))
+        redis = stack.enter_context(redis_server(tmp_path / "redis"))
+        shared = replicas(stack, tmp_path, upstream, quotas(issuer), 2, "--state-redis-url", redis.url)
+        erin, frank = issuer.token("erin", alg="HS256"), issuer.token("frank", alg="HS256")
+        assert await statuses([r.url for r in shared], erin, 5) == [200, 200, 200, 200, 429]
+        refused = await post_tools_call(shared[1].url, "echo", {"text": "x"}, token=erin, request_id=9)
+        assert refused.status_code == 429 and 0 < int(refused.headers["Retry-After"]) <= 86_400
+        error = refused.json()["error"]
+        assert error["data"]["quota"] == "daily-calls" and "4 calls per day" in error["message"]
+
+        # A token quota: the call that crosses it completes (add's result is one token or more), the next is refused.
+        first = await post_tools_call(shared[0].url, "add", {"a": 1, "b": 2}, token=frank, request_id=1)
+        second = await post_tools_call(shared[1].url, "add", {"a": 1, "b": 2}, token=frank, request_id=2)
+        third = await post_tools_call(shared[0].url, "add", {"a": 1, "b": 2}, token=frank, request_id=3)
+        assert (first.status_code, third.status_code) == (200, 429), (first.text, second.text, third.text)
+        assert third.json()["error"]["data"]["quota"] == "echo-tokens"
+
+        redis.kill()
+        down = await post_tools_call(shared[0].url, "echo", {"text": "x"}, token=frank, request_id=4)
+        assert down.status_code == 503 and "quotas' shared store did not answer" in down.json()["error"]["message"]
+        _, metrics = http_get(f"{shared[0].base}/metrics")
+        assert b"toolmesh_quota_store_errors_total 1" in metrics
+        assert b'toolmesh_quota_exceeded_total{quota="daily-calls"}' in http_get(f"{shared[1].base}/metrics")[1]
