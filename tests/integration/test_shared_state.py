@@ -23,9 +23,10 @@ def policy(issuer: TokenIssuer, on_store_error: str = "allow") -> dict:
             "rateLimit": {"requestsPerSecond": 0.01, "burst": 3, "onStoreError": on_store_error}}
 
 
-def replicas(stack: ExitStack, tmp: Path, upstream: str, spec: dict, count: int, *args: str) -> list:
+def replicas(stack: ExitStack, tmp: Path, upstream: str, spec: dict, count: int, *args: str,
+             env: dict[str, str] | None = None) -> list:
     return [stack.enter_context(guarded_sidecar(["--upstream", upstream], tmp / f"r{n}", spec,
-                                                "--server-name", "shared", *args, name=f"replica{n}"))
+                                                "--server-name", "shared", *args, env=env, name=f"replica{n}"))
             for n in range(count)]
 
 
@@ -126,3 +127,47 @@ async def test_quotas_hold_across_replicas_name_themselves_and_deny_by_default_w
         _, metrics = http_get(f"{shared[0].base}/metrics")
         assert b"toolmesh_quota_store_errors_total 1" in metrics
         assert b'toolmesh_quota_exceeded_total{quota="daily-calls"}' in http_get(f"{shared[1].base}/metrics")[1]
+
+
+async def test_through_the_gateways_round_robin_three_replicas_hold_one_rate_and_one_quota(issuer, tmp_path):
+    from helpers import async_wait_until
+    from helpers.registry_procs import get_json, registry_process
+
+    secret = "shared-state-heartbeats"
+    # echo: a burst of 3 per subject; add: its own roomy bucket, and a quota of 5 calls a day.
+    spec = {"auth": issuer.hmac_auth(),
+            "rateLimit": {"requestsPerSecond": 0.01, "burst": 3,
+                          "tools": [{"tools": ["add"], "requestsPerSecond": 100, "burst": 100}]},
+            "quota": {"rules": [{"name": "daily-adds", "calls": 5, "window": "day", "tools": ["add"]}]}}
+    with ExitStack() as stack:
+        upstream = stack.enter_context(sdk_http_server(log_path=tmp_path / "server.log"))
+        redis = stack.enter_context(redis_server(tmp_path / "redis"))
+        registry = stack.enter_context(registry_process(tmp_path, secret=secret))
+        shared = replicas(stack, tmp_path, upstream, spec, 3, "--state-redis-url", redis.url, "--registry", registry,
+                          env={"TOOLMESH_REGISTRY_SECRET": secret})
+
+        async def three_instances() -> bool:
+            servers = (await get_json(f"{registry}/v1/servers"))["servers"]
+            return [len(s["instances"]) for s in servers if s["name"] == "shared"] == [3]
+
+        await async_wait_until(three_instances, timeout=20, what="three instances of shared at the registry")
+        gateway = f"{registry}/mcp"
+
+        async def outcomes(token: str, tool: str, arguments: dict, calls: int) -> list[str]:
+            answers = []
+            for n in range(calls):
+                body = (await post_tools_call(gateway, f"shared__{tool}", arguments, token=token, request_id=n)).json()
+                answers.append("ok" if "result" in body else f'{body["error"]["code"]} {body["error"]["message"]}')
+            return answers
+
+        # The rate: a burst of 3 for the subject, whichever replica the gateway picks.
+        grace = issuer.token("grace", alg="HS256")
+        answers = await outcomes(grace, "echo", {"text": "x"}, 6)
+        assert answers[:3] == ["ok"] * 3 and all(a.startswith("-32005 rate limit") for a in answers[3:]), answers
+        served = [sum(float(line.rsplit(b" ", 1)[1]) for line in http_get(f"{r.base}/metrics")[1].splitlines()
+                      if line.startswith(b"toolmesh_tool_result_bytes_count{")) for r in shared]
+        assert served == [1, 1, 1], f"the gateway's round robin gives each replica one of the three calls: {served}"
+        # The quota: 5 calls of add a day for the subject, not 5 per replica.
+        heidi = issuer.token("heidi", alg="HS256")
+        answers = await outcomes(heidi, "add", {"a": 1, "b": 2}, 7)
+        assert answers[:5] == ["ok"] * 5 and all("quota 'daily-adds' used up" in a for a in answers[5:]), answers
