@@ -12,6 +12,8 @@ the tier's state folder) as JSON.
 from __future__ import annotations
 
 import json
+import urllib.error
+import urllib.request
 import os
 import re
 import subprocess
@@ -201,6 +203,35 @@ INJECTED_POD = {
     "spec": {"containers": [{"name": "everything", "image": "mcp/everything:latest", "imagePullPolicy": "Never",
                              "args": ["streamableHttp"], "env": [{"name": "PORT", "value": "3001"}]}]},
 }
+
+
+def test_an_mcp_session_through_a_two_replica_service_stays_on_its_pod(release: Release):
+    """Each request on a fresh connection, as a client without keep-alive (or a registry replica serving the server
+    from its status) sends them: every one must reach the pod whose server holds the session."""
+    assert len(release.pods("everything")) == 2
+    ip = release.node.kubectl("get", "service", "everything", "-n", APPS, "-o", "jsonpath={.spec.clusterIP}").stdout
+    url = f"http://{ip.strip()}:7400/mcp"
+    headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+               "Connection": "close"}
+
+    def post(message: dict, extra: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+        request = urllib.request.Request(url, data=json.dumps(message).encode(), headers={**headers, **extra})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                return resp.status, dict(resp.headers), resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, dict(exc.headers), exc.read()
+
+    status, head, _ = post({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "affinity", "version": "1"}}}, {})
+    assert status == 200
+    session = {"Mcp-Session-Id": head["mcp-session-id"], "MCP-Protocol-Version": "2025-11-25"}
+    post({"jsonrpc": "2.0", "method": "notifications/initialized"}, session)
+    answers = [post({"jsonrpc": "2.0", "id": n, "method": "tools/call",
+                     "params": {"name": "get-sum", "arguments": {"a": n, "b": 1}}}, session) for n in range(1, 21)]
+    # Without ClientIP affinity each new connection picks a pod at random: 20 landing on one pod is 1 in 2^19.
+    assert [status for status, _, _ in answers] == [200] * 20, [body[:200] for _, _, body in answers]
+    assert all(str(n + 1).encode() in body for n, (_, _, body) in enumerate(answers, start=1))
 
 
 def test_a_labelled_pod_is_injected_and_serves_on_its_pod_ip(release: Release):

@@ -238,6 +238,12 @@ def render_service(server: Mapping[str, Any]) -> dict[str, Any]:
             # The sidecar's port, never the server's: every call goes through policy.
             "ports": [{"name": "mcp", "port": SIDECAR_PORT, "targetPort": SIDECAR_PORT, "protocol": "TCP",
                        "appProtocol": "http"}],
+            # An MCP session lives in one pod: a client's connections must all reach the pod that opened it.
+            # Without affinity, a new connection of the same session may land on another replica, which answers
+            # "session not found" (the reference servers say 400 "No valid session ID provided"). This is the
+            # path of every client that calls the Service, and of a registry replica serving the server from its
+            # status (it does not hear the pods' heartbeats, so it knows only this address).
+            "sessionAffinity": "ClientIP",
         },
     }
 
