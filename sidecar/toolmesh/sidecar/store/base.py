@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Hashable
-from typing import Protocol
+from typing import Any, Protocol
+
+from toolmesh.sidecar.errors import StoreUnavailableError
 
 log = logging.getLogger("toolmesh.sidecar.store")
 
 
 class StoreUnavailable(Exception):
     """The store did not answer (down, restarting, unreachable, timed out); the stage decides what that means."""
+
+
+def store_failed(decision: str, who: str, whose: str, exc: StoreUnavailable, errors: Any) -> None:
+    """A section's `onStoreError` when the store did not answer: counted in `errors` and logged either way; `deny`
+    refuses the call (503), `allow` returns and the section lets the call through uncounted."""
+    errors.inc()
+    if decision == "deny":
+        log.warning("%s refused a call: the shared store did not answer (%s)", who, exc)
+        raise StoreUnavailableError(f"the {whose} shared store did not answer and onStoreError is deny: "
+                                    "retry shortly") from None
+    log.warning("%s let a call through uncounted: the shared store did not answer (%s)", who, exc)
 
 
 class SharedStore(Protocol):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Hashable
+from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
@@ -44,15 +45,16 @@ return tostring(wait)
 """
 
 
-# A quota's count lives under `<key>@<start of its window>`, which expires a minute after the window ends.
+# A quota's count lives under `<key>@<start of its window>`, which expires a minute after the window ends:
+# `counted` is {that key, seconds until the window resets}.
 _WINDOW = """
 local window = tonumber(ARGV[1])
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local start = math.floor(now / window) * window
-return {KEYS[1] .. '@' .. string.format('%d', start), start + window - now}
+local counted = {KEYS[1] .. '@' .. string.format('%d', start), start + window - now}
 """
-_TAKE_QUOTA = _WINDOW.replace("return ", "local counted = ", 1) + """
+_TAKE_QUOTA = _WINDOW + """
 local limit = tonumber(ARGV[2])
 local amount = tonumber(ARGV[3])
 local used = tonumber(redis.call('GET', counted[1]) or '0')
@@ -65,7 +67,7 @@ if amount ~= 0 then
 end
 return {1, tostring(counted[2])}
 """
-_ADD_QUOTA = _WINDOW.replace("return ", "local counted = ", 1) + """
+_ADD_QUOTA = _WINDOW + """
 redis.call('INCRBY', counted[1], tonumber(ARGV[2]))
 redis.call('EXPIRE', counted[1], window + 60)
 return 1
@@ -90,27 +92,21 @@ class RedisStore:
         self._add_quota = self._client.register_script(_ADD_QUOTA)
 
     async def take_token(self, key: Hashable, rate: float, burst: int) -> float:
-        try:
-            return float(await self._take(keys=[self.prefix + "rate:" + orjson.dumps(key).decode()],
-                                          args=[repr(rate), burst]))
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise StoreUnavailable(f"{self.url_for_logs}: {exc.__class__.__name__}: {exc}") from None
+        return float(await self._run(self._take, "rate:", key, repr(rate), burst))
 
     async def take_quota(self, key: Hashable, window: int, limit: int, amount: int) -> tuple[bool, float]:
-        try:
-            granted, reset = await self._take_quota(keys=[self._quota_key(key)], args=[window, limit, amount])
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise StoreUnavailable(f"{self.url_for_logs}: {exc.__class__.__name__}: {exc}") from None
+        granted, reset = await self._run(self._take_quota, "quota:", key, window, limit, amount)
         return bool(int(granted)), float(reset)
 
     async def add_quota(self, key: Hashable, window: int, amount: int) -> None:
+        await self._run(self._add_quota, "quota:", key, window, amount)
+
+    async def _run(self, script: Any, kind: str, key: Hashable, *args: Any) -> Any:
+        """One script on the server's key for `key` (this server's prefix, then `kind`); StoreUnavailable if it fails."""
         try:
-            await self._add_quota(keys=[self._quota_key(key)], args=[window, amount])
+            return await script(keys=[self.prefix + kind + orjson.dumps(key).decode()], args=list(args))
         except (RedisError, OSError, TimeoutError) as exc:
             raise StoreUnavailable(f"{self.url_for_logs}: {exc.__class__.__name__}: {exc}") from None
-
-    def _quota_key(self, key: Hashable) -> str:
-        return self.prefix + "quota:" + orjson.dumps(key).decode()
 
     @property
     def url_for_logs(self) -> str:

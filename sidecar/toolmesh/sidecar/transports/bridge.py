@@ -204,12 +204,8 @@ class MessageBridge:
 
     def _least_recently_used_idle(self) -> tuple[Channel, ClientSession] | None:
         """The session to end for room for a new one: used longest ago, nothing in flight, no stream open."""
-        idle = [(session.last_active, n, channel, session)
-                for n, (channel, session) in enumerate(self._sessions()) if channel.mux.is_idle(session)]
-        if not idle:
-            return None
-        _, _, channel, session = min(idle, key=lambda entry: entry[:2])
-        return channel, session
+        idle = [(channel, session) for channel, session in self._sessions() if channel.mux.is_idle(session)]
+        return min(idle, key=lambda pair: pair[1].last_active, default=None)
 
     def _start_sweeper(self) -> None:
         if self._sweeper is None:

@@ -17,8 +17,8 @@ from toolmesh.api.policy import QUOTA_WINDOWS, MCPToolPolicySpec, QuotaPolicy, Q
 from toolmesh.sidecar.chain.frame import CallContext, Handler, Outcome
 from toolmesh.sidecar.chain.stages.rate_limit import CHARGED_METHODS
 from toolmesh.sidecar.chain.state import QUOTAS, SharedState
-from toolmesh.sidecar.errors import RetryLater, StoreUnavailableError
-from toolmesh.sidecar.store.base import SharedStore, StoreUnavailable
+from toolmesh.sidecar.errors import RetryLater
+from toolmesh.sidecar.store.base import SharedStore, StoreUnavailable, store_failed
 from toolmesh.sidecar.store.local import LocalStore
 from toolmesh.sidecar.telemetry import stage_metrics
 
@@ -56,12 +56,7 @@ class QuotaStage:
         try:
             tokens = await self._admit(ctx, rules, subject)
         except StoreUnavailable as exc:
-            self.store_errors.inc()
-            if self.policy.onStoreError == "deny":
-                log.warning("quotas refused a call: the shared store did not answer (%s)", exc)
-                raise StoreUnavailableError("the quotas' shared store did not answer and onStoreError is deny: "
-                                            "retry shortly") from None
-            log.warning("quotas let a call through uncounted: the shared store did not answer (%s)", exc)
+            store_failed(self.policy.onStoreError, "quotas", "quotas'", exc, self.store_errors)
             return await call_next(ctx)
         outcome = await call_next(ctx)
         record = ctx.record

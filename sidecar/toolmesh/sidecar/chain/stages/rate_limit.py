@@ -13,17 +13,13 @@ the caller a call. A charged method sent as a notification is charged too: the s
 
 from __future__ import annotations
 
-import logging
-
 from toolmesh.api.policy import MCPToolPolicySpec, RateLimitPolicy, match_tool_rule
 from toolmesh.sidecar.chain.frame import CallContext, Handler, Outcome
 from toolmesh.sidecar.chain.state import RATE_LIMIT, SharedState
-from toolmesh.sidecar.errors import RetryLater, StoreUnavailableError
-from toolmesh.sidecar.store.base import SharedStore, StoreUnavailable
+from toolmesh.sidecar.errors import RetryLater
+from toolmesh.sidecar.store.base import SharedStore, StoreUnavailable, store_failed
 from toolmesh.sidecar.store.local import LocalStore
 from toolmesh.sidecar.telemetry import stage_metrics
-
-log = logging.getLogger("toolmesh.sidecar.rate_limit")
 
 NAME = "rate_limit"
 CHARGED_METHODS = frozenset({"tools/call", "resources/read", "prompts/get", "completion/complete"})
@@ -71,12 +67,7 @@ class RateLimitStage:
             try:
                 wait = await self.store.take_token((subject, scope), rate, burst)
             except StoreUnavailable as exc:
-                self.store_errors.inc()
-                if policy.onStoreError == "deny":
-                    log.warning("rate limit refused a call: the shared store did not answer (%s)", exc)
-                    raise StoreUnavailableError("the rate limit's shared store did not answer and onStoreError is "
-                                                "deny: retry shortly") from None
-                log.warning("rate limit let a call through uncharged: the shared store did not answer (%s)", exc)
+                store_failed(policy.onStoreError, "rate limit", "rate limit's", exc, self.store_errors)
                 wait = 0.0
         if wait > 0.0:
             self.limited.inc()
