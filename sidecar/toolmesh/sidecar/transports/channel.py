@@ -77,7 +77,7 @@ class Pending:
     """A client request forwarded upstream and not yet answered."""
 
     __slots__ = ("upstream_id", "client_id", "session", "method", "token", "queue", "started", "batch", "stream",
-                 "grace", "sent", "answer")
+                 "grace", "answer")
 
     def __init__(self, upstream_id: int, client_id: Any, session: ClientSession | None, method: str, batch: bool):
         self.upstream_id = upstream_id
@@ -92,8 +92,6 @@ class Pending:
         """The session stream number once the answer is SSE (its events are then logged for resumption)."""
         self.grace: asyncio.TimerHandle | None = None
         """The timer cancelling the request upstream when its client left and has not resumed yet."""
-        self.sent = b""
-        """The request as the upstream gets it (its id and progress token the bridge's)."""
         self.answer: dict[str, Any] | None = None
         """The final answer, parsed, when it came first (as plain JSON)."""
 
@@ -258,8 +256,10 @@ class Multiplexer:
             return ACCEPTED
         return invalid_request(message.get("id"))
 
-    def _register(self, message: Mapping[str, Any], session: ClientSession | None, batch: bool = False) -> Pending:
-        """Route a client request: a fresh upstream id (and progress token); the client's message is left as it was."""
+    def _register(self, message: Mapping[str, Any], session: ClientSession | None,
+                  batch: bool = False) -> tuple[Pending, bytes]:
+        """Route a client request: a fresh upstream id (and progress token). The request as the upstream gets it
+        comes back with its route; the client's message is left as it was."""
         upstream_id = next(self._ids)
         pending = Pending(upstream_id, message.get("id"), session, str(message.get("method")), batch)
         upstream_message = {**message, "id": upstream_id}
@@ -271,11 +271,10 @@ class Multiplexer:
                 pending.token = meta["progressToken"]
                 upstream_message["params"] = {**params, "_meta": {**meta, "progressToken": upstream_id}}
                 self._tokens[upstream_id] = pending
-        pending.sent = dumps(upstream_message)
         self._pending[upstream_id] = pending
         if session is not None:
             session.pending[pending.client_id] = pending
-        return pending
+        return pending, dumps(upstream_message)
 
     def _forget(self, pending: Pending) -> bool:
         """Drop the request's routes; False when it was already answered or forgotten."""
@@ -321,9 +320,9 @@ class Multiplexer:
                     if self._subscribers(uri):
                         # Another session still watches it: the shared upstream must keep its subscription.
                         return json_response(200, {"jsonrpc": "2.0", "id": message.get("id"), "result": {}})
-        pending = self._register(message, session)
+        pending, sent = self._register(message, session)
         try:
-            await self._send(pending.sent)
+            await self._send(sent)
         except BaseException:
             self._forget(pending)
             raise
@@ -496,9 +495,9 @@ class Multiplexer:
             if not isinstance(message, dict):
                 answers.append(error_message(None, INVALID_REQUEST, "Invalid Request"))
             elif "method" in message and "id" in message:
-                pending = self._register(message, session, batch=True)
+                pending, sent = self._register(message, session, batch=True)
                 try:
-                    await self._send(pending.sent)
+                    await self._send(sent)
                 except ProxyError as exc:
                     self._forget(pending)
                     answers.append(error_message(pending.client_id, exc.code, exc.message, exc.data))
