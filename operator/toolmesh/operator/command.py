@@ -108,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     skipped = skipped_namespaces(args.operator_namespace)
     # The handlers are async; the reconciler's requests run in one thread per pooled connection.
     requests = AsyncKube(kube, workers=KUBE_CONNECTIONS)
-    memo = kopf.Memo(reconciler=Reconciler(kube=requests, config=config), config=config, skipped_namespaces=skipped)
+    memo = kopf.Memo(reconciler=Reconciler(kube=requests, config=config), config=config,
+                     skipped_namespaces=frozenset(skipped))
     workdir = Path(tempfile.mkdtemp(prefix="toolmesh-webhook-"))
     setup: WebhookSetup | None = None
     try:
@@ -150,15 +151,19 @@ async def run_kopf(kopf, kube, args: argparse.Namespace, settings, memo, skipped
     """kopf, watching the namespaces the operator serves.
 
     The system namespaces and the operator's own are never reconciled: an operator allowed everywhere must still
-    not create workloads in kube-system. kopf excludes them by name pattern (one watch per namespace it serves);
+    not create workloads in kube-system. Serving every other namespace, it watches cluster-wide (one watch per
+    kind, whatever the number of namespaces) and the handlers' `served` filter leaves the skipped ones alone.
     `--namespace` names them exactly; `--namespace-selector` follows namespace labels through kopf's insights.
+
+    Watching namespace by namespace when every namespace is served would also stall: kopf holds every handler
+    until each namespace's indexes are listed, and a namespace deleted while its first listing is under way
+    leaves that hold in place for good (reproduced by tests/cluster/test_operator_namespace_churn.py).
     """
     if args.namespace:
         await kopf.operator(settings=settings, memo=memo, standalone=True, namespaces=args.namespace)
         return
-    excluded = ",".join(f"!{name}" for name in skipped)
     if not args.namespace_selector:
-        await kopf.operator(settings=settings, memo=memo, standalone=True, namespaces=[excluded])
+        await kopf.operator(settings=settings, memo=memo, standalone=True, clusterwide=True)
         return
     # kopf has no namespace label selector; its insights (the namespaces it watches) are ours to feed. Its own
     # namespace observer, given a pattern nothing matches, only drops namespaces that are deleted.

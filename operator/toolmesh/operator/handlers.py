@@ -18,13 +18,18 @@ SERVERS = (GROUP, VERSION, "mcpservers")
 POLICIES = (GROUP, VERSION, "mcptoolpolicies")
 
 
-@kopf.index(*POLICIES)
+def served(namespace: str | None, memo: kopf.Memo, **_: Any) -> bool:
+    """Whether the operator serves this namespace: never the system ones nor its own (it may watch cluster-wide)."""
+    return namespace not in memo.skipped_namespaces
+
+
+@kopf.index(*POLICIES, when=served)
 async def known_policies(namespace: str, body: kopf.Body, **_: Any) -> dict[str, KnownPolicy]:
     # Async, as every handler here: kopf would run a plain function in a thread for each event.
     return {namespace: KnownPolicy.from_body(dict(body))}
 
 
-@kopf.index(*SERVERS)
+@kopf.index(*SERVERS, when=served)
 async def known_servers(namespace: str, name: str, labels: kopf.Labels, **_: Any) -> dict[str, KnownServer]:
     return {namespace: KnownServer(name=name, labels=dict(labels))}
 
@@ -34,9 +39,9 @@ def known(kwargs: dict[str, Any]) -> Known:
     return Known(policies=kwargs["known_policies"], servers=kwargs["known_servers"])
 
 
-@kopf.on.resume(*SERVERS, backoff=2)
-@kopf.on.create(*SERVERS, backoff=2)
-@kopf.on.update(*SERVERS, backoff=2)
+@kopf.on.resume(*SERVERS, backoff=2, when=served)
+@kopf.on.create(*SERVERS, backoff=2, when=served)
+@kopf.on.update(*SERVERS, backoff=2, when=served)
 async def server_changed(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
     try:
         blocked = await memo.reconciler.server_changed(dict(body), known(kwargs))
@@ -47,7 +52,7 @@ async def server_changed(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> Non
         raise kopf.PermanentError(f"the spec cannot be rendered: {blocked.message}")
 
 
-@kopf.on.event(*SERVERS)
+@kopf.on.event(*SERVERS, when=served)
 async def server_event(type: str | None, name: str, namespace: str, memo: kopf.Memo, logger: kopf.Logger,
                        **kwargs: Any) -> None:
     if type != "DELETED":
@@ -61,7 +66,7 @@ async def server_event(type: str | None, name: str, namespace: str, memo: kopf.M
         memo.reconciler.refresh_policy_statuses_later(namespace, known(kwargs))
 
 
-@kopf.on.event(*POLICIES)
+@kopf.on.event(*POLICIES, when=served)
 async def policy_event(type: str | None, body: kopf.Body, name: str, namespace: str, memo: kopf.Memo,
                        logger: kopf.Logger, **kwargs: Any) -> None:
     status = body.get("status") or {}
@@ -76,7 +81,7 @@ async def policy_event(type: str | None, body: kopf.Body, name: str, namespace: 
         memo.reconciler.refresh_policy_statuses_later(namespace, known(kwargs))
 
 
-@kopf.on.event("apps", "v1", "deployments", labels=MANAGED_BY)
+@kopf.on.event("apps", "v1", "deployments", labels=MANAGED_BY, when=served)
 async def deployment_event(type: str | None, body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger,
                            **kwargs: Any) -> None:
     if type == "DELETED":
@@ -89,9 +94,9 @@ async def deployment_event(type: str | None, body: kopf.Body, memo: kopf.Memo, l
         look_again_at_owner(body, memo, known(kwargs))
 
 
-@kopf.on.event("v1", "services", labels=MANAGED_BY)
-@kopf.on.event("v1", "configmaps", labels=MANAGED_BY)
-@kopf.on.event("v1", "serviceaccounts", labels=MANAGED_BY)
+@kopf.on.event("v1", "services", labels=MANAGED_BY, when=served)
+@kopf.on.event("v1", "configmaps", labels=MANAGED_BY, when=served)
+@kopf.on.event("v1", "serviceaccounts", labels=MANAGED_BY, when=served)
 async def child_event(type: str | None, body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger,
                       **kwargs: Any) -> None:
     if type == "DELETED":
