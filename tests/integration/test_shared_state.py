@@ -88,11 +88,11 @@ def test_a_store_url_of_another_scheme_is_refused_at_start():
     import argparse
 
     from toolmesh.api.errors import UsageError
-    from toolmesh.sidecar.command import make_store
+    from toolmesh.sidecar.command import make_stores
 
     with pytest.raises(UsageError, match="redis://, rediss:// or unix://"):
-        make_store(argparse.Namespace(state_redis_url="http://127.0.0.1:6379", server_name="s"))
-    assert make_store(argparse.Namespace(state_redis_url=None, server_name="s")) is None
+        make_stores(argparse.Namespace(state_redis_url="http://127.0.0.1:6379", state_file=None, server_name="s"))
+    assert make_stores(argparse.Namespace(state_redis_url=None, state_file=None, server_name="s")) == (None, None)
 
 
 def quotas(issuer: TokenIssuer, **section) -> dict:
@@ -148,9 +148,10 @@ async def test_through_the_gateways_round_robin_three_replicas_hold_one_rate_and
 
         async def three_instances() -> bool:
             servers = (await get_json(f"{registry}/v1/servers"))["servers"]
-            return [len(s["instances"]) for s in servers if s["name"] == "shared"] == [3]
+            # Healthy, all three: the round robin passes over an instance whose first heartbeat said "starting".
+            return [sum(i["healthy"] for i in s["instances"]) for s in servers if s["name"] == "shared"] == [3]
 
-        await async_wait_until(three_instances, timeout=20, what="three instances of shared at the registry")
+        await async_wait_until(three_instances, timeout=20, what="three healthy instances of shared at the registry")
         gateway = f"{registry}/mcp"
 
         async def outcomes(token: str, tool: str, arguments: dict, calls: int) -> list[str]:

@@ -8,7 +8,8 @@ import pytest
 from toolmesh.sidecar.chain import state
 from toolmesh.api.policy import MCPToolPolicySpec
 from toolmesh.sidecar.chain.frame import Caller, CallContext, Outcome, run_chain
-from toolmesh.sidecar.chain.stages.results_store import ResultNotFound, ResultsStore, parse_uri
+from toolmesh.sidecar.chain.stages.results_store import ResultNotFound, parse_uri
+from toolmesh.sidecar.store.local import LocalStore
 from toolmesh.sidecar.chain.stages import budget
 from toolmesh.sidecar.chain.state import SharedState
 from toolmesh.sidecar.chain.stages.tokenizer import Tokenizer
@@ -145,30 +146,28 @@ async def test_budgets_are_bounded_and_expire():
     stage = budget.build(policy, shared)
     for i in range(10):
         await stage(call(session=f"s{i}"), Upstream())
-    assert len(shared.stage_state[state.BUDGET].budgets) == 3
+    ledgers = shared.stage_state[state.BUDGET].local
+    assert ledgers.ledger_count() == 3
     now[0] = 11
     await stage(call(session="late"), Upstream())
-    assert list(shared.stage_state[state.BUDGET].budgets) == [budget._session_key("late")]
+    assert ledgers.ledger_count() == 1
+    assert await ledgers.ledger_used(budget.budget_key(call(session="late"))) > 0
 
 
-def test_results_store_is_bounded_expires_and_checks_the_owner():
+async def test_stored_results_are_bounded_expire_and_check_the_owner():
     now = [0.0]
-    store = ResultsStore(max_entries=2, max_bytes=1000, ttl=5, clock=lambda: now[0])
-    first = store.put("a", ["one"], 1)
-    second = store.put("a", ["two", "three"], 2)
-    assert store.read(second + "?page=2", "a").text == "three"
-    with pytest.raises(ResultNotFound):
-        store.read(second, "b")
-    with pytest.raises(ResultNotFound):
-        store.read(second + "?page=3", "a")
-    store.put("a", ["x"], 1)
-    with pytest.raises(ResultNotFound):
-        store.read(first, "a")  # evicted: over max_entries
-    store.put("a", ["y" * 900], 1)
-    assert store.bytes <= 1000
+    store = LocalStore(clock=lambda: now[0], max_results=2, max_result_bytes=1000)
+    await store.put_result("first", "a", ["one"], 1, ttl=5)
+    await store.put_result("second", "a", ["two", "three"], 2, ttl=5)
+    assert (await store.read_result("second", "a", 2)).text == "three"
+    assert await store.read_result("second", "b", 1) is None
+    assert await store.read_result("second", "a", 3) is None
+    await store.put_result("third", "a", ["x"], 1, ttl=5)
+    assert await store.read_result("first", "a", 1) is None  # evicted: over max_results
+    await store.put_result("fourth", "a", ["y" * 900], 1, ttl=5)
+    assert store.result_bytes <= 1000
     now[0] = 6
-    with pytest.raises(ResultNotFound):
-        store.read(second, "a")
+    assert await store.read_result("fourth", "a", 1) is None
     with pytest.raises(ResultNotFound):
         parse_uri("toolmesh://elsewhere/x")
 

@@ -32,18 +32,20 @@ def call():
 async def test_session_end_forgets_the_budget_and_errors_cost_nothing():
     stage, state = make_stage()
     await stage(call(), upstream)
-    assert state.budgets
-    end = CallContext(method="", request_id=None, params={}, raw=b"", headers={}, session_id="s1", kind="session-end")
+    assert state.local.ledger_count() == 1
+    # As the chain hands it over: authenticated, as every request of the session.
+    end = CallContext(method="", request_id=None, params={}, raw=b"", headers={}, session_id="s1", kind="session-end",
+                      caller=Caller(subject="alice", issuer="iss"))
 
     async def accepted(ctx):
         return Outcome(status=200)
 
     await stage(end, accepted)
-    assert not state.budgets
+    assert state.local.ledger_count() == 0
 
     async def error(ctx):
         return Outcome(message={"jsonrpc": "2.0", "id": ctx.request_id, "error": {"code": -32603, "message": "x"}})
 
     outcome = await stage(call(), error)
     assert "error" in outcome.message
-    assert next(iter(state.budgets.values())).used == 0
+    assert await state.local.ledger_used(budget.budget_key(call())) == 0

@@ -316,7 +316,7 @@ async def test_many_distinct_subjects_stay_within_the_bounds():
         # budget key keeps none).
         ctx = replace(call("lookup", {"q": i % 7}, subject=f"subject-{i}"), session_id=f"session-{i}")
         await budget_stage(ctx, lambda c: cache_stage(c, upstream))
-    assert len(shared.stage_state[state.BUDGET].budgets) == 100
+    assert shared.stage_state[state.BUDGET].local.ledger_count() == 100
     assert shared.stage_state[state.CACHE].stats()["entries"] == 100
     assert not shared.stage_state[state.CACHE].in_flight
 

@@ -628,9 +628,13 @@ class CachePolicy(SpecModel):
 
 
 class BudgetPolicy(SpecModel):
-    """Context-window budget per MCP session, or per subject and `Mcp-Budget-Key` in the stateless era.
+    """Context-window budget per conversation: one ledger, under the verified subject, for each `Mcp-Budget-Key`
+    (the gateway sends one per gateway session, so every server and replica a conversation reaches charges the
+    same ledger; a stateless caller names its own), else for each MCP session at the sidecar.
 
-    A stateless call without `Mcp-Budget-Key` is budgeted alone: a full window, no ledger kept. The text
+    The ledger is shared by the servers of a namespace and their replicas with `--state-redis-url`, by the local
+    sidecars of `toolmesh up` through its state file, and kept in the process otherwise. A stateless call with
+    neither header nor session is budgeted alone: a full window, no ledger kept. The text
     content and `structuredContent` (unless it only repeats the text) both count; a truncated result keeps
     a shape-preserving cut of `structuredContent` that still matches the tool's `outputSchema`, or leaves it
     out when none does, and links the full result.
@@ -651,7 +655,9 @@ class BudgetPolicy(SpecModel):
     sessionTtlSeconds: float = Field(default=3600, gt=0)
     """A budget not charged for this long is forgotten (refused calls do not keep it alive). Default 3600."""
     maxSessions: int = Field(default=10000, ge=1)
-    """Most budgets kept; the least recently used is dropped beyond it. Default 10000."""
+    """Most ledgers kept in the process; the least recently used is dropped beyond it (a shared store expires them after `sessionTtlSeconds` instead). Default 10000."""
+    onStoreError: Literal["allow", "deny"] = "allow"
+    """With a shared store: what a call gets when the store does not answer. `allow` (the default) budgets it against what this process has seen of the conversation (a charge the store missed is lost, counted in `toolmesh_budget_store_errors_total` and logged): the budget protects the agent's own context, and an outage must not stop its work; `deny` refuses it with 503 and `Retry-After`."""
 
     @model_validator(mode="after")
     def _reserves_fit(self) -> BudgetPolicy:

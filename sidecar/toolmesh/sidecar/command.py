@@ -11,6 +11,7 @@ import shlex
 import signal
 import socket
 import sys
+from pathlib import Path
 from typing import Any, TYPE_CHECKING
 
 from toolmesh.api.errors import UsageError
@@ -59,7 +60,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-redis-url", metavar="URL", default=os.environ.get("TOOLMESH_STATE_REDIS_URL"),
                         help="share rate limits with every replica of this server through a Redis-protocol server "
                              "(redis://, rediss:// for TLS, unix://); the password comes from "
-                             "TOOLMESH_STATE_REDIS_PASSWORD (default: $TOOLMESH_STATE_REDIS_URL, else in-process)")
+                             "TOOLMESH_STATE_REDIS_PASSWORD; conversation budgets and truncated results' pages are "
+                             "then shared with every server of the namespace too "
+                             "(default: $TOOLMESH_STATE_REDIS_URL, else in-process)")
+    parser.add_argument("--state-file", type=Path, metavar="FILE", default=os.environ.get("TOOLMESH_STATE_FILE"),
+                        help="without a Redis: share conversation budgets and truncated results' pages with the "
+                             "other sidecars of this machine through this SQLite file (`toolmesh up` sets one; "
+                             "default: $TOOLMESH_STATE_FILE, else in-process)")
     parser.add_argument("--port-file", metavar="FILE",
                         help="once listening, write the port there (with --listen HOST:0 the kernel picks a free one)")
     parser.add_argument("--log-level", default=os.environ.get("TOOLMESH_LOG_LEVEL", "INFO"),
@@ -122,19 +129,29 @@ def replay_is_safe(policy: MCPToolPolicySpec | None) -> bool:
     return policy is None or not (policy.auth or policy.authorization or policy.budget)
 
 
-def make_store(args: argparse.Namespace):
-    """The store replicas share (`--state-redis-url`), or None to keep state in this process."""
+def make_stores(args: argparse.Namespace):
+    """(the store replicas share, the store conversations live in): Redis for both with `--state-redis-url`; else
+    the process for the first and, with `--state-file`, that file for the second. None means this process."""
     url = args.state_redis_url
-    if not url:
-        return None
-    if not url.startswith(("redis://", "rediss://", "unix://")):
-        raise UsageError(f"--state-redis-url must be redis://, rediss:// or unix://, not {url.split('://')[0]!r}")
-    from toolmesh.sidecar.store.redis_store import RedisStore
+    if url:
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise UsageError(f"--state-redis-url must be redis://, rediss:// or unix://, not {url.split('://')[0]!r}")
+        from toolmesh.sidecar.store.redis_store import RedisStore
 
-    # Keys name the server (and its namespace in a cluster): replicas of one server share them, other servers never.
-    namespace = os.environ.get("TOOLMESH_NAMESPACE") or "local"
-    return RedisStore(url, f"toolmesh:{namespace}/{args.server_name}:",
-                      password=os.environ.get("TOOLMESH_STATE_REDIS_PASSWORD") or None)
+        # Buckets and quotas name the server (and its namespace in a cluster): its replicas share them, other
+        # servers never; conversations name only the namespace.
+        store = RedisStore(url, os.environ.get("TOOLMESH_NAMESPACE") or "local", args.server_name,
+                           password=os.environ.get("TOOLMESH_STATE_REDIS_PASSWORD") or None)
+        return store, store
+    if args.state_file:
+        from toolmesh.sidecar.store.base import StoreUnavailable
+        from toolmesh.sidecar.store.sqlite_store import SqliteStore
+
+        try:
+            return None, SqliteStore(Path(args.state_file))
+        except StoreUnavailable as exc:
+            raise UsageError(f"--state-file: {exc}") from None
+    return None, None
 
 
 def bind_listener(host: str, port: int) -> socket.socket:
@@ -179,7 +196,8 @@ def build_app(args: argparse.Namespace):
     port = sock.getsockname()[1]
     upstream = make_upstream(args)
     policy, source = load_policy(args.policy)
-    app = create_app(settings, upstream, policy=policy, store=make_store(args))
+    store, conversations = make_stores(args)
+    app = create_app(settings, upstream, policy=policy, store=store, conversations=conversations)
     from toolmesh.sidecar.front.app import PIPELINE
 
     if hasattr(upstream, "resumable"):

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from toolmesh.sidecar.chain.stages.circuit_breaker import BreakerBoard
     from toolmesh.sidecar.chain.stages.jwks import JwksKeys
     from toolmesh.sidecar.chain.tool_traits import Listing
-    from toolmesh.sidecar.store.base import SharedStore
+    from toolmesh.sidecar.store.base import ConversationStore, SharedStore
     from toolmesh.sidecar.store.local import LocalStore
     from toolmesh.sidecar.transports.base import Upstream
 
@@ -52,7 +52,7 @@ class StateKey(Generic[T]):
 CIRCUIT_BREAKER: StateKey[BreakerBoard] = StateKey("circuit_breaker")
 """Each tool's breaker; heartbeats report their states."""
 BUDGET: StateKey[BudgetState] = StateKey("budget")
-"""Budgets per session and the truncated results' pages."""
+"""The budget's figures, and its ledgers and stored results when kept in this process."""
 CACHE: StateKey[CacheState] = StateKey("cache")
 """Cached results and their statistics; heartbeats report hit rates."""
 QUOTAS: StateKey[LocalStore] = StateKey("quota")
@@ -185,6 +185,9 @@ class SharedState:
     """The `Upstream` in use (for stages that must call it themselves, e.g. to refresh tools/list)."""
     store: SharedStore | None = None
     """The store every replica of this server shares (`--state-redis-url`); None keeps state in this process."""
+    conversations: ConversationStore | None = None
+    """Where conversation ledgers and stored results live when they outlive this process: the Redis store, or a
+    file the sidecars of one machine share (`--state-file`); None keeps them in this process."""
 
     def kept(self, key: StateKey[T], make: Callable[[], T]) -> T:
         """The long-lived state kept under `key`, made by `make` on first use; it survives policy reloads."""

@@ -20,7 +20,7 @@ from toolmesh.sidecar.transports.base import Upstream
 
 if TYPE_CHECKING:
     from toolmesh.api.policy import MCPToolPolicySpec
-    from toolmesh.sidecar.store.base import SharedStore
+    from toolmesh.sidecar.store.base import ConversationStore, SharedStore
 
 log = logging.getLogger("toolmesh.sidecar")
 
@@ -96,6 +96,7 @@ SETTINGS = web.AppKey("settings", SidecarSettings)
 
 def create_app(settings: SidecarSettings, upstream: Upstream, *, policy: MCPToolPolicySpec | None = None,
                telemetry: Telemetry | None = None, store: SharedStore | None = None,
+               conversations: ConversationStore | None = None,
                lifetimes: tuple[Callable[[web.Application], AsyncIterator[None]], ...] = ()) -> web.Application:
     """The sidecar application for one upstream. `lifetimes` are extra `cleanup_ctx` entries (policy watching, heartbeats)."""
     # The body limit is enforced by the /mcp handler (to answer with a JSON-RPC error); this is a backstop.
@@ -103,7 +104,8 @@ def create_app(settings: SidecarSettings, upstream: Upstream, *, policy: MCPTool
     telemetry = telemetry or Telemetry(
         settings.server_name, network_transport="pipe" if settings.transport == "stdio" else "tcp",
         default_traces_endpoint=f"{settings.registry.rstrip('/')}/v1/traces" if settings.registry else None)
-    shared = SharedState(server_name=settings.server_name, telemetry=telemetry, upstream=upstream, store=store)
+    shared = SharedState(server_name=settings.server_name, telemetry=telemetry, upstream=upstream, store=store,
+                         conversations=conversations)
     pipeline = Pipeline(UpstreamCall(upstream, shared), shared, policy)
     readiness = Readiness(upstream, telemetry, settings.probe_interval, settings.ready_window)
     app[SETTINGS] = settings
@@ -130,8 +132,9 @@ async def _upstream_lifetime(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await upstream.close()
-        if app[SHARED].store is not None:
-            await app[SHARED].store.close()
+        shared = app[SHARED]
+        for store in {id(s): s for s in (shared.store, shared.conversations) if s is not None}.values():
+            await store.close()
         app[TELEMETRY].shutdown()
 
 

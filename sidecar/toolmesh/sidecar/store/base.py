@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Hashable
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from toolmesh.sidecar.errors import StoreUnavailableError
 
@@ -46,3 +47,43 @@ class SharedStore(Protocol):
 
     async def close(self) -> None:
         """Release connections."""
+
+
+def digest(text: str) -> str:
+    """How a shared store names a subject-bearing key or an owner: a digest, so the store's data names nobody."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class StoredPage(NamedTuple):
+    """One page of a stored result, as the store hands it back."""
+
+    text: str
+    count: int
+    """Pages in all."""
+    tokens: int
+    """Tokens in the whole result."""
+
+
+class ConversationStore(Protocol):
+    """A conversation's ledger and its truncated results' pages, shared by every server and replica it reaches.
+
+    Keys are chosen by the budget stage and always carry the verified subject; the store scopes them to its
+    namespace (never to one server: a conversation spans servers)."""
+
+    name: str
+
+    async def ledger_used(self, key: str) -> int:
+        """Tokens the conversation `key` has spent (0 for one never seen or expired). Raises StoreUnavailable."""
+
+    async def ledger_charge(self, key: str, tokens: int, ttl: float) -> int:
+        """Add `tokens` to the conversation `key`, which then lives `ttl` seconds more; returns what it has spent
+        in all. Raises StoreUnavailable."""
+
+    async def ledger_forget(self, key: str) -> None:
+        """Drop the conversation `key` (its session ended)."""
+
+    async def put_result(self, result_id: str, owner: str, pages: list[str], tokens: int, ttl: float) -> None:
+        """Keep a truncated result's pages under `result_id` for `ttl` seconds, readable by `owner` only."""
+
+    async def read_result(self, result_id: str, owner: str, number: int) -> StoredPage | None:
+        """Page `number` (1-based) of a stored result, or None: unknown, expired, out of range, or not `owner`'s."""

@@ -22,21 +22,34 @@ calls are answered with `[BUDGET EXHAUSTED: …]` and never reach the upstream.
 
 from __future__ import annotations
 
+import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from toolmesh.api.policy import BudgetPolicy, MCPToolPolicySpec
 from toolmesh.sidecar.telemetry import stage_metrics
-from toolmesh.sidecar.chain.frame import CallContext, Handler, Outcome, header
+from toolmesh.sidecar.chain.frame import SESSION_END, CallContext, Handler, Outcome, header
 from toolmesh.sidecar.errors import BUDGET_EXHAUSTED, INVALID_PARAMS, Refused
-from toolmesh.sidecar.chain.stages.results_store import DEFAULT_PAGE_TOKENS, PREFIX, ResultNotFound, ResultsStore
+from toolmesh.sidecar.chain.stages.results_store import (
+    DEFAULT_PAGE_TOKENS,
+    PREFIX,
+    RESULT_TTL_SECONDS,
+    Page,
+    ResultNotFound,
+    new_result_id,
+    page_uri,
+    parse_uri,
+    result_uri,
+)
 from toolmesh.sidecar.chain.state import BUDGET, SharedState, ToolCatalog
 from toolmesh.sidecar.chain.stages.tokenizer import Tokenizer
+from toolmesh.sidecar.store.base import ConversationStore, StoreUnavailable, store_failed
+from toolmesh.sidecar.store.local import LocalStore
+
+log = logging.getLogger("toolmesh.sidecar.budget")
 
 NAME = "budget"
 META_KEY = "io.toolmesh/budget"
@@ -68,21 +81,12 @@ class BudgetExhausted(Refused):
     code = BUDGET_EXHAUSTED
 
 
-@dataclass(slots=True)
-class Budget:
-    """One session's spending."""
-
-    used: int = 0
-    last_used: float = 0.0
-
-
 class BudgetState:
-    """What survives policy reloads: the budgets by session and the stored full results."""
+    """What survives policy reloads: the figures, and the ledgers and stored results kept in this process (all of
+    them without a conversation store; during its outages, those the calls let through charged)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, shared: SharedState | None = None):
-        self.clock = clock
-        self.budgets: OrderedDict[str, Budget] = OrderedDict()
-        self.results = ResultsStore(clock=clock)
+        self.local = LocalStore(clock=clock)
         self.truncations = 0
         self.exhausted = 0
         self.tokens_total = stage_metrics.counter(
@@ -91,44 +95,11 @@ class BudgetState:
             shared, "toolmesh_budget_truncations_total", "Tool results truncated to fit a budget.", ("tool",))
         self.exhausted_total = stage_metrics.counter(
             shared, "toolmesh_budget_exhausted_total", "Tool calls refused because the budget ran out.", ("tool",))
-        self.sessions = stage_metrics.gauge(shared, "toolmesh_budget_sessions", "Budgets held in memory now.")
-
-    def budget(self, key: str, *, ttl: float, limit: int) -> Budget:
-        """The budget for `key`, a fresh one when it was never seen or lay uncharged longer than `ttl`.
-
-        Looking a budget up does not keep it alive: only `charge` does, so a caller refused again and
-        again gets a fresh budget `ttl` after its last charged call.
-        """
-        now = self.clock()
-        self._expire(now, ttl)
-        budget = self.budgets.get(key)
-        if budget is None:
-            budget = self.budgets[key] = Budget(last_used=now)
-            while len(self.budgets) > limit:
-                self.budgets.popitem(last=False)
-            self.sessions.set(len(self.budgets))
-        return budget
-
-    def charge(self, key: str | None, budget: Budget, tokens: int) -> None:
-        """Spend `tokens` of `budget` (kept under `key`, None for a call budgeted alone) and keep it alive."""
-        budget.used += tokens
-        budget.last_used = self.clock()
-        if key is not None and key in self.budgets:
-            self.budgets.move_to_end(key)
-
-    def forget_session(self, session_id: str) -> None:
-        self.budgets.pop(_session_key(session_id), None)
-
-    def _expire(self, now: float, ttl: float) -> None:
-        while self.budgets:
-            key, oldest = next(iter(self.budgets.items()))
-            if now - oldest.last_used <= ttl:
-                break
-            del self.budgets[key]
-
-
-def _session_key(session_id: str) -> str:
-    return f"session\x00{session_id}"
+        self.sessions = stage_metrics.gauge(shared, "toolmesh_budget_sessions",
+                                            "Conversation ledgers held in this process now.")
+        self.store_errors = stage_metrics.counter(
+            shared, "toolmesh_budget_store_errors_total",
+            "Budget reads and writes the conversation store did not answer (onStoreError decided).")
 
 
 def owner_of(ctx: CallContext) -> str:
@@ -140,25 +111,31 @@ def owner_of(ctx: CallContext) -> str:
 
 
 def budget_key(ctx: CallContext) -> str | None:
-    """The session's budget, or in the stateless era the subject's budget named by `Mcp-Budget-Key`.
+    """The conversation this call is charged to, always under the verified subject.
 
-    None for a stateless call without the header: it is budgeted alone.
+    `Mcp-Budget-Key` names it when sent (the gateway sends one per gateway session, so every server the
+    conversation reaches charges one ledger; a stateless caller names its own); else the MCP session at this
+    sidecar. None for a stateless call with neither: it is budgeted alone.
     """
-    if ctx.session_id:
-        return _session_key(ctx.session_id)
     key = header(ctx.headers, BUDGET_KEY_HEADER)
-    if not key:
-        return None
-    return f"subject\x00{owner_of(ctx)}\x00{key}"
+    if key:
+        return f"conversation\x00{owner_of(ctx)}\x00{key}"
+    if ctx.session_id:
+        return f"session\x00{owner_of(ctx)}\x00{ctx.session_id}"
+    return None
 
 
 class BudgetStage:
     """Counts, truncates and refuses tool results by the session's remaining context window."""
 
     def __init__(self, policy: BudgetPolicy, state: BudgetState, tokenizer: Tokenizer | None = None,
-                 page_tokens: int = DEFAULT_PAGE_TOKENS, tools: ToolCatalog | None = None):
+                 page_tokens: int = DEFAULT_PAGE_TOKENS, tools: ToolCatalog | None = None,
+                 conversations: ConversationStore | None = None):
         self.policy = policy
         self.state = state
+        self.conversations: ConversationStore = conversations or state.local
+        """Where ledgers and stored results live: shared by servers and replicas, or this process's own."""
+        self.shared = conversations is not None
         self.tools = tools
         """The upstream's tools as listed, for the output schema a cut structured result must still match."""
         self.tokenizer = tokenizer or Tokenizer()
@@ -177,30 +154,64 @@ class BudgetStage:
             if isinstance(uri, str) and uri.startswith(PREFIX):
                 if not self.tokenizer.loaded:
                     await self.tokenizer.ready()
-                return self._read_stored(ctx, uri)
-        elif getattr(ctx, "kind", None) == "session-end" and ctx.session_id:
-            self.state.forget_session(ctx.session_id)
+                return await self._read_stored(ctx, uri)
+        elif ctx.kind == SESSION_END and ctx.session_id and not header(ctx.headers, BUDGET_KEY_HEADER):
+            await self._forget(budget_key(ctx))
         return await call_next(ctx)
 
-    def _budget(self, key: str | None) -> Budget:
-        if key is None:
-            return Budget()
-        return self.state.budget(key, ttl=self.policy.sessionTtlSeconds, limit=self.policy.maxSessions)
+    # -- the ledger: the conversation store, or this process when it does not answer and onStoreError allows --
 
-    def _meta(self, budget: Budget, **extra: Any) -> dict[str, Any]:
-        return {"available": self.capacity - budget.used, "used": budget.used,
-                "total": self.policy.totalTokens, **extra}
+    async def _used(self, key: str | None) -> int:
+        """What the conversation has spent (0 for a call budgeted alone)."""
+        if key is None:
+            return 0
+        try:
+            return await self.conversations.ledger_used(key)
+        except StoreUnavailable as exc:
+            store_failed(self.policy.onStoreError, "the budget", "budget's", exc, self.state.store_errors)
+            return await self.state.local.ledger_used(key)
+
+    async def _charge(self, key: str | None, used: int, tokens: int) -> int:
+        """Charge `tokens` to the conversation (seen at `used` before the call); what it has spent now. The call
+        has happened: a store that does not answer loses this charge (counted, logged), never the answer."""
+        if key is None:
+            return used + tokens
+        ttl = self.policy.sessionTtlSeconds
+        try:
+            return await self.conversations.ledger_charge(key, tokens, ttl)
+        except StoreUnavailable as exc:
+            self.state.store_errors.inc()
+            log.warning("the budget charged %d tokens in this process only: the conversation store did not "
+                        "answer (%s)", tokens, exc)
+            return max(await self.state.local.ledger_charge(key, tokens, ttl), used + tokens)
+        finally:
+            if not self.shared:
+                self.state.sessions.set(self.state.local.ledger_count())
+
+    async def _forget(self, key: str | None) -> None:
+        if key is None:
+            return
+        try:
+            await self.conversations.ledger_forget(key)
+        except StoreUnavailable:
+            pass  # it expires after sessionTtlSeconds anyway
+        await self.state.local.ledger_forget(key)
+        if not self.shared:
+            self.state.sessions.set(self.state.local.ledger_count())
+
+    def _meta(self, used: int, **extra: Any) -> dict[str, Any]:
+        return {"available": self.capacity - used, "used": used, "total": self.policy.totalTokens, **extra}
 
     async def _tool_call(self, ctx: CallContext, call_next: Handler) -> Outcome:
         key = budget_key(ctx)
-        budget = self._budget(key)
-        available = self.capacity - budget.used
+        used = await self._used(key)
+        available = self.capacity - used
         if available < self.policy.minAvailable:
             self.state.exhausted += 1
             self.state.exhausted_total.inc(stage_metrics.tool_label(ctx.tool, self.tools))
             text = EXHAUSTED.format(available=max(available, 0), minimum=self.policy.minAvailable)
             result = {"content": [{"type": "text", "text": text}], "isError": True,
-                      "_meta": {META_KEY: self._meta(budget, exhausted=True)}, **_era_fields(ctx)}
+                      "_meta": {META_KEY: self._meta(used, exhausted=True)}, **_era_fields(ctx)}
             return Outcome(message={"jsonrpc": "2.0", "id": ctx.request_id, "result": result})
 
         outcome = await call_next(ctx)
@@ -209,7 +220,6 @@ class BudgetStage:
         if not _is_map(result):
             return outcome  # errors cost nothing: the agent sees a short error either way
 
-        available = self.capacity - budget.used
         limit = int(max(available, 0) * self.policy.resultFraction)
         content = result.get("content")
         items = content if isinstance(content, list) else []
@@ -223,7 +233,7 @@ class BudgetStage:
             tokens += structured_tokens
         new_result = dict(result)
         if tokens <= limit:
-            self.state.charge(key, budget, tokens)
+            charged = tokens
             self.state.tokens_total.inc(stage_metrics.tool_label(ctx.tool, self.tools), amount=tokens)
             meta_extra: dict[str, Any] = {"resultTokens": tokens, "truncated": False}
             if structured_json is not None:
@@ -243,14 +253,14 @@ class BudgetStage:
                     meta_extra["structuredContent"] = "truncated"
                     room -= cost
                 meta_extra["structuredTokens"] = structured_tokens
-            kept = self._truncate(ctx, items, tokens, limit, room, structured_json)
+            kept = await self._truncate(ctx, items, tokens, limit, room, structured_json)
             new_result["content"] = kept
             if structured_json is None and _is_map(structured) and len(structured) == 1:
                 # The SDKs wrap a plain return value as {"result": text}: it repeats the content, so it
                 # is cut the same way (dropping it would break clients that check the output schema).
                 (name, value), = structured.items()
                 new_result["structuredContent"] = {name: kept[0].get("text", "")}
-            self.state.charge(key, budget, limit)
+            charged = limit
             self.state.truncations += 1
             self.state.tokens_total.inc(stage_metrics.tool_label(ctx.tool, self.tools), amount=limit)
             self.state.truncations_total.inc(stage_metrics.tool_label(ctx.tool, self.tools))
@@ -260,7 +270,7 @@ class BudgetStage:
             record.truncated = meta_extra["truncated"]
         old_meta = new_result.get("_meta")
         meta = dict(old_meta) if _is_map(old_meta) else {}
-        meta[META_KEY] = self._meta(budget, **meta_extra)
+        meta[META_KEY] = self._meta(await self._charge(key, used, charged), **meta_extra)
         new_result["_meta"] = meta
         # Built directly rather than with dataclasses.replace: this runs on every tool call.
         return Outcome(message={**message, "result": new_result}, raw=None, status=outcome.status,
@@ -300,14 +310,14 @@ class BudgetStage:
             total += self.tokenizer.count(text) if text is not None else NON_TEXT_TOKENS
         return total
 
-    def _truncate(self, ctx: CallContext, items: list[Any], tokens: int, limit: int, room: int,
+    async def _truncate(self, ctx: CallContext, items: list[Any], tokens: int, limit: int, room: int,
                   structured_json: str | None = None) -> list[dict[str, Any]]:
         """The content cut to `room` tokens with the notice; the full text (and structured JSON) is stored for paging."""
         full = "\n\n".join(text for text in map(_text_of, items) if text)
         if structured_json is not None:
             full = f"{full}\n\n{structured_json}" if full else structured_json
         pages = self.tokenizer.pages(full, self.page_tokens)
-        uri = self.state.results.put(owner_of(ctx), pages, tokens)
+        uri = await self._put_result(owner_of(ctx), pages, tokens)
         notice = TRUNCATED.format(total=tokens, kept=limit, uri=uri, pages=len(pages))
         room = max(room - self.tokenizer.count(notice), 0)
         kept: list[dict[str, Any]] = []
@@ -332,27 +342,54 @@ class BudgetStage:
                      "description": f"The full result: {tokens} tokens in {len(pages)} pages", "mimeType": "text/plain"})
         return kept
 
-    def _read_stored(self, ctx: CallContext, uri: str) -> Outcome:
+    async def _put_result(self, owner: str, pages: list[str], tokens: int) -> str:
+        """Store a truncated result's pages for `owner`; its URI. Without the store, this process keeps them (the
+        link then works on this replica only)."""
+        result_id = new_result_id()
         try:
-            page = self.state.results.read(uri, owner_of(ctx))
+            await self.conversations.put_result(result_id, owner, pages, tokens, RESULT_TTL_SECONDS)
+        except StoreUnavailable as exc:
+            self.state.store_errors.inc()
+            log.warning("a truncated result is kept in this process only: the conversation store did not answer (%s)",
+                        exc)
+            await self.state.local.put_result(result_id, owner, pages, tokens, RESULT_TTL_SECONDS)
+        return result_uri(result_id)
+
+    async def _page(self, uri: str, owner: str) -> Page:
+        result_id, number = parse_uri(uri)
+        try:
+            stored = await self.conversations.read_result(result_id, owner, number)
+        except StoreUnavailable as exc:
+            store_failed(self.policy.onStoreError, "the budget", "budget's", exc, self.state.store_errors)
+            stored = None
+        if stored is None and self.shared:  # kept here while the store was down
+            stored = await self.state.local.read_result(result_id, owner, number)
+        if stored is None:
+            raise ResultNotFound(uri)
+        return Page(uri=page_uri(uri, number), text=stored.text, number=number, count=stored.count,
+                    tokens=stored.tokens)
+
+    async def _read_stored(self, ctx: CallContext, uri: str) -> Outcome:
+        try:
+            page = await self._page(uri, owner_of(ctx))
         except ResultNotFound:
             raise UnknownResult(f"Resource not found: {uri}", data={"uri": uri}) from None
         key = budget_key(ctx)
-        budget = self._budget(key)
+        used = await self._used(key)
         cost = self.tokenizer.count(page.text)
-        available = self.capacity - budget.used
+        available = self.capacity - used
         if available < self.policy.minAvailable or cost > available:
             self.state.exhausted += 1
             raise BudgetExhausted(
                 f"[BUDGET EXHAUSTED: page {page.number} of {uri} needs {cost} tokens, {max(available, 0)} are left.]",
-                data={"uri": uri, "pageTokens": cost, META_KEY: self._meta(budget, exhausted=True)})
-        self.state.charge(key, budget, cost)
+                data={"uri": uri, "pageTokens": cost, META_KEY: self._meta(used, exhausted=True)})
+        used = await self._charge(key, used, cost)
         page_meta: dict[str, Any] = {"page": page.number, "pages": page.count, "tokens": page.tokens}
         if page.next_uri:
             page_meta["next"] = page.next_uri
         contents = [{"uri": page.uri, "mimeType": "text/plain", "text": page.text,
                      "_meta": {"io.toolmesh/page": page_meta}}]
-        result = {"contents": contents, "_meta": {META_KEY: self._meta(budget, resultTokens=cost, truncated=False)},
+        result = {"contents": contents, "_meta": {META_KEY: self._meta(used, resultTokens=cost, truncated=False)},
                   **_era_fields(ctx, cacheable=True)}
         return Outcome(message={"jsonrpc": "2.0", "id": ctx.request_id, "result": result})
 
@@ -419,8 +456,9 @@ def build(policy: MCPToolPolicySpec, shared: SharedState) -> BudgetStage | None:
     if section is None:
         return None
     state = shared.kept(BUDGET, lambda: BudgetState(shared=shared))
+    state.local.max_keys = section.maxSessions
     tokenizer = Tokenizer(section.encoding)
     # An unknown encoding is refused here, with the policy. The vocabulary loads now at start-up
     # and in the background on a reload while serving; calls wait for it either way.
     tokenizer.preload()
-    return BudgetStage(section, state, tokenizer, tools=shared.tools)
+    return BudgetStage(section, state, tokenizer, tools=shared.tools, conversations=shared.conversations)
