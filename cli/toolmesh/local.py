@@ -435,7 +435,8 @@ class LocalServer:
         async def spawn(port: int) -> asyncio.subprocess.Process:
             cmd = [*_toolmesh_command(), "sidecar", "--listen", f"127.0.0.1:{port}", "--port-file", str(port_file),
                    "--server-name", plan.name, "--registry", self.registry, "--policy", str(self.policy_file),
-                   *upstream]
+                   # One conversation, one budget, whichever local servers it reaches: they share this file.
+                   "--state-file", str(self.run_dir / "state.db"), *upstream]
             return await self._spawn(cmd, self.sidecar_log, env)
 
         since = _size(self.sidecar_log)

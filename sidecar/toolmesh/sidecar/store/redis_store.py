@@ -150,7 +150,7 @@ class RedisStore:
     async def read_result(self, result_id: str, owner: str, number: int) -> StoredPage | None:
         stored_owner, tokens, count, text = await self._guarded(
             self._client.hmget(self._result_key(result_id), "owner", "tokens", "pages", f"p{number}"))
-        if stored_owner is None or text is None or not secrets.comparedigest(stored_owner, digest(owner).encode()):
+        if stored_owner is None or text is None or not secrets.compare_digest(stored_owner, digest(owner).encode()):
             return None
         return StoredPage(text.decode(), int(count), int(tokens))
 

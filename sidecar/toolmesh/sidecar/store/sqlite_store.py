@@ -101,7 +101,7 @@ class SqliteStore:
         if not rows:
             return None
         stored_owner, tokens, blob = rows[0]
-        if not secrets.comparedigest(stored_owner.encode(), digest(owner).encode()):
+        if not secrets.compare_digest(stored_owner.encode(), digest(owner).encode()):
             return None
         pages = orjson.loads(blob)
         if not 1 <= number <= len(pages):
