@@ -55,6 +55,10 @@ def test_rendering_matches_golden(case: str):
     ("operator.resources.requests.memory=lots", "/operator/resources/requests/memory"),
     ("webhook.certManager.issuerRef.kind=Vault", "/webhook/certManager/issuerRef/kind"),
     ("sidecar.defaultPolicy.spec.ratelimit.burst=3", "ratelimit"),
+    ("state.redis.url=http://redis:6379", "/state/redis/url"),
+    ("state.redis.url=redis://:secret@redis:6379", "/state/redis/url"),  # a password would be in every pod spec
+    ("state.redis.existingSecret=Redis_Auth", "/state/redis/existingSecret"),
+    ("state.redis.existingSecret=redis-auth", "state.redis.existingSecret needs state.redis.url"),
 ])
 def test_schema_refuses_wrong_values(setting: str, complaint: str):
     result = template("--set", setting, check=False)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from toolmesh.api.errors import UsageError
+from toolmesh.operator.inject import StateStore
 from toolmesh.operator.render import MANAGED_BY, OperatorConfig
 
 DEFAULT_SIDECAR_IMAGE = OperatorConfig.sidecar_image
@@ -41,6 +42,14 @@ def namespace_selector(text: str) -> dict[str, str]:
     if not selector:
         raise argparse.ArgumentTypeError("an empty selector would select every namespace: leave the option out")
     return selector
+
+
+def secret_ref(text: str) -> tuple[str, str]:
+    """`name[:key]`: a Secret and its key (default `password`)."""
+    name, _, key = text.partition(":")
+    if not LABEL_VALUE.match(name) or not name or len(name) > 253 or not LABEL_VALUE.match(key or "password"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a Secret name[:key]")
+    return name, key or "password"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,6 +82,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              " accepted generation stays in force; Fail refuses every edit until the operator is back)")
     parser.add_argument("--sidecar-image", default=os.environ.get("TOOLMESH_SIDECAR_IMAGE", DEFAULT_SIDECAR_IMAGE),
                         help=f"image of the sidecar (default {DEFAULT_SIDECAR_IMAGE})")
+    parser.add_argument("--state-redis-url", metavar="URL", default=os.environ.get("TOOLMESH_STATE_REDIS_URL") or None,
+                        help="a Redis-protocol server (redis://, rediss:// for TLS) every sidecar shares rate limits,"
+                             " quotas and conversation budgets through; without a password in it"
+                             " (default: $TOOLMESH_STATE_REDIS_URL, else each sidecar keeps its own)")
+    parser.add_argument("--state-redis-secret", metavar="NAME[:KEY]", type=secret_ref,
+                        help="the Secret, in each served namespace, holding that server's password under KEY"
+                             " (default key: password); sidecars read it through a secretKeyRef")
     parser.add_argument("--registry-url", default=os.environ.get("TOOLMESH_REGISTRY_URL", DEFAULT_REGISTRY_URL),
                         help="registry URL the sidecars report to; empty for none"
                              f" (default {DEFAULT_REGISTRY_URL})")
@@ -89,7 +105,18 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # kopf logs every handler success per object and per admission; keep its warnings and errors only.
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    config = OperatorConfig(sidecar_image=args.sidecar_image, registry_url=args.registry_url or None)
+    state = None
+    if args.state_redis_url:
+        if not args.state_redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise UsageError("--state-redis-url must be redis://, rediss:// or unix://")
+        if "@" in args.state_redis_url.partition("://")[2].partition("/")[0]:
+            raise UsageError("--state-redis-url must not hold credentials: every pod spec would show them;"
+                             " name a Secret with --state-redis-secret")
+        name, key = args.state_redis_secret or (None, "password")
+        state = StateStore(args.state_redis_url, name, key)
+    elif args.state_redis_secret:
+        raise UsageError("--state-redis-secret needs --state-redis-url")
+    config = OperatorConfig(sidecar_image=args.sidecar_image, registry_url=args.registry_url or None, state=state)
     try:
         kube = Kube(load_api_client(pool_size=KUBE_CONNECTIONS))
     except Exception as exc:  # noqa: BLE001 - no kubeconfig and not in a cluster: a configuration problem

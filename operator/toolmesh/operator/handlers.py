@@ -143,7 +143,8 @@ async def inject_sidecar(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **
     namespace = body.metadata.get("namespace")
     try:
         options = injection_for(dict(body), namespace, image=memo.config.sidecar_image,
-                                registry_url=memo.config.registry_url, skipped=memo.skipped_namespaces)
+                                registry_url=memo.config.registry_url, skipped=memo.skipped_namespaces,
+                                state=memo.config.state)
     except InjectionError as exc:
         raise kopf.AdmissionError(str(exc), code=400) from None
     if options is not None:

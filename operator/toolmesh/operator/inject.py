@@ -67,6 +67,18 @@ class SecretMount:
 
 
 @dataclass(frozen=True)
+class StateStore:
+    """The Redis-protocol server sidecars share rate limits, quotas and conversations through."""
+
+    url: str
+    """`redis://`, `rediss://` (TLS) or `unix://`; no password in it."""
+    secret: str | None = None
+    """A Secret in the server's namespace holding the password (a secretKeyRef cannot reach another namespace)."""
+    secret_key: str = "password"
+    """The Secret's key holding the password."""
+
+
+@dataclass(frozen=True)
 class SidecarOptions:
     """Everything that decides the sidecar container and volumes for one pod."""
 
@@ -90,6 +102,8 @@ class SidecarOptions:
     """Extra environment for the sidecar (e.g. the server's priority and capabilities for its heartbeats)."""
     secrets: tuple[SecretMount, ...] = ()
     """Secrets the policy names (`secretRef`), mounted under POLICY_SECRETS_DIR/<name>/."""
+    state: StateStore | None = None
+    """The shared store of every replica and server; None keeps state in each sidecar."""
 
     @property
     def upstream_url(self) -> str:
@@ -131,6 +145,11 @@ def sidecar_container(options: SidecarOptions) -> dict[str, Any]:
     ]
     if options.registry_url:
         env.append({"name": "TOOLMESH_REGISTRY_TOKEN_FILE", "value": f"{TOKEN_DIR}/token"})
+    if options.state is not None:
+        env.append({"name": "TOOLMESH_STATE_REDIS_URL", "value": options.state.url})
+        if options.state.secret:
+            env.append({"name": "TOOLMESH_STATE_REDIS_PASSWORD", "valueFrom": {"secretKeyRef": {
+                "name": options.state.secret, "key": options.state.secret_key}}})
 
     def probe(path: str, period: int, failures: int) -> dict[str, Any]:
         return {"httpGet": {"path": path, "port": SIDECAR_PORT}, "periodSeconds": period, "failureThreshold": failures}
@@ -198,7 +217,8 @@ def inject_pod(pod: Mapping[str, Any], options: SidecarOptions) -> dict[str, Any
     return result
 
 
-def options_from_pod(pod: Mapping[str, Any], *, image: str, registry_url: str | None) -> SidecarOptions:
+def options_from_pod(pod: Mapping[str, Any], *, image: str, registry_url: str | None,
+                     state: StateStore | None = None) -> SidecarOptions:
     """The sidecar options a labelled pod asks for through its annotations; InjectionError names a bad one."""
     meta = pod.get("metadata") or {}
     annotations = meta.get("annotations") or {}
@@ -222,5 +242,5 @@ def options_from_pod(pod: Mapping[str, Any], *, image: str, registry_url: str | 
             or meta.get("name") or (meta.get("generateName") or "").rstrip("-") or "mcp-server")
     return SidecarOptions(
         image=image, server_name=name, transport=transport, upstream_port=port, upstream_path=path,
-        policy_configmap=annotations.get(POLICY_ANNOTATION) or None, registry_url=registry_url,
+        policy_configmap=annotations.get(POLICY_ANNOTATION) or None, registry_url=registry_url, state=state,
     )

@@ -16,7 +16,7 @@ from toolmesh.api.policy import describe_validation_error
 from toolmesh.api.server import API_VERSION, MCPServerSpec
 from toolmesh.api.status import set_condition
 from toolmesh.operator.inject import (
-    POLICY_FILE, SIDECAR_PORT, STDIO_DIR, STDIO_VOLUME, SecretMount, SidecarOptions, inject_pod,
+    POLICY_FILE, SIDECAR_PORT, STDIO_DIR, STDIO_VOLUME, SecretMount, SidecarOptions, StateStore, inject_pod,
 )
 from toolmesh.operator.merge import MergedPolicy, PolicySource, merge_policies
 
@@ -67,6 +67,8 @@ class OperatorConfig:
     """Where sidecars send heartbeats; None runs them without a registry."""
     cluster_domain: str = "svc"
     """Service DNS suffix used in endpoints (`<name>.<ns>.svc`)."""
+    state: StateStore | None = None
+    """The Redis every sidecar shares state through; None keeps it in each sidecar."""
 
 
 @dataclass(frozen=True)
@@ -172,7 +174,7 @@ def sidecar_options(server: Mapping[str, Any], spec: MCPServerSpec, config: Oper
     return SidecarOptions(
         image=config.sidecar_image, server_name=name, transport=spec.transport.value, upstream_port=spec.port,
         upstream_path=spec.path, policy_configmap=policy_configmap_name(name), registry_url=config.registry_url,
-        env=heartbeat_traits(spec) if config.registry_url else (),
+        env=heartbeat_traits(spec) if config.registry_url else (), state=config.state,
     )
 
 

@@ -7,7 +7,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from toolmesh.operator.inject import INJECT_LABEL, SidecarOptions, inject_pod, is_injected, options_from_pod
+from toolmesh.operator.inject import (
+    INJECT_LABEL, SidecarOptions, StateStore, inject_pod, is_injected, options_from_pod,
+)
 from toolmesh.operator.render import MANAGED_BY
 
 CONFIGURATION_NAME = "toolmesh-sidecar-injector"
@@ -146,12 +148,12 @@ def restore_patch(existing: Mapping[str, Any], saved: Mapping[str, Mapping[str, 
 
 
 def injection_for(pod: Mapping[str, Any], namespace: str | None, *, image: str, registry_url: str | None,
-                  skipped: Iterable[str]) -> SidecarOptions | None:
+                  skipped: Iterable[str], state: StateStore | None = None) -> SidecarOptions | None:
     """The sidecar this pod should get, or None when it must be left alone. InjectionError for bad annotations."""
     labels = (pod.get("metadata") or {}).get("labels") or {}
     if namespace in set(skipped) or labels.get(INJECT_LABEL) == "false" or is_injected(pod):
         return None
-    return options_from_pod(pod, image=image, registry_url=registry_url)
+    return options_from_pod(pod, image=image, registry_url=registry_url, state=state)
 
 
 def mutate(pod: dict[str, Any], options: SidecarOptions) -> None:

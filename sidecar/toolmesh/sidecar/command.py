@@ -140,7 +140,8 @@ def make_stores(args: argparse.Namespace):
 
         # Buckets and quotas name the server (and its namespace in a cluster): its replicas share them, other
         # servers never; conversations name only the namespace.
-        store = RedisStore(url, os.environ.get("TOOLMESH_NAMESPACE") or "local", args.server_name,
+        namespace = os.environ.get("TOOLMESH_NAMESPACE") or os.environ.get("POD_NAMESPACE") or "local"
+        store = RedisStore(url, namespace, args.server_name,
                            password=os.environ.get("TOOLMESH_STATE_REDIS_PASSWORD") or None)
         return store, store
     if args.state_file:
