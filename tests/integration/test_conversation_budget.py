@@ -180,3 +180,78 @@ async def test_when_redis_is_down_the_budget_allows_by_default_or_refuses_and_re
         redis.start()  # empty again, as a restarted Redis without persistence is
         again = await call(denying, 4)
         assert again.status_code == 200 and again.json()["result"]["_meta"][META]["used"] == before
+
+
+async def test_two_gateways_three_replicas_one_redis_hold_one_rate_one_quota_one_window(issuer, tmp_path):
+    """The scale picture on one machine: two registry replicas (a load balancer may send a stateless caller to
+    either), three sidecar replicas of one server on one redis-server. Whatever path each call takes, a subject's
+    rate, a quota and a conversation's window each hold exactly, and a page written on one replica is read
+    through the other gateway."""
+    from helpers.stateless_calls import STATELESS_ERA
+
+    spec = {**budgeted(issuer, totalTokens=12000, resultFraction=0.5),
+            "rateLimit": {"requestsPerSecond": 0.01, "burst": 3,
+                          "tools": [{"tools": ["add", "echo"], "requestsPerSecond": 100, "burst": 100}]},
+            "quota": {"rules": [{"name": "daily-adds", "calls": 5, "window": "day", "tools": ["add"]}]}}
+    with ExitStack() as stack:
+        upstream = stack.enter_context(sdk_http_server(log_path=tmp_path / "server.log"))
+        redis = stack.enter_context(redis_server(tmp_path / "redis"))
+        gateways = [stack.enter_context(registry_process(tmp_path, secret=SECRET)) for _ in range(2)]
+        # Two replicas report to the first registry replica, one to the second.
+        replicas = [*sidecars(stack, tmp_path, upstream, spec, ["shared"] * 2, gateways[0],
+                              "--state-redis-url", redis.url),
+                    *sidecars(stack, tmp_path / "b", upstream, spec, ["shared"], gateways[1],
+                              "--state-redis-url", redis.url)]
+        await healthy(gateways[0], {"shared": 2})
+        await healthy(gateways[1], {"shared": 1})
+
+        def stateless(gateway: str, token: str, **headers: str) -> Client:
+            http = create_mcp_http_client(headers={"Authorization": f"Bearer {token}", **headers})
+            return Client(streamable_http_client(f"{gateway}/mcp", http_client=http), mode=STATELESS_ERA)
+
+        async def alternating(token: str, tool: str, arguments: dict, calls: int, **headers: str) -> list:
+            async with stateless(gateways[0], token, **headers) as a, stateless(gateways[1], token, **headers) as b:
+                answers = []
+                for n in range(calls):
+                    try:
+                        answers.append(await (a, b)[n % 2].call_tool(f"shared__{tool}", arguments))
+                    except MCPError as exc:
+                        answers.append(exc)
+                return answers
+
+        # A subject's rate: a burst of 3 in the default bucket (add and echo have their own), across both gateways.
+        answers = await alternating(issuer.token("grace", alg="HS256"), "show_meta", {}, 6)
+        assert [not isinstance(a, MCPError) for a in answers] == [True] * 3 + [False] * 3, answers
+        assert all("rate limit" in str(a) for a in answers[3:]), answers[3:]
+        # A quota: 5 adds a day for the subject, not 5 per replica or per gateway.
+        answers = await alternating(issuer.token("heidi", alg="HS256"), "add", {"a": 1, "b": 2}, 7)
+        assert [not isinstance(a, MCPError) for a in answers] == [True] * 5 + [False] * 2, answers
+        assert all("daily-adds" in str(a) for a in answers[5:]), answers[5:]
+        # A conversation's window: each answer reports everything spent before it, wherever it was spent.
+        ivan = issuer.token("ivan", alg="HS256")
+        answers = await alternating(ivan, "echo", {"text": words(700)}, 12, **{"Mcp-Budget-Key": "ivan-1"})
+        spent, refused = 0, 0
+        for answer in answers:
+            figures = answer.meta[META]
+            if figures.get("exhausted"):
+                refused += 1
+                assert figures["used"] == spent
+                continue
+            assert figures["used"] == spent + (figures["keptTokens"] if figures["truncated"] else figures["resultTokens"])
+            spent = figures["used"]
+        assert refused >= 2 and spent <= 12000 - 1000, (refused, spent)
+        served = [sum(float(line.rsplit(b" ", 1)[1]) for line in http_get(f"{r.base}/metrics")[1].splitlines()
+                      if line.startswith(b"toolmesh_tool_result_bytes_count{")) for r in replicas]
+        assert all(served), f"every replica served calls: {served}"
+
+        # A page written through one gateway is read through the other, by its subject only.
+        async with stateless(gateways[0], ivan, **{"Mcp-Budget-Key": "ivan-2"}) as a, \
+                stateless(gateways[1], ivan, **{"Mcp-Budget-Key": "ivan-2"}) as b:
+            big = await a.call_tool("shared__echo", {"text": words(6000)})
+            assert big.meta[META]["truncated"] is True
+            link = next(str(c.uri) for c in big.content if isinstance(c, ResourceLink))
+            page = (await b.read_resource(link)).contents[0]
+            assert words(6000).startswith(page.text)
+        async with stateless(gateways[1], issuer.token("mallory", alg="HS256")) as intruder:
+            with pytest.raises(MCPError):
+                await intruder.read_resource(link)
