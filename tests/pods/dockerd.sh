@@ -33,9 +33,16 @@ stop() {
     [ -f "$PIDFILE" ] || return 0
     local pid; pid="$(cat "$PIDFILE")"
     if kill "$pid" 2>/dev/null; then
-        for _ in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -9 "$pid" 2>/dev/null || true
+        for _ in $(seq 1 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        if kill -9 "$pid" 2>/dev/null; then
+            echo "    dockerd did not stop within 30 s: killed"
+        fi
     fi
+    # An engine killed (or slow to clean up) leaves its network namespace mounted; it was ours, so it goes.
+    for ns in /run/docker/netns/*; do
+        [ -e "$ns" ] || continue
+        if mountpoint -q "$ns"; then umount "$ns" || umount -l "$ns" || true; fi
+    done
     rm -f "$PIDFILE"
     echo "==> dockerd stopped"
 }
