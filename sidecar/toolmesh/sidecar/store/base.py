@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Hashable
+from collections.abc import Awaitable, Hashable
 from typing import Any, NamedTuple, Protocol
 
 from toolmesh.sidecar.errors import StoreUnavailableError
@@ -78,6 +78,9 @@ class ConversationStore(Protocol):
     async def ledger_charge(self, key: str, tokens: int, ttl: float) -> int:
         """Add `tokens` to the conversation `key`, which then lives `ttl` seconds more; returns what it has spent
         in all. Raises StoreUnavailable."""
+
+    def ledger_charge_soon(self, key: str, tokens: int, ttl: float) -> Awaitable[Any]:
+        """`ledger_charge` sent now, for a caller that need not wait: its outcome in the returned future."""
 
     async def ledger_forget(self, key: str) -> None:
         """Drop the conversation `key` (its session ended)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections import OrderedDict
@@ -113,6 +114,15 @@ class LocalStore:
         return int(entry[0])
 
     async def ledger_charge(self, key: str, tokens: int, ttl: float) -> int:
+        return self.charge(key, tokens, ttl)
+
+    def ledger_charge_soon(self, key: str, tokens: int, ttl: float) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        future.set_result(self.charge(key, tokens, ttl))
+        return future
+
+    def charge(self, key: str, tokens: int, ttl: float) -> int:
+        """`ledger_charge` without the coroutine, for the budget stage's own ledgers."""
         now = self._clock()
         while self._ledgers:  # in the order last charged, so (one ttl per policy) the expired ones lead
             oldest = next(iter(self._ledgers.values()))

@@ -12,6 +12,7 @@ as in Redis, so the file names no subject.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import sqlite3
 import time
@@ -78,6 +79,17 @@ class SqliteStore:
         return int(rows[0][0]) if rows else 0
 
     async def ledger_charge(self, key: str, tokens: int, ttl: float) -> int:
+        return self._charge(key, tokens, ttl)
+
+    def ledger_charge_soon(self, key: str, tokens: int, ttl: float) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        try:
+            future.set_result(self._charge(key, tokens, ttl))
+        except StoreUnavailable as exc:
+            future.set_exception(exc)
+        return future
+
+    def _charge(self, key: str, tokens: int, ttl: float) -> int:
         now = self._wall()
         (used,), = self._run(_CHARGE, {"key": digest(key), "tokens": tokens, "expires": now + ttl, "now": now})
         self._wrote(now)

@@ -22,6 +22,8 @@ calls are answered with `[BUDGET EXHAUSTED: …]` and never reach the upstream.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -177,16 +179,26 @@ class BudgetStage:
         if key is None:
             return used + tokens
         ttl = self.policy.sessionTtlSeconds
-        try:
-            return await self.conversations.ledger_charge(key, tokens, ttl)
-        except StoreUnavailable as exc:
-            self.state.store_errors.inc()
-            log.warning("the budget charged %d tokens in this process only: the conversation store did not "
-                        "answer (%s)", tokens, exc)
-            return max(await self.state.local.ledger_charge(key, tokens, ttl), used + tokens)
-        finally:
-            if not self.shared:
-                self.state.sessions.set(self.state.local.ledger_count())
+        if not self.shared:
+            used = self.state.local.charge(key, tokens, ttl)
+            self.state.sessions.set(self.state.local.ledger_count())
+            return used
+        # The answer does not wait for the shared store: the charge is sent now and lands before the
+        # conversation's next call reads the ledger; this answer reports what was spent before it plus its own.
+        charge = self.conversations.ledger_charge_soon(key, tokens, ttl)
+        charge.add_done_callback(functools.partial(self._charged, key, tokens, ttl))
+        return used + tokens
+
+    def _charged(self, key: str, tokens: int, ttl: float, charge: asyncio.Future) -> None:
+        if charge.cancelled():
+            return
+        exc = charge.exception()
+        if exc is None:
+            return
+        self.state.store_errors.inc()
+        log.warning("the budget charged %d tokens in this process only: the conversation store did not "
+                    "answer (%s)", tokens, exc)
+        self.state.local.charge(key, tokens, ttl)
 
     async def _forget(self, key: str | None) -> None:
         if key is None:
