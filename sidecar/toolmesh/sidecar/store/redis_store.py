@@ -114,8 +114,11 @@ class Batches:
         self._in_flight = asyncio.Event()
         self._connection: Any = None
         self._tasks: list[asyncio.Task] = []
-        self._retries: set[asyncio.Task] = set()
         self._scripts: dict[str, str] = {}
+        self._loading: set[str] = set()
+        """Scripts a SCRIPT LOAD is on its way for."""
+        self._resent: set[asyncio.Future] = set()
+        """Commands sent again after NOSCRIPT: a second NOSCRIPT fails them."""
         self._closing = False
 
     def command(self, *args: Any) -> asyncio.Future:
@@ -165,7 +168,9 @@ class Batches:
             connection = self._connection
             try:
                 try:
-                    reply: Any = await connection.read_response(timeout=self._timeout)
+                    # No `timeout=` here: with one, redis-py answers None when it expires, as if a reply had
+                    # come; the connection's socket timeout raises instead.
+                    reply: Any = await connection.read_response()
                 except ResponseError as exc:
                     reply = exc
             except asyncio.CancelledError:
@@ -175,27 +180,28 @@ class Batches:
                 await self._lost(exc, connection=connection)
                 continue
             args, future = self._waiting.popleft()
+            resent = future in self._resent
+            self._resent.discard(future)
             if future.done():
                 continue  # its caller gave up
-            if isinstance(reply, NoScriptError) and args[0] == "EVALSHA":
-                retry = asyncio.get_running_loop().create_task(self._load_and_resend(args, future))
-                self._retries.add(retry)
-                retry.add_done_callback(self._retries.discard)
+            if isinstance(reply, NoScriptError) and args[0] == "EVALSHA" and not resent:
+                self._load_and_resend(args, future)
             elif isinstance(reply, Exception):
                 future.set_exception(reply)
             else:
                 future.set_result(reply)
 
-    async def _load_and_resend(self, args: tuple[Any, ...], future: asyncio.Future) -> None:
-        try:
-            await self._client.script_load(self._scripts[args[1]])
-            reply = await self.command(*args)
-        except (RedisError, OSError, TimeoutError) as exc:
-            if not future.done():
-                future.set_exception(exc)
-            return
-        if not future.done():
-            future.set_result(reply)
+    def _load_and_resend(self, args: tuple[Any, ...], future: asyncio.Future) -> None:
+        """The server lacks the script (restarted, flushed): SCRIPT LOAD it on this connection, once for all the
+        commands that need it, then the command again; FIFO order makes the load come first. Sent again once."""
+        sha = args[1]
+        if sha not in self._loading:
+            self._loading.add(sha)
+            load = self.command("SCRIPT", "LOAD", self._scripts[sha])
+            load.add_done_callback(lambda done: (self._loading.discard(sha), done.cancelled() or done.exception()))
+        self._resent.add(future)
+        self._pending.append((args, future))
+        self._queued.set()
 
     async def _lost(self, exc: BaseException, unsent: list[tuple[tuple[Any, ...], asyncio.Future]] = (), *,
                     connection: Any) -> None:
@@ -212,14 +218,16 @@ class Batches:
             if not future.done():
                 future.set_exception(failure)
         self._waiting.clear()
+        self._resent.clear()
+        self._loading.clear()
         if connection is not None:
             await _drop(connection)
 
     async def close(self) -> None:
         self._closing = True
-        for task in [*self._tasks, *self._retries]:
+        for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, *self._retries, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         for _, future in [*self._waiting, *self._pending]:
             if not future.done():
