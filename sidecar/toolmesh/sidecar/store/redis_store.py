@@ -151,8 +151,9 @@ class Batches:
                 connection = self._connection
                 self._waiting.extend(batch)
                 self._in_flight.set()
-                await connection.send_packed_command(connection.pack_commands([args for args, _ in batch]),
-                                                     check_health=False)
+                async with asyncio.timeout(self._timeout):  # a server that stops reading fills the buffers
+                    await connection.send_packed_command(connection.pack_commands([args for args, _ in batch]),
+                                                         check_health=False)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - whatever broke, the loop must live on for the next command
@@ -168,9 +169,9 @@ class Batches:
             connection = self._connection
             try:
                 try:
-                    # No `timeout=` here: with one, redis-py answers None when it expires, as if a reply had
-                    # come; the connection's socket timeout raises instead.
-                    reply: Any = await connection.read_response()
+                    # Not read_response's `timeout=`: when it expires, redis-py answers None as if a reply had come.
+                    async with asyncio.timeout(self._timeout):
+                        reply: Any = await connection.read_response()
                 except ResponseError as exc:
                     reply = exc
             except asyncio.CancelledError:
@@ -271,7 +272,12 @@ class RedisStore:
         self._client = aioredis.Redis.from_url(url, password=password, socket_timeout=timeout,
                                                socket_connect_timeout=timeout, retry_on_timeout=False,
                                                health_check_interval=0, max_connections=256)
-        self._batches = Batches(self._client, timeout)
+        # The batches' connection has no socket timeout of its own: they bound each write and read themselves,
+        # and redis-py would otherwise run every write as a task of its own (asyncio.wait_for).
+        self._batch_client = aioredis.Redis.from_url(url, password=password, socket_timeout=None,
+                                                     socket_connect_timeout=timeout, retry_on_timeout=False,
+                                                     health_check_interval=0, max_connections=2)
+        self._batches = Batches(self._batch_client, timeout)
         self._take = Script(_TAKE_TOKEN)
         self._take_quota = Script(_TAKE_QUOTA)
         self._add_quota = Script(_ADD_QUOTA)
@@ -344,4 +350,5 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._batches.close()
+        await self._batch_client.aclose()
         await self._client.aclose()
