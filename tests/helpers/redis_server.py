@@ -64,3 +64,29 @@ def redis_server(folder: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.kill()
+
+
+@contextmanager
+def tls_redis_server(folder: Path, password: str) -> Iterator[str]:
+    """redis-server speaking only TLS, on a free loopback port, with a password; yields the `rediss://` URL that
+    trusts its CA (a certificate for 127.0.0.1 signed by a CA made for the test)."""
+    from helpers import free_port, port_open
+    from helpers.kube import _make_ca, issue_cert
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = _make_ca(folder)
+    cert, key = issue_cert(ca, ca_key, "redis", ips=("127.0.0.1",), server=True, out_dir=folder, stem="redis")
+    port = free_port()
+    proc = subprocess.Popen(
+        [REDIS_SERVER, "--port", "0", "--bind", "127.0.0.1", "--tls-port", str(port), "--tls-cert-file", str(cert),
+         "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no",
+         "--requirepass", password, "--save", "", "--appendonly", "no", "--dir", str(folder),
+         "--logfile", str(folder / "redis.log")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: proc.poll() is not None or port_open(port), timeout=10, what="redis-server (TLS)")
+        assert proc.poll() is None, f"redis-server exited: {(folder / 'redis.log').read_text(errors='replace')}"
+        yield f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca}"
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)

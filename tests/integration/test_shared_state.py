@@ -172,3 +172,24 @@ async def test_through_the_gateways_round_robin_three_replicas_hold_one_rate_and
         heidi = issuer.token("heidi", alg="HS256")
         answers = await outcomes(heidi, "add", {"a": 1, "b": 2}, 7)
         assert answers[:5] == ["ok"] * 5 and all("quota 'daily-adds' used up" in a for a in answers[5:]), answers
+
+
+async def test_over_tls_with_a_password_replicas_share_and_a_wrong_password_is_refused_without_leaking(issuer,
+                                                                                                     tmp_path):
+    from helpers.redis_server import tls_redis_server
+
+    password = "store-password-from-a-secret"
+    with ExitStack() as stack:
+        upstream = stack.enter_context(sdk_http_server(log_path=tmp_path / "server.log"))
+        url = stack.enter_context(tls_redis_server(tmp_path / "redis", password))
+        shared = replicas(stack, tmp_path, upstream, policy(issuer), 2, "--state-redis-url", url,
+                          env={"TOOLMESH_STATE_REDIS_PASSWORD": password})
+        assert await statuses([r.url for r in shared], issuer.token("olga", alg="HS256"), 5) == [200] * 3 + [429] * 2
+        (wrong,) = replicas(stack, tmp_path / "wrong", upstream, policy(issuer, "deny"), 1, "--state-redis-url", url,
+                            env={"TOOLMESH_STATE_REDIS_PASSWORD": "not-the-password"})
+        refused = await post_tools_call(wrong.url, "echo", {"text": "x"}, token=issuer.token("olga", alg="HS256"))
+        assert refused.status_code == 503, refused.text
+        assert "shared store did not answer" in wrong.log()
+        for sidecar in (*shared, wrong):  # the password is in no log and no metric
+            assert password not in sidecar.log() and "not-the-password" not in sidecar.log()
+            assert password.encode() not in http_get(f"{sidecar.base}/metrics")[1]
