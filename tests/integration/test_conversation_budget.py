@@ -255,3 +255,59 @@ async def test_two_gateways_three_replicas_one_redis_hold_one_rate_one_quota_one
         async with stateless(gateways[1], issuer.token("mallory", alg="HS256")) as intruder:
             with pytest.raises(MCPError):
                 await intruder.read_resource(link)
+
+
+def _served(sidecar) -> float:
+    lines = http_get(f"{sidecar.base}/metrics")[1].splitlines()
+    return sum(float(line.rsplit(b" ", 1)[1]) for line in lines if line.startswith(b"toolmesh_tool_result_bytes_count{"))
+
+
+async def test_calls_under_load_keep_flowing_while_redis_dies_and_comes_back(issuer, tmp_path):
+    """Twenty callers at once, Redis killed and restarted under them: every call is answered (the budget's and
+    the rate limit's onStoreError allow), none hangs or fails, and once Redis is back every charge lands again."""
+    import asyncio
+
+    from helpers.stateless_calls import post_tools_call
+
+    spec = {**budgeted(issuer, totalTokens=10_000_000), "rateLimit": {"requestsPerSecond": 1e6, "burst": 1_000_000}}
+    with ExitStack() as stack:
+        upstream = stack.enter_context(sdk_http_server(log_path=tmp_path / "server.log"))
+        redis = stack.enter_context(redis_server(tmp_path / "redis"))
+        sidecar = stack.enter_context(guarded_sidecar(["--upstream", upstream], tmp_path / "s", spec,
+                                                      "--state-redis-url", redis.url, name="loaded"))
+        token = issuer.token("pat", alg="HS256")
+        stop = asyncio.Event()
+
+        async def caller(n: int) -> list[int]:
+            statuses = []
+            while not stop.is_set() and len(statuses) < 2000:
+                answer = await post_tools_call(sidecar.url, "echo", {"text": "x"}, token=token, request_id=n,
+                                               **{"Mcp-Budget-Key": f"load-{n}"})
+                statuses.append(answer.status_code if "result" in answer.json() else -answer.status_code)
+            return statuses
+
+        def store_errors() -> float:
+            lines = http_get(f"{sidecar.base}/metrics")[1].splitlines()
+            return sum(float(line.split()[-1]) for line in lines if line.startswith(b"toolmesh_budget_store_errors_total "))
+
+        async def reached(figure, target: float) -> bool:
+            return figure() >= target
+
+        callers = [asyncio.ensure_future(caller(n)) for n in range(20)]
+        await async_wait_until(lambda: reached(lambda: _served(sidecar), 40), timeout=20, what="the callers under way")
+        redis.kill()
+        await async_wait_until(lambda: reached(store_errors, 20), timeout=20, what="calls answered while Redis is down")
+        redis.start()
+        served = _served(sidecar)
+        await async_wait_until(lambda: reached(lambda: _served(sidecar), served + 40), timeout=20,
+                               what="calls after the restart")
+        stop.set()
+        answered = [status for statuses in await asyncio.gather(*callers) for status in statuses]
+        assert answered and set(answered) == {200}, sorted(set(answered))
+        assert b"\ntoolmesh_budget_store_errors_total " in http_get(f"{sidecar.base}/metrics")[1]
+        # Back: a new conversation's charges land in Redis again, each call seeing the one before.
+        first = (await post_tools_call(sidecar.url, "echo", {"text": "x"}, token=token,
+                                       **{"Mcp-Budget-Key": "after"})).json()["result"]["_meta"][META]
+        second = (await post_tools_call(sidecar.url, "echo", {"text": "x"}, token=token,
+                                        **{"Mcp-Budget-Key": "after"})).json()["result"]["_meta"][META]
+        assert second["used"] == first["used"] + second["resultTokens"]
