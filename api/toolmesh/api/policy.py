@@ -657,7 +657,7 @@ class BudgetPolicy(SpecModel):
     maxSessions: int = Field(default=10000, ge=1)
     """Most ledgers kept in the process; the least recently used is dropped beyond it (a shared store expires them after `sessionTtlSeconds` instead). Default 10000."""
     onStoreError: Literal["allow", "deny"] = "allow"
-    """With a shared store: what a call gets when the store does not answer. `allow` (the default) budgets it against what this process has seen of the conversation (a charge the store missed is lost, counted in `toolmesh_budget_store_errors_total` and logged): the budget protects the agent's own context, and an outage must not stop its work; `deny` refuses it with 503 and `Retry-After`."""
+    """With a shared store: what a call gets when the store does not answer. `allow` (the default) budgets it against what this process has seen of the conversation (a charge the store missed is kept in this process only, counted in `toolmesh_budget_store_errors_total` and logged): the budget protects the agent's own context, and an outage must not stop its work; `deny` refuses it with 503 and `Retry-After`."""
 
     @model_validator(mode="after")
     def _reserves_fit(self) -> BudgetPolicy:
