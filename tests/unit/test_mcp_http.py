@@ -101,3 +101,19 @@ def test_the_era_constants_are_the_sdks_and_cost_a_sidecar_nothing_to_import():
              "print(sorted(m for m in sys.modules if m == 'mcp' or m.startswith(('mcp.', 'mcp_types'))))")
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "[]"
+
+
+def test_the_header_rules_are_the_sdks_and_cost_the_registry_nothing_to_import():
+    from mcp.shared import inbound
+
+    from toolmesh.api.mcp_http import ERROR_CODE_HTTP_STATUS, NAME_BEARING_METHODS, encode_header_value
+
+    assert dict(ERROR_CODE_HTTP_STATUS) == dict(inbound.ERROR_CODE_HTTP_STATUS)
+    assert dict(NAME_BEARING_METHODS) == dict(inbound.NAME_BEARING_METHODS)
+    for value in ("get_weather", " edge ", "naïve", "tab\there", "=?base64?eA==?=", "", "x" * 300, "日本"):
+        assert encode_header_value(value) == inbound.encode_header_value(value), value
+    # The gateway serves session-era callers without the SDK in memory (it costs the registry ~45 MB idle).
+    probe = ("import sys, toolmesh.registry.app, toolmesh.registry.gateway.endpoint, toolmesh.registry.backend; "
+             "print(sorted(m for m in sys.modules if m == 'mcp' or m.startswith(('mcp.', 'mcp_types'))))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"

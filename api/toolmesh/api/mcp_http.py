@@ -12,6 +12,8 @@ Each side turns what these functions decide into its own response; nothing here 
 
 from __future__ import annotations
 
+import base64
+import re
 from collections.abc import AsyncIterable, AsyncIterator, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +56,24 @@ pass-through sidecar 38 MB and a second at start; a test holds it equal to the S
 The SDK's inbound rules, which stateless-era refusals need, are imported when the first such request comes."""
 
 
+ERROR_CODE_HTTP_STATUS: Mapping[int, int] = {-32700: 400, -32600: 400, -32602: 400, -32020: 400, -32021: 400,
+                                             -32022: 400, -32601: 404}
+"""The HTTP status of a stateless-era error answer, by JSON-RPC error code (200 for the rest). Written out, as the
+versions are: a test holds it equal to the SDK's."""
+NAME_BEARING_METHODS: Mapping[str, str] = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+"""Methods whose `Mcp-Name` header carries a parameter, and which one (a test holds it equal to the SDK's)."""
+_HEADER_SAFE = re.compile(r"^[\x20-\x7E]*$")
+_B64_SENTINEL = re.compile(r"^=\?base64\?(?P<payload>.*)\?=$")
+
+
+def encode_header_value(value: str) -> str:
+    """`value` as an `Mcp-*` header carries it: verbatim when printable ASCII without edge whitespace, else in the
+    spec's `=?base64?…?=` sentinel so the receiver recovers the exact bytes (a test holds it equal to the SDK's)."""
+    if _HEADER_SAFE.fullmatch(value) and value == value.strip() and not _B64_SENTINEL.fullmatch(value):
+        return value
+    return f"=?base64?{base64.b64encode(value.encode('utf-8')).decode('ascii')}?="
+
+
 def header(headers: Mapping[str, str], name: str) -> str | None:
     """A header's value, matching the name case-insensitively whatever mapping the HTTP layer passed."""
     value = headers.get(name)
@@ -84,8 +104,6 @@ class Refusal:
 
     @property
     def status(self) -> int:
-        from mcp.shared.inbound import ERROR_CODE_HTTP_STATUS
-
         return ERROR_CODE_HTTP_STATUS.get(self.code, 200)
 
     def error(self, request_id: Any) -> dict[str, Any]:

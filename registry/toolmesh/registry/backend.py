@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from mcp.shared.inbound import NAME_BEARING_METHODS, encode_header_value
 
 from toolmesh.api.http_wire import Headers, WireClient, WireError, WireResponse
 from toolmesh.api.jsonrpc import (
@@ -24,7 +23,7 @@ from toolmesh.api.jsonrpc import (
     error_message,
     loads,
 )
-from toolmesh.api.mcp_http import MAX_EVENT_BYTES, iter_sse
+from toolmesh.api.mcp_http import MAX_EVENT_BYTES, NAME_BEARING_METHODS, encode_header_value, iter_sse
 
 log = logging.getLogger("toolmesh.registry")
 

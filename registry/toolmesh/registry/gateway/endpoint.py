@@ -9,7 +9,6 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from mcp.shared.inbound import ERROR_CODE_HTTP_STATUS
 
 from toolmesh.api.jsonrpc import (
     INVALID_PARAMS,
@@ -22,6 +21,7 @@ from toolmesh.api.jsonrpc import (
     loads,
 )
 from toolmesh.api.mcp_http import (
+    ERROR_CODE_HTTP_STATUS,
     SESSION_ERA_VERSIONS,
     STATELESS_ERA_VERSIONS,
     OriginPolicy,

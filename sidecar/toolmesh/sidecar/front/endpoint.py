@@ -19,7 +19,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from toolmesh.api.jsonrpc import PROTOCOL_VERSION_KEY
-from toolmesh.api.mcp_http import OriginPolicy, encode_sse
+from toolmesh.api.mcp_http import NAME_BEARING_METHODS, OriginPolicy, encode_header_value, encode_sse
 from toolmesh.sidecar.chain.frame import (
     REQUEST,
     SESSION_END,
@@ -169,7 +169,6 @@ _BATCH_SLICE = 16
 """Batch messages run between two yields to the event loop."""
 
 _ROUTING_HEADERS_SINCE = "2026-07-28"
-_NAME_PARAM = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 
 
 def _routing_headers(headers: Mapping[str, str], method: str, params: Mapping[str, Any]) -> CIMultiDict[str]:
@@ -180,11 +179,8 @@ def _routing_headers(headers: Mapping[str, str], method: str, params: Mapping[st
     # A method no HTTP field can carry cannot be routed; the upstream then refuses that one message.
     if method and method.isascii() and method.isprintable():
         out["Mcp-Method"] = method
-        name = params.get(_NAME_PARAM.get(method, ""))
+        name = params.get(NAME_BEARING_METHODS.get(method, ""))
         if type(name) is str:
-            # Imported here: the SDK costs a second and ~15 MB at start-up, and only batches need it.
-            from mcp.shared.inbound import encode_header_value
-
             out["Mcp-Name"] = encode_header_value(name)
     return out
 
