@@ -57,3 +57,15 @@ def test_the_operator_refuses_a_store_it_would_leak_or_cannot_use(argv, complain
     monkeypatch.setattr("toolmesh.operator.kube.load_api_client", lambda **_: pytest.fail("reached the cluster"))
     with pytest.raises(UsageError, match=complaint):
         command.run(args)
+
+
+def test_a_missing_password_secret_is_said_before_a_pod_would_fail():
+    from toolmesh.operator.render import MissingSecret
+
+    config = OperatorConfig(state=StateStore("redis://r:6379", "redis-auth", "password"))
+    with pytest.raises(MissingSecret, match="team-a/redis-auth does not exist") as raised:
+        render_server(SERVER, [], config, secret_keys=lambda name: None)
+    assert "state.redis.existingSecret" in str(raised.value)
+    with pytest.raises(MissingSecret, match="has no key 'password'"):
+        render_server(SERVER, [], config, secret_keys=lambda name: {"pass"})
+    assert render_server(SERVER, [], config, secret_keys=lambda name: {"password"}).manifests

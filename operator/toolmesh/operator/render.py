@@ -38,7 +38,7 @@ SecretKeys = Callable[[str], "Collection[str] | None"]
 
 
 class MissingSecret(ValueError):
-    """A policy names a Secret, or a key of one, that the server's namespace does not have.
+    """A policy (or the shared store's password) names a Secret, or a key of one, the server's namespace lacks.
 
     Report it (PolicyApplied=False, naming the Secret and key; the running pods keep their policy) and render again
     later: the Secret may be created after the policy.
@@ -274,6 +274,16 @@ def render_server(server: Mapping[str, Any], policies: Iterable[PolicySource], c
         text = render_policy_file(server, replace(merged, spec=mounted))
         policy_digest = digest(text)
         manifests.append(render_configmap(server, text))
+    state = config.state
+    if state is not None and state.secret and secret_keys is not None:
+        # The sidecar reads the store's password through a secretKeyRef: without the Secret its pod would not
+        # start. Said now, in the status, rather than by a pod stuck in CreateContainerConfigError.
+        keys = secret_keys(state.secret)
+        if keys is None or state.secret_key not in keys:
+            raise MissingSecret(state.secret, state.secret_key, server["metadata"]["namespace"],
+                                secret_exists=keys is not None,
+                                where="the shared store's password (operator --state-redis-secret, "
+                                      "Helm state.redis.existingSecret)")
     manifests += [render_deployment(server, spec, config, secrets), render_service(server)]
     return RenderedServer(manifests=manifests, policy=merged, endpoint=endpoint(server, config),
                           digest=digest(manifests), policy_digest=policy_digest)
