@@ -175,7 +175,8 @@ class BudgetStage:
 
     async def _charge(self, key: str | None, used: int, tokens: int) -> int:
         """Charge `tokens` to the conversation (seen at `used` before the call); what it has spent now. The call
-        has happened: a store that does not answer loses this charge (counted, logged), never the answer."""
+        has happened: if the store does not take the charge, this process keeps it (counted, logged), and the
+        answer stands."""
         if key is None:
             return used + tokens
         ttl = self.policy.sessionTtlSeconds
