@@ -371,12 +371,12 @@ def install(gateway: Gateway, delegation: Delegation) -> None:
         except ValueError as exc:
             return {"content": [{"type": "text", "text": f"invalid workflow: {exc}"}], "isError": True}
         token = ((params.get("_meta") or {}).get("progressToken"))
-        progress = None
-        if token is not None:
-            async def progress(update: Mapping[str, Any]) -> None:
-                await notify({"jsonrpc": "2.0", "method": "notifications/progress",
-                              "params": {"progressToken": token, **update}})
-        run = delegation.start(spec, caller, progress)
+
+        async def progress(update: Mapping[str, Any]) -> None:
+            await notify({"jsonrpc": "2.0", "method": "notifications/progress",
+                          "params": {"progressToken": token, **update}})
+
+        run = delegation.start(spec, caller, progress if token is not None else None)
         await run.done.wait()
         summary = run.as_dict()
         lines = [f"workflow {run.id} {run.state}"] + [
