@@ -12,7 +12,9 @@ Each side turns what these functions decide into its own response; nothing here 
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import importlib
 import re
 from collections.abc import AsyncIterable, AsyncIterator, Collection, Iterable, Mapping
 from dataclasses import dataclass
@@ -109,6 +111,18 @@ class Refusal:
     def error(self, request_id: Any) -> dict[str, Any]:
         """The JSON-RPC error message answering `request_id`."""
         return error_message(request_id, self.code, self.message, self.data)
+
+
+_stateless_rules: list[bool] = []
+
+
+async def load_stateless_rules() -> None:
+    """Import the SDK's inbound rules, which `stateless_refusal` needs, in a thread: the first stateless-era request
+    of a process that has not loaded them would otherwise hold its event loop for the import (a second or more of
+    CPU), stalling every other request and heartbeat meanwhile. Await it before `stateless_refusal`."""
+    if not _stateless_rules:
+        await asyncio.to_thread(importlib.import_module, "mcp.shared.inbound")
+        _stateless_rules.append(True)
 
 
 def stateless_refusal(message: Mapping[str, Any], headers: Mapping[str, str], *,

@@ -26,6 +26,7 @@ from toolmesh.api.mcp_http import (
     STATELESS_ERA_VERSIONS,
     OriginPolicy,
     is_stateless_era,
+    load_stateless_rules,
     stateless_refusal,
 )
 from toolmesh.api.sessions import credential_principal
@@ -167,6 +168,7 @@ class Gateway:
             return await self._dispatch(request, message, method)
         # A 2026-07-28 request: checked before dispatch as an SDK server checks it, and every error answer
         # carries the HTTP status that era gives its code.
+        await load_stateless_rules()
         answer = _stateless_rejection(message, request.headers)
         if answer is None:
             answer = await self._dispatch(request, message, method)
