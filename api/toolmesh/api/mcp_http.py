@@ -114,6 +114,8 @@ class Refusal:
 
 
 _stateless_rules: list[bool] = []
+"""Non-empty once the rules are imported. Not `sys.modules`, which names a module while a thread still imports it:
+a request that then imported it on the event loop would wait there for that thread."""
 
 
 async def load_stateless_rules() -> None:

@@ -168,9 +168,6 @@ class LocalStore:
             return None
         return StoredPage(stored.pages[number - 1], len(stored.pages), stored.tokens)
 
-    def result_count(self) -> int:
-        return len(self._results)
-
     def _drop_result(self, result_id: str) -> None:
         self.result_bytes -= self._results.pop(result_id).size
 
